@@ -1,0 +1,1 @@
+"""Pure-function JAX decoders for the supported Hugging Face architectures."""

@@ -1,0 +1,1 @@
+"""Clustering strategies: the paper's D²C, population search and the baselines."""
