@@ -1,0 +1,316 @@
+"""Hugging Face safetensors checkpoint → base params pytree (layers stacked on axis 0).
+
+One declarative table maps each of our param paths to the HF tensor name and says whether it is
+transposed (HF Linear weights are [out, in]; our kernels are [in, out]). Tensors are read key by
+key (single file or sharded with model.safetensors.index.json), checked (shape, NaN/Inf), cast to
+the requested dtype and optionally placed with a jax.sharding.Sharding.
+Shape legend: L layers, V vocab, D model dim, F mlp dim, H heads, K kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import struct
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from d2c_jax.errors import UserError
+from d2c_jax.models.config import ModelConfig, load_config
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One param: our path, HF name ('{l}' = layer index), transpose flag, when it exists."""
+
+    path: tuple[str, ...]
+    hf: str
+    transpose: bool
+    when: str = "always"  # always | qkv_bias | layernorm | untied
+
+
+_LAYER = "model.layers.{l}."
+# The name/transpose table. It is shared by the three architectures (they use the same HF
+# module names); what differs is which optional entries exist, selected by `when`.
+TABLE: tuple[Entry, ...] = (
+    Entry(("embed",), "model.embed_tokens.weight", False),
+    Entry(("final_norm", "scale"), "model.norm.weight", False),
+    Entry(("final_norm", "bias"), "model.norm.bias", False, "layernorm"),
+    Entry(("lm_head",), "lm_head.weight", True, "untied"),
+    Entry(("layers", "input_norm", "scale"), _LAYER + "input_layernorm.weight", False),
+    Entry(("layers", "input_norm", "bias"), _LAYER + "input_layernorm.bias", False, "layernorm"),
+    Entry(("layers", "q_proj", "kernel"), _LAYER + "self_attn.q_proj.weight", True),
+    Entry(("layers", "q_proj", "bias"), _LAYER + "self_attn.q_proj.bias", False, "qkv_bias"),
+    Entry(("layers", "k_proj", "kernel"), _LAYER + "self_attn.k_proj.weight", True),
+    Entry(("layers", "k_proj", "bias"), _LAYER + "self_attn.k_proj.bias", False, "qkv_bias"),
+    Entry(("layers", "v_proj", "kernel"), _LAYER + "self_attn.v_proj.weight", True),
+    Entry(("layers", "v_proj", "bias"), _LAYER + "self_attn.v_proj.bias", False, "qkv_bias"),
+    Entry(("layers", "o_proj", "kernel"), _LAYER + "self_attn.o_proj.weight", True),
+    Entry(("layers", "post_attn_norm", "scale"), _LAYER + "post_attention_layernorm.weight", False),
+    Entry(("layers", "post_attn_norm", "bias"), _LAYER + "post_attention_layernorm.bias", False, "layernorm"),
+    Entry(("layers", "gate_proj", "kernel"), _LAYER + "mlp.gate_proj.weight", True),
+    Entry(("layers", "up_proj", "kernel"), _LAYER + "mlp.up_proj.weight", True),
+    Entry(("layers", "down_proj", "kernel"), _LAYER + "mlp.down_proj.weight", True),
+)
+# Tensors some checkpoints carry that we do not need.
+_IGNORED = (re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),)
+
+
+def entries(cfg: ModelConfig) -> list[Entry]:
+    """The table entries that exist for this config."""
+    present = {
+        "always": True,
+        "qkv_bias": cfg.qkv_bias,
+        "layernorm": cfg.norm == "layer",
+        "untied": not cfg.tie_embeddings,
+    }
+    return [e for e in TABLE if present[e.when]]
+
+
+def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Our shape of every param (stacked layer params include the leading L)."""
+    d, f, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = {
+        "input_norm": (d,), "post_attn_norm": (d,),
+        "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+    }
+    bias = {"q_proj": (q,), "k_proj": (kv,), "v_proj": (kv,)}
+    out = {}
+    for e in entries(cfg):
+        if e.path[0] == "layers":
+            mod, leaf = e.path[1], e.path[2]
+            shape = bias[mod] if (leaf == "bias" and mod in bias) else per_layer[mod]
+            out[e.path] = (n, *shape)
+        elif e.path[0] == "embed":
+            out[e.path] = (v, d)
+        elif e.path[0] == "lm_head":
+            out[e.path] = (d, v)
+        else:
+            out[e.path] = (d,)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors key by key.
+
+
+class _Reader:
+    """Opens each safetensors file once; numpy-native dtypes via safe_open, BF16 via memmap
+    (numpy has no bfloat16, so safe_open(framework='numpy') refuses it)."""
+
+    def __init__(self):
+        self._handles: dict[str, Any] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
+
+    def keys(self, path: str) -> list[str]:
+        return list(self._open(path).keys())
+
+    def _open(self, path: str):
+        from safetensors import safe_open
+
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(path, framework="numpy")
+            except Exception as e:  # corrupt header, truncated file
+                raise UserError(path, f"cannot read safetensors file: {e}") from None
+        return self._handles[path]
+
+    def _header(self, path: str) -> tuple[int, dict]:
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[path] = (8 + n, json.loads(f.read(n)))
+        return self._headers[path]
+
+    def read(self, path: str, key: str) -> np.ndarray:
+        handle = self._open(path)
+        sl = handle.get_slice(key)
+        dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+        try:
+            if dtype == "BF16":
+                start, header = self._header(path)
+                begin, end = header[key]["data_offsets"]
+                raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+                return np.asarray(raw).view(ml_dtypes.bfloat16).reshape(shape)
+            return handle.get_tensor(key)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(path, f"cannot read tensor {key!r} ({dtype}): {e}") from None
+
+
+def _weight_files(model_dir: str) -> dict[str, str]:
+    """Maps each tensor name to the safetensors file holding it."""
+    reader = _Reader()
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(index, f"cannot parse the safetensors index: {e}") from None
+        out = {}
+        for key, fname in weight_map.items():
+            path = os.path.join(model_dir, fname)
+            if not os.path.isfile(path):
+                raise UserError(index, f"lists {fname} for {key!r} but that file does not exist")
+            out[key] = path
+        return out
+    single = os.path.join(model_dir, SINGLE_FILE)
+    files = [single] if os.path.isfile(single) else sorted(
+        p for p in glob.glob(os.path.join(model_dir, "*.safetensors"))
+        if not os.path.basename(p).startswith("adapter_")
+    )
+    if not files:
+        raise UserError(model_dir, "no model weights: expected model.safetensors or "
+                        f"{INDEX_FILE} (pytorch .bin checkpoints are not supported)")
+    out = {}
+    for path in files:
+        for key in reader.keys(path):
+            out[key] = path
+    return out
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise UserError(None, f"unsupported dtype {dtype!r}; use float32 or bfloat16")
+        dtype = _DTYPES[dtype]
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
+        raise UserError(None, f"unsupported dtype {dt}; use float32 or bfloat16")
+    return dt
+
+
+def _sharding_for(shardings: Any, path: tuple[str, ...]):
+    if shardings is None:
+        return None
+    if callable(shardings) and not isinstance(shardings, Mapping):
+        return shardings("/".join(path))
+    node = shardings
+    for p in path:
+        if not isinstance(node, Mapping) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _check_finite(arr: np.ndarray, path: str, key: str) -> None:
+    if not np.isfinite(arr.astype(np.float32, copy=False)).all():
+        raise UserError(path, f"tensor {key!r} contains NaN or Inf values")
+
+
+def load_params(
+    model_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    dtype: Any = "float32",
+    shardings: Any = None,
+) -> dict:
+    """Loads the base params (see docs/architecture.md) in `dtype` (float32 | bfloat16).
+
+    `shardings` (optional): a nested dict shaped like the params with jax.sharding.Sharding
+    leaves (missing entries → default placement), or a callable taking the param name
+    ("embed", "lm_head", "final_norm/scale", "layers/q_proj/kernel", ...) and returning a
+    Sharding or None. Every tensor is checked; any problem is a UserError naming the file.
+    """
+    model_dir = str(model_dir)
+    if not os.path.isdir(model_dir):
+        raise UserError(model_dir, "model directory does not exist")
+    np_dtype = _np_dtype(dtype)
+    files = _weight_files(model_dir)
+    reader = _Reader()
+    wanted = entries(cfg)
+    shapes = param_shapes(cfg)
+
+    expected: set[str] = set()
+    for e in wanted:
+        names = [e.hf.format(l=i) for i in range(cfg.num_layers)] if "{l}" in e.hf else [e.hf]
+        expected.update(names)
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    missing = sorted(expected - set(files), key=_natural)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(model_dir, f"checkpoint is missing tensor {missing[0]!r}{more} "
+                        f"for architecture {cfg.arch}")
+    unexpected = sorted(
+        (k for k in files if k not in expected and k not in optional
+         and not any(p.fullmatch(k) for p in _IGNORED)), key=_natural)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise UserError(files[unexpected[0]], f"unexpected tensor {unexpected[0]!r}{more} "
+                        f"for architecture {cfg.arch} (config.json and weights disagree?)")
+
+    params: dict = {}
+    for e in wanted:
+        shape = shapes[e.path]
+        layered = "{l}" in e.hf
+        out = np.empty(shape, np_dtype)
+        for i in range(cfg.num_layers if layered else 1):
+            key = e.hf.format(l=i)
+            path = files[key]
+            arr = reader.read(path, key)
+            want = shape[1:] if layered else shape
+            hf_want = tuple(reversed(want)) if e.transpose else want
+            if tuple(arr.shape) != hf_want:
+                raise UserError(path, f"tensor {key!r} has shape {list(arr.shape)}, "
+                                f"expected {list(hf_want)} from config.json")
+            _check_finite(arr, path, key)
+            arr = arr.T if e.transpose else arr
+            if layered:
+                out[i] = arr.astype(np_dtype)
+            else:
+                out[...] = arr.astype(np_dtype)
+        sharding = _sharding_for(shardings, e.path)
+        value = jax.device_put(out, sharding) if sharding is not None else jnp.asarray(out)
+        _set(params, e.path, value)
+    return params
+
+
+def _natural(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def load_model(model_dir: str | os.PathLike, dtype: Any = "float32", shardings: Any = None):
+    """Convenience: (cfg, params) for a HF model directory."""
+    cfg = load_config(model_dir)
+    return cfg, load_params(model_dir, cfg, dtype, shardings)
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The model's transformers tokenizer, from local files only (never the network)."""
+    model_dir = str(model_dir)
+    if not os.path.isdir(model_dir):
+        raise UserError(model_dir, "model directory does not exist")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/... for missing files
+        raise UserError(model_dir, f"cannot load the tokenizer: {type(e).__name__}: {e}") from None
+
+
+def param_names(params: dict) -> list[str]:
+    """Names of all params, as load_params passes them to a `shardings` callable."""
+    return ["/".join(str(getattr(k, "key", k)) for k in kp)
+            for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

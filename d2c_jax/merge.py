@@ -1,0 +1,228 @@
+"""Merging a cluster of LoRA adapters, as a masked reduction over the stacked adapter axis.
+
+Shape legend: N adapters, L layers, R rank, d_in / d_out module widths, C candidate masks.
+
+`prepare_merge` does everything that does not depend on which adapters are merged (weighting,
+magnitude trimming, the DARE drop mask) once, in numpy; `merge_mask(prepared, mask_n)` is pure and
+jit/vmap-able over mask_n, so many candidate clusters merge in one call. The output is the
+decoder's lora pytree with scaling 1 (lora_alpha = R): {module: {"a": [L, R, d_in], "b": [L, d_out, R]}}.
+
+Methods (weights w_i default 1; s_i = the adapter's scaling):
+  ties            PEFT add_weighted_adapter(combination_type="ties"), factor-wise: A_i weighted by
+                  sign(w_i s_i) sqrt|w_i s_i|, B_i by sqrt|w_i s_i|; per adapter and per layer/module
+                  matrix keep the top int(density * numel) |entries| (numel of the true-rank matrix);
+                  sign per entry = sign of the sum of the trimmed unweighted members (>= 0 -> +1);
+                  mean of the agreeing weighted entries over their count (at least 1).
+  linear          PEFT "linear": sum of the weighted factors (A and B separately).
+  magnitude_prune PEFT "magnitude_prune": trim as ties, then the weighted sum.
+  dare_ties       PEFT "dare_ties" with the random drop mask drawn once from `seed`: keep each
+                  entry with probability density and rescale by 1 / density, then ties' sign
+                  election and disjoint mean.
+  ties_delta      PEFT "ties_svd": TIES on delta_i = s_i B_i @ A_i (weights w_i), then truncated
+                  SVD back to rank R: b = U_R S_R, a = V_R^T.
+A mask with exactly one member returns that adapter unchanged (a = A_i, b = w_i s_i B_i, no
+trimming), like PEFT, which falls back to "linear" for a single adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d2c_jax.errors import UserError
+from d2c_jax.lora import AdapterSet
+
+METHODS = ("ties", "linear", "magnitude_prune", "dare_ties", "ties_delta")
+_SIGN_ELECTED = ("ties", "dare_ties", "ties_delta")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Mask-independent merge inputs (a pytree; method and rank are static).
+
+    single: {module: {"a": [N, L, R, d_in], "b": [N, L, d_out, R]}}  the adapters as they are
+            (b = w s B), used when the mask has one member.
+    task:   factor methods: {module: {"a": [N, L, R, d_in], "b": [N, L, d_out, R]}} trimmed
+            (or dropped) unweighted factors; ties_delta: {module: {"delta": [N, L, d_out, d_in]}}.
+    weight_a, weight_b: [N] per-adapter multipliers of task["a"] / task["b"] (or of "delta").
+    """
+
+    single: dict[str, dict[str, jax.Array]]
+    task: dict[str, dict[str, jax.Array]]
+    weight_a: jax.Array
+    weight_b: jax.Array
+    method: str = dataclasses.field(metadata=dict(static=True), default="ties")
+    rank: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+
+def _check(method: str, density: float, weights: Sequence[float] | None, n: int) -> np.ndarray:
+    if method not in METHODS:
+        raise UserError(None, f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if not (isinstance(density, (int, float)) and math.isfinite(density) and density >= 0):
+        raise UserError(None, f"density={density!r} must be a number >= 0 (entries kept per tensor)")
+    if method == "dare_ties" and density == 0:
+        raise UserError(None, "density must be > 0 for dare_ties (it rescales by 1 / density)")
+    w = np.ones(n, np.float64) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)):
+        raise UserError(None, f"weights must be {n} finite numbers (one per adapter); got {list(np.ravel(w))}")
+    return w
+
+
+def trim_topk(x_lk: np.ndarray, k: int) -> np.ndarray:
+    """Keeps, per row, the k entries of largest magnitude (PEFT's magnitude_based_pruning)."""
+    if k <= 0:
+        return np.zeros_like(x_lk)
+    if k >= x_lk.shape[1]:
+        return x_lk.copy()
+    idx = np.argpartition(-np.abs(x_lk), k - 1, axis=1)[:, :k]
+    keep = np.zeros(x_lk.shape, bool)
+    np.put_along_axis(keep, idx, True, axis=1)
+    return np.where(keep, x_lk, np.zeros((), x_lk.dtype))
+
+
+def _trim_factor(x: np.ndarray, rank: int, rank_axis: int, density: float) -> np.ndarray:
+    """Magnitude-trims each layer's [r, d_in] (rank_axis 0) or [d_out, r] (rank_axis 1) matrix."""
+    if density >= 1:
+        return x.copy()
+    out = np.zeros_like(x)
+    true = x[:, :rank] if rank_axis == 0 else x[:, :, :rank]  # [L, r, d_in] or [L, d_out, r]
+    L = true.shape[0]
+    flat = true.reshape(L, -1)
+    k = int(density * flat.shape[1])  # PEFT: int(density * tensor.numel())
+    kept = trim_topk(flat, k).reshape(true.shape)
+    if rank_axis == 0:
+        out[:, :rank] = kept
+    else:
+        out[:, :, :rank] = kept
+    return out
+
+
+def _dare_factor(x: np.ndarray, rank: int, rank_axis: int, density: float, rng: np.random.Generator) -> np.ndarray:
+    """PEFT's random_pruning(rescale=True) with a fixed seed: keep w.p. density, scale 1/density."""
+    if density >= 1:
+        return x.copy()
+    keep = rng.random(x.shape) < density
+    out = np.where(keep, x / np.float32(density), np.zeros((), x.dtype)).astype(np.float32)
+    if rank_axis == 0:
+        out[:, rank:] = 0
+    else:
+        out[:, :, rank:] = 0
+    return out
+
+
+def prepare_merge(
+    adapter_set: AdapterSet,
+    method: str = "ties",
+    density: float = 0.5,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+) -> Prepared:
+    """Precomputes the mask-independent part of `method` (trimming is per adapter, done once)."""
+    n = adapter_set.num_adapters
+    w = _check(method, density, weights, n)
+    ws = w * adapter_set.scaling  # float64, like PEFT's python floats
+    if method == "ties_delta":
+        weight_a = weight_b = w.astype(np.float32)
+    else:
+        weight_a = (np.sign(ws) + (ws == 0)) * np.sqrt(np.abs(ws))  # sign(0) = +1, as PEFT
+        weight_b = np.sqrt(np.abs(ws))
+        weight_a, weight_b = weight_a.astype(np.float32), weight_b.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    single, task = {}, {}
+    for m in adapter_set.a:
+        a_nlrd, b_nldr = adapter_set.a[m], adapter_set.b[m]
+        b_scaled = np.stack([b_nldr[i] * np.float32(ws[i]) for i in range(n)])
+        single[m] = {"a": jnp.asarray(a_nlrd), "b": jnp.asarray(b_scaled)}
+        if method == "linear":
+            task[m] = {"a": jnp.asarray(a_nlrd), "b": jnp.asarray(b_nldr)}
+        elif method in ("ties", "magnitude_prune"):
+            ta = np.stack([_trim_factor(a_nlrd[i], adapter_set.ranks[i], 0, density) for i in range(n)])
+            tb = np.stack([_trim_factor(b_nldr[i], adapter_set.ranks[i], 1, density) for i in range(n)])
+            task[m] = {"a": jnp.asarray(ta), "b": jnp.asarray(tb)}
+        elif method == "dare_ties":
+            ta = np.stack([_dare_factor(a_nlrd[i], adapter_set.ranks[i], 0, density, rng) for i in range(n)])
+            tb = np.stack([_dare_factor(b_nldr[i], adapter_set.ranks[i], 1, density, rng) for i in range(n)])
+            task[m] = {"a": jnp.asarray(ta), "b": jnp.asarray(tb)}
+        else:  # ties_delta: trim the scaled delta s_i B_i @ A_i of each layer
+            deltas = []
+            for i in range(n):
+                d_loi = np.einsum("lor,lri->loi", b_nldr[i], a_nlrd[i]) * np.float32(adapter_set.scaling[i])
+                L = d_loi.shape[0]
+                k = int(density * d_loi[0].size) if density < 1 else d_loi[0].size
+                deltas.append(trim_topk(d_loi.reshape(L, -1), k).reshape(d_loi.shape))
+            task[m] = {"delta": jnp.asarray(np.stack(deltas).astype(np.float32))}
+    return Prepared(
+        single=single,
+        task=task,
+        weight_a=jnp.asarray(weight_a),
+        weight_b=jnp.asarray(weight_b),
+        method=method,
+        rank=adapter_set.rank,
+    )
+
+
+def _expand(v_n: jax.Array, x: jax.Array) -> jax.Array:
+    return v_n.reshape(v_n.shape + (1,) * (x.ndim - 1))
+
+
+def _weighted_sum(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(_expand(m_n, x_n), x_n * _expand(w_n, x_n), 0.0), axis=0)
+
+
+def _ties(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
+    """Sign election on the unweighted members, then the disjoint mean of the weighted ones."""
+    member = _expand(m_n, x_n)
+    total = jnp.sum(jnp.where(member, x_n, 0.0), axis=0)
+    majority = jnp.where(total >= 0, 1.0, -1.0)
+    agree = member & (jnp.sign(x_n) == majority)
+    num = jnp.sum(jnp.where(agree, x_n * _expand(w_n, x_n), 0.0), axis=0)
+    count = jnp.sum(agree, axis=0, dtype=jnp.float32)
+    return num / jnp.maximum(count, 1.0)
+
+
+def _svd_factors(delta_loi: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """Truncated SVD: b = U_R S_R [L, d_out, R], a = V_R^T [L, R, d_in] (zero-padded if R > min dim)."""
+    u, s, vh = jnp.linalg.svd(delta_loi, full_matrices=False)
+    k = min(rank, s.shape[-1])
+    b = u[..., :k] * s[..., None, :k]
+    a = vh[..., :k, :]
+    if k < rank:
+        b = jnp.pad(b, [(0, 0), (0, 0), (0, rank - k)])
+        a = jnp.pad(a, [(0, 0), (0, rank - k), (0, 0)])
+    return a, b
+
+
+def merge_mask(prepared: Prepared, mask_n: Any) -> dict[str, dict[str, jax.Array]]:
+    """Merges the adapters selected by mask_n (bool/0-1 [N]) into one lora with scaling 1.
+
+    Pure and jit/vmap-able over mask_n. An empty mask gives zeros.
+    """
+    m_n = jnp.asarray(mask_n) != 0
+    single = jnp.sum(m_n) == 1
+    out = {}
+    for mod, sv in prepared.single.items():
+        a1 = _weighted_sum(sv["a"], jnp.ones(m_n.shape, sv["a"].dtype), m_n)
+        b1 = _weighted_sum(sv["b"], jnp.ones(m_n.shape, sv["b"].dtype), m_n)
+        tv = prepared.task[mod]
+        if prepared.method == "ties_delta":
+            delta = _ties(tv["delta"], prepared.weight_a, m_n)
+            a, b = _svd_factors(delta, prepared.rank)
+        elif prepared.method in _SIGN_ELECTED:
+            a = _ties(tv["a"], prepared.weight_a, m_n)
+            b = _ties(tv["b"], prepared.weight_b, m_n)
+        else:
+            a = _weighted_sum(tv["a"], prepared.weight_a, m_n)
+            b = _weighted_sum(tv["b"], prepared.weight_b, m_n)
+        out[mod] = {"a": jnp.where(single, a1, a), "b": jnp.where(single, b1, b)}
+    return out
+
+
+def merge_masks(prepared: Prepared, masks_cn: Any) -> dict[str, dict[str, jax.Array]]:
+    """vmap of merge_mask over C masks: every leaf gets a leading C axis."""
+    return jax.vmap(merge_mask, in_axes=(None, 0))(prepared, jnp.asarray(masks_cn))

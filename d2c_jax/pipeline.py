@@ -1,0 +1,380 @@
+"""One search run, wired end to end: inputs → Scorer → search (or baseline) → outputs in workdir.
+
+Order of work (cheap checks first, so that a bad input fails in seconds, not after model loading):
+  1. workdir: a finished run (partition.json) is refused unless --overwrite;
+  2. adapters, task data, K, model config; the run fingerprint; the checkpoint (if any) must match
+     (--overwrite discards a finished run or a checkpoint of other inputs; a matching checkpoint of
+     an unfinished run is always resumed, so re-running the same command resumes);
+  3. base weights, tokenizer, adapters, examples → `merge.prepare_merge` → `scoring.Scorer`;
+  4. `search.run_search` (d2c; SIGTERM → checkpoint and exit 0) or a baseline partition;
+  5. outputs, each written atomically and by process 0 only: merged/cluster_<k>/ (PEFT),
+     objective.png, assignment.png, metrics.jsonl, then partition.json last (its presence marks
+     a finished run). config.json (the resolved flags) is written at start-up.
+
+Shapes: N adapters (= tasks), K clusters, P chains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from d2c_jax.errors import UserError
+from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig
+
+PARTITION = "partition.json"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+MERGED = "merged"
+CHECKPOINTS = "checkpoints"
+OBJECTIVE_PNG = "objective.png"
+ASSIGNMENT_PNG = "assignment.png"
+OUTPUTS = (PARTITION, METRICS, OBJECTIVE_PNG, ASSIGNMENT_PNG, MERGED)
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Writes into a temp file beside `path`, then renames it over `path`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    except OSError as e:
+        raise UserError(path, f"cannot write: {e}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise UserError(path, f"cannot write: {e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def metrics_jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def check_workdir(workdir: str, overwrite: bool) -> None:
+    """Refuses a finished run unless --overwrite (no side effects)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(workdir, "--workdir exists and is not a directory")
+    if os.path.exists(os.path.join(workdir, PARTITION)) and not overwrite:
+        raise UserError(workdir, f"holds a finished run ({PARTITION}); use --overwrite to replace it "
+                        "or choose another --workdir")
+
+
+def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> None:
+    """Creates the workdir; with --overwrite removes a finished run's outputs and checkpoints."""
+    check_workdir(workdir, overwrite)
+    finished = os.path.exists(os.path.join(workdir, PARTITION))
+    if is_main:
+        if finished:
+            for name in OUTPUTS + (CHECKPOINTS,):
+                _remove(os.path.join(workdir, name))
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise UserError(workdir, f"cannot create --workdir: {e}") from None
+        for name in os.listdir(workdir):  # leftovers of atomic writes killed midway
+            if name.startswith(".") and ".tmp-" in name:
+                _remove(os.path.join(workdir, name))
+    _barrier("d2c_workdir")
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------- partition
+
+
+def canonical(partition_n: np.ndarray, num_clusters: int) -> np.ndarray:
+    """Relabels clusters in order of their first (lowest-index) member, so cluster 0 holds task 0."""
+    partition_n = np.asarray(partition_n, np.int32)
+    firsts = sorted(range(num_clusters), key=lambda k: int(np.flatnonzero(partition_n == k)[0]))
+    relabel = np.empty(num_clusters, np.int32)
+    relabel[firsts] = np.arange(num_clusters)
+    return relabel[partition_n]
+
+
+def clusters_of(partition_n: np.ndarray, names: Sequence[str], num_clusters: int) -> list[list[str]]:
+    return [[names[i] for i in np.flatnonzero(partition_n == k)] for k in range(num_clusters)]
+
+
+def final_table(doc: Mapping[str, Any]) -> str:
+    """A short summary for the terminal."""
+    lines = [f"{'cluster':>7}  {'size':>4}  {'loss sum':>10}  tasks"]
+    for k, (tasks, loss) in enumerate(zip(doc["clusters"], doc["cluster_objectives"])):
+        shown = ", ".join(tasks)
+        if len(shown) > 70:
+            shown = shown[:67] + "..."
+        lines.append(f"{k:>7}  {len(tasks):>4}  {loss:>10.4f}  {shown}")
+    lines.append(
+        f"objective {doc['objective']:.4f} (summed loss of {sum(len(c) for c in doc['clusters'])} tasks), "
+        f"strategy {doc['strategy']}, {doc['evaluations']} evaluations, {doc['seconds']:.1f} s"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _fingerprint(cfg: RunConfig, names: Sequence[str]) -> dict[str, Any]:
+    from d2c_jax import checkpoint, data
+
+    return checkpoint.fingerprint(
+        cfg.base_model,
+        [os.path.join(cfg.adapters_dir, n) for n in names],
+        [data.data_file(cfg.data_dir, n, "search") for n in names],
+        cfg.result_settings(),
+    )
+
+
+def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_main: bool):
+    """The Checkpointer, after checking any checkpoint there belongs to this run (--overwrite:
+    discard one that does not)."""
+    from d2c_jax.checkpoint import Checkpointer
+
+    directory = os.path.join(workdir, CHECKPOINTS)
+    fp = _fingerprint(cfg, names)
+    ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
+    try:
+        ckpt.check()
+    except UserError:
+        if not cfg.overwrite:
+            ckpt.close()
+            raise
+        ckpt.close()
+        if is_main:
+            print(f"--overwrite: discarding the checkpoints in {directory}", file=sys.stderr)
+            _remove(directory)
+        _barrier("d2c_discard_checkpoints")
+        ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
+    return ckpt
+
+
+def _mesh(cfg: RunConfig):
+    import jax
+
+    if jax.device_count() == 1:
+        return None
+    from d2c_jax.sharding import make_mesh
+
+    if jax.device_count() % cfg.model_shards:
+        raise UserError(None, f"--model_shards={cfg.model_shards} must divide the {jax.device_count()} devices")
+    return make_mesh(num_candidate_shards=jax.device_count() // cfg.model_shards)
+
+
+def run(cfg: RunConfig) -> int:
+    """Runs (or resumes) the search described by `cfg`; returns the exit status (0 also when
+    preempted after saving a checkpoint)."""
+    from d2c_jax import data, lora
+    from d2c_jax.models.config import load_config
+    from d2c_jax.search import check_num_clusters
+
+    start = time.perf_counter()
+    is_main = _is_main()
+    workdir = os.path.abspath(cfg.workdir)
+    settings = cfg.search
+
+    # 1.-2. Cheap checks, before anything is written.
+    check_workdir(workdir, cfg.overwrite)
+    names = lora.adapter_subdirs(cfg.adapters_dir)
+    check_num_clusters(settings.num_clusters, len(names))
+    data.check_tasks_match(cfg.data_dir, names)
+    model_cfg = load_config(cfg.base_model)
+    prepare_workdir(workdir, cfg.overwrite, is_main)
+    if is_main:
+        write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json())
+    ckpt = _open_checkpointer(cfg, workdir, names, is_main) if cfg.strategy in SEARCH_STRATEGIES else None
+    try:
+        return _run(cfg, workdir, names, model_cfg, ckpt, start, is_main)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_main: bool) -> int:
+    from d2c_jax import data, hf_io, lora, merge
+    from d2c_jax.checkpoint import PreemptionFlag
+    from d2c_jax.scoring import Scorer
+    from d2c_jax.search import evaluate_partition, run_search
+    from d2c_jax.strategies.baselines import baseline_partition
+
+    settings = cfg.search
+    # 3. Model, adapters, examples.
+    adapters = lora.load_adapter_set(cfg.adapters_dir, model_cfg)
+    if tuple(adapters.names) != tuple(names):
+        raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
+    tokenizer = hf_io.load_tokenizer(cfg.base_model)
+    task_data = data.load_task_data(
+        cfg.data_dir, adapters.names, tokenizer, split="search", examples_per_task=cfg.examples_per_task,
+        max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template,
+    )
+    tags = {t: m.tags for t, m in data.load_task_meta(cfg.data_dir, adapters.names).items()}
+    params = hf_io.load_params(cfg.base_model, model_cfg, cfg.dtype)
+    prepared = merge.prepare_merge(adapters, cfg.merge, cfg.density, seed=cfg.seed)
+    scorer = Scorer(params, model_cfg, prepared, task_data, batch_size=cfg.batch_size, mesh=_mesh(cfg))
+
+    # 4. Search or baseline.
+    k = settings.num_clusters
+    if cfg.strategy in SEARCH_STRATEGIES:
+        def on_checkpoint(state) -> None:
+            if is_main:
+                write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(state.metrics))
+
+        with PreemptionFlag() as flag:
+            result = run_search(scorer, settings, checkpointer=ckpt, should_stop=flag,
+                                on_checkpoint=on_checkpoint, progress=cfg.progress and is_main)
+        if result.preempted:
+            if is_main:
+                print(f"preempted: checkpoint of iteration {result.state.iteration}/{settings.iterations} saved "
+                      f"in {os.path.join(workdir, CHECKPOINTS)}; re-run the same command to resume")
+            return 0
+        partition_n, objective, task_losses_n = result.partition_n, result.objective, result.task_losses_n
+        metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
+    else:
+        t0 = time.perf_counter()
+        a = {m: np.asarray(x) for m, x in adapters.a.items()}
+        b = {m: np.asarray(x) for m, x in adapters.b.items()}
+        partition_n = baseline_partition(cfg.strategy, len(names), k, cfg.seed, a, b)
+        objective, task_losses_n, stats = evaluate_partition(scorer, partition_n, k)
+        seconds = time.perf_counter() - t0
+        metrics = [{"iteration": 0, "accepted": 0, "moves": [], "tracked": True, "best_objective": objective,
+                    "mean_objective": objective, "objectives": [objective], "requests": stats.requests,
+                    "unique_requests": stats.unique, "cache_hits": stats.hits, "evaluations": stats.evaluations,
+                    "cache_size": stats.unique, "seconds": round(seconds, 6),
+                    "evals_per_s": round(stats.evaluations / seconds, 3) if seconds > 0 else None}]
+        evaluations, chain = stats.evaluations, 0
+
+    # 5. Outputs (process 0).
+    partition_n = canonical(partition_n, k)
+    clusters = clusters_of(partition_n, names, k)
+    doc = {
+        "strategy": cfg.strategy,
+        "num_clusters": k,
+        "clusters": clusters,
+        "objective": float(objective),
+        "cluster_objectives": [float(sum(task_losses_n[i] for i in np.flatnonzero(partition_n == c))) for c in range(k)],
+        "task_losses": {n: float(x) for n, x in zip(names, task_losses_n)},
+        "search_objective": cfg.objective,
+        "merge": cfg.merge,
+        "density": cfg.density,
+        "seed": cfg.seed,
+        "iterations": settings.iterations,
+        "population": settings.population,
+        "proposals": settings.proposals,
+        "exchange_every": settings.exchange_every,
+        "best_chain": int(chain),
+        "evaluations": int(evaluations),
+        "examples_per_task": cfg.examples_per_task,
+        "max_seq_len": cfg.max_seq_len,
+        "chat_template": cfg.chat_template,
+        "dtype": cfg.dtype,
+        "base_model": cfg.base_model,
+        "adapters_dir": cfg.adapters_dir,
+        "data_dir": cfg.data_dir,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if is_main:
+        write_outputs(workdir, doc, partition_n, names, tags, metrics, prepared, cfg.base_model)
+        print(final_table(doc))
+        print(f"outputs in {workdir}")
+    _barrier("d2c_outputs")
+    return 0
+
+
+def write_outputs(
+    workdir: str,
+    doc: Mapping[str, Any],
+    partition_n: np.ndarray,
+    names: Sequence[str],
+    tags: Mapping[str, Mapping[str, str]],
+    metrics: Sequence[Mapping[str, Any]],
+    prepared: Any,
+    base_model: str,
+) -> None:
+    """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
+    from d2c_jax import plots
+
+    write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model)
+    write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(metrics, f"{doc['strategy']} search"))
+    write_bytes_atomic(
+        os.path.join(workdir, ASSIGNMENT_PNG),
+        plots.assignment_png(partition_n, names, int(doc["num_clusters"]), tags, f"{doc['strategy']}: K={doc['num_clusters']}"),
+    )
+    write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(metrics))
+    write_text_atomic(os.path.join(workdir, PARTITION), json.dumps(doc, indent=2) + "\n")
+
+
+def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepared: Any, base_model: str) -> None:
+    """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter; the whole directory is built
+    beside out_dir and renamed into place, so no half-written merged/ is ever left."""
+    import jax
+
+    from d2c_jax import lora, merge
+
+    parent = os.path.dirname(out_dir)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        merge_fn = jax.jit(merge.merge_mask)
+        for k in range(num_clusters):
+            lora_k = jax.tree.map(np.asarray, merge_fn(prepared, np.asarray(partition_n == k)))
+            lora.save_peft_adapter(os.path.join(tmp, f"cluster_{k}"), lora_k, rank=prepared.rank,
+                                   alpha=prepared.rank, base_model_path=base_model)
+        _remove(out_dir)
+        os.replace(tmp, out_dir)
+    except OSError as e:
+        _remove(tmp)
+        raise UserError(out_dir, f"cannot write the merged adapters: {e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise

@@ -1,0 +1,102 @@
+"""The run's two figures, rendered to PNG bytes (matplotlib Agg; the caller writes them atomically).
+
+- objective vs iteration: every chain's global objective at the tracked iterations (metrics rows
+  with "objectives"), the best chain in bold;
+- assignment map: tasks (rows) × clusters (columns), tasks grouped by their tags (family, then
+  language, from tasks.json) when present, so that a clustering by family shows as blocks.
+
+Shapes: P chains, N tasks, K clusters.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C search") -> bytes:
+    """Global objective (summed per-task loss) per chain against the iteration."""
+    plt = _pyplot()
+    rows = [r for r in metrics if r.get("objectives")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if rows:
+        its = np.array([r["iteration"] for r in rows])
+        obj_tp = np.array([r["objectives"] for r in rows], np.float64)
+        best = int(np.nanargmin(obj_tp[-1])) if np.isfinite(obj_tp[-1]).any() else 0
+        for p in range(obj_tp.shape[1]):
+            ax.plot(its, obj_tp[:, p], lw=2.2 if p == best else 0.9, alpha=1.0 if p == best else 0.5,
+                    marker="o" if len(its) < 30 else None, ms=3, label=f"chain {p} (best)" if p == best else None)
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("objective: summed task loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def task_order(names: Sequence[str], tags: Mapping[str, Mapping[str, str]] | None) -> list[int]:
+    """Task indices grouped by (family, language, name) when tags exist, else by name."""
+    tags = tags or {}
+
+    def key(i: int):
+        t = tags.get(names[i], {})
+        return (t.get("family", ""), t.get("language", ""), names[i])
+
+    return sorted(range(len(names)), key=key)
+
+
+def assignment_png(
+    partition_n: np.ndarray,
+    names: Sequence[str],
+    num_clusters: int,
+    tags: Mapping[str, Mapping[str, str]] | None = None,
+    title: str = "cluster assignment",
+) -> bytes:
+    """Tasks × clusters map (a filled cell: the task's adapter is merged into that cluster)."""
+    plt = _pyplot()
+    order = task_order(names, tags)
+    n = len(names)
+    grid_nk = np.zeros((n, num_clusters))
+    labels = []
+    fams = sorted({(tags or {}).get(names[i], {}).get("family", "") for i in range(n)})
+    for row, i in enumerate(order):
+        fam = (tags or {}).get(names[i], {}).get("family", "")
+        grid_nk[row, int(partition_n[i])] = 1 + fams.index(fam)
+        t = (tags or {}).get(names[i], {})
+        extra = "/".join(v for v in (t.get("family"), t.get("language")) if v)
+        labels.append(f"{names[i]} ({extra})" if extra else names[i])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * num_clusters, 1.2 + 0.22 * n))
+    cmap = plt.get_cmap("tab10" if len(fams) <= 10 else "tab20")
+    colours = np.ones((n, num_clusters, 3))
+    for r in range(n):
+        for k in range(num_clusters):
+            if grid_nk[r, k]:
+                colours[r, k] = cmap(int(grid_nk[r, k] - 1) % cmap.N)[:3]
+    ax.imshow(colours, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(num_clusters), [str(k) for k in range(num_clusters)])
+    ax.set_yticks(range(n), labels, fontsize=7 if n > 20 else 9)
+    ax.set_xticks(np.arange(-0.5, num_clusters), minor=True)
+    ax.set_yticks(np.arange(-0.5, n), minor=True)
+    ax.grid(which="minor", color="0.85", lw=0.5)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("cluster")
+    ax.set_title(title)
+    return _png(fig)

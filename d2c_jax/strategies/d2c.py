@@ -1,0 +1,119 @@
+"""D²C moves (the paper's Algorithm 1) and the evaluation requests that decide them.
+
+A partition is int32[N] with values in [0, K): adapter i (= task i) is in cluster partition[i].
+A move takes task t out of cluster `src` into cluster `dst`. A request is (mask bool[N], task):
+"the loss on `task` of the merge of the adapters in `mask`".
+
+Sampling, exactly (Algorithm 1, with the "never empty a cluster" rule made concrete): `src` is drawn
+uniformly from the clusters with at least 2 members (a cluster holding only t would be emptied by
+the move, so it is never drawn; since K < N at least one cluster has 2 members), `dst` uniformly
+from the other K - 1 clusters, t uniformly from the members of `src`. With K = 1 there is no move.
+
+Decision: objective "local" (the paper): l = loss(merge(src), t), l' = loss(merge(dst ∪ {t}), t),
+keep the move iff l' < l. Objective "global": the summed loss of every task of both clusters under
+its cluster's merge, before vs after the move; keep iff after < before.
+
+Shapes: N adapters (= tasks), K clusters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class Move(NamedTuple):
+    task: int
+    src: int
+    dst: int
+
+
+Request = tuple[np.ndarray, int]  # (mask bool[N], task)
+
+# Random streams: one per purpose, derived from (seed, purpose, ids...) so that a stream never
+# depends on how many numbers another consumed (cache hits, population size, resumption).
+STREAM_INIT = 0
+STREAM_PROPOSE = 1
+
+
+def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:
+    """A numpy Generator for (seed, purpose, *ids): reproducible and independent of the others."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, purpose, *ids])))
+
+
+def initial_partitions(num_adapters: int, num_clusters: int, population: int, seed: int) -> np.ndarray:
+    """int32[P, N]: chain p starts from random_partition(stream(seed, INIT, p))."""
+    return np.stack([
+        random_partition(stream(seed, STREAM_INIT, p), num_adapters, num_clusters) for p in range(population)
+    ])
+
+
+def random_partition(rng: np.random.Generator, num_adapters: int, num_clusters: int) -> np.ndarray:
+    """A uniformly shuffled partition with every cluster non-empty: a random permutation puts one
+    adapter in each cluster, the other N - K go to uniformly random clusters."""
+    if not 1 <= num_clusters <= num_adapters:
+        raise ValueError(f"need 1 <= K={num_clusters} <= N={num_adapters}")
+    order_n = rng.permutation(num_adapters)
+    partition_n = np.empty(num_adapters, np.int32)
+    partition_n[order_n[:num_clusters]] = np.arange(num_clusters)
+    partition_n[order_n[num_clusters:]] = rng.integers(0, num_clusters, num_adapters - num_clusters)
+    return partition_n
+
+
+def sample_move(rng: np.random.Generator, partition_n: np.ndarray, num_clusters: int) -> Move | None:
+    """One proposal of Algorithm 1 (see module docstring); None when K = 1."""
+    if num_clusters < 2:
+        return None
+    sizes_k = np.bincount(partition_n, minlength=num_clusters)
+    movable_k = np.flatnonzero(sizes_k >= 2)
+    src = int(movable_k[rng.integers(len(movable_k))])
+    dst = int(rng.integers(num_clusters - 1))
+    dst += dst >= src  # uniform over the K - 1 clusters other than src
+    members = np.flatnonzero(partition_n == src)
+    task = int(members[rng.integers(len(members))])
+    return Move(task, src, dst)
+
+
+def apply_move(partition_n: np.ndarray, move: Move) -> np.ndarray:
+    out_n = partition_n.copy()
+    out_n[move.task] = move.dst
+    return out_n
+
+
+def cluster_requests(mask_n: np.ndarray) -> list[Request]:
+    """The loss of every member task under the merge of the cluster."""
+    return [(mask_n, int(t)) for t in np.flatnonzero(mask_n)]
+
+
+def move_requests(partition_n: np.ndarray, move: Move, objective: str) -> tuple[list[Request], list[Request]]:
+    """(before, after) requests whose summed losses decide the move."""
+    src_n = partition_n == move.src
+    dst_n = partition_n == move.dst
+    dst_after_n = dst_n.copy()
+    dst_after_n[move.task] = True
+    if objective == "local":
+        return [(src_n, move.task)], [(dst_after_n, move.task)]
+    if objective == "global":
+        src_after_n = src_n.copy()
+        src_after_n[move.task] = False
+        before = cluster_requests(src_n) + cluster_requests(dst_n)
+        after = cluster_requests(src_after_n) + cluster_requests(dst_after_n)
+        return before, after
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+def gain(before_losses: Sequence[float], after_losses: Sequence[float]) -> float:
+    """Decrease of the (summed) loss; the move is kept iff this is > 0, i.e. after < before."""
+    # fsum: exactly rounded, so the result does not depend on the order of the terms; the
+    # difference of two distinct floats is never 0, so gain > 0 <=> after < before.
+    return math.fsum(before_losses) - math.fsum(after_losses)
+
+
+def partition_requests(partition_n: np.ndarray, num_clusters: int) -> list[Request]:
+    """Every task under its own cluster's merge: the global objective's terms."""
+    reqs: list[Request] = []
+    for k in range(num_clusters):
+        reqs += cluster_requests(partition_n == k)
+    return reqs

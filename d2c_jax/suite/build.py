@@ -1,0 +1,441 @@
+"""Builds (or reuses) a complete synthetic suite: base model, one adapter per task, task data.
+
+Layout of a suite directory:
+  base/                      HF LlamaForCausalLM checkpoint + tokenizer (word-level)
+  adapters/<task>/           PEFT LoRA adapters (r, alpha as in the paper by default: 32, 128)
+  data/<task>.jsonl          search examples; data/<task>.eval.jsonl held-out; data/tasks.json
+  suite.json                 manifest: settings, their hash, every file's sha256, measured losses
+The manifest is written last, atomically; the whole suite is built in a temp dir beside the target
+and moved in with os.replace, so a directory holding a suite.json always holds a complete suite.
+Shape legend: T tasks, n examples, S sequence, F families, L languages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from d2c_jax.errors import UserError
+from d2c_jax.suite import checkpoint, tasks
+from d2c_jax.suite import tokenizer as tok_lib
+
+SUITE_VERSION = 1
+MANIFEST = "suite.json"
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteSettings:
+    """Everything that determines a suite's files (all of it goes into the cache key)."""
+
+    families: int = 5
+    languages: int = 8
+    seed: int = 0
+    # The world and the task data.
+    concepts: int = 32
+    min_words: int = 3
+    max_words: int = 6
+    search_examples: int = 10
+    eval_examples: int = 24
+    train_examples: int = 512
+    # The base model (Llama architecture, tied embeddings, float32).
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # Pre-training: rows are concept-chain sentences, a `task_mix` fraction are task examples.
+    pretrain_steps: int = 400
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    task_mix: float = 0.1
+    # Adapters (paper: r 32, alpha 128 on q/k/v/o).
+    rank: int = 32
+    alpha: int = 128
+    adapter_steps: int = 300
+    adapter_batch: int = 16
+    adapter_lr: float = 1e-3
+
+    @property
+    def seq_len(self) -> int:
+        """Inputs of the longest example: bos fam lang : w.. = | w.. eos, minus the last token."""
+        return 2 * self.max_words + 5
+
+    def family_names(self) -> tuple[str, ...]:
+        return tasks.FAMILIES[: self.families]
+
+    def task_list(self) -> list[tuple[str, str, int]]:
+        """(task name, family, language index), sorted by task name (the adapter order)."""
+        out = [(tasks.task_name(f, j), f, j) for f in self.family_names() for j in range(self.languages)]
+        return sorted(out)
+
+    def validate(self) -> None:
+        def bad(msg: str):
+            raise UserError(None, f"suite settings: {msg}")
+
+        if not 1 <= self.families <= len(tasks.FAMILIES):
+            bad(f"families={self.families}; must be in [1, {len(tasks.FAMILIES)}]")
+        if not 1 <= self.languages <= tasks.MAX_LANGUAGES:
+            bad(f"languages={self.languages}; must be in [1, {tasks.MAX_LANGUAGES}]")
+        if self.families * self.languages < 2:
+            bad("a suite needs at least 2 tasks")
+        if not 2 <= self.min_words <= self.max_words <= self.concepts // 2:
+            bad(f"need 2 <= min_words <= max_words <= concepts/2 (got {self.min_words}, "
+                f"{self.max_words}, {self.concepts})")
+        for name in ("search_examples", "eval_examples", "train_examples", "pretrain_steps",
+                     "pretrain_batch", "adapter_steps", "adapter_batch", "rank", "hidden_size",
+                     "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be >= 1")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            bad("hidden_size must be a multiple of num_heads, num_heads of num_kv_heads")
+        if (self.hidden_size // self.num_heads) % 2:
+            bad("head_dim must be even (rotary)")
+        if not 0.0 <= self.task_mix <= 1.0:
+            bad("task_mix must be in [0, 1]")
+
+
+# Named presets: `demo` for the quick start (configs/demo.flags), `full` as in the paper (5 × 8).
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {"families": 3, "languages": 4},
+    "full": {"families": 5, "languages": 8},
+}
+
+
+class SuitePaths(NamedTuple):
+    """Where a suite's parts are; unpacks as (base_model, adapters_dir, data_dir, root)."""
+
+    base_model: str
+    adapters_dir: str
+    data_dir: str
+    root: str
+
+
+def suite_paths(output_dir: str | os.PathLike) -> SuitePaths:
+    root = os.path.abspath(str(output_dir))
+    return SuitePaths(os.path.join(root, "base"), os.path.join(root, "adapters"),
+                      os.path.join(root, "data"), root)
+
+
+def settings_dict(settings: SuiteSettings) -> dict[str, Any]:
+    return {"version": SUITE_VERSION, **dataclasses.asdict(settings)}
+
+
+def settings_hash(settings: SuiteSettings) -> str:
+    blob = json.dumps(settings_dict(settings), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def read_manifest(output_dir: str | os.PathLike) -> dict | None:
+    """The suite.json of `output_dir`, or None when there is none or it is unreadable."""
+    path = os.path.join(str(output_dir), MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+        return out if isinstance(out, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(output_dir: str | os.PathLike, settings: SuiteSettings) -> bool:
+    """True when output_dir holds a suite of exactly these settings with every file present
+    at its recorded size (cheap: no re-hashing)."""
+    m = read_manifest(output_dir)
+    if not m or m.get("settings_hash") != settings_hash(settings) or not isinstance(m.get("files"), dict):
+        return False
+    for rel, info in m["files"].items():
+        path = os.path.join(str(output_dir), rel)
+        try:
+            if os.path.getsize(path) != info["bytes"]:
+                return False
+        except (OSError, KeyError, TypeError):
+            return False
+    return True
+
+
+def make_settings(families: int = 5, languages: int = 8, seed: int = 0, **overrides: Any) -> SuiteSettings:
+    names = {f.name for f in dataclasses.fields(SuiteSettings)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UserError(None, f"unknown suite setting(s): {', '.join(unknown)}")
+    s = SuiteSettings(families=families, languages=languages, seed=seed, **overrides)
+    s.validate()
+    return s
+
+
+def ensure_suite(output_dir: str | os.PathLike, families: int = 5, languages: int = 8, seed: int = 0, *,
+                 force: bool = False, log: Log | None = None, **overrides: Any) -> SuitePaths:
+    """Returns the suite's paths, building it first unless `output_dir` already holds a complete
+    suite of the same settings (then it returns at once). `overrides` are SuiteSettings fields."""
+    settings = make_settings(families, languages, seed, **overrides)
+    if not force and is_complete(output_dir, settings):
+        return suite_paths(output_dir)
+    return build_suite(output_dir, settings, log=log)
+
+
+def ensure_preset(name: str, root: str | os.PathLike = os.path.join("runs", "suites"), *,
+                  log: Log | None = None) -> SuitePaths:
+    """ensure_suite for a named preset ("demo", "full") in `root/<name>`."""
+    if name not in PRESETS:
+        raise UserError(None, f"unknown suite preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return ensure_suite(os.path.join(str(root), name), log=log, **PRESETS[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Building.
+
+
+def _default_log(msg: str) -> None:
+    from absl import logging
+
+    logging.info("suite: %s", msg)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _replaceable(path: str) -> bool:
+    """An existing target we may replace: empty, a file-less leftover of ours, or a suite."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    entries = set(os.listdir(path))
+    return not entries or MANIFEST in entries or entries <= {"base", "adapters", "data"}
+
+
+def build_suite(output_dir: str | os.PathLike, settings: SuiteSettings, *,
+                log: Log | None = None) -> SuitePaths:
+    """Builds the suite into a temp dir beside `output_dir` and moves it in (always builds)."""
+    log = log or _default_log
+    settings.validate()
+    final = suite_paths(output_dir)
+    if os.path.lexists(final.root) and not _replaceable(final.root):
+        raise UserError(final.root, "exists and is not a d2c_jax suite (no suite.json); "
+                        "refusing to overwrite it — choose another --output_dir")
+    parent = os.path.dirname(final.root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final.root)}.tmp-", dir=parent)
+    try:
+        _build_into(tmp, final, settings, log)
+        _install(tmp, final.root, settings)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _install(tmp: str, target: str, settings: SuiteSettings) -> None:
+    parent = os.path.dirname(target)
+    old = None
+    if os.path.lexists(target):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+        os.rmdir(old)
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        # Someone else installed a suite meanwhile: keep theirs if it is the one we want.
+        if not is_complete(target, settings):
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) -> None:
+    import jax
+
+    from d2c_jax.suite import train
+
+    t_start = time.time()
+    s = settings
+    world = tasks.make_world(s.seed, s.languages, s.concepts)
+    vocab = tok_lib.make_vocab(tasks.reserved_words(s.languages) + [w for lex in world.words for w in lex])
+    task_list = s.task_list()
+    names = [t[0] for t in task_list]
+    sizes = {"eval": s.eval_examples, "search": s.search_examples, "train": s.train_examples}
+    splits = {name: tasks.task_splits(world, fam, lang, sizes, min_words=s.min_words,
+                                      max_words=s.max_words) for name, fam, lang in task_list}
+    paths = suite_paths(tmp)
+
+    # Task data on disk.
+    os.makedirs(paths.data_dir)
+    meta = {}
+    for name, fam, lang in task_list:
+        _write_jsonl(os.path.join(paths.data_dir, f"{name}.jsonl"), splits[name]["search"])
+        _write_jsonl(os.path.join(paths.data_dir, f"{name}.eval.jsonl"), splits[name]["eval"])
+        meta[name] = {"metric": tasks.FAMILY_METRICS[fam],
+                      "tags": {"family": fam, "language": tasks.language_name(lang)}}
+    checkpoint._write_json(os.path.join(paths.data_dir, "tasks.json"), meta)
+
+    # The base model.
+    config_dict = checkpoint.llama_config_dict(
+        vocab_size=vocab.size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_layers=s.num_layers, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+        max_positions=max(128, 4 * s.seq_len), bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id,
+        pad_token_id=vocab.pad_id)
+    cfg = checkpoint.model_config(config_dict)
+    key = jax.random.key(s.seed)
+    params = train.init_params(cfg, jax.random.fold_in(key, 1))
+    pre = _pretrain_batches(s, world, vocab, task_list, splits)
+    log(f"data ready ({time.time() - t_start:.1f}s); pre-training {s.pretrain_steps} steps, "
+        f"{len(names)} tasks, vocab {vocab.size}")
+    t0 = time.time()
+    params, pre_losses = train.pretrain(cfg, params, pre, lr=s.pretrain_lr, log=log)
+    t_pre = time.time() - t0
+    checkpoint.save_base_model(paths.base_model, params, config_dict)
+    tok_lib.save_tokenizer(vocab, paths.base_model)
+
+    # The adapters, all at once.
+    scaling = s.alpha / s.rank
+    lora = train.init_lora(cfg, checkpoint.ATTENTION_MODULES, s.rank, len(names), jax.random.fold_in(key, 2))
+    ad = _adapter_batches(s, vocab, names, splits)
+    t0 = time.time()
+    lora, ad_losses = train.train_adapters(cfg, params, lora, ad, scaling=scaling, lr=s.adapter_lr, log=log)
+    t_ad = time.time() - t0
+    os.makedirs(paths.adapters_dir)
+    lora_np = jax.tree_util.tree_map(np.asarray, lora)
+    for i, name in enumerate(names):
+        checkpoint.save_adapter(os.path.join(paths.adapters_dir, name),
+                                {m: {"a": v["a"][i], "b": v["b"][i]} for m, v in lora_np.items()},
+                                rank=s.rank, alpha=s.alpha, base_model=final.base_model)
+
+    # How good is it: zero-shot vs own adapter vs the others, on the held-out split.
+    t0 = time.time()
+    ev = train.stack_batches([_task_batch(vocab, splits[n]["eval"], s.seq_len) for n in names])
+    zs_loss, zs_acc = train.cross_losses(cfg, params, None, ev, scaling=scaling)
+    x_loss, x_acc = train.cross_losses(cfg, params, lora, ev, scaling=scaling)
+    quality = _quality(task_list, zs_loss[0], zs_acc[0], x_loss, x_acc)
+    quality["pretrain_final_loss"] = round(float(np.mean(pre_losses[-10:])), 4)
+    quality["adapter_final_loss"] = round(float(np.mean(ad_losses[-10:])), 4)
+    log(f"quality (eval loss): {json.dumps(quality['summary'])} ({time.time() - t0:.1f}s)")
+
+    files = {}
+    for dirpath, _, fnames in os.walk(tmp):
+        for fn in fnames:
+            full = os.path.join(dirpath, fn)
+            rel = os.path.relpath(full, tmp).replace(os.sep, "/")
+            files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+    files = dict(sorted(files.items()))
+    content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    manifest = {
+        "format": "d2c_jax.suite",
+        "settings": settings_dict(s),
+        "settings_hash": settings_hash(s),
+        "content_hash": content,
+        "paths": {"base_model": "base", "adapters_dir": "adapters", "data_dir": "data"},
+        "tasks": names,
+        "quality": quality,
+        "files": files,
+    }
+    part = os.path.join(tmp, MANIFEST + ".part")
+    with open(part, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(part, os.path.join(tmp, MANIFEST))
+    log(f"built {len(names)} tasks in {time.time() - t_start:.1f}s "
+        f"(pre-training {t_pre:.1f}s, adapters {t_ad:.1f}s)")
+
+
+def _task_batch(vocab: tok_lib.Vocab, examples: list[dict], seq_len: int, prompt_weight: float = 0.0):
+    from d2c_jax.suite import train
+
+    rows = [train.example_row(vocab.prompt_ids(e["prompt"]), vocab.response_ids(e["response"]), prompt_weight)
+            for e in examples]
+    return train.pack_rows(rows, seq_len, vocab.pad_id)
+
+
+def _pretrain_batches(s: SuiteSettings, world: tasks.World, vocab: tok_lib.Vocab,
+                      task_list: list[tuple[str, str, int]], splits: dict):
+    """[steps, B, S] rows: concept-chain sentences in a random language; a `task_mix` fraction
+    are task examples (loss on every token) from a pool disjoint from the search/eval data."""
+    from d2c_jax.suite import train
+
+    rng = np.random.default_rng([s.seed, 7200])
+    n = s.pretrain_steps * s.pretrain_batch
+    seq = s.seq_len
+    is_task = rng.random(n) < s.task_mix
+    n_task = int(is_task.sum())
+    per_task = max(1, -(-n_task // len(task_list)))
+    pool = []
+    for name, fam, lang in task_list:
+        taken = {e["prompt"] for sp in ("eval", "search") for e in splits[name][sp]}
+        pool.append(tasks.task_examples(world, fam, lang, "pretrain", per_task, min_words=s.min_words,
+                                        max_words=s.max_words, exclude=taken))
+    lex_ids = np.array([[vocab.id(w) for w in lex] for lex in world.words], np.int64)  # [L, C]
+    walks = tasks.concept_walks(world, n, seq - 1, rng)
+    lengths = rng.integers(4, seq, size=n)  # words; + bos + eos = length + 2 <= seq + 1
+    langs = rng.integers(s.languages, size=n)
+    task_pick = rng.integers(len(task_list), size=n)
+    ex_pick = rng.integers(per_task, size=n)
+    rows = []
+    for i in range(n):
+        if is_task[i]:
+            e = pool[task_pick[i]][ex_pick[i]]
+            rows.append(train.example_row(vocab.prompt_ids(e["prompt"]), vocab.response_ids(e["response"]), 1.0))
+        else:
+            words = lex_ids[langs[i], walks[i, : lengths[i]]].tolist()
+            ids = [vocab.bos_id, *words, vocab.eos_id]
+            rows.append((ids, [1.0] * len(ids)))
+    b = train.pack_rows(rows, seq, vocab.pad_id)
+    shape = (s.pretrain_steps, s.pretrain_batch, seq)
+    return train.Batch(*(x.reshape(shape) for x in (b.tokens, b.targets, b.weights, b.attn)))
+
+
+def _adapter_batches(s: SuiteSettings, vocab: tok_lib.Vocab, names: list[str], splits: dict):
+    """[steps, T, B, S]: each task's own training examples, response-only loss."""
+    from d2c_jax.suite import train
+
+    rng = np.random.default_rng([s.seed, 7300])
+    per_task = train.stack_batches([_task_batch(vocab, splits[n]["train"], s.seq_len) for n in names])
+    t = len(names)
+    idx = rng.integers(s.train_examples, size=(s.adapter_steps, t, s.adapter_batch))
+    t_idx = np.arange(t)[None, :, None]
+    return train.Batch(*(x[t_idx, idx] for x in (per_task.tokens, per_task.targets, per_task.weights,
+                                                  per_task.attn)))
+
+
+def _quality(task_list, zs_loss_t, zs_acc_t, loss_at, acc_at) -> dict[str, Any]:
+    """Mean eval losses: zero-shot, own adapter, and other adapters grouped by relation."""
+    fam = np.array([f for _, f, _ in task_list])
+    lang = np.array([l for _, _, l in task_list])
+    same_f = fam[:, None] == fam[None, :]
+    same_l = lang[:, None] == lang[None, :]
+    eye = np.eye(len(task_list), dtype=bool)
+
+    def mean(mat, mask):
+        return round(float(mat[mask].mean()), 4) if mask.any() else None
+
+    summary = {
+        "zero_shot_loss": round(float(zs_loss_t.mean()), 4),
+        "own_adapter_loss": mean(loss_at, eye),
+        "same_family_other_language_loss": mean(loss_at, same_f & ~same_l),
+        "same_language_other_family_loss": mean(loss_at, ~same_f & same_l),
+        "other_family_loss": mean(loss_at, ~same_f),
+        "zero_shot_token_accuracy": round(float(zs_acc_t.mean()), 4),
+        "own_adapter_token_accuracy": mean(acc_at, eye),
+        "other_family_token_accuracy": mean(acc_at, ~same_f),
+        "tasks_where_own_beats_zero_shot": int((np.diag(loss_at) < zs_loss_t).sum()),
+    }
+    return {
+        "summary": summary,
+        "zero_shot_loss": [round(float(x), 4) for x in zs_loss_t],
+        "loss_matrix_adapter_by_task": [[round(float(x), 4) for x in row] for row in loss_at],
+    }

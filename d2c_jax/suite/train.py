@@ -1,0 +1,240 @@
+"""Training the suite with optax: base-model pre-training and all task adapters in one vmapped loop.
+
+Both use our decoder (`d2c_jax.models.decoder.forward`) under `jax.grad`. Adapters are raw PEFT
+factors (A [L, R, d_in] shared init across tasks, B [L, d_out, R] zero init) on q/k/v/o; the
+scaling alpha / r is folded into B only when calling the decoder. The optimiser (AdamW) is
+vmapped over the task axis, so every task has its own optimiser state and nothing couples tasks.
+Shape legend: T tasks, n examples, B batch, S sequence, L layers, D model dim, V vocab, R rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from d2c_jax.models import decoder
+from d2c_jax.models.config import ModelConfig, module_shapes
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Token arrays.
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Right-padded rows: inputs = example[:-1], targets = example[1:] (the data.py layout)."""
+
+    tokens: np.ndarray  # int32 [..., S]
+    targets: np.ndarray  # int32 [..., S]
+    weights: np.ndarray  # float32 [..., S] loss weight of each target
+    attn: np.ndarray  # int32 [..., S]
+
+
+def pack_rows(rows: Sequence[tuple[Sequence[int], Sequence[float]]], seq_len: int, pad_id: int) -> Batch:
+    """rows: (example ids, per-id loss weight of predicting that id). Returns a [n, S] Batch."""
+    n = len(rows)
+    tokens = np.full((n, seq_len), pad_id, np.int32)
+    targets = np.full((n, seq_len), pad_id, np.int32)
+    weights = np.zeros((n, seq_len), np.float32)
+    attn = np.zeros((n, seq_len), np.int32)
+    for i, (ids, w) in enumerate(rows):
+        m = len(ids) - 1
+        if m > seq_len:
+            raise ValueError(f"example of {len(ids)} tokens does not fit seq_len {seq_len}")
+        tokens[i, :m] = ids[:-1]
+        targets[i, :m] = ids[1:]
+        weights[i, :m] = w[1:]
+        attn[i, :m] = 1
+    return Batch(tokens, targets, weights, attn)
+
+
+def example_row(prompt_ids: Sequence[int], response_ids: Sequence[int],
+                prompt_weight: float = 0.0) -> tuple[list[int], list[float]]:
+    """A task example; the loss is on the response tokens (and the prompt's if weighted)."""
+    ids = [*prompt_ids, *response_ids]
+    return ids, [prompt_weight] * len(prompt_ids) + [1.0] * len(response_ids)
+
+
+def stack_batches(batches: Sequence[Batch]) -> Batch:
+    return Batch(*(np.stack([getattr(b, f.name) for b in batches])
+                   for f in dataclasses.fields(Batch)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model.
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
+    """Llama params in our layout (docs/architecture.md), N(0, std²) weights, unit norms;
+    the residual-output projections are scaled down by sqrt(2 L) (GPT-2 style)."""
+    shapes = module_shapes(cfg)
+    mods = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    keys = jax.random.split(key, len(mods) + 1)
+    n, d = cfg.num_layers, cfg.hidden_size
+    layers = {}
+    for k, m in zip(keys[1:], mods):
+        d_in, d_out = shapes[m]
+        s = std / np.sqrt(2 * n) if m in ("o_proj", "down_proj") else std
+        layers[m] = {"kernel": s * jax.random.normal(k, (n, d_in, d_out), jnp.float32)}
+    layers["input_norm"] = {"scale": jnp.ones((n, d), jnp.float32)}
+    layers["post_attn_norm"] = {"scale": jnp.ones((n, d), jnp.float32)}
+    params = {
+        "embed": std * jax.random.normal(keys[0], (cfg.vocab_size, d), jnp.float32),
+        "layers": layers,
+        "final_norm": {"scale": jnp.ones((d,), jnp.float32)},
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = std * jax.random.normal(jax.random.fold_in(key, 1), (d, cfg.vocab_size))
+    return params
+
+
+def _ce_sums(logits_bsv: jax.Array, targets_bs: jax.Array, weights_bs: jax.Array):
+    """(sum of weighted CE, sum of weights, sum of weighted argmax hits)."""
+    logp_bsv = jax.nn.log_softmax(logits_bsv, axis=-1)
+    nll_bs = -jnp.take_along_axis(logp_bsv, targets_bs[..., None], axis=-1)[..., 0]
+    hit_bs = (jnp.argmax(logits_bsv, axis=-1) == targets_bs).astype(jnp.float32)
+    return jnp.sum(nll_bs * weights_bs), jnp.sum(weights_bs), jnp.sum(hit_bs * weights_bs)
+
+
+def masked_loss(params: dict, cfg: ModelConfig, lora: dict | None, tokens_bs, targets_bs, weights_bs,
+                attn_bs) -> jax.Array:
+    """sum(CE * w) / sum(w): HF's mean over the weighted targets."""
+    logits = decoder.forward(params, cfg, tokens_bs, attn_bs, lora)
+    total, count, _ = _ce_sums(logits, targets_bs, weights_bs)
+    return total / jnp.maximum(count, 1.0)
+
+
+def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1), lr * 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-training.
+
+
+def pretrain(cfg: ModelConfig, params: dict, batches: Batch, *, lr: float, weight_decay: float = 0.01,
+             warmup: int = 20, log: Log | None = None, log_every: int = 50) -> tuple[dict, list[float]]:
+    """Full-parameter AdamW on `batches` ([steps, B, S] leaves). Returns (params, losses)."""
+    steps = batches.tokens.shape[0]
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(_schedule(lr, steps, warmup), weight_decay=weight_decay))
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, tokens, targets, weights, attn):
+        loss, grads = jax.value_and_grad(masked_loss)(params, cfg, None, tokens, targets, weights, attn)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    t0 = time.time()
+    for i in range(steps):
+        params, state, loss = step(params, state, batches.tokens[i], batches.targets[i],
+                                   batches.weights[i], batches.attn[i])
+        losses.append(loss)
+        if log and ((i + 1) % log_every == 0 or i + 1 == steps):
+            log(f"pretrain step {i + 1}/{steps} loss {float(loss):.3f} ({time.time() - t0:.1f}s)")
+    return params, [float(x) for x in losses]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters.
+
+
+def init_lora(cfg: ModelConfig, modules: Sequence[str], rank: int, num_tasks: int, key: jax.Array) -> dict:
+    """Raw PEFT factors for T tasks: one SHARED A init (PEFT's kaiming-uniform(a=sqrt(5)),
+    i.e. U(-1/sqrt(d_in), 1/sqrt(d_in))) broadcast to every task, B = 0."""
+    shapes = module_shapes(cfg)
+    out = {}
+    for i, m in enumerate(modules):
+        d_in, d_out = shapes[m]
+        bound = 1.0 / np.sqrt(d_in)
+        a_lrd = jax.random.uniform(jax.random.fold_in(key, i), (cfg.num_layers, rank, d_in),
+                                   jnp.float32, -bound, bound)
+        out[m] = {"a": jnp.broadcast_to(a_lrd, (num_tasks, *a_lrd.shape)),
+                  "b": jnp.zeros((num_tasks, cfg.num_layers, d_out, rank), jnp.float32)}
+    return out
+
+
+def scaled(lora_raw: dict, scaling: float) -> dict:
+    """The decoder's lora tree: scaling folded into b."""
+    return {m: {"a": v["a"], "b": v["b"] * scaling} for m, v in lora_raw.items()}
+
+
+def train_adapters(cfg: ModelConfig, params: dict, lora_raw: dict, batches: Batch, *, scaling: float,
+                   lr: float, warmup: int = 20, weight_decay: float = 0.0, log: Log | None = None,
+                   log_every: int = 50) -> tuple[dict, np.ndarray]:
+    """Trains T adapters at once; `batches` leaves are [steps, T, B, S], the base is frozen.
+
+    Each task's loss depends only on its own adapter and the AdamW update is vmapped over T, so
+    this equals T independent trainings. Returns (lora_raw, losses [steps, T])."""
+    steps = batches.tokens.shape[0]
+    opt = optax.adamw(_schedule(lr, steps, warmup), weight_decay=weight_decay)
+    state = jax.vmap(opt.init)(lora_raw)
+
+    def task_loss(lora_t, tokens, targets, weights, attn):
+        return masked_loss(params, cfg, scaled(lora_t, scaling), tokens, targets, weights, attn)
+
+    def total_loss(lora, tokens, targets, weights, attn):
+        losses_t = jax.vmap(task_loss)(lora, tokens, targets, weights, attn)
+        return jnp.sum(losses_t), losses_t
+
+    @jax.jit
+    def step(lora, state, tokens, targets, weights, attn):
+        grads, losses_t = jax.grad(total_loss, has_aux=True)(lora, tokens, targets, weights, attn)
+        updates, state = jax.vmap(opt.update)(grads, state, lora)
+        return optax.apply_updates(lora, updates), state, losses_t
+
+    losses = []
+    t0 = time.time()
+    for i in range(steps):
+        lora_raw, state, losses_t = step(lora_raw, state, batches.tokens[i], batches.targets[i],
+                                         batches.weights[i], batches.attn[i])
+        losses.append(losses_t)
+        if log and ((i + 1) % log_every == 0 or i + 1 == steps):
+            log(f"adapter step {i + 1}/{steps} mean loss {float(jnp.mean(losses_t)):.3f} "
+                f"({time.time() - t0:.1f}s)")
+    return lora_raw, np.asarray(jnp.stack(losses))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring the suite.
+
+
+def cross_losses(cfg: ModelConfig, params: dict, lora_raw: dict | None, data: Batch, *,
+                 scaling: float) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and teacher-forced token accuracy of every adapter on every task.
+
+    data leaves are [T, n, S]. Returns (loss [A, T], accuracy [A, T]) where A = number of
+    adapters, or A = 1 for the bare base model (lora_raw None)."""
+    t, n, s = data.tokens.shape
+    flat = [jnp.asarray(x.reshape(t * n, s)) for x in (data.tokens, data.targets, data.weights, data.attn)]
+
+    @jax.jit
+    def per_task(lora):
+        tokens, targets, weights, attn = flat
+        logits = decoder.forward(params, cfg, tokens, attn, lora)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        w_tns = weights.reshape(t, n, s)
+        count_t = jnp.maximum(jnp.sum(w_tns, axis=(1, 2)), 1.0)
+        loss_t = jnp.sum(nll.reshape(t, n, s) * w_tns, axis=(1, 2)) / count_t
+        acc_t = jnp.sum(hit.reshape(t, n, s) * w_tns, axis=(1, 2)) / count_t
+        return loss_t, acc_t
+
+    if lora_raw is None:
+        loss, acc = per_task(None)
+        return np.asarray(loss)[None], np.asarray(acc)[None]
+    num = jax.tree_util.tree_leaves(lora_raw)[0].shape[0]
+    rows = [per_task(scaled(jax.tree_util.tree_map(lambda x: x[i], lora_raw), scaling))
+            for i in range(num)]
+    return (np.stack([np.asarray(r[0]) for r in rows]), np.stack([np.asarray(r[1]) for r in rows]))

@@ -1,0 +1,82 @@
+"""Clusters N LoRA adapters into K groups whose TIES merges score best (D²C), or a baseline.
+
+  python launch/search.py --flagfile=configs/llama.flags [--workdir=DIR] [overrides]
+
+Writes into --workdir: partition.json, merged/cluster_<k>/ (PEFT adapters), metrics.jsonl,
+objective.png, assignment.png, config.json and checkpoints/. Re-running the same command resumes
+from the latest checkpoint; SIGTERM saves one at the end of the current iteration and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from d2c_jax.errors import run_cli  # noqa: E402
+from d2c_jax.merge import METHODS as MERGES  # noqa: E402
+from d2c_jax.run_config import DTYPES, OBJECTIVES, STRATEGIES, RunConfig  # noqa: E402
+
+flags.DEFINE_string("base_model", None, "Hugging Face base model directory.")
+flags.DEFINE_string("adapters_dir", None, "Directory of PEFT LoRA adapters, one sub-directory per task.")
+flags.DEFINE_string("data_dir", None, "Directory of <task>.jsonl examples (and optional tasks.json).")
+flags.DEFINE_string("workdir", None, "Output and checkpoint directory.")
+flags.DEFINE_integer("num_clusters", 5, "K: number of merged adapters (1 <= K < N).")
+flags.DEFINE_integer("iterations", 200, "T: search iterations.")
+flags.DEFINE_enum("strategy", "d2c", list(STRATEGIES), "d2c search, or a baseline.")
+flags.DEFINE_enum("objective", "local", list(OBJECTIVES),
+                  "local: loss of the moved task (the paper); global: summed loss of both clusters.")
+flags.DEFINE_integer("population", 1, "P: search chains run in lock-step.")
+flags.DEFINE_integer("proposals", 1, "M: candidate moves per chain per iteration (best improving kept).")
+flags.DEFINE_integer("exchange_every", 0, "Replace the worst chains by the best every k iterations (0: never).")
+flags.DEFINE_integer("track_every", 10, "Compute every chain's global objective every k iterations.")
+flags.DEFINE_enum("merge", "ties", list(MERGES), "Merge method.")
+flags.DEFINE_float("density", 0.5, "Fraction of entries kept when trimming (TIES).")
+flags.DEFINE_integer("examples_per_task", 10, "n: examples per task used to score merges.")
+flags.DEFINE_integer("max_seq_len", 1024, "Longest example in tokens (prompts cut from the left).")
+flags.DEFINE_bool("chat_template", False, "Wrap prompts in the tokenizer's chat template.")
+flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Base weight dtype.")
+flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
+flags.DEFINE_integer("batch_size", 8, "Evaluation requests per accelerator call (does not change results).")
+flags.DEFINE_integer("model_shards", 1, "Devices per model replica (tensor parallel); the rest score candidates.")
+flags.DEFINE_integer("checkpoint_every", 10, "Save a checkpoint every k iterations.")
+flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.")
+flags.DEFINE_bool("overwrite", False, "Replace a finished run, or a checkpoint of other inputs, in --workdir.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flags_as_required(["base_model", "adapters_dir", "data_dir", "workdir"])
+
+
+def config_from_flags(f: flags.FlagValues) -> RunConfig:
+    return RunConfig(
+        base_model=f.base_model, adapters_dir=f.adapters_dir, data_dir=f.data_dir, workdir=f.workdir,
+        num_clusters=f.num_clusters, iterations=f.iterations, strategy=f.strategy, objective=f.objective,
+        population=f.population, proposals=f.proposals, exchange_every=f.exchange_every,
+        track_every=f.track_every, merge=f.merge, density=f.density, examples_per_task=f.examples_per_task,
+        max_seq_len=f.max_seq_len, chat_template=f.chat_template, dtype=f.dtype, seed=f.seed,
+        batch_size=f.batch_size, model_shards=f.model_shards, checkpoint_every=f.checkpoint_every,
+        keep_checkpoints=f.keep_checkpoints, overwrite=f.overwrite, progress=f.progress,
+    )
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+
+    def body() -> int:
+        from d2c_jax import pipeline
+        from d2c_jax.sharding import initialize_distributed
+
+        cfg = config_from_flags(flags.FLAGS)
+        initialize_distributed()
+        return pipeline.run(cfg)
+
+    sys.exit(run_cli(body))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,155 @@
+"""Scorer: batched merge+loss equals one-at-a-time, independent of batch size, no recompiles."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from d2c_jax import data, hf_io, loss, lora as lora_lib, merge  # noqa: E402
+from d2c_jax.models.config import load_config  # noqa: E402
+from d2c_jax.scoring import Scorer  # noqa: E402
+from fixtures_adapters import make_peft_adapters  # noqa: E402
+from fixtures_models import make_tiny_model  # noqa: E402
+
+TASKS = ("t0", "t1", "t2", "t3")
+PROMPTS = ["the quick brown fox", "one two three", "hello world", "what is the capital",
+           "translate the sentence", "count the vowels"]
+RESPONSES = ["jumps over the lazy dog", "four five", "this is a test", "of the country",
+             "into french", "in the words please"]
+
+
+def build_setup(root, arch: str = "llama", examples: int = 3):
+    """A tiny base model, one PEFT adapter and a few examples (varied lengths) per task."""
+    model_dir = make_tiny_model(os.path.join(root, "base"), arch, seed=3)
+    make_peft_adapters(model_dir, os.path.join(root, "adapters"), TASKS, r=4, alpha=8, seed=1)
+    ddir = os.path.join(root, "data")
+    os.makedirs(ddir, exist_ok=True)
+    for ti, task in enumerate(TASKS):
+        with open(os.path.join(ddir, f"{task}.jsonl"), "w") as f:
+            for e in range(examples + ti % 2):  # tasks with fewer rows get dummy rows
+                i = (ti + e) % len(PROMPTS)
+                f.write(json.dumps({"prompt": PROMPTS[i], "response": RESPONSES[(i * 5) % 6]}) + "\n")
+    cfg = load_config(model_dir)
+    params = hf_io.load_params(model_dir, cfg, "float32")
+    tok = hf_io.load_tokenizer(model_dir)
+    adapters = lora_lib.load_adapter_set(os.path.join(root, "adapters"), cfg)
+    td = data.load_task_data(ddir, adapters.names, tok, examples_per_task=10, max_seq_len=64)
+    return dict(model_dir=model_dir, data_dir=ddir, cfg=cfg, params=params, tok=tok,
+                adapters=adapters, task_data=td, prepared=merge.prepare_merge(adapters, "ties", 0.5))
+
+
+def requests():
+    """Masks with repeats, shared masks across tasks and a duplicated (mask, task) pair."""
+    masks = np.array([[1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1],
+                      [0, 0, 1, 0], [0, 1, 1, 1], [1, 1, 0, 0]], bool)
+    tasks = np.array([0, 2, 0, 1, 3, 2, 1, 0], np.int32)
+    return masks, tasks
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return build_setup(str(tmp_path_factory.mktemp("scoring")))
+
+
+@pytest.fixture(scope="module")
+def scorers(setup):
+    """One Scorer per batch size, shared (each costs a compilation)."""
+    cache = {}
+
+    def get(batch_size):
+        if batch_size not in cache:
+            cache[batch_size] = Scorer(setup["params"], setup["cfg"], setup["prepared"],
+                                       setup["task_data"], batch_size=batch_size)
+        return cache[batch_size]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def direct(setup):
+    """One request at a time, without the Scorer: merge_mask then task_loss."""
+    td, cfg = setup["task_data"], setup["cfg"]
+
+    @jax.jit
+    def one(params, prepared, mask, t):
+        lora = merge.merge_mask(prepared, mask)
+        arrays = (td.tokens_tns, td.targets_tns, td.weights_tns, td.attn_tns)
+        return loss.task_loss(params, cfg, lora, *(jnp.asarray(x)[t] for x in arrays))
+
+    return lambda mask, t: float(one(setup["params"], setup["prepared"], mask, t))
+
+
+def test_batched_losses_equal_one_request_at_a_time(scorers, direct):
+    masks, tasks = requests()
+    scorer = scorers(3)
+    before = scorer.stats.copy()
+    got = scorer.losses(masks, tasks)
+    want = np.array([direct(m, t) for m, t in zip(masks, tasks)])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[0] == got[7]  # duplicate request
+    # 7 distinct (mask, task) pairs over 5 distinct masks: each mask merged once.
+    done = scorer.stats - before
+    assert done["masks_merged"] == 5 and done["requests_scored"] == 7
+
+
+def test_losses_do_not_depend_on_batch_size(scorers):
+    masks, tasks = requests()
+    results = [scorers(b).losses(masks, tasks) for b in (1, 3, 8)]
+    for r in results[1:]:
+        np.testing.assert_allclose(r, results[0], rtol=1e-6)
+
+
+def test_no_recompilation_after_first_call(scorers):
+    masks, tasks = requests()
+    scorer = scorers(8)
+    scorer.losses(masks, tasks)
+    first = dict(scorer.trace_counts)
+    assert first["merge"] == 1 and first["score"] == 1
+    scorer.losses(masks[:1], tasks[:1])
+    scorer.losses(np.concatenate([masks, ~masks[:3]]), np.concatenate([tasks, tasks[:3]]))
+    assert dict(scorer.trace_counts) == first
+    scorer.loss_of_lora(None, 0)
+    scorer.loss_of_lora(None, "t3")
+    assert scorer.trace_counts["single"] == 1
+
+
+def test_loss_of_lora_matches_single_member_masks_and_base(setup, scorers):
+    s = setup
+    scorer = scorers(8)
+    eye = np.eye(4, dtype=bool)
+    by_mask = scorer.losses(eye, np.arange(4))
+    single = [scorer.loss_of_lora(lora_lib.effective_lora(s["adapters"], i), i) for i in range(4)]
+    np.testing.assert_allclose(single, by_mask, rtol=1e-5)
+    zeros = jax.tree.map(np.zeros_like, lora_lib.effective_lora(s["adapters"], 0))
+    assert scorer.loss_of_lora(zeros, 1) == pytest.approx(scorer.loss_of_lora(None, 1), rel=1e-5)
+    assert scorer.loss_of_lora(None, 1) != pytest.approx(single[1], rel=1e-3)
+
+
+def test_example_chunking_gives_the_same_loss(setup):
+    s, td = setup, setup["task_data"]
+    lora = lora_lib.effective_lora(s["adapters"], 1)
+    args = (td.tokens_tns[1], td.targets_tns[1], td.weights_tns[1], td.attn_tns[1])
+    fn = jax.jit(lambda chunk_arrays, lo: [
+        loss.task_loss(s["params"], s["cfg"], lo, *chunk_arrays, example_chunk=c)
+        for c in (None, 1, 3)])
+    full, one, three = (float(v) for v in fn(args, lora))
+    assert one == pytest.approx(full, rel=1e-6) and three == pytest.approx(full, rel=1e-6)
+
+
+def test_bad_requests_are_rejected(scorers):
+    scorer = scorers(8)
+    with pytest.raises(ValueError, match="shape"):
+        scorer.losses(np.ones((2, 3), bool), np.zeros(2))
+    with pytest.raises(ValueError, match="out of range"):
+        scorer.losses(np.ones((1, 4), bool), np.array([4]))
+    with pytest.raises(ValueError, match="at least one member"):
+        scorer.losses(np.zeros((1, 4), bool), np.array([0]))
+    assert scorer.losses(np.zeros((0, 4), bool), np.zeros(0)).shape == (0,)

@@ -1,0 +1,225 @@
+"""The search engine against fake scorers: Algorithm 1's rule, proposals, global objective,
+population and exchange, batching, cache, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from d2c_jax.errors import UserError
+from d2c_jax.run_config import SearchSettings
+from d2c_jax.search import LossCache, evaluate_partition, initial_row, initial_state, run_search, search_step
+from d2c_jax.strategies import d2c, population
+from test_search_fakes import FakeScorer, TableScorer, families
+
+N, F = 12, 3
+
+
+def _settings(**kw) -> SearchSettings:
+    base = dict(num_clusters=3, iterations=40, seed=0, track_every=5)
+    return SearchSettings(**{**base, **kw})
+
+
+def _trajectory(scorer, settings):
+    """Partitions after every iteration, running the engine step by step."""
+    state = initial_state(settings, scorer.num_tasks)
+    state.metrics.append(initial_row(scorer, state, settings))
+    out = [state.partitions_pn.copy()]
+    for _ in range(settings.iterations):
+        state.metrics.append(search_step(scorer, state, settings))
+        out.append(state.partitions_pn.copy())
+    return out, state
+
+
+def _strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "evals_per_s")} for r in rows]
+
+
+def test_sample_move_follows_algorithm1_and_never_picks_a_singleton_source():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        k = int(rng.integers(2, 6))
+        part = d2c.random_partition(rng, 7, k)
+        assert set(part) == set(range(k))
+        move = d2c.sample_move(rng, part, k)
+        assert part[move.task] == move.src and move.dst != move.src and 0 <= move.dst < k
+        assert np.sum(part == move.src) >= 2
+    assert d2c.sample_move(rng, np.zeros(5, np.int32), 1) is None
+
+
+def test_d2c_local_is_algorithm1_exactly():
+    """Replay: each iteration draws (t, c, c') and keeps the move iff loss(c' ∪ t, t) < loss(c, t)."""
+    scorer = FakeScorer(families(N, F))
+    settings = _settings(iterations=60)
+    parts, _ = _trajectory(scorer, settings)
+    accepted = 0
+    for it in range(1, settings.iterations + 1):
+        prev = parts[it - 1][0]
+        move = d2c.sample_move(d2c.stream(settings.seed, d2c.STREAM_PROPOSE, it, 0), prev, 3)
+        src_n, dst_n = prev == move.src, (prev == move.dst)
+        dst_n[move.task] = True
+        l, l_new = scorer.loss(src_n, move.task), scorer.loss(dst_n, move.task)
+        expected = d2c.apply_move(prev, move) if l_new < l else prev
+        np.testing.assert_array_equal(parts[it][0], expected, err_msg=f"iteration {it}")
+        accepted += bool(l_new < l)
+    assert 0 < accepted < settings.iterations
+
+
+def test_equal_loss_is_not_an_improvement():
+    scorer = TableScorer(N, lambda members, t: 1.0)
+    parts, state = _trajectory(scorer, _settings(iterations=20))
+    assert all((p == parts[0]).all() for p in parts)
+    assert sum(r["accepted"] for r in state.metrics) == 0
+
+
+@pytest.mark.parametrize("objective", ["local", "global"])
+def test_never_empties_a_cluster(objective):
+    # K = N - 1: almost every cluster is a singleton; a loss that favours big clusters pushes to empty them.
+    scorer = TableScorer(8, lambda members, t: 10.0 - len(members))
+    parts, _ = _trajectory(scorer, _settings(num_clusters=7, iterations=30, objective=objective, population=2))
+    for p in parts:
+        for chain in p:
+            assert np.all(np.bincount(chain, minlength=7) >= 1)
+
+
+def test_proposals_apply_the_best_improving_move():
+    scorer = FakeScorer(families(N, F))
+    settings = _settings(iterations=15, proposals=4)
+    parts, _ = _trajectory(scorer, settings)
+    for it in range(1, settings.iterations + 1):
+        prev = parts[it - 1][0]
+        rng = d2c.stream(settings.seed, d2c.STREAM_PROPOSE, it, 0)
+        moves = [d2c.sample_move(rng, prev, 3) for _ in range(4)]
+        gains = []
+        for m in moves:
+            before, after = d2c.move_requests(prev, m, "local")
+            gains.append(d2c.gain([scorer.loss(*r) for r in before], [scorer.loss(*r) for r in after]))
+        best = int(np.argmax(gains))
+        expected = d2c.apply_move(prev, moves[best]) if gains[best] > 0 else prev
+        np.testing.assert_array_equal(parts[it][0], expected)
+
+
+def test_global_objective_keeps_moves_that_lower_both_clusters_summed_loss():
+    scorer = FakeScorer(families(N, F))
+    settings = _settings(iterations=25, objective="global")
+    parts, state = _trajectory(scorer, settings)
+
+    def summed(part, clusters):
+        return sum(float(scorer.loss(part == k, t)) for k in clusters for t in np.flatnonzero(part == k))
+
+    for it in range(1, settings.iterations + 1):
+        prev = parts[it - 1][0]
+        move = d2c.sample_move(d2c.stream(settings.seed, d2c.STREAM_PROPOSE, it, 0), prev, 3)
+        moved = d2c.apply_move(prev, move)
+        better = summed(moved, (move.src, move.dst)) < summed(prev, (move.src, move.dst)) - 1e-9
+        np.testing.assert_array_equal(parts[it][0], moved if better else prev)
+    # The global objective of a single chain never increases under the global rule.
+    tracked = [r["best_objective"] for r in state.metrics if r["tracked"]]
+    assert all(b <= a + 1e-9 for a, b in zip(tracked, tracked[1:]))
+
+
+def test_population_chains_follow_the_single_chain_until_an_exchange():
+    scorer = FakeScorer(families(N, F))
+    single, _ = _trajectory(scorer, _settings(iterations=20))
+    pop, _ = _trajectory(scorer, _settings(iterations=20, population=3))
+    for s, p in zip(single, pop):
+        np.testing.assert_array_equal(s[0], p[0])
+    assert any((p[1] != p[0]).any() for p in pop)  # chains differ
+
+
+def test_exchange_replaces_the_worst_chains_by_the_best():
+    parts = np.arange(8 * 5).reshape(8, 5).astype(np.int32)
+    objectives = np.array([3.0, 1.0, 5.0, 2.0, 9.0, 0.5, 7.0, 4.0])
+    new, pairs = population.exchange(parts, objectives)
+    assert pairs == [(4, 5), (6, 1)]  # P // 4 = 2 worst (9, 7) get the 2 best (0.5, 1)
+    np.testing.assert_array_equal(new[4], parts[5])
+    np.testing.assert_array_equal(new[6], parts[1])
+    assert population.exchange(parts[:1], objectives[:1])[1] == []
+
+    scorer = FakeScorer(families(N, F))
+    settings = _settings(iterations=10, population=4, exchange_every=5, track_every=100)
+    parts, state = _trajectory(scorer, settings)
+    free, _ = _trajectory(scorer, _settings(iterations=5, population=4, track_every=100))
+    rows = {r["iteration"]: r for r in state.metrics}
+    assert [it for it, r in rows.items() if r["tracked"]] == [0, 5, 10]
+    # Until the first exchange the chains run free; at it the worst (of the free run) gets the best.
+    before = [evaluate_partition(scorer, p, 3)[0] for p in free[5]]
+    assert rows[5]["exchanges"] == [[int(np.argmax(before)), int(np.argmin(before))]]
+    for it in (5, 10):
+        (dst, src), = rows[it]["exchanges"]
+        np.testing.assert_array_equal(parts[it][dst], parts[it][src])
+        assert rows[it]["objectives"][dst] == rows[it]["objectives"][src]
+
+
+def test_result_does_not_depend_on_scorer_batch_size_and_asks_once_per_phase():
+    results = []
+    for batch in (1, 3, 64):
+        scorer = FakeScorer(families(N, F), batch_size=batch)
+        settings = _settings(population=3, proposals=3, objective="global", track_every=1)
+        r = run_search(scorer, settings)
+        results.append((r.partition_n.tolist(), r.objective, _strip_timing(r.state.metrics)))
+        assert len(scorer.calls) <= 2 * settings.iterations + 1  # proposals + tracking per iteration
+    assert results[0] == results[1] == results[2]
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    def run(seed):
+        r = run_search(FakeScorer(families(N, F)), _settings(seed=seed, population=2, proposals=2))
+        return r.partition_n.tolist(), r.objective, _strip_timing(r.state.metrics)
+
+    assert run(3) == run(3)
+    assert run(3)[2] != run(4)[2]
+
+
+def test_cache_dedupes_requests_and_round_trips_through_arrays():
+    scorer = FakeScorer(families(6, 2))
+    cache = LossCache(6)
+    m1 = np.array([1, 1, 0, 0, 0, 0], bool)
+    m2 = np.array([0, 0, 1, 1, 1, 0], bool)
+    reqs = [(m1, 0), (m1, 1), (m1, 0), (m2, 2), (m1.copy(), 1)]
+    losses, stats = cache.resolve(scorer, reqs)
+    assert scorer.calls == [3] and (stats.unique, stats.hits, stats.evaluations) == (3, 0, 3)
+    assert losses[0] == losses[2] == np.float64(scorer.loss(m1, 0))
+    losses2, stats2 = cache.resolve(scorer, reqs + [(m2, 3)])
+    assert scorer.calls == [3, 1] and (stats2.hits, stats2.evaluations) == (3, 1)
+    np.testing.assert_array_equal(losses2[:5], losses)
+    masks, tasks, vals = cache.to_arrays()
+    assert masks.dtype == np.uint8 and masks.shape == (4, 6) and vals.dtype == np.float32
+    again = LossCache.from_arrays(6, masks, tasks, vals)
+    assert again.to_arrays()[0].tolist() == masks.tolist() and again._losses == cache._losses
+
+
+def test_random_draws_do_not_depend_on_cache_hits():
+    settings = _settings(population=2, proposals=2)
+    cold = run_search(FakeScorer(families(N, F)), settings)
+    # Warm: a cache already full of this run's entries (all hits) must give the same decisions.
+    from d2c_jax import search
+
+    state = initial_state(settings, N)
+    state.cache = cold.state.cache
+    scorer = FakeScorer(families(N, F))
+    state.metrics.append(initial_row(scorer, state, settings))
+    for _ in range(settings.iterations):
+        search.search_step(scorer, state, settings)
+    assert scorer.calls == []
+    np.testing.assert_array_equal(state.partitions_pn, cold.state.partitions_pn)
+
+
+def test_finds_the_hidden_families():
+    r = run_search(FakeScorer(families(N, F)), _settings(iterations=150, population=4, proposals=2, exchange_every=20))
+    groups = {tuple(np.flatnonzero(r.partition_n == k)) for k in range(3)}
+    assert groups == {tuple(np.flatnonzero(families(N, F) == f)) for f in range(F)}
+    assert r.objective == pytest.approx(float(np.sum(r.task_losses_n)))
+
+
+def test_k_out_of_range_is_a_user_error():
+    for k in (N, N + 3):
+        with pytest.raises(UserError, match="--num_clusters"):
+            run_search(FakeScorer(families(N, F)), _settings(num_clusters=k))
+    with pytest.raises(UserError, match="--num_clusters"):
+        SearchSettings(num_clusters=0)
+
+
+def test_one_cluster_makes_no_moves():
+    r = run_search(FakeScorer(families(N, F)), _settings(num_clusters=1, iterations=5))
+    assert (r.partition_n == 0).all() and r.state.metrics[-1]["proposals"] == 0

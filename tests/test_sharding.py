@@ -1,0 +1,61 @@
+"""sharding.py: partition rules, mesh, and sharded scoring equal to unsharded (8 CPU devices)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from d2c_jax import sharding
+from d2c_jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 forced CPU devices of conftest.py")
+    return sharding.make_mesh(num_candidate_shards=4, devices=jax.devices()[:8])
+
+
+def test_mesh_axes_and_bad_shard_count(mesh):
+    assert dict(mesh.shape) == {"cand": 4, "model": 2}
+    with pytest.raises(UserError, match="must divide"):
+        sharding.make_mesh(num_candidate_shards=3, devices=jax.devices()[:8])
+
+
+def test_rules_shard_projections_and_replicate_what_does_not_divide(mesh):
+    spec = lambda name, shape: sharding.spec_for(name, shape, mesh)  # noqa: E731
+    assert spec("layers/q_proj/kernel", (2, 64, 64)) == P(None, None, "model")
+    assert spec("layers/up_proj/kernel", (2, 64, 128)) == P(None, None, "model")
+    assert spec("layers/o_proj/kernel", (2, 64, 64)) == P(None, "model", None)
+    assert spec("layers/down_proj/kernel", (2, 128, 64)) == P(None, "model", None)
+    assert spec("layers/k_proj/bias", (2, 32)) == P(None, "model")
+    assert spec("embed", (300, 64)) == P("model", None)
+    assert spec("embed", (301, 64)) == P()  # odd vocab: replicated
+    assert spec("layers/input_norm/scale", (2, 64)) == P()
+    assert spec("final_norm/bias", (64,)) == P()
+
+
+def test_initialize_distributed_only_when_asked(monkeypatch):
+    monkeypatch.delenv("D2C_DISTRIBUTED", raising=False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert sharding.initialize_distributed() is False
+
+
+def test_sharded_scoring_equals_unsharded(mesh, tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from d2c_jax import lora as lora_lib
+    from d2c_jax.scoring import Scorer
+    from test_scoring import build_setup, requests
+
+    s = build_setup(str(tmp_path_factory.mktemp("sharding")), arch="qwen2")
+    masks, tasks = requests()
+    plain = Scorer(s["params"], s["cfg"], s["prepared"], s["task_data"], batch_size=4)
+    sharded = Scorer(s["params"], s["cfg"], s["prepared"], s["task_data"], batch_size=4, mesh=mesh)
+    q = sharded._params["layers"]["q_proj"]["kernel"]
+    assert q.sharding.spec == P(None, None, "model")
+    np.testing.assert_allclose(sharded.losses(masks, tasks), plain.losses(masks, tasks), rtol=1e-5)
+    lora = lora_lib.effective_lora(s["adapters"], 2)
+    assert sharded.loss_of_lora(lora, 2) == pytest.approx(plain.loss_of_lora(lora, 2), rel=1e-5)

@@ -1,0 +1,88 @@
+"""Baseline strategies: random, k-means on weights, mttl's SVD model-based clustering, all-in-one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from d2c_jax.search import initial_state
+from d2c_jax.run_config import SearchSettings
+from d2c_jax.strategies import baselines, d2c
+
+N, K, L, R, D_IN, D_OUT = 12, 3, 2, 4, 16, 16
+
+
+def _adapters(seed=0, noise=0.3):
+    """Adapters near one of K family centroids (family of adapter i: i % K), modules q and v."""
+    rng = np.random.default_rng(seed)
+    a, b = {}, {}
+    for module in ("v_proj", "q_proj"):
+        ca = rng.normal(size=(K, L, R, D_IN))
+        cb = rng.normal(size=(K, L, D_OUT, R))
+        fam = np.arange(N) % K
+        a[module] = (ca[fam] + noise * rng.normal(size=(N, L, R, D_IN))).astype(np.float32)
+        b[module] = (cb[fam] + noise * rng.normal(size=(N, L, D_OUT, R))).astype(np.float32)
+    return a, b
+
+
+def _groups(partition):
+    return {tuple(np.flatnonzero(partition == k)) for k in range(partition.max() + 1)}
+
+
+FAMILIES = _groups(np.arange(N) % K)
+
+
+def test_flatten_concatenates_a_then_b_per_module_in_name_order():
+    a, b = _adapters()
+    x = baselines.flatten_adapters(a, b)
+    expected = np.concatenate([a["q_proj"][3].ravel(), b["q_proj"][3].ravel(), a["v_proj"][3].ravel(), b["v_proj"][3].ravel()])
+    assert x.shape == (N, 2 * L * R * (D_IN + D_OUT)) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[3], expected)
+
+
+@pytest.mark.parametrize("strategy", ["kmeans", "svd_kmeans"])
+def test_weight_clustering_recovers_families_deterministically(strategy):
+    a, b = _adapters()
+    p1 = baselines.baseline_partition(strategy, N, K, 0, a, b)
+    assert p1.dtype == np.int32 and _groups(p1) == FAMILIES
+    np.testing.assert_array_equal(p1, baselines.baseline_partition(strategy, N, K, 0, a, b))
+
+
+def test_svd_embeddings_sparsify_at_the_median_magnitude_and_are_unit_rows():
+    x = np.random.default_rng(1).normal(size=(6, 200)).astype(np.float32)
+    emb = baselines.svd_embeddings(x, seed=0)
+    assert emb.shape == (6, 6)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    # Reference: the same steps spelled out (quantile threshold, randomized TruncatedSVD, L2 rows).
+    from sklearn.decomposition import TruncatedSVD
+
+    y = x.copy()
+    y[np.abs(y) <= np.quantile(np.abs(y), 0.5, axis=1)[:, None]] = 0
+    assert np.isclose((y == 0).mean(1), 0.5, atol=1e-2).all()
+    ref = TruncatedSVD(n_components=64, algorithm="randomized", n_iter=5, n_oversamples=10, random_state=0, tol=0.0).fit_transform(y)
+    np.testing.assert_allclose(emb, ref / np.linalg.norm(ref, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def test_random_baseline_is_the_first_chains_start_and_all_in_one_is_one_cluster():
+    p = baselines.baseline_partition("random", N, K, 7)
+    np.testing.assert_array_equal(p, initial_state(SearchSettings(num_clusters=K, seed=7), N).partitions_pn[0])
+    assert set(p) == set(range(K))
+    assert (baselines.baseline_partition("all_in_one", N, K, 7) == 0).all()
+
+
+def test_identical_adapters_still_give_k_non_empty_clusters():
+    a, b = _adapters(noise=0.0)  # only K distinct points
+    for module in a:
+        a[module][:] = a[module][0]
+        b[module][:] = b[module][0]
+    with pytest.warns(Warning):
+        p = baselines.kmeans(a, b, K, seed=0)
+    assert np.all(np.bincount(p, minlength=K) >= 1)
+    filled = baselines.fill_empty_clusters(np.zeros(N, np.int32), 4, np.arange(N, dtype=float)[:, None])
+    assert np.all(np.bincount(filled, minlength=4) >= 1)
+
+
+def test_random_partitions_cover_every_cluster():
+    for seed in range(50):
+        part = d2c.random_partition(np.random.default_rng(seed), 6, 5)
+        assert sorted(set(part)) == list(range(5))
