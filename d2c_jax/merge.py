@@ -60,6 +60,10 @@ class Prepared:
     method: str = dataclasses.field(metadata=dict(static=True), default="ties")
     rank: int = dataclasses.field(metadata=dict(static=True), default=0)
 
+    @property
+    def num_adapters(self) -> int:
+        return int(self.weight_a.shape[0])
+
 
 def _check(method: str, density: float, weights: Sequence[float] | None, n: int) -> np.ndarray:
     if method not in METHODS:

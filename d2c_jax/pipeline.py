@@ -186,7 +186,8 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_ma
     fp = _fingerprint(cfg, names)
     ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
     try:
-        ckpt.check()
+        # With --overwrite read the whole state now, so that a corrupt one is discarded too.
+        ckpt.restore(len(names)) if cfg.overwrite else ckpt.check()
     except UserError:
         if not cfg.overwrite:
             ckpt.close()
@@ -231,10 +232,10 @@ def run(cfg: RunConfig) -> int:
     data.check_tasks_match(cfg.data_dir, names)
     model_cfg = load_config(cfg.base_model)
     prepare_workdir(workdir, cfg.overwrite, is_main)
-    if is_main:
-        write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json())
     ckpt = _open_checkpointer(cfg, workdir, names, is_main) if cfg.strategy in SEARCH_STRATEGIES else None
     try:
+        if is_main:  # after the checkpoint check: config.json always describes the checkpoints
+            write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json())
         return _run(cfg, workdir, names, model_cfg, ckpt, start, is_main)
     finally:
         if ckpt is not None:

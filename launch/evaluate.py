@@ -8,7 +8,8 @@ is scored with the TIES (or --merge) merge of its cluster (method and density ar
 partition.json when it stores them, else taken from --merge/--density); --zero_shot scores the
 bare base model (--adapters_dir is then optional and only fixes the task list).
 Data: each task's `<task>.eval.jsonl` when it exists, else its search examples `<task>.jsonl`
-(per task; the output records which file was used), first --examples_per_task lines.
+(per task; the output records which file was used), all lines unless --examples_per_task=n
+(then the first n).
 Writes {"tasks": {task: {"loss": float, ...}}, "summary": {"mean_loss": float, ...}} atomically.
 """
 
@@ -30,23 +31,27 @@ from d2c_jax.errors import UserError, run_cli  # noqa: E402
 METRIC_KINDS = ("loss", "generation")
 DTYPES = ("bfloat16", "float32", "float16")
 
-flags.DEFINE_string("base_model", None, "Hugging Face base model directory.")
-flags.DEFINE_string("adapters_dir", None, "Directory of PEFT adapters, one sub-directory per task.")
-flags.DEFINE_string("data_dir", None, "Directory of <task>.jsonl / <task>.eval.jsonl examples.")
-flags.DEFINE_string("partition", None, "partition.json from launch/search.py: evaluate its merges.")
-flags.DEFINE_list("metrics", ["loss"], f"Any of {', '.join(METRIC_KINDS)}.")
-flags.DEFINE_bool("zero_shot", False, "Evaluate the base model without adapters.")
-flags.DEFINE_string("output", None, "Output JSON file.")
-flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Base weight dtype.")
-flags.DEFINE_integer("max_seq_len", 1024, "Longest example (prompt cut from the left to fit).")
-flags.DEFINE_bool("chat_template", False, "Wrap prompts in the tokenizer's chat template.")
-flags.DEFINE_integer("examples_per_task", 10, "First n examples of each task file (0: all).")
-flags.DEFINE_string("merge", "ties", "Merge method when partition.json does not store one.")
-flags.DEFINE_float("density", 0.5, "TIES density when partition.json does not store one.")
-flags.DEFINE_integer("batch_size", 8, "Requests scored per accelerator call.")
-flags.DEFINE_integer("example_chunk", 0, "Examples per forward pass (0: all; lowers memory).")
-flags.DEFINE_integer("max_new_tokens", 128, "Generation metrics: longest generated response.")
-flags.DEFINE_integer("seed", 0, "Seed for stochastic merges (dare_ties).")
+
+def define_flags() -> None:
+    """Registers the flags (only when run as a script, so tests can import this module)."""
+    flags.DEFINE_string("base_model", None, "Hugging Face base model directory.")
+    flags.DEFINE_string("adapters_dir", None, "Directory of PEFT adapters, one sub-directory per task.")
+    flags.DEFINE_string("data_dir", None, "Directory of <task>.jsonl / <task>.eval.jsonl examples.")
+    flags.DEFINE_string("partition", None, "partition.json from launch/search.py: evaluate its merges.")
+    flags.DEFINE_list("metrics", ["loss"], f"Any of {', '.join(METRIC_KINDS)}.")
+    flags.DEFINE_bool("zero_shot", False, "Evaluate the base model without adapters.")
+    flags.DEFINE_string("output", None, "Output JSON file.")
+    flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Base weight dtype.")
+    flags.DEFINE_integer("max_seq_len", 1024, "Longest example (prompt cut from the left to fit).")
+    flags.DEFINE_bool("chat_template", False, "Wrap prompts in the tokenizer's chat template.")
+    flags.DEFINE_integer("examples_per_task", 0, "First n examples of each task file (0: all).")
+    flags.DEFINE_string("merge", "ties", "Merge method when partition.json does not store one.")
+    flags.DEFINE_float("density", 0.5, "TIES density when partition.json does not store one.")
+    flags.DEFINE_integer("batch_size", 8, "Requests scored per accelerator call.")
+    flags.DEFINE_integer("example_chunk", 8, "Examples per forward pass (0: all at once); bounds "
+                         "memory when tasks have many examples.")
+    flags.DEFINE_integer("max_new_tokens", 128, "Generation metrics: longest generated response.")
+    flags.DEFINE_integer("seed", 0, "Seed for stochastic merges (dare_ties).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +68,11 @@ class EvalConfig:
     dtype: str = "bfloat16"
     max_seq_len: int = 1024
     chat_template: bool = False
-    examples_per_task: int | None = 10
+    examples_per_task: int | None = None
     merge: str = "ties"
     density: float = 0.5
     batch_size: int = 8
-    example_chunk: int | None = None
+    example_chunk: int | None = 8
     max_new_tokens: int = 128
     seed: int = 0
 
@@ -183,9 +188,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if "generation" in cfg.metrics:
         generation_modules()  # fail before any heavy work
+    # Everything a user can get wrong is checked before the weights are loaded.
     model_cfg = load_config(cfg.base_model)
-    params = hf_io.load_params(cfg.base_model, model_cfg, cfg.dtype)
-    tokenizer = hf_io.load_tokenizer(cfg.base_model)
     adapters = None
     if cfg.adapters_dir:
         adapters = lora_lib.load_adapter_set(cfg.adapters_dir, model_cfg)
@@ -194,6 +198,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         names = data.data_tasks(cfg.data_dir)
         if not names:
             raise UserError(cfg.data_dir, "no <task>.jsonl files")
+    data.check_tasks_match(cfg.data_dir, names)
+    tokenizer = hf_io.load_tokenizer(cfg.base_model)
     task_data = data.load_task_data(
         cfg.data_dir, names, tokenizer, split="eval", examples_per_task=cfg.examples_per_task,
         max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template)
@@ -206,7 +212,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         density = float(raw.get("density", density))
     prepared = None
     if clusters is not None:
-        prepared = merge_lib.prepare_merge(adapters, method, density, seed=cfg.seed)
+        try:
+            prepared = merge_lib.prepare_merge(adapters, method, density, seed=cfg.seed)
+        except UserError as e:  # a bad method/density: name where it came from
+            raise UserError(e.path or (cfg.partition if "merge" in raw or "method" in raw
+                                       or "density" in raw else None), e.message) from None
+    params = hf_io.load_params(cfg.base_model, model_cfg, cfg.dtype)
     scorer = Scorer(params, model_cfg, prepared, task_data, batch_size=cfg.batch_size,
                     example_chunk=cfg.example_chunk)
 
@@ -284,4 +295,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

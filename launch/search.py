@@ -32,8 +32,11 @@ flags.DEFINE_enum("objective", "local", list(OBJECTIVES),
                   "local: loss of the moved task (the paper); global: summed loss of both clusters.")
 flags.DEFINE_integer("population", 1, "P: search chains run in lock-step.")
 flags.DEFINE_integer("proposals", 1, "M: candidate moves per chain per iteration (best improving kept).")
-flags.DEFINE_integer("exchange_every", 0, "Replace the worst chains by the best every k iterations (0: never).")
-flags.DEFINE_integer("track_every", 10, "Compute every chain's global objective every k iterations.")
+flags.DEFINE_integer("exchange_every", 0,
+                     "Every k iterations copy the best quarter of the chains over the worst (0: never).")
+flags.DEFINE_integer("track_every", 10,
+                     "Compute every chain's global objective (metrics, plot) every k iterations and at the "
+                     "end; 1 is exact per iteration but costs extra evaluations with --objective=local.")
 flags.DEFINE_enum("merge", "ties", list(MERGES), "Merge method.")
 flags.DEFINE_float("density", 0.5, "Fraction of entries kept when trimming (TIES).")
 flags.DEFINE_integer("examples_per_task", 10, "n: examples per task used to score merges.")

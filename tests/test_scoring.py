@@ -54,23 +54,34 @@ def requests():
     return masks, tasks
 
 
+_SHARED: dict = {}  # one setup and one Scorer per batch size for this module and test_sharding
+
+
+def shared_setup(tmp_path_factory) -> dict:
+    """Qwen2 (qkv biases: exercises every sharding rule) built once per session."""
+    if "setup" not in _SHARED:
+        _SHARED["setup"] = build_setup(str(tmp_path_factory.mktemp("scoring")), arch="qwen2")
+    return _SHARED["setup"]
+
+
+def shared_scorer(tmp_path_factory, batch_size: int) -> Scorer:
+    """Scorers are shared: each one costs a compilation."""
+    key = ("scorer", batch_size)
+    if key not in _SHARED:
+        s = shared_setup(tmp_path_factory)
+        _SHARED[key] = Scorer(s["params"], s["cfg"], s["prepared"], s["task_data"],
+                              batch_size=batch_size)
+    return _SHARED[key]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return build_setup(str(tmp_path_factory.mktemp("scoring")))
+    return shared_setup(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def scorers(setup):
-    """One Scorer per batch size, shared (each costs a compilation)."""
-    cache = {}
-
-    def get(batch_size):
-        if batch_size not in cache:
-            cache[batch_size] = Scorer(setup["params"], setup["cfg"], setup["prepared"],
-                                       setup["task_data"], batch_size=batch_size)
-        return cache[batch_size]
-
-    return get
+def scorers(tmp_path_factory):
+    return lambda batch_size: shared_scorer(tmp_path_factory, batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -131,17 +142,6 @@ def test_loss_of_lora_matches_single_member_masks_and_base(setup, scorers):
     zeros = jax.tree.map(np.zeros_like, lora_lib.effective_lora(s["adapters"], 0))
     assert scorer.loss_of_lora(zeros, 1) == pytest.approx(scorer.loss_of_lora(None, 1), rel=1e-5)
     assert scorer.loss_of_lora(None, 1) != pytest.approx(single[1], rel=1e-3)
-
-
-def test_example_chunking_gives_the_same_loss(setup):
-    s, td = setup, setup["task_data"]
-    lora = lora_lib.effective_lora(s["adapters"], 1)
-    args = (td.tokens_tns[1], td.targets_tns[1], td.weights_tns[1], td.attn_tns[1])
-    fn = jax.jit(lambda chunk_arrays, lo: [
-        loss.task_loss(s["params"], s["cfg"], lo, *chunk_arrays, example_chunk=c)
-        for c in (None, 1, 3)])
-    full, one, three = (float(v) for v in fn(args, lora))
-    assert one == pytest.approx(full, rel=1e-6) and three == pytest.approx(full, rel=1e-6)
 
 
 def test_bad_requests_are_rejected(scorers):

@@ -48,19 +48,32 @@ def test_weight_clustering_recovers_families_deterministically(strategy):
     np.testing.assert_array_equal(p1, baselines.baseline_partition(strategy, N, K, 0, a, b))
 
 
-def test_svd_embeddings_sparsify_at_the_median_magnitude_and_are_unit_rows():
+def test_sparsify_keeps_the_entries_above_the_median_magnitude():
     x = np.random.default_rng(1).normal(size=(6, 200)).astype(np.float32)
-    emb = baselines.svd_embeddings(x, seed=0)
-    assert emb.shape == (6, 6)
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
-    # Reference: the same steps spelled out (quantile threshold, randomized TruncatedSVD, L2 rows).
-    from sklearn.decomposition import TruncatedSVD
-
-    y = x.copy()
-    y[np.abs(y) <= np.quantile(np.abs(y), 0.5, axis=1)[:, None]] = 0
+    y = baselines.sparsify_rows(x.copy())
+    for row_x, row_y in zip(x, y):
+        thr = np.quantile(np.abs(row_x), 0.5)
+        np.testing.assert_array_equal(row_y, np.where(np.abs(row_x) <= thr, 0, row_x))
     assert np.isclose((y == 0).mean(1), 0.5, atol=1e-2).all()
-    ref = TruncatedSVD(n_components=64, algorithm="randomized", n_iter=5, n_oversamples=10, random_state=0, tol=0.0).fit_transform(y)
-    np.testing.assert_allclose(emb, ref / np.linalg.norm(ref, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, k", [(6, 64), (20, 4)])
+def test_svd_embeddings_match_sklearn_truncated_svd(n, k):
+    """Reference: mttl's sklearn TruncatedSVD (randomized) embedding; compared through the cosine
+    similarities between rows (component signs are arbitrary)."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    rng = np.random.default_rng(n)
+    x = (rng.normal(size=(n, 3)) @ rng.normal(size=(3, 300)) + 0.1 * rng.normal(size=(n, 300))).astype(np.float32)
+    x = baselines.sparsify_rows(x)
+    emb = baselines.svd_embeddings(x, k)
+    assert emb.shape == (n, min(n, k))
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)
+    ref = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=5, n_oversamples=10, random_state=0,
+                       tol=0.0).fit_transform(x)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(cosine_similarity(emb), cosine_similarity(ref), atol=1e-5)
 
 
 def test_random_baseline_is_the_first_chains_start_and_all_in_one_is_one_cluster():

@@ -9,8 +9,9 @@ cluster non-empty. All randomness comes from `seed`.
 - `kmeans`: k-means (k-means++, 10 inits) on each adapter's flattened, concatenated A and B.
 - `svd_kmeans`: mttl's model-based clustering (Ostapenko et al. 2024, `SVDEmbeddingTransform` +
   `MBCWithCosSimTransform`): flatten each adapter, zero the entries at or below its 0.5 magnitude
-  quantile, TruncatedSVD (64 components, randomized), row-normalise, cosine similarity matrix
-  between adapters, k-means++ with 10 inits on the rows of that matrix.
+  quantile, truncated SVD (64 components; exact, via the Gram matrix, where mttl uses sklearn's
+  randomized TruncatedSVD), row-normalise, cosine similarity matrix between adapters, k-means++
+  with 10 inits on the rows of that matrix.
 - `all_in_one`: one cluster.
 
 Shapes: N adapters, F flattened factor entries, K clusters, E SVD components.
@@ -58,19 +59,31 @@ def kmeans(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], num_cluster
     return fill_empty_clusters(labels_n, num_clusters, x_nf)
 
 
-def svd_embeddings(x_nf: np.ndarray, seed: int) -> np.ndarray:
-    """mttl's SVD embedding: sparsify at the per-adapter magnitude quantile, TruncatedSVD, L2 rows."""
-    from sklearn.decomposition import TruncatedSVD
+def sparsify_rows(x_nf: np.ndarray, quantile: float = SVD_SPARSITY) -> np.ndarray:
+    """In place: zeroes each row's entries whose magnitude is <= the row's `quantile` magnitude
+    quantile (mttl's threshold), one row at a time to bound memory."""
+    for row_f in x_nf:
+        abs_f = np.abs(row_f)
+        row_f[abs_f <= np.quantile(abs_f, quantile)] = 0.0
+    return x_nf
 
-    x_nf = np.array(x_nf, np.float32, copy=True)
-    abs_nf = np.abs(x_nf)
-    thr_n = np.quantile(abs_nf, SVD_SPARSITY, axis=1)
-    x_nf[abs_nf <= thr_n[:, None]] = 0.0
-    svd = TruncatedSVD(
-        n_components=min(SVD_COMPONENTS, x_nf.shape[1]), algorithm="randomized", n_iter=5,
-        n_oversamples=10, power_iteration_normalizer="auto", random_state=seed, tol=0.0,
-    )
-    emb_ne = svd.fit_transform(x_nf)
+
+def svd_embeddings(x_nf: np.ndarray, num_components: int = SVD_COMPONENTS) -> np.ndarray:
+    """Rows of U_k Σ_k of the (uncentred) truncated SVD of x_nf, L2-normalised: mttl's SVD
+    embedding. Computed exactly from the N×N Gram matrix x xᵀ = U Σ² Uᵀ (accumulated in float64
+    over column blocks), so F can be billions of entries without a random [F, k] projection;
+    mttl's randomized TruncatedSVD approximates the same subspace. Component signs are arbitrary,
+    which cosine similarities between rows do not see."""
+    n, f = x_nf.shape
+    gram_nn = np.zeros((n, n), np.float64)
+    block = max(1, (1 << 25) // max(n, 1))
+    for start in range(0, f, block):
+        xb = np.asarray(x_nf[:, start:start + block], np.float64)
+        gram_nn += xb @ xb.T
+    eigval_n, eigvec_nn = np.linalg.eigh(gram_nn)  # ascending
+    k = min(num_components, n, f)
+    top = np.argsort(eigval_n)[::-1][:k]
+    emb_ne = eigvec_nn[:, top] * np.sqrt(np.clip(eigval_n[top], 0.0, None))
     norm_n = np.linalg.norm(emb_ne, 2, axis=1, keepdims=True)
     return emb_ne / np.where(norm_n > 0, norm_n, 1.0)
 
@@ -80,7 +93,7 @@ def svd_kmeans(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], num_clu
     from sklearn.cluster import KMeans
     from sklearn.metrics.pairwise import cosine_similarity
 
-    emb_ne = svd_embeddings(flatten_adapters(a, b), seed)
+    emb_ne = svd_embeddings(sparsify_rows(flatten_adapters(a, b)))
     sim_nn = cosine_similarity(emb_ne, emb_ne)
     labels_n = KMeans(n_clusters=num_clusters, init="k-means++", n_init=10, random_state=seed).fit_predict(sim_nn)
     return fill_empty_clusters(labels_n, num_clusters, sim_nn)

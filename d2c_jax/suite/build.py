@@ -294,6 +294,9 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
     cfg = checkpoint.model_config(config_dict)
     key = jax.random.key(s.seed)
     params = train.init_params(cfg, jax.random.fold_in(key, 1))
+    word_ids_lc = np.array([[vocab.id(w) for w in lex] for lex in world.words], np.int64)
+    params["embed"] = train.concept_embeddings(word_ids_lc, vocab.size, s.hidden_size,
+                                               jax.random.fold_in(key, 3))
     pre = _pretrain_batches(s, world, vocab, task_list, splits)
     log(f"data ready ({time.time() - t_start:.1f}s); pre-training {s.pretrain_steps} steps, "
         f"{len(names)} tasks, vocab {vocab.size}")

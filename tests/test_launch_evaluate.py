@@ -1,0 +1,150 @@
+"""launch/evaluate.py: single / partition / zero-shot evaluation, output file, error contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+import jax  # noqa: E402
+
+from d2c_jax import data, loss, lora as lora_lib, merge  # noqa: E402
+from d2c_jax.errors import UserError  # noqa: E402
+from test_scoring import build_setup  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "launch", "evaluate.py")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("launch_evaluate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    s = build_setup(str(tmp_path_factory.mktemp("evaluate")))
+    with open(os.path.join(s["data_dir"], "t1.eval.jsonl"), "w") as f:
+        f.write(json.dumps({"prompt": "count the vowels", "response": "one two"}) + "\n")
+    s["adapters_dir"] = os.path.dirname(s["adapters"].paths[0])
+    s["expected"] = _expected_losses(s)
+    return s
+
+
+def _expected_losses(s):
+    """{mode: [T] losses} on the eval split, computed with loss.task_loss in one compiled call:
+    each task with its own adapter, with the merge of clusters {t0, t2, t3} {t1}, and with a
+    zero adapter (= the base model)."""
+    td = data.load_task_data(s["data_dir"], s["adapters"].names, s["tok"], split="eval",
+                             max_seq_len=64)
+    single = [lora_lib.effective_lora(s["adapters"], i) for i in range(4)]
+    masks = np.array(PARTITION_MASKS, bool)
+    merged_c = jax.tree.map(np.asarray, jax.jit(merge.merge_masks)(s["prepared"], masks))
+    zero = [jax.tree.map(np.zeros_like, single[0])] * 4
+    lora_c = jax.tree.map(lambda *x: np.concatenate([np.stack(x[:4]), x[4], np.stack(x[5:])]),
+                          *single, merged_c, *zero)
+    arrays = [np.concatenate([x] * 3) for x in (td.tokens_tns, td.targets_tns, td.weights_tns,
+                                                 td.attn_tns)]
+    fn = jax.jit(loss.candidate_losses, static_argnums=1)
+    out = np.asarray(fn(s["params"], s["cfg"], lora_c, *arrays))
+    return {"single": out[:4], "partition": out[4:8], "zero_shot": out[8:]}
+
+
+PARTITION_MASKS = [[1, 0, 1, 1], [0, 1, 0, 0], [1, 0, 1, 1], [1, 0, 1, 1]]
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script()
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def _common(s, out):
+    return [f"--base_model={s['model_dir']}", f"--adapters_dir={s['adapters_dir']}",
+            f"--data_dir={s['data_dir']}", f"--output={out}", "--dtype=float32", "--max_seq_len=64"]
+
+
+def test_single_adapters_end_to_end(setup, tmp_path):
+    out = tmp_path / "sub" / "eval.json"
+    proc = _run(*_common(setup, out), "--batch_size=3")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    names = setup["adapters"].names
+    assert sorted(result["tasks"]) == sorted(names) and result["summary"]["mode"] == "single"
+    want = setup["expected"]["single"]
+    got = [result["tasks"][n]["loss"] for n in names]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert result["summary"]["mean_loss"] == pytest.approx(np.mean(want), rel=1e-5)
+    assert result["tasks"]["t1"]["data_file"] == "t1.eval.jsonl"  # held-out split preferred
+    assert result["tasks"]["t0"]["data_file"] == "t0.jsonl"  # ... else the search examples
+    assert [p for p in os.listdir(out.parent) if p != "eval.json"] == []  # no temp files left
+
+
+def test_partition_uses_each_clusters_merge(setup, script, tmp_path):
+    part = tmp_path / "partition.json"
+    part.write_text(json.dumps({"clusters": [["t0", "t2", "t3"], ["t1"]], "merge": "ties",
+                                "density": 0.5}))
+    cfg = script.EvalConfig(base_model=setup["model_dir"], adapters_dir=setup["adapters_dir"],
+                            data_dir=setup["data_dir"], output=str(tmp_path / "o.json"),
+                            partition=str(part), dtype="float32", max_seq_len=64)
+    result = script.evaluate(cfg)
+    want = setup["expected"]["partition"]
+    got = [result["tasks"][n]["loss"] for n in setup["adapters"].names]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert [result["tasks"][n]["cluster"] for n in setup["adapters"].names] == [0, 1, 0, 0]
+    assert result["summary"]["mode"] == "partition" and result["summary"]["num_clusters"] == 2
+
+    part.write_text(json.dumps({"clusters": [["t0", "t2"], ["t1", "t9"]]}))
+    with pytest.raises(UserError, match=r"partition.json: task\(s\) with no adapter: t9"):
+        script.evaluate(cfg)
+    part.write_text(json.dumps({"clusters": [["t0", "t2"], ["t1"]]}))
+    with pytest.raises(UserError, match=r"in no cluster: t3"):
+        script.evaluate(cfg)
+
+
+def test_zero_shot_and_generation_metrics(setup, script, tmp_path):
+    with open(os.path.join(setup["data_dir"], "tasks.json"), "w") as f:
+        json.dump({"t0": {"metric": "exact_match"}}, f)
+    try:
+        cfg = script.EvalConfig(base_model=setup["model_dir"], adapters_dir=None,
+                                data_dir=setup["data_dir"], output=str(tmp_path / "o.json"),
+                                zero_shot=True, metrics=("loss", "generation"), dtype="float32",
+                                max_seq_len=64, max_new_tokens=3)
+        result = script.evaluate(cfg)
+    finally:
+        os.remove(os.path.join(setup["data_dir"], "tasks.json"))
+    got = [result["tasks"][n]["loss"] for n in setup["adapters"].names]
+    np.testing.assert_allclose(got, setup["expected"]["zero_shot"], rtol=1e-5)
+    assert "exact_match" in result["tasks"]["t0"] and "rouge_l" in result["tasks"]["t1"]
+    assert result["summary"]["mode"] == "zero_shot" and "mean_score" in result["summary"]
+
+
+def test_bad_input_is_one_error_line_and_no_output(setup, tmp_path):
+    bad_data = tmp_path / "data"
+    bad_data.mkdir()
+    for name in ("t0", "t1", "t2"):  # t3 has an adapter but no examples
+        (bad_data / f"{name}.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    out = tmp_path / "eval.json"
+    args = _common(setup, out)
+    args[2] = f"--data_dir={bad_data}"
+    proc = _run(*args)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "t3" in errors[0] and str(bad_data) in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and os.listdir(tmp_path) == ["data"]

@@ -1,0 +1,228 @@
+"""launch/search.py end to end on a tiny random Llama with real PEFT adapters: outputs, their
+agreement with transformers + peft, resume after preemption, batch-size independence, flagfiles,
+and one-line errors for bad flags and inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from d2c_jax import pipeline  # noqa: E402
+from d2c_jax.errors import UserError  # noqa: E402
+from d2c_jax.run_config import RunConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launch", "search.py")
+NAMES = [f"task_{i}" for i in range(5)]
+WORDS = ["one two three", "the quick fox", "hello world", "answer the question", "sort the words"]
+SEARCH = dict(num_clusters=2, iterations=6, population=2, proposals=2, objective="global", exchange_every=3,
+              examples_per_task=3, max_seq_len=64, dtype="float32", checkpoint_every=2, track_every=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from fixtures_adapters import make_peft_adapters
+    from fixtures_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("inputs")
+    base = make_tiny_model(root / "base", "llama")
+    make_peft_adapters(base, root / "adapters", NAMES, r=4, alpha=8, scale=0.3)
+    data = root / "data"
+    data.mkdir()
+    for i, name in enumerate(NAMES):
+        with open(data / f"{name}.jsonl", "w") as f:
+            for j in range(3):
+                f.write(json.dumps({"prompt": f"{WORDS[i]} {j}", "response": WORDS[(i + j) % 5]}) + "\n")
+    tags = {n: {"tags": {"family": "ab"[i % 2], "language": "en"}} for i, n in enumerate(NAMES)}
+    (data / "tasks.json").write_text(json.dumps(tags))
+    return {"base_model": str(base), "adapters_dir": str(root / "adapters"), "data_dir": str(data)}
+
+
+def _argv(inputs, workdir, **over):
+    flags = {**inputs, **SEARCH, "workdir": str(workdir), **over}
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def _launch(args, single_device=True):
+    env = dict(os.environ)
+    if single_device:  # the in-process tests cover the 8-device mesh; this covers one device
+        xla = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+        env.pop("XLA_FLAGS", None)
+        if xla:
+            env["XLA_FLAGS"] = xla
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run") / "wd"
+    proc = _launch(_argv(inputs, workdir, batch_size=4) + ["--noprogress"])
+    assert proc.returncode == 0, proc.stderr
+    return workdir, proc
+
+
+def _hf_task_losses(base_model, adapter_dir, data_dir, tasks):
+    """Reference: transformers + peft loss (response tokens, summed over examples / their count)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    out = {}
+    for task in tasks:
+        total, count = 0.0, 0
+        with open(os.path.join(data_dir, f"{task}.jsonl")) as f:
+            for line in f:
+                ex = json.loads(line)
+                p = tok(ex["prompt"])["input_ids"]
+                r = tok(ex["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                with torch.no_grad():
+                    logits = model(input_ids=torch.tensor([p + r])).logits[0, :-1].double()
+                labels = torch.tensor([-100] * (len(p) - 1) + r)
+                total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+                count += len(r)
+        out[task] = total / count
+    return out
+
+
+def test_search_end_to_end_writes_every_output(inputs, finished):
+    workdir, proc = finished
+    doc = json.loads((workdir / "partition.json").read_text())
+    assert doc["strategy"] == "d2c" and doc["num_clusters"] == 2 and doc["merge"] == "ties"
+    assert doc["density"] == 0.5 and doc["seed"] == 1 and doc["iterations"] == 6 and doc["evaluations"] > 0
+    assert sorted(t for c in doc["clusters"] for t in c) == NAMES and all(doc["clusters"])
+    assert doc["objective"] == pytest.approx(sum(doc["task_losses"].values()), rel=1e-6)
+    assert "objective" in proc.stdout and "cluster" in proc.stdout  # the final table
+
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(7))
+    assert rows[-1]["best_objective"] == pytest.approx(doc["objective"])
+    for key in ("accepted", "mean_objective", "cache_hits", "evals_per_s", "evaluations"):
+        assert key in rows[-1]
+    for png in ("objective.png", "assignment.png"):
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = json.loads((workdir / "config.json").read_text())
+    assert cfg["num_clusters"] == 2 and cfg["batch_size"] == 4
+    assert os.listdir(workdir / "checkpoints") and not [n for n in os.listdir(workdir) if ".tmp-" in n]
+
+    # merged/cluster_k is the merge of clusters[k]: transformers + peft reproduce the losses.
+    for k, tasks in enumerate(doc["clusters"]):
+        ref = _hf_task_losses(inputs["base_model"], str(workdir / "merged" / f"cluster_{k}"), inputs["data_dir"], tasks)
+        for t in tasks:
+            assert doc["task_losses"][t] == pytest.approx(ref[t], rel=1e-5), (k, t)
+
+
+def test_a_finished_run_is_refused_without_overwrite(inputs, finished):
+    workdir, _ = finished
+    proc = _launch(_argv(inputs, workdir, batch_size=4))
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and "finished run" in line and "--overwrite" in line
+    assert "Traceback" not in proc.stderr
+
+
+def _config(inputs, workdir, **over) -> RunConfig:
+    return RunConfig(**{**inputs, **SEARCH, "workdir": str(workdir), "progress": False, **over})
+
+
+def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inputs, finished, tmp_path, monkeypatch, capsys):
+    from d2c_jax.checkpoint import PreemptionFlag
+
+    reference = json.loads((finished[0] / "partition.json").read_text())
+    calls = []
+
+    def preempt_at_third(self):
+        calls.append(1)
+        return len(calls) == 3
+
+    monkeypatch.setattr(PreemptionFlag, "__call__", preempt_at_third)
+    cfg = _config(inputs, tmp_path / "wd", batch_size=16)  # 8-device mesh here, one device there
+    assert pipeline.run(cfg) == 0
+    assert "preempted" in capsys.readouterr().out
+    assert not (tmp_path / "wd" / "partition.json").exists() and not (tmp_path / "wd" / "merged").exists()
+    monkeypatch.undo()
+
+    assert pipeline.run(cfg) == 0  # the same command resumes
+    doc = json.loads((tmp_path / "wd" / "partition.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(7))
+    assert doc["clusters"] == reference["clusters"]
+    assert doc["objective"] == pytest.approx(reference["objective"], rel=1e-5)
+
+    # --overwrite replaces the finished run; a changed setting is a fresh run, not a resume.
+    cfg2 = _config(inputs, tmp_path / "wd", batch_size=16, strategy="kmeans", overwrite=True)
+    assert pipeline.run(cfg2) == 0
+    doc2 = json.loads((tmp_path / "wd" / "partition.json").read_text())
+    assert doc2["strategy"] == "kmeans" and doc2["iterations"] == 0
+    assert sorted(os.listdir(tmp_path / "wd" / "merged")) == ["cluster_0", "cluster_1"]
+
+
+def test_a_checkpoint_of_other_settings_is_refused(inputs, tmp_path, monkeypatch):
+    from d2c_jax.checkpoint import PreemptionFlag
+
+    monkeypatch.setattr(PreemptionFlag, "__call__", lambda self: True)
+    assert pipeline.run(_config(inputs, tmp_path, iterations=4)) == 0
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"different --num_clusters \(2 in the checkpoint, 3 now\).*--overwrite"):
+        pipeline.run(_config(inputs, tmp_path, iterations=4, num_clusters=3))
+
+
+def test_bad_inputs_fail_with_one_clear_message_and_write_nothing(inputs, tmp_path):
+    wd = tmp_path / "wd"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in NAMES[:-1]:
+        (partial / f"{name}.jsonl").write_text((open(os.path.join(inputs["data_dir"], f"{name}.jsonl"))).read())
+    cases = [
+        (dict(num_clusters=5), r"--num_clusters=5 must be between 1 and 4"),
+        (dict(adapters_dir=str(empty)), "no adapter sub-directories"),
+        (dict(data_dir=str(partial)), "no search examples for adapter task\\(s\\) task_4"),
+        (dict(base_model=str(tmp_path / "nope")), "nope"),
+    ]
+    for over, pattern in cases:
+        with pytest.raises(UserError, match=pattern):
+            pipeline.run(_config(inputs, wd, **over))
+        assert not wd.exists()
+    with pytest.raises(UserError, match="--num_clusters=0: must be >= 1"):
+        _config(inputs, wd, num_clusters=0)
+    with pytest.raises(UserError, match="--population=0"):
+        _config(inputs, wd, population=0)
+
+
+def test_flag_errors_and_flagfiles(tmp_path):
+    proc = _launch(["--flagfile=" + os.path.join(ROOT, "configs", "llama.flags"), "--no_such_flag=1"])
+    assert proc.returncode == 1 and "Unknown command line flag 'no_such_flag'" in proc.stderr
+    proc = _launch(["--num_clusters=3"])
+    assert proc.returncode == 1 and "--base_model must have a value other than None" in proc.stderr
+    proc = _launch(["--flagfile=" + os.path.join(ROOT, "configs", "qwen.flags"), f"--workdir={tmp_path / 'w'}"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: /path/to/adapters/qwen: ")
+
+    # Every flagfile parses into the paper's settings.
+    code = (
+        "import importlib.util, json, sys\n"
+        f"spec = importlib.util.spec_from_file_location('s', {SCRIPT!r}); m = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(m)\n"
+        "for f in sys.argv[1:]:\n"
+        "    m.flags.FLAGS.unparse_flags(); m.flags.FLAGS(['x', '--flagfile=' + f])\n"
+        "    print(json.dumps(m.config_from_flags(m.flags.FLAGS).to_dict()))\n"
+    )
+    files = [os.path.join(ROOT, "configs", f"{m}.flags") for m in ("llama", "qwen", "stablelm")]
+    out = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfgs = [json.loads(x) for x in out.stdout.splitlines()]
+    expect = dict(num_clusters=5, iterations=200, examples_per_task=10, merge="ties", density=0.5,
+                  strategy="d2c", objective="local", population=1, proposals=1, chat_template=True, dtype="bfloat16")
+    for cfg, model in zip(cfgs, ("Llama-3.2-3B-Instruct", "Qwen2.5-1.5B-Instruct", "stablelm-2-1_6b-chat")):
+        assert {k: cfg[k] for k in expect} == expect
+        assert cfg["base_model"] == f"/path/to/{model}"

@@ -1,0 +1,133 @@
+"""Our merges == PEFT's add_weighted_adapter, compared on the effective delta
+(scaling * lora_B @ lora_A per layer and module) of real PEFT adapters on a tiny Llama."""
+
+import sys
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fixtures_adapters import make_peft_adapters, peft_deltas  # noqa: E402
+from fixtures_models import make_tiny_model  # noqa: E402
+
+from d2c_jax import lora as lora_lib  # noqa: E402
+from d2c_jax import merge  # noqa: E402
+from d2c_jax.models.config import load_config  # noqa: E402
+
+NAMES = ["t0", "t1", "t2", "t3"]
+MASKS = [[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 1], [0, 0, 1, 0]]
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("merge_parity")
+    base = make_tiny_model(root / "base", "llama", seed=0)
+    ads = root / "adapters"
+    # Same rank (PEFT requires it for these methods), different alphas, one rslora adapter
+    # with a different module set.
+    dirs = make_peft_adapters(base, ads, NAMES[:3], alphas=[16, 8, 32], seed=1)
+    dirs += make_peft_adapters(
+        base, ads, NAMES[3:], alpha=12, use_rslora=True, seed=2,
+        target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
+    )
+    cfg = load_config(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    pm = PeftModel.from_pretrained(model, dirs[0], adapter_name=NAMES[0])
+    for name, d in zip(NAMES[1:], dirs[1:]):
+        pm.load_adapter(d, adapter_name=name)
+    return {"cfg": cfg, "aset": lora_lib.load_adapter_set(ads, cfg), "peft": pm, "count": [0]}
+
+
+def _rel_err(ours: dict, ref: dict) -> float:
+    assert ref and set(ref) <= set(ours)
+    scale = max(np.abs(r).max() for r in ref.values())
+    assert scale > 0
+    err = max(np.abs(ours[m] - ref.get(m, 0.0)).max() for m in ours)
+    return float(err / scale)
+
+
+def _peft_merge(setup, mask, weights, combination_type, density):
+    pm = setup["peft"]
+    setup["count"][0] += 1
+    name = f"merged{setup['count'][0]}"
+    sel = [i for i, keep in enumerate(mask) if keep]
+    pm.add_weighted_adapter(
+        [NAMES[i] for i in sel], [float(weights[i]) for i in sel], name,
+        combination_type=combination_type, density=density,
+    )
+    return peft_deltas(pm, name, setup["cfg"].num_layers)
+
+
+@pytest.mark.parametrize(
+    "method,peft_type",
+    [("ties", "ties"), ("linear", "linear"), ("magnitude_prune", "magnitude_prune"), ("ties_delta", "ties_svd")],
+)
+def test_merge_matches_peft_add_weighted_adapter(setup, method, peft_type):
+    prepared = merge.prepare_merge(setup["aset"], method, 0.5)
+    f = jax.jit(merge.merge_mask)
+    for mask in MASKS:
+        ours = lora_lib.lora_delta(f(prepared, np.array(mask, bool)))
+        ref = _peft_merge(setup, mask, [1.0] * 4, peft_type, 0.5)
+        err = _rel_err(ours, ref)
+        assert err <= RTOL, f"{method} mask={mask}: relative error {err:.2e}"
+
+
+def test_ties_with_signed_weights_matches_peft(setup):
+    weights = [0.5, 1.5, -1.0, 2.0]
+    prepared = merge.prepare_merge(setup["aset"], "ties", 0.3, weights=weights)
+    for mask in MASKS[:4]:
+        ours = lora_lib.lora_delta(merge.merge_mask(prepared, np.array(mask, bool)))
+        ref = _peft_merge(setup, mask, weights, "ties", 0.3)
+        assert _rel_err(ours, ref) <= RTOL
+
+
+def test_dare_ties_without_dropping_matches_peft(setup):
+    """density 1 keeps everything (PEFT skips pruning), leaving DARE's sign election + disjoint mean."""
+    prepared = merge.prepare_merge(setup["aset"], "dare_ties", 1.0, seed=0)
+    ours = lora_lib.lora_delta(merge.merge_mask(prepared, np.ones(4, bool)))
+    ref = _peft_merge(setup, [1, 1, 1, 1], [1.0] * 4, "dare_ties", 1.0)
+    assert _rel_err(ours, ref) <= RTOL
+
+
+def test_ties_with_different_ranks_matches_peft_primitives(tmp_path):
+    """PEFT's add_weighted_adapter refuses different ranks; the reference is PEFT's own per-tensor
+    primitives: prune each adapter's true-rank matrix, zero-pad, elect signs, disjoint mean."""
+    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune
+
+    base = make_tiny_model(tmp_path / "base", "llama", seed=0, hidden_size=32, intermediate_size=48)
+    ads = tmp_path / "ads"
+    make_peft_adapters(base, ads, ["a", "b", "c"], ranks=[4, 8, 6], alphas=[8, 4, 12], seed=5,
+                       target_modules=("q_proj", "down_proj"))
+    aset = lora_lib.load_adapter_set(ads, load_config(base))
+    ours = merge.merge_mask(merge.prepare_merge(aset, "ties", 0.5), np.ones(3, bool))
+    R = aset.rank
+    for m in ("q_proj", "down_proj"):
+        for layer in range(aset.num_layers):
+            fac = {"a": [], "b": []}
+            w = {"a": [], "b": []}
+            for i, r in enumerate(aset.ranks):
+                s = float(aset.scaling[i])
+                a = torch.from_numpy(aset.a[m][i, layer, :r].copy())
+                b = torch.from_numpy(aset.b[m][i, layer, :, :r].copy())
+                fac["a"].append(torch.nn.functional.pad(prune(a, 0.5, "magnitude"), (0, 0, 0, R - r)))
+                fac["b"].append(torch.nn.functional.pad(prune(b, 0.5, "magnitude"), (0, R - r)))
+                w["a"].append(np.sqrt(s))
+                w["b"].append(np.sqrt(s))
+            ref = {}
+            for k in "ab":
+                t = torch.stack(fac[k])
+                sign_mask = calculate_majority_sign_mask(t)
+                wt = torch.tensor(w[k]).view(-1, 1, 1)
+                ref[k] = disjoint_merge(t * wt, sign_mask).numpy()
+            want = ref["b"].astype(np.float64) @ ref["a"].astype(np.float64)
+            got = np.asarray(ours[m]["b"][layer], np.float64) @ np.asarray(ours[m]["a"][layer], np.float64)
+            assert np.abs(got - want).max() <= RTOL * np.abs(want).max()

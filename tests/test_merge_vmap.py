@@ -1,0 +1,142 @@
+"""merge_mask is a pure masked reduction: vmap over masks under jit == merging each mask alone;
+a one-member mask is that adapter unchanged; trimming keeps int(density * numel) entries of the
+adapter's true-rank matrices, independent of the mask."""
+
+import jax
+import numpy as np
+import pytest
+
+from d2c_jax import lora as lora_lib
+from d2c_jax import merge
+
+L, D, F = 2, 16, 24
+RANKS = [4, 8, 8, 3, 8]
+
+
+def _adapter_set() -> lora_lib.AdapterSet:
+    """5 adapters with different ranks, one without down_proj, one without layer 1."""
+    rng = np.random.default_rng(0)
+    n, r = len(RANKS), max(RANKS)
+    shapes = {"q_proj": (D, D), "down_proj": (F, D)}
+    a, b = {}, {}
+    for m, (d_in, d_out) in shapes.items():
+        a[m] = np.zeros((n, L, r, d_in), np.float32)
+        b[m] = np.zeros((n, L, d_out, r), np.float32)
+        for i, ri in enumerate(RANKS):
+            a[m][i, :, :ri] = rng.normal(size=(L, ri, d_in))
+            b[m][i, :, :, :ri] = rng.normal(size=(L, d_out, ri))
+    a["down_proj"][3] = b["down_proj"][3] = 0.0
+    for m in shapes:
+        a[m][2, 1] = b[m][2, 1] = 0.0
+    return lora_lib.AdapterSet(
+        names=tuple(f"t{i}" for i in range(n)),
+        a=a,
+        b=b,
+        scaling=np.array([2.0, 0.5, 1.0, 4.0 / np.sqrt(3.0), 3.0]),
+        ranks=np.array(RANKS),
+        paths=tuple(f"/x/t{i}" for i in range(n)),
+    )
+
+
+MASKS = np.array(
+    [
+        [1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 1, 1, 0, 0],
+        [1, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0],
+    ],
+    bool,
+)
+
+
+@pytest.fixture(scope="module")
+def adapter_set():
+    return _adapter_set()
+
+
+@pytest.mark.parametrize("method", merge.METHODS)
+def test_vmapped_merge_equals_merging_each_mask_alone(adapter_set, method):
+    prepared = merge.prepare_merge(adapter_set, method, 0.5, seed=3)
+    batched = jax.jit(merge.merge_masks)(prepared, MASKS)
+    one = jax.jit(merge.merge_mask)
+    tol = 2e-5 if method == "ties_delta" else 1e-6
+    for c, mask in enumerate(MASKS):
+        alone = one(prepared, mask)
+        for m in alone:
+            for f in ("a", "b"):
+                assert batched[m][f].shape == (len(MASKS),) + alone[m][f].shape
+            # ties_delta: compare deltas (SVD factors are unique only up to sign).
+            got = lora_lib.lora_delta({m: {k: batched[m][k][c] for k in "ab"}})[m]
+            want = lora_lib.lora_delta({m: alone[m]})[m]
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max() + 1e-12)
+
+
+@pytest.mark.parametrize("method", merge.METHODS)
+def test_single_member_mask_is_the_adapter_unchanged(adapter_set, method):
+    prepared = merge.prepare_merge(adapter_set, method, 0.5)
+    f = jax.jit(merge.merge_mask)
+    for i in range(adapter_set.num_adapters):
+        mask = np.zeros(adapter_set.num_adapters, bool)
+        mask[i] = True
+        got = f(prepared, mask)
+        want = lora_lib.effective_lora(adapter_set, i)
+        assert set(got) == set(want)
+        for m in want:
+            np.testing.assert_array_equal(np.asarray(got[m]["a"]), want[m]["a"])
+            np.testing.assert_array_equal(np.asarray(got[m]["b"]), want[m]["b"])
+
+
+def test_empty_mask_gives_zeros(adapter_set):
+    prepared = merge.prepare_merge(adapter_set, "ties", 0.5)
+    out = jax.jit(merge.merge_mask)(prepared, np.zeros(adapter_set.num_adapters, bool))
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 1.0])
+def test_trim_keeps_int_density_times_true_rank_numel(adapter_set, density):
+    prepared = merge.prepare_merge(adapter_set, "ties", density)
+    for m, t in prepared.task.items():
+        a = np.asarray(t["a"])  # [N, L, R, d_in]
+        b = np.asarray(t["b"])  # [N, L, d_out, R]
+        for i, r in enumerate(RANKS):
+            for layer in range(L):
+                raw_a = adapter_set.a[m][i, layer, :r]
+                raw_b = adapter_set.b[m][i, layer, :, :r]
+                if not raw_a.any():
+                    assert not a[i, layer].any() and not b[i, layer].any()
+                    continue
+                assert np.count_nonzero(a[i, layer]) == int(density * raw_a.size)
+                assert np.count_nonzero(b[i, layer]) == int(density * raw_b.size)
+                # the kept entries are the largest in magnitude, unchanged
+                kept = a[i, layer, :r] != 0
+                if 0 < kept.sum() < kept.size:
+                    assert np.abs(raw_a[kept]).min() >= np.abs(raw_a[~kept]).max()
+                np.testing.assert_array_equal(a[i, layer, :r][kept], raw_a[kept])
+                assert not a[i, layer, r:].any() and not b[i, layer, :, r:].any()
+
+
+def test_dare_ties_drop_mask_is_fixed_by_the_seed(adapter_set):
+    p1 = merge.prepare_merge(adapter_set, "dare_ties", 0.5, seed=7)
+    p2 = merge.prepare_merge(adapter_set, "dare_ties", 0.5, seed=7)
+    p3 = merge.prepare_merge(adapter_set, "dare_ties", 0.5, seed=8)
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert not np.array_equal(np.asarray(p1.task["q_proj"]["a"]), np.asarray(p3.task["q_proj"]["a"]))
+    # kept entries are rescaled by 1 / density
+    raw = adapter_set.a["q_proj"]
+    kept = np.asarray(p1.task["q_proj"]["a"])
+    nz = kept != 0
+    np.testing.assert_allclose(kept[nz], raw[nz] / 0.5, rtol=1e-6)
+
+
+def test_bad_method_density_weights_are_user_errors(adapter_set):
+    from d2c_jax.errors import UserError
+
+    with pytest.raises(UserError, match="unknown merge method"):
+        merge.prepare_merge(adapter_set, "nope", 0.5)
+    with pytest.raises(UserError, match="density"):
+        merge.prepare_merge(adapter_set, "ties", -0.1)
+    with pytest.raises(UserError, match="weights"):
+        merge.prepare_merge(adapter_set, "ties", 0.5, weights=[1.0, 2.0])
