@@ -281,3 +281,585 @@ def build_fixture(out_dir: str, s: FixtureSettings) -> None:
         meta[name] = {"metric": "rouge_l", "tags": {"family": fam, "language": lang}}
     with open(os.path.join(data_dir, "tasks.json"), "w") as f:
         json.dump(meta, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The runners
+# ---------------------------------------------------------------------------------------------
+
+NEVER = 10**9  # iterations / track_every for engine steps driven here (no built-in tracking)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainSpec:
+    """One D²C search configuration of the engine."""
+
+    label: str
+    population: int = 1
+    proposals: int = 1
+    objective: str = "local"
+    exchange_every: int = 0
+
+    def settings(self, num_clusters: int, seed: int) -> Any:
+        from d2c_jax.run_config import SearchSettings
+
+        return SearchSettings(num_clusters=num_clusters, iterations=NEVER, objective=self.objective,
+                              population=self.population, proposals=self.proposals,
+                              exchange_every=self.exchange_every, track_every=NEVER, seed=seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """What the benchmark runs (the fixture is separate: FixtureSettings)."""
+
+    num_clusters: int = 5
+    reference_iterations: int = 3
+    iterations: int = 4  # timed engine iterations of each d2c_jax column
+    population: int = 4
+    proposals: int = 4
+    batch_size: int = 8
+    strategy_budget: int = 64  # scorer evaluations given to every search strategy
+    density: float = 0.5
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_clusters", "reference_iterations", "iterations", "population", "proposals",
+                     "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(None, f"--{name}={getattr(self, name)}: must be >= 1")
+        if self.strategy_budget < 0:
+            raise UserError(None, f"--strategy_budget={self.strategy_budget}: must be >= 0")
+
+    @property
+    def paper(self) -> ChainSpec:
+        return ChainSpec("d2c paper (P=1 M=1 local)")
+
+    @property
+    def population_local(self) -> ChainSpec:
+        return ChainSpec(f"d2c P={self.population} M={self.proposals} local", self.population, self.proposals)
+
+    @property
+    def population_global(self) -> ChainSpec:
+        """Population + global objective + exchange; one proposal per chain keeps an iteration
+        (every member of both clusters scored) within reach of small budgets."""
+        return ChainSpec(f"d2c P={self.population} M=1 global, exchange/2", self.population, 1, "global", 2)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _log(tag: str, msg: str) -> None:
+    import sys
+
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def _read_examples(data_dir: str, task: str, limit: int) -> list[tuple[str, str]]:
+    rows = []
+    with open(os.path.join(data_dir, f"{task}.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                doc = json.loads(line)
+                rows.append((doc["prompt"], doc["response"]))
+            if len(rows) == limit:
+                break
+    return rows
+
+
+def reference_batch(tokenizer: Any, examples: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """One right-padded torch batch of a task's examples, labels -100 on prompt and padding
+    (HF's loss of this batch is the pinned task loss)."""
+    import torch
+
+    ids, labels = [], []
+    for prompt, response in examples:
+        p = list(tokenizer(prompt)["input_ids"])
+        r = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        ids.append(p + r)
+        labels.append([-100] * len(p) + r)
+    s = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([x + [pad] * (s - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (s - len(x)) for x in ids]),
+        "labels": torch.tensor([x + [-100] * (s - len(x)) for x in labels]),
+    }
+
+
+def run_reference(paths: FixturePaths, bench: BenchSettings) -> dict[str, Any]:
+    """The paper's way: Algorithm 1, one PEFT merge + forward at a time, on the engine's proposals
+    (chain 0 of seed `bench.seed`), so its decisions can be compared with d2c_jax's."""
+    _require_torch()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from d2c_jax.strategies import d2c
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    names = paths.names
+    base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, os.path.join(paths.adapters_dir, names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(os.path.join(paths.adapters_dir, name), adapter_name=name)
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(paths.base_model, local_files_only=True)
+    n = paths.settings.examples_per_task
+    batches = [reference_batch(tok, _read_examples(paths.data_dir, t, n)) for t in names]
+    setup_s = time.perf_counter() - start
+    rss_setup = peak_rss_mb()
+
+    def loss(mask_n: np.ndarray, task: int, timing: dict[str, float]) -> float:
+        members = [names[i] for i in np.flatnonzero(mask_n)]
+        t0 = time.perf_counter()
+        model.add_weighted_adapter(members, [1.0] * len(members), MERGED, combination_type="ties",
+                                   density=bench.density)
+        model.set_adapter(MERGED)
+        model.eval()  # the merged adapter's new lora_dropout modules start in training mode
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            value = float(model(**batches[task]).loss)
+        t2 = time.perf_counter()
+        model.delete_adapter(MERGED)
+        t3 = time.perf_counter()
+        timing["merge_s"] += t1 - t0
+        timing["forward_s"] += t2 - t1
+        timing["delete_s"] += t3 - t2
+        return value
+
+    k = bench.num_clusters
+    partition_n = d2c.initial_partitions(len(names), k, 1, bench.seed)[0]
+    timing = {"merge_s": 0.0, "forward_s": 0.0, "delete_s": 0.0}
+    pairs, decisions, step_s = [], [], []
+    for it in range(1, bench.reference_iterations + 1):
+        t0 = time.perf_counter()
+        move = d2c.sample_move(d2c.stream(bench.seed, d2c.STREAM_PROPOSE, it, 0), partition_n, k)
+        if move is None:
+            break
+        (before,), (after,) = d2c.move_requests(partition_n, move, "local")
+        l_before = loss(*before, timing)
+        l_after = loss(*after, timing)
+        accept = l_after < l_before
+        if accept:
+            partition_n = d2c.apply_move(partition_n, move)
+        step_s.append(time.perf_counter() - t0)
+        pairs += [(before[0].tolist(), int(before[1]), l_before), (after[0].tolist(), int(after[1]), l_after)]
+        decisions.append(bool(accept))
+        _log("reference", f"iteration {it}/{bench.reference_iterations}: {step_s[-1]:.2f} s")
+    evaluations = 2 * len(step_s)
+    seconds = sum(step_s)
+    return {
+        "column": "reference",
+        "settings": "P=1 M=1 local",
+        "batch_size": 1,
+        "iterations": len(step_s),
+        "proposals": len(step_s),
+        "evaluations": evaluations,
+        "requests": evaluations,
+        "seconds": seconds,
+        "seconds_per_iteration": seconds / max(len(step_s), 1),
+        "evals_per_s": evaluations / seconds if seconds > 0 else None,
+        "cache_hit_rate": None,
+        "compile_s": None,
+        "setup_s": setup_s,
+        "per_eval_breakdown_s": {key: v / max(evaluations, 1) for key, v in timing.items()},
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_after_setup_mb": rss_setup,
+        "device_memory": None,
+        "torch_threads": torch.get_num_threads(),
+        "pairs": pairs,
+        "decisions": decisions,
+        "step_s": step_s,
+    }
+
+
+def _load_scorer(paths: FixturePaths, bench: BenchSettings, batch_size: int):
+    from d2c_jax import data, hf_io, lora, merge
+    from d2c_jax.scoring import Scorer
+
+    cfg, params = hf_io.load_model(paths.base_model, bench.dtype)
+    adapters = lora.load_adapter_set(paths.adapters_dir, cfg)
+    tok = hf_io.load_tokenizer(paths.base_model)
+    task_data = data.load_task_data(paths.data_dir, adapters.names, tok, split="search",
+                                    examples_per_task=paths.settings.examples_per_task,
+                                    max_seq_len=paths.settings.seq_len)
+    prepared = merge.prepare_merge(adapters, "ties", bench.density)
+    return Scorer(params, cfg, prepared, task_data, batch_size=batch_size, mesh=None), adapters
+
+
+def _warm_up(scorer: Any, num_adapters: int, seed: int) -> tuple[float, float]:
+    """(first call, second call) seconds of one full batch of fresh requests: the first includes
+    the compilation of the merge and score functions, the second does not."""
+    rng = np.random.default_rng([seed, 99])
+    times = []
+    for _ in range(2):
+        masks_cn = rng.random((scorer.batch_size, num_adapters)) < 0.5
+        masks_cn[:, 0] = True
+        tasks_c = rng.integers(0, num_adapters, scorer.batch_size)
+        t0 = time.perf_counter()
+        scorer.losses(masks_cn, tasks_c)
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1]
+
+
+def _device_memory() -> dict[str, Any] | None:
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # not every backend implements it
+        return None
+    if not stats:
+        return None
+    keep = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+    return {k: int(v) for k, v in stats.items() if k in keep}
+
+
+@dataclasses.dataclass
+class _ChainRun:
+    """A search driven step by step; `snapshot` = partitions when the budget was first reached."""
+
+    spec: ChainSpec
+    state: Any
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    snapshot: np.ndarray | None = None
+    snapshot_evals: int = 0
+    snapshot_iteration: int = 0
+
+    @property
+    def evaluations(self) -> int:
+        return sum(int(r["evaluations"]) for r in self.rows)
+
+
+def _drive(scorer: Any, run: _ChainRun, bench: BenchSettings, *, min_iterations: int, budget: int,
+           tag: str) -> None:
+    """Engine steps until at least `min_iterations` were run and `budget` evaluations were used."""
+    from d2c_jax.search import search_step
+
+    settings = run.spec.settings(bench.num_clusters, bench.seed)
+    while len(run.rows) < min_iterations or run.evaluations < budget:
+        row = search_step(scorer, run.state, settings)
+        run.rows.append(row)
+        if budget > 0 and run.snapshot is None and run.evaluations >= budget:
+            run.snapshot = run.state.partitions_pn.copy()
+            run.snapshot_evals, run.snapshot_iteration = run.evaluations, run.state.iteration
+        _log(tag, f"{run.spec.label}: iteration {run.state.iteration}, {row['evaluations']} evaluations, "
+                  f"{row['seconds']:.2f} s (total {run.evaluations} evaluations)")
+
+
+def _timing(run: _ChainRun, iterations: int) -> dict[str, Any]:
+    rows = run.rows[:iterations]
+    seconds = sum(r["seconds"] for r in rows)
+    evaluations = sum(r["evaluations"] for r in rows)
+    unique = sum(r["unique_requests"] for r in rows)
+    return {
+        "iterations": len(rows),
+        "proposals": sum(r["proposals"] for r in rows),
+        "evaluations": evaluations,
+        "requests": sum(r["requests"] for r in rows),
+        "seconds": seconds,
+        "seconds_per_iteration": seconds / max(len(rows), 1),
+        "evals_per_s": evaluations / seconds if seconds > 0 else None,
+        "cache_hit_rate": sum(r["cache_hits"] for r in rows) / unique if unique else None,
+    }
+
+
+def _pooled_cache(runs: Sequence[_ChainRun], num_adapters: int) -> Any:
+    """One loss cache holding every run's entries: the scorer is a pure function of (mask, task),
+    so measuring final partitions through it only saves repeated evaluations."""
+    from d2c_jax.search import LossCache
+
+    parts = [r.state.cache.to_arrays() for r in runs]
+    if not parts:
+        return LossCache(num_adapters)
+    return LossCache.from_arrays(num_adapters, *(np.concatenate(x) for x in zip(*parts)))
+
+
+def _final_objective(scorer: Any, run: _ChainRun, num_clusters: int, cache: Any) -> dict[str, Any]:
+    """Global objective of the partitions at the budget (best chain); the evaluations this needs
+    are measurement, not search."""
+    from d2c_jax.search import objectives, partition_losses
+
+    partitions_pn = run.snapshot if run.snapshot is not None else run.state.partitions_pn
+    losses_pn, stats = partition_losses(scorer, cache, partitions_pn, num_clusters)
+    obj_p = objectives(losses_pn)
+    best = int(np.argmin(obj_p))
+    return {
+        "strategy": run.spec.label,
+        "search_evaluations": run.snapshot_evals if run.snapshot is not None else run.evaluations,
+        "iterations": run.snapshot_iteration if run.snapshot is not None else run.state.iteration,
+        "objective": float(obj_p[best]),
+        "measure_evaluations": stats.evaluations,
+        "partition": partitions_pn[best].tolist(),
+    }
+
+
+def run_d2c_jax(paths: FixturePaths, bench: BenchSettings, *, column: str, timed: ChainSpec,
+                batch_size: int, more: Sequence[ChainSpec] = (), baselines: Sequence[str] = (),
+                strategies: bool = True, reference_pairs: Sequence[tuple[list[bool], int, float]] = ()
+                ) -> dict[str, Any]:
+    """One d2c_jax column: load, compile, time `bench.iterations` engine steps of `timed`; then (if
+    `strategies`) continue it to the budget, run the `more` chains and `baselines` to the same
+    budget, and measure each one's global objective."""
+    from d2c_jax.search import evaluate_partition, initial_state
+    from d2c_jax.strategies.baselines import baseline_partition
+
+    tag = column
+    start = time.perf_counter()
+    scorer, adapters = _load_scorer(paths, bench, batch_size)
+    setup_s = time.perf_counter() - start
+    first_s, second_s = _warm_up(scorer, adapters.num_adapters, bench.seed)
+    _log(tag, f"setup {setup_s:.1f} s, first call {first_s:.1f} s, second call {second_s:.1f} s")
+    n, k = adapters.num_adapters, bench.num_clusters
+
+    run = _ChainRun(timed, initial_state(timed.settings(k, bench.seed), n))
+    _drive(scorer, run, bench, min_iterations=bench.iterations, budget=0, tag=tag)
+    out: dict[str, Any] = {
+        "column": column,
+        "settings": f"P={timed.population} M={timed.proposals} {timed.objective}",
+        "batch_size": scorer.batch_size,
+        **_timing(run, bench.iterations),
+        "compile_s": max(first_s - second_s, 0.0),
+        "first_call_s": first_s,
+        "setup_s": setup_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "device_memory": _device_memory(),
+        "cache_size": len(run.state.cache),
+        "rows": run.rows[: bench.iterations],
+    }
+    if reference_pairs:  # the reference's (mask, task) pairs, scored here (cache or scorer)
+        cache = run.state.cache
+        masks_cn = np.array([m for m, _, _ in reference_pairs], bool)
+        tasks_c = np.array([t for _, t, _ in reference_pairs], np.int32)
+        ours_c, stats = cache.resolve(scorer, list(zip(masks_cn, tasks_c)))
+        out["reference_pairs"] = {"ours": ours_c.tolist(), "unique": stats.unique,
+                                  "from_search_cache": stats.hits}
+
+    if strategies and bench.strategy_budget > 0:
+        _drive(scorer, run, bench, min_iterations=0, budget=bench.strategy_budget, tag=tag)
+        runs = [run]
+        for spec in more:
+            other = _ChainRun(spec, initial_state(spec.settings(k, bench.seed), n))
+            _drive(scorer, other, bench, min_iterations=0, budget=bench.strategy_budget, tag=tag)
+            runs.append(other)
+        rows = []
+        measure = _pooled_cache(runs, n)
+        a = {m: np.asarray(x) for m, x in adapters.a.items()}
+        b = {m: np.asarray(x) for m, x in adapters.b.items()}
+        for name in baselines:
+            partition_n = baseline_partition(name, n, k, bench.seed, a, b)
+            objective, _, stats = evaluate_partition(scorer, partition_n, k, cache=measure)
+            rows.append({"strategy": name, "search_evaluations": 0, "iterations": 0, "objective": objective,
+                         "measure_evaluations": stats.evaluations, "partition": partition_n.tolist()})
+            _log(tag, f"{name}: objective {objective:.4f}")
+        for r in runs:
+            rows.append(_final_objective(scorer, r, k, measure))
+            _log(tag, f"{r.spec.label}: objective {rows[-1]['objective']:.4f}")
+        out["strategies"] = rows
+    out["decisions"] = [bool(r["accepted"]) for r in run.rows]  # chain 0 (P = 1: the only one)
+    out["peak_rss_mb_end"] = peak_rss_mb()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Isolation, the whole benchmark, the tables
+# ---------------------------------------------------------------------------------------------
+
+RUNNERS = ("run_reference", "run_d2c_jax")
+
+
+def _call(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Runs a runner; a UserError travels back as data (its constructor does not unpickle)."""
+    if fn_name not in RUNNERS:
+        raise ValueError(f"unknown runner {fn_name!r}")
+    try:
+        return {"ok": globals()[fn_name](**kwargs)}
+    except UserError as e:
+        return {"user_error": [e.path, e.message]}
+
+
+def isolated(fn_name: str, isolate: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """`fn_name(**kwargs)` in a fresh spawned process (its own peak RSS, no torch/JAX thread pools
+    left over from another column), or in this process when `isolate` is False."""
+    if isolate:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            result = ex.submit(_call, fn_name, kwargs).result()
+    else:
+        result = _call(fn_name, kwargs)
+    if "user_error" in result:
+        raise UserError(*result["user_error"])
+    return result["ok"]
+
+
+def machine_info() -> dict[str, Any]:
+    import platform
+    from importlib import metadata
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("jax", "torch", "transformers", "peft"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(), "versions": versions}
+
+
+def run_benchmark(paths: FixturePaths, bench: BenchSettings, *, isolate: bool = True) -> dict[str, Any]:
+    """Reference column, d2c_jax paper column, d2c_jax P/M column, strategy table: one dict."""
+    info = machine_info()
+    info["loadavg_start"] = list(os.getloadavg())
+    ref = isolated("run_reference", isolate, paths=paths, bench=bench)
+    paper = isolated("run_d2c_jax", isolate, paths=paths, bench=bench, column="d2c_jax paper",
+                     timed=bench.paper, batch_size=min(bench.batch_size, 2), reference_pairs=ref["pairs"])
+    pop = isolated("run_d2c_jax", isolate, paths=paths, bench=bench,
+                   column=f"d2c_jax P={bench.population} M={bench.proposals}", timed=bench.population_local,
+                   batch_size=bench.batch_size, more=[bench.population_global],
+                   baselines=("random", "kmeans", "svd_kmeans"))
+    info["loadavg_end"] = list(os.getloadavg())
+
+    ref_losses = np.array([loss for _, _, loss in ref["pairs"]])
+    ours_losses = np.array(paper["reference_pairs"]["ours"])
+    ours_decisions = paper.get("decisions", [])
+    common = min(len(ref["decisions"]), len(ours_decisions))
+    parity = {
+        "pairs": len(ref_losses),
+        "max_abs_loss_diff": float(np.max(np.abs(ref_losses - ours_losses))) if len(ref_losses) else None,
+        "decisions_compared": common,
+        "decisions_agree": int(sum(a == b for a, b in zip(ref["decisions"][:common], ours_decisions[:common]))),
+    }
+    strategies = []
+    if "strategies" in pop:
+        strategies = pop["strategies"][:3] + paper.get("strategies", []) + pop["strategies"][3:]
+    s = paths.settings
+    return {
+        "fixture": {**dataclasses.asdict(s), "param_count": param_count(s),
+                    "adapter_param_count": adapter_param_count(s), "path": paths.root},
+        "bench": dataclasses.asdict(bench),
+        "machine": info,
+        "columns": [ref, paper, pop],
+        "parity": parity,
+        "strategies": strategies,
+    }
+
+
+def _fmt(x: Any, spec: str = ".3g", none: str = "-") -> str:
+    if x is None:
+        return none
+    if isinstance(x, str):
+        return x
+    return format(x, spec)
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def speed_table(result: dict[str, Any]) -> str:
+    """The side-by-side table: reference | d2c_jax paper | d2c_jax P/M."""
+    cols = result["columns"]
+    ref_eps = cols[0]["evals_per_s"]
+    ref_pps = cols[0]["proposals"] / cols[0]["seconds"] if cols[0]["seconds"] else None
+
+    def per_s(c: dict[str, Any], key: str) -> float | None:
+        return c[key] / c["seconds"] if c["seconds"] else None
+
+    def dev(c: dict[str, Any]) -> str:
+        m = c.get("device_memory")
+        if not m or "peak_bytes_in_use" not in m:
+            return "n/a (CPU)" if c["column"] != "reference" else "-"
+        return f"{m['peak_bytes_in_use'] / 2**20:.0f}"
+
+    rows = [
+        ("settings", [c["settings"] for c in cols]),
+        ("batch size (requests / call)", [str(c["batch_size"]) for c in cols]),
+        ("iterations timed", [str(c["iterations"]) for c in cols]),
+        ("proposals (moves) timed", [str(c["proposals"]) for c in cols]),
+        ("scorer evaluations", [str(c["evaluations"]) for c in cols]),
+        ("loss-cache hit rate", [_fmt(c["cache_hit_rate"], ".1%", "- (no cache)") for c in cols]),
+        ("seconds / iteration", [_fmt(c["seconds_per_iteration"], ".2f") for c in cols]),
+        ("evaluations / s", [_fmt(c["evals_per_s"], ".3f") for c in cols]),
+        ("speed-up, evaluations / s", [_fmt(c["evals_per_s"] / ref_eps if c["evals_per_s"] and ref_eps else None,
+                                            ".2f") + "x" for c in cols]),
+        ("proposals / s", [_fmt(per_s(c, "proposals"), ".3f") for c in cols]),
+        ("speed-up, proposals / s", [_fmt(per_s(c, "proposals") / ref_pps if ref_pps else None, ".2f") + "x"
+                                     for c in cols]),
+        ("projected 200 iterations", [_minutes(200 * c["seconds_per_iteration"]) for c in cols]),
+        ("first-call compile (s)", [_fmt(c["compile_s"], ".1f") for c in cols]),
+        ("setup: load model+adapters+data (s)", [_fmt(c["setup_s"], ".1f") for c in cols]),
+        ("peak RSS (MB)", [_fmt(c["peak_rss_mb"], ".0f") for c in cols]),
+        ("device peak memory (MB)", [dev(c) for c in cols]),
+    ]
+    head = ["", "reference (torch+PEFT)"] + [c["column"] for c in cols[1:]]
+    table = [head] + [[name] + vals for name, vals in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    b = cols[0]["per_eval_breakdown_s"]
+    p = result["parity"]
+    lines += [
+        "",
+        f"reference per evaluation: add_weighted_adapter(ties) {b['merge_s']:.2f} s + forward "
+        f"{b['forward_s']:.2f} s + delete_adapter {b['delete_s']:.2f} s; torch threads {cols[0]['torch_threads']}",
+        f"same (mask, task) pairs, reference vs d2c_jax paper: {p['pairs']} losses, max |diff| "
+        f"{_fmt(p['max_abs_loss_diff'], '.2e')}; accept/reject decisions agree "
+        f"{p['decisions_agree']}/{p['decisions_compared']}",
+        "projections: 200 x the measured seconds / iteration (the cache hit rate grows over a real run, so "
+        "d2c_jax's are upper bounds); d2c_jax's run_search also scores the initial and final partitions "
+        "(about 2 x 40 x P evaluations), not included",
+    ]
+    return "\n".join(lines)
+
+
+def strategy_table(result: dict[str, Any]) -> str:
+    rows = result["strategies"]
+    if not rows:
+        return "(strategy comparison skipped: --strategy_budget=0)"
+    n = result["fixture"]["num_adapters"]
+    rand = next((r["objective"] for r in rows if r["strategy"] == "random"), None)
+    head = ["strategy", "search evals", "iterations", "global objective", "mean task loss", "vs random"]
+    table = [head]
+    for r in rows:
+        table.append([r["strategy"], str(r["search_evaluations"]), str(r["iterations"]), f"{r['objective']:.4f}",
+                      f"{r['objective'] / n:.5f}",
+                      f"{r['objective'] - rand:+.4f}" if rand is not None else "-"])
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"global objective = summed loss of the {n} tasks, each under its cluster's TIES merge "
+                 f"(lower is better); every search strategy stopped at the first iteration reaching "
+                 f"{result['bench']['strategy_budget']} scorer evaluations")
+    return "\n".join(lines)
+
+
+def header(result: dict[str, Any]) -> str:
+    f, m = result["fixture"], result["machine"]
+    return "\n".join([
+        f"fixture: random Llama, {f['param_count']:,} parameters (hidden {f['hidden']}, {f['layers']} layers, "
+        f"{f['heads']} heads / {f['kv_heads']} kv, mlp {f['intermediate']}, vocab {f['vocab']}, tied embeddings); "
+        f"{f['num_adapters']} PEFT LoRA adapters r={f['rank']} alpha={f['alpha']} on q/k/v/o "
+        f"({f['adapter_param_count']:,} parameters each); {f['examples_per_task']} examples per task, "
+        f"<= {f['seq_len']} tokens; K={result['bench']['num_clusters']}, TIES density {result['bench']['density']}, "
+        f"{result['bench']['dtype']}",
+        f"machine: {m['cpus']} CPU(s), {m['cpu_model']}; load average {m['loadavg_start'][0]:.1f} at start, "
+        f"{m['loadavg_end'][0]:.1f} at end (shared machine: timings are noisy); "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+    ])
+
+
+def report(result: dict[str, Any]) -> str:
+    return "\n\n".join([header(result), speed_table(result), strategy_table(result)])

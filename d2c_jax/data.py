@@ -78,6 +78,8 @@ def data_tasks(data_dir: str | os.PathLike) -> tuple[str, ...]:
     _check_dir(data_dir)
     names = set()
     for f in os.listdir(data_dir):
+        if f.startswith("."):
+            continue
         if f.endswith(".eval.jsonl"):
             names.add(f[: -len(".eval.jsonl")])
         elif f.endswith(".jsonl"):
@@ -85,13 +87,21 @@ def data_tasks(data_dir: str | os.PathLike) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def check_tasks_match(data_dir: str | os.PathLike, task_names: Sequence[str]) -> None:
-    """Every task (adapter) has a search file and every data file belongs to a task."""
+def check_tasks_match(
+    data_dir: str | os.PathLike, task_names: Sequence[str], split: str = "search"
+) -> None:
+    """Every task (adapter) has examples for the split (for "eval": an eval or a search file)
+    and every data file belongs to a task."""
     present = set(data_tasks(data_dir))
-    missing = [t for t in task_names if not os.path.isfile(data_file(data_dir, t, "search"))]
+
+    def has(t: str) -> bool:
+        found = os.path.isfile(data_file(data_dir, t, "search"))
+        return found or (split == "eval" and os.path.isfile(data_file(data_dir, t, "eval")))
+
+    missing = [t for t in task_names if not has(t)]
     if missing:
         raise UserError(
-            data_dir, f"no search examples for adapter task(s) {', '.join(missing)} "
+            data_dir, f"no {split} examples for adapter task(s) {', '.join(missing)} "
             f"(expected {', '.join(t + '.jsonl' for t in missing)})"
         )
     extra = sorted(present - set(task_names))
@@ -238,13 +248,13 @@ def load_task_data(
         raise UserError(None, f"max_seq_len must be >= 2, got {max_seq_len}")
     if not task_names:
         raise UserError(data_dir, "no tasks to load")
-    check_tasks_match(data_dir, task_names)
+    check_tasks_match(data_dir, task_names, split)
 
     files, per_task, truncated = [], [], []
     fallback = []
     for task in task_names:
         path = data_file(data_dir, task, split)
-        if split == "eval" and not os.path.isfile(path):
+        if split == "eval" and not os.path.isfile(path):  # has a search file (checked above)
             fallback.append(task)
             path = data_file(data_dir, task, "search")
         files.append(path)

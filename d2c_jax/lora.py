@@ -42,7 +42,7 @@ _KEY_RE = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
     r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$"
 )
-_ANY_LORA_RE = re.compile(r"^base_model\.model\.(.+)\.lora_[AB]\.weight$")
+_ANY_LORA_RE = re.compile(r"^base_model\.model\.(.+)\.lora_(?:A|B|embedding_A|embedding_B)(?:\.weight)?$")
 
 
 def peft_key(layer: int, module: str, factor: str) -> str:
@@ -114,7 +114,7 @@ class AdapterSet:
 
 # ----------------------------------------------------------------------------- safetensors I/O
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": None}
+_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}  # safetensors is little-endian
 
 
 def _read_safetensors(path: str, *, header_only: bool = False) -> dict[str, Any]:
@@ -151,11 +151,11 @@ def _read_safetensors(path: str, *, header_only: bool = False) -> dict[str, Any]
             raise UserError(path, f"tensor {name} has unsupported dtype {dtype} (need F32, F16, BF16 or F64)")
         buf = data[start:end]
         count = int(np.prod(shape, dtype=np.int64))
-        itemsize = 2 if dtype == "BF16" else np.dtype(_ST_DTYPES[dtype]).itemsize
+        itemsize = np.dtype(_ST_DTYPES[dtype]).itemsize
         if end - start != count * itemsize or len(buf) != end - start:
             raise UserError(path, f"not a valid safetensors file (truncated data for {name})")
         if dtype == "BF16":
-            arr = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
         else:
             arr = np.frombuffer(buf, _ST_DTYPES[dtype]).astype(np.float32)
         out[name] = arr.reshape(shape)
@@ -328,7 +328,9 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
     rslora = bool(config.get("use_rslora", False))
     targeted = _targeted_set(config, L, cfg_path)
     present = {(layer, m) for layer, m, _ in parsed}
-    for layer, m in sorted(present - targeted):
+    stray = sorted(present - targeted)
+    if stray:
+        layer, m = stray[0]
         raise UserError(
             path,
             f"tensor {peft_key(layer, m, 'A')} is not targeted by {cfg_path} "
@@ -475,6 +477,14 @@ def effective_lora(adapter_set: AdapterSet, i: int) -> dict[str, dict[str, np.nd
     """Adapter i as the decoder's lora pytree: a = lora_A, b = scaling * lora_B (padded to R)."""
     s = np.float32(adapter_set.scaling[i])
     return {m: {"a": adapter_set.a[m][i], "b": adapter_set.b[m][i] * s} for m in adapter_set.a}
+
+
+def covered_layers(adapter_set: AdapterSet) -> list[int]:
+    """Layers where some adapter has a non-zero factor (the layers a merge can change)."""
+    hit = np.zeros(adapter_set.num_layers, bool)
+    for m in adapter_set.a:
+        hit |= np.any(adapter_set.a[m] != 0, axis=(0, 2, 3)) | np.any(adapter_set.b[m] != 0, axis=(0, 2, 3))
+    return [int(x) for x in np.flatnonzero(hit)]
 
 
 def lora_delta(lora: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:

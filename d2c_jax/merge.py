@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax.errors import UserError
+from d2c_jax import lora as lora_lib
 from d2c_jax.lora import AdapterSet
 
 METHODS = ("ties", "linear", "magnitude_prune", "dare_ties", "ties_delta")
@@ -142,9 +143,10 @@ def prepare_merge(
     for m in adapter_set.a:
         a_nlrd, b_nldr = adapter_set.a[m], adapter_set.b[m]
         b_scaled = np.stack([b_nldr[i] * np.float32(ws[i]) for i in range(n)])
-        single[m] = {"a": jnp.asarray(a_nlrd), "b": jnp.asarray(b_scaled)}
+        a_dev = jnp.asarray(a_nlrd)
+        single[m] = {"a": a_dev, "b": jnp.asarray(b_scaled)}
         if method == "linear":
-            task[m] = {"a": jnp.asarray(a_nlrd), "b": jnp.asarray(b_nldr)}
+            task[m] = {"a": a_dev, "b": jnp.asarray(b_nldr)}
         elif method in ("ties", "magnitude_prune"):
             ta = np.stack([_trim_factor(a_nlrd[i], adapter_set.ranks[i], 0, density) for i in range(n)])
             tb = np.stack([_trim_factor(b_nldr[i], adapter_set.ranks[i], 1, density) for i in range(n)])
@@ -230,3 +232,40 @@ def merge_mask(prepared: Prepared, mask_n: Any) -> dict[str, dict[str, jax.Array
 def merge_masks(prepared: Prepared, masks_cn: Any) -> dict[str, dict[str, jax.Array]]:
     """vmap of merge_mask over C masks: every leaf gets a leading C axis."""
     return jax.vmap(merge_mask, in_axes=(None, 0))(prepared, jnp.asarray(masks_cn))
+
+
+def merge_adapter_dirs(
+    adapter_dirs: Sequence[str],
+    output_dir: str,
+    *,
+    method: str = "ties",
+    density: float = 0.5,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    base_model: str | None = None,
+) -> str:
+    """Merges the given PEFT adapters into one PEFT adapter at output_dir (written atomically).
+
+    Without base_model the base dims are read off the adapters' tensors and the output lists the
+    adapted layers explicitly (layers_to_transform), so it also fits a deeper base model; with
+    base_model the adapters are checked against it. Returns output_dir.
+    """
+    from d2c_jax.models.config import load_config
+
+    adapter_dirs = [str(d) for d in adapter_dirs]
+    if not adapter_dirs:
+        raise UserError(None, "no adapters given")
+    dims = load_config(base_model) if base_model else lora_lib.infer_dims(adapter_dirs)
+    aset = lora_lib.load_adapter_dirs(adapter_dirs, dims)
+    prepared = prepare_merge(aset, method, density, seed=seed, weights=weights)
+    merged = jax.tree.map(np.asarray, jax.jit(merge_mask)(prepared, np.ones(aset.num_adapters, bool)))
+    layers = lora_lib.covered_layers(aset)
+    if base_model and layers == list(range(aset.num_layers)):
+        layers = None
+    if base_model:
+        base_path = base_model
+    else:
+        base_path = next((p for p in aset.base_model_paths if p), None)
+    return lora_lib.save_peft_adapter(
+        output_dir, merged, rank=aset.rank, alpha=aset.rank, base_model_path=base_path, layers_to_transform=layers
+    )

@@ -26,6 +26,7 @@ from d2c_jax import loss as loss_lib
 from d2c_jax import merge as merge_lib
 from d2c_jax import sharding as sharding_lib
 from d2c_jax.data import TaskData
+from d2c_jax.errors import UserError
 
 
 class Scorer:
@@ -41,10 +42,12 @@ class Scorer:
         batch_size: int = 8,
         mesh: jax.sharding.Mesh | None = None,
         example_chunk: int | None = None,
+        logits_budget_bytes: int = 2 << 30,
     ):
         """`prepared_merge` from merge.prepare_merge (None: only `loss_of_lora` is available).
         `batch_size` is rounded up to a multiple of the mesh's "cand" size. `example_chunk`
-        bounds how many examples go through the model at once (memory; see loss.py)."""
+        bounds how many examples go through the model at once (memory; see loss.py); None picks
+        the largest that keeps one device's float32 logits within `logits_budget_bytes`."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cfg = cfg
@@ -53,7 +56,12 @@ class Scorer:
         self.task_names = task_data.names
         cand = 1 if mesh is None else mesh.shape[sharding_lib.CAND]
         self.batch_size = -(-int(batch_size) // cand) * cand
-        self.example_chunk = example_chunk
+        n, seq = task_data.tokens_tns.shape[1:]
+        if example_chunk is None:
+            per_example = (self.batch_size // cand) * seq * cfg.vocab_size * 4
+            example_chunk = max(1, min(n, int(logits_budget_bytes) // per_example))
+            example_chunk = -(-n // -(-n // example_chunk))  # same chunk count, least padding
+        self.example_chunk = int(example_chunk)
         self.trace_counts: collections.Counter[str] = collections.Counter()
         # Work done: merge/score calls, masks merged and requests scored (padding excluded).
         self.stats: collections.Counter[str] = collections.Counter()
@@ -61,6 +69,10 @@ class Scorer:
 
         data = (task_data.tokens_tns, task_data.targets_tns, task_data.weights_tns,
                 task_data.attn_tns)
+        top = int(max(task_data.tokens_tns.max(), task_data.targets_tns.max()))
+        if top >= cfg.vocab_size:  # jnp.take would clamp silently
+            raise UserError(None, f"the tokenizer produced token id {top}, but the model's "
+                            f"vocabulary has {cfg.vocab_size} entries (wrong tokenizer?)")
         if mesh is None:
             self._params = params
             self._data = tuple(jnp.asarray(x) for x in data)
@@ -138,20 +150,26 @@ class Scorer:
         req_tasks = uniq[:, -1].astype(np.int32)
 
         b = self.batch_size
-        pending = []
+        out = np.empty(len(uniq), np.float32)
+        pending: list = []  # (request rows, device losses) of the blocks still in flight
         for m0 in range(0, len(umasks), b):
             block = _pad_rows(umasks[m0:m0 + b], b)
             lora_m = self._merge(self._prepared, self._put(block))
             self.stats.update(merge_calls=1, masks_merged=min(b, len(umasks) - m0))
             reqs = np.nonzero((mask_of_req >= m0) & (mask_of_req < m0 + b))[0]
+            block_pending = []
             for r0 in range(0, len(reqs), b):
                 rr = reqs[r0:r0 + b]
                 idx = _pad_rows((mask_of_req[rr] - m0).astype(np.int32), b)
                 tasks = _pad_rows(req_tasks[rr], b)
                 self.stats.update(score_calls=1, requests_scored=len(rr))
-                pending.append((rr, self._score(self._params, self._data, lora_m,
-                                                self._put(idx), self._put(tasks))))
-        out = np.empty(len(uniq), np.float32)
+                block_pending.append((rr, self._score(self._params, self._data, lora_m,
+                                                      self._put(idx), self._put(tasks))))
+            # Reading the previous block's losses keeps at most two merged blocks alive on device
+            # while the accelerator stays busy with this one.
+            for rr, losses_b in pending:
+                out[rr] = np.asarray(losses_b)[: len(rr)]
+            pending = block_pending
         for rr, losses_b in pending:
             out[rr] = np.asarray(losses_b)[: len(rr)]
         return out[inverse.reshape(-1)]

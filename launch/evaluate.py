@@ -198,7 +198,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         names = data.data_tasks(cfg.data_dir)
         if not names:
             raise UserError(cfg.data_dir, "no <task>.jsonl files")
-    data.check_tasks_match(cfg.data_dir, names)
+    data.check_tasks_match(cfg.data_dir, names, split="eval")
     tokenizer = hf_io.load_tokenizer(cfg.base_model)
     task_data = data.load_task_data(
         cfg.data_dir, names, tokenizer, split="eval", examples_per_task=cfg.examples_per_task,

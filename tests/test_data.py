@@ -138,6 +138,11 @@ def test_eval_split_prefers_eval_file_and_falls_back_per_task(tok, ddir):
     assert td.prompts == (("held out",), ("question: who wrote the book?",))
     td = data.load_task_data(ddir, ["alpha", "beta"], tok, split="search")
     assert td.prompts[0][0] == "the quick brown fox"
+    _write(ddir / "gamma.eval.jsonl", [{"prompt": "only held out", "response": "fine"}])
+    td = data.load_task_data(ddir, ["alpha", "beta", "gamma"], tok, split="eval")
+    assert td.prompts[2] == ("only held out",)
+    with pytest.raises(UserError, match=r"no search examples for adapter task\(s\) gamma"):
+        data.load_task_data(ddir, ["alpha", "beta", "gamma"], tok, split="search")
 
 
 def test_tasks_json_metrics_and_tags_are_validated(ddir):

@@ -22,6 +22,7 @@ from d2c_jax.models.config import load_config  # noqa: E402
 NAMES = ["t0", "t1", "t2", "t3"]
 MASKS = [[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 1], [0, 0, 1, 0]]
 RTOL = 1e-5
+pytestmark = pytest.mark.filterwarnings("ignore:The density 1.0 is greater:UserWarning")
 
 
 @pytest.fixture(scope="module")

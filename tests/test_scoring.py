@@ -144,6 +144,17 @@ def test_loss_of_lora_matches_single_member_masks_and_base(setup, scorers):
     assert scorer.loss_of_lora(None, 1) != pytest.approx(single[1], rel=1e-3)
 
 
+def test_example_chunk_is_picked_to_fit_the_logits_budget(setup):
+    s = setup
+    n, seq = s["task_data"].tokens_tns.shape[1:]
+    per_example = 2 * seq * s["cfg"].vocab_size * 4  # batch 2, float32 logits
+    make = lambda budget: Scorer(s["params"], s["cfg"], s["prepared"], s["task_data"],  # noqa: E731
+                                 batch_size=2, logits_budget_bytes=budget).example_chunk
+    assert n == 4
+    assert make(1) == 1 and make(2 * per_example) == 2 and make(3 * per_example) == 2
+    assert make(100 * per_example) == 4
+
+
 def test_bad_requests_are_rejected(scorers):
     scorer = scorers(8)
     with pytest.raises(ValueError, match="shape"):

@@ -97,17 +97,19 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
 
 
 def concept_embeddings(word_ids_lc: np.ndarray, vocab_size: int, dim: int, key: jax.Array, *,
-                       std: float = 0.02, concept_std: float = 0.05, language_std: float = 0.03) -> jax.Array:
+                       std: float = 0.02, concept_std: float = 0.05, language_std: float = 0.03,
+                       shared_std: float = 0.0) -> jax.Array:
     """[V, D] embeddings where the word of concept c in language l starts as
     concept_c + language_l + noise: a base model that already "knows" which words of different
     languages mean the same thing, so a skill learnt in one language can transfer to another
     (as in a real multilingual LLM). word_ids_lc: int[L, C] token id of each (language, concept)."""
-    k_noise, k_con, k_lang = jax.random.split(key, 3)
+    k_noise, k_con, k_lang, k_shared = jax.random.split(key, 4)
     n_lang, n_con = word_ids_lc.shape
     emb_vd = std * jax.random.normal(k_noise, (vocab_size, dim), jnp.float32)
     con_cd = concept_std * jax.random.normal(k_con, (n_con, dim), jnp.float32)
     lang_ld = language_std * jax.random.normal(k_lang, (n_lang, dim), jnp.float32)
-    words_lcd = con_cd[None, :, :] + lang_ld[:, None, :] + emb_vd[jnp.asarray(word_ids_lc)] * 0.5
+    shared_d = shared_std * jax.random.normal(k_shared, (dim,), jnp.float32)
+    words_lcd = con_cd[None, :, :] + lang_ld[:, None, :] + shared_d + emb_vd[jnp.asarray(word_ids_lc)] * 0.5
     return emb_vd.at[jnp.asarray(word_ids_lc).reshape(-1)].set(words_lcd.reshape(-1, dim))
 
 

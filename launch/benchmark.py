@@ -1,0 +1,114 @@
+"""Benchmarks d2c_jax against the paper's way of working (torch + PEFT, one merge at a time).
+
+  python launch/benchmark.py [--fixture_dir=runs/bench_fixture] [--output=bench.json] [--tiny]
+
+Builds (once, cached in --fixture_dir) a random ~25M-parameter Llama with --num_adapters PEFT LoRA
+adapters and random task examples, then prints one table side by side: the reference (D²C
+Algorithm 1 with PEFT add_weighted_adapter(ties) + forward per evaluation), d2c_jax with the
+paper's settings and d2c_jax with --population / --proposals; then the global objective every
+strategy reaches with --strategy_budget scorer evaluations. Each column runs in its own process
+(same machine, same run), so its peak RSS is its own. --tiny: a seconds-long configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from d2c_jax.errors import run_cli  # noqa: E402
+
+flags.DEFINE_string("fixture_dir", os.path.join("runs", "bench_fixture"),
+                    "Where the random model, adapters and examples are cached (one sub-directory per setting).")
+flags.DEFINE_string("output", None, "Also write every figure to this JSON file.")
+flags.DEFINE_bool("tiny", False, "A seconds-long configuration (smoke tests); flags given explicitly still apply.")
+flags.DEFINE_integer("num_adapters", 40, "N: adapters (= tasks).")
+flags.DEFINE_integer("rank", 32, "LoRA rank r.")
+flags.DEFINE_integer("alpha", 128, "LoRA alpha.")
+flags.DEFINE_integer("hidden", 512, "Model width; heads = hidden / 64, kv heads = heads / 2, mlp = 8/3 hidden.")
+flags.DEFINE_integer("layers", 8, "Decoder layers.")
+flags.DEFINE_integer("vocab", 8000, "Vocabulary size.")
+flags.DEFINE_integer("seq_len", 64, "Longest example in tokens (examples are 3/4 to all of it).")
+flags.DEFINE_integer("examples_per_task", 10, "n: examples per task.")
+flags.DEFINE_integer("num_clusters", 5, "K.")
+flags.DEFINE_integer("reference_iterations", 3, "Iterations of the torch + PEFT reference timed.")
+flags.DEFINE_integer("iterations", 4, "Engine iterations timed in each d2c_jax column.")
+flags.DEFINE_integer("population", 4, "P of the third column (and of the population strategies).")
+flags.DEFINE_integer("proposals", 4, "M of the third column.")
+flags.DEFINE_integer("batch_size", 8, "Requests per scorer call (the paper column uses min(this, 2)).")
+flags.DEFINE_integer("strategy_budget", 64, "Scorer evaluations given to every search strategy (0: skip).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "d2c_jax base weight dtype (reference: float32).")
+flags.DEFINE_integer("seed", 0, "Seed of the fixture and of the searches.")
+flags.DEFINE_bool("isolate", True, "Run each column in its own process (separate peak RSS).")
+
+FIXTURE_FLAGS = ("num_adapters", "rank", "alpha", "hidden", "layers", "vocab", "seq_len", "examples_per_task", "seed")
+BENCH_FLAGS = ("num_clusters", "reference_iterations", "iterations", "population", "proposals", "batch_size",
+               "strategy_budget", "dtype", "seed")
+TINY_BENCH = dict(num_clusters=2, reference_iterations=2, iterations=2, population=2, proposals=2, batch_size=4,
+                  strategy_budget=8)
+
+
+def settings_from_flags(f: flags.FlagValues):
+    from d2c_jax import bench_fixture as bf
+
+    def chosen(names, tiny_values):
+        out = {}
+        for name in names:
+            if f[name].present or not f.tiny:
+                out[name] = f[name].value
+            elif name in tiny_values:
+                out[name] = tiny_values[name]
+        return out
+
+    if f.tiny:
+        tiny = bf.tiny_settings(f.seed)
+        fixture_values = {name: getattr(tiny, name) for name in FIXTURE_FLAGS}
+        base = {k: v for k, v in vars(tiny).items() if k not in FIXTURE_FLAGS and k not in ("heads", "kv_heads", "intermediate")}
+        over = chosen(FIXTURE_FLAGS, fixture_values)
+        # heads / mlp follow an explicitly given --hidden; otherwise the tiny ones.
+        keep_shape = not f["hidden"].present
+        fixture = bf.FixtureSettings(**base, **over, **({"heads": tiny.heads, "kv_heads": tiny.kv_heads,
+                                                          "intermediate": tiny.intermediate} if keep_shape else {}))
+    else:
+        fixture = bf.FixtureSettings(**{name: f[name].value for name in FIXTURE_FLAGS})
+    bench = bf.BenchSettings(**chosen(BENCH_FLAGS, TINY_BENCH))
+    return fixture, bench
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+
+    def body() -> int:
+        from d2c_jax import bench_fixture as bf
+        from d2c_jax.errors import UserError
+
+        fixture, bench = settings_from_flags(flags.FLAGS)
+        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+        paths = bf.ensure_fixture(flags.FLAGS.fixture_dir, fixture, log=log)
+        result = bf.run_benchmark(paths, bench, isolate=flags.FLAGS.isolate)
+        print(bf.report(result), flush=True)
+        if flags.FLAGS.output:
+            out = os.path.abspath(flags.FLAGS.output)
+            tmp = f"{out}.tmp{os.getpid()}"
+            try:
+                with open(tmp, "w") as fh:
+                    json.dump(result, fh, indent=1)
+                os.replace(tmp, out)
+            except OSError as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise UserError(out, f"cannot write the JSON output: {e.strerror}") from None
+        return 0
+
+    sys.exit(run_cli(body))
+
+
+if __name__ == "__main__":
+    app.run(main)
