@@ -187,7 +187,9 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
         raise UserError(path, f"lora_alpha={alpha!r} must be a finite number")
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
-            raise UserError(path, f"{key}={cfg[key]!r} is not supported (per-module ranks/alphas); only a single r and lora_alpha")
+            raise UserError(
+                path, f"{key}={cfg[key]!r} is not supported (per-module ranks/alphas); only a single r and lora_alpha"
+            )
     unsupported = {
         "use_dora": "DoRA adapters",
         "fan_in_fan_out": "transposed (Conv1D) weights",
@@ -289,6 +291,12 @@ def _parse_keys(keys, path: str, num_layers: int | None) -> dict[tuple[int, str,
         m = _KEY_RE.match(key)
         if m is None:
             other = _ANY_LORA_RE.match(key)
+            if other is not None and other.group(1).split(".")[-1] in LORA_MODULES:
+                raise UserError(
+                    path,
+                    f"tensor {key} is not named like a PEFT adapter of a causal LM "
+                    "(expected base_model.model.model.layers.<i>.<self_attn|mlp>.<module>.lora_A.weight)",
+                )
             if other is not None:
                 raise UserError(
                     path,

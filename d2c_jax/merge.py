@@ -192,9 +192,35 @@ def _ties(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
     return num / jnp.maximum(count, 1.0)
 
 
+@jax.custom_batching.custom_vmap
+def _svd_one(x_oi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return tuple(jnp.linalg.svd(x_oi, full_matrices=False))
+
+
+@_svd_one.def_vmap
+def _svd_one_vmap(axis_size, in_batched, x):
+    """Batches of SVDs run one matrix at a time. jaxlib's CPU LAPACK kernels split a batch over the
+    intra-op thread pool and block a pool thread until the pieces finish; two such SVDs running at
+    once on a 2-thread pool deadlock (seen with jax 0.10.2). One matrix per call runs inline."""
+    del axis_size
+    if not in_batched[0]:
+        return _svd_one(x), (False, False, False)
+    return jax.lax.map(_svd_one, x), (True, True, True)
+
+
+def _svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Reduced SVD over the leading batch axes (sequential on CPU, see _svd_one_vmap)."""
+    if jax.default_backend() != "cpu":
+        return tuple(jnp.linalg.svd(x, full_matrices=False))
+    f = _svd_one
+    for _ in range(x.ndim - 2):
+        f = jax.vmap(f)
+    return f(x)
+
+
 def _svd_factors(delta_loi: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """Truncated SVD: b = U_R S_R [L, d_out, R], a = V_R^T [L, R, d_in] (zero-padded if R > min dim)."""
-    u, s, vh = jnp.linalg.svd(delta_loi, full_matrices=False)
+    u, s, vh = _svd(delta_loi)
     k = min(rank, s.shape[-1])
     b = u[..., :k] * s[..., None, :k]
     a = vh[..., :k, :]

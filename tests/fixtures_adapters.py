@@ -41,7 +41,9 @@ def make_peft_adapters(
     for i, name in enumerate(names):
         model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
         tm: Any = target_modules if isinstance(target_modules, str) else list(target_modules)
-        ltt: Any = layers_to_transform if layers_to_transform is None or isinstance(layers_to_transform, int) else list(layers_to_transform)
+        ltt: Any = layers_to_transform
+        if ltt is not None and not isinstance(ltt, int):
+            ltt = list(ltt)
         config = LoraConfig(
             r=ranks[i] if ranks is not None else r,
             lora_alpha=alphas[i] if alphas is not None else alpha,

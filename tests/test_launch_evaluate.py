@@ -1,8 +1,8 @@
-"""launch/evaluate.py: single / partition / zero-shot evaluation, output file, error contract."""
+"""launch/evaluate.py + d2c_jax/evaluation.py: single / partition / zero-shot evaluation, batched
+generation, output file, error contract."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,20 +16,12 @@ pytest.importorskip("peft")
 
 import jax  # noqa: E402
 
-from d2c_jax import data, loss, lora as lora_lib, merge  # noqa: E402
+from d2c_jax import data, evaluation, generate, loss, lora as lora_lib, merge  # noqa: E402
 from d2c_jax.errors import UserError  # noqa: E402
 from test_scoring import build_setup  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "launch", "evaluate.py")
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("launch_evaluate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +58,7 @@ PARTITION_MASKS = [[1, 0, 1, 1], [0, 1, 0, 0], [1, 0, 1, 1], [1, 0, 1, 1]]
 
 @pytest.fixture(scope="module")
 def script():
-    return _load_script()
+    return evaluation
 
 
 def _run(*args):
@@ -148,3 +140,28 @@ def test_bad_input_is_one_error_line_and_no_output(setup, tmp_path):
     assert len(errors) == 1 and "t3" in errors[0] and str(bad_data) in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists() and os.listdir(tmp_path) == ["data"]
+
+
+def test_batched_generation_equals_one_adapter_at_a_time(setup):
+    """Rows of all tasks decoded together, each with its cluster's merge, give the same text as
+    generate_texts run task by task with that one adapter."""
+    s = setup
+    td = data.load_task_data(s["data_dir"], s["adapters"].names, s["tok"], split="eval",
+                             max_seq_len=64)
+    ev = evaluation.Evaluator(s["params"], s["cfg"], s["tok"], td, ["exact_match"] * 4,
+                              prepared=s["prepared"], max_new_tokens=4, generation_batch_size=4)
+    partition_n = np.array([0, 1, 0, 0], np.int32)
+    got = ev.partition(partition_n, 2)
+    merged = [jax.tree.map(np.asarray, merge.merge_mask(s["prepared"], partition_n == k))
+              for k in range(2)]
+    for t in range(4):
+        want = generate.generate_texts(s["params"], s["cfg"], s["tok"], merged[partition_n[t]],
+                                       [list(p) for p in td.prompt_ids[t]], max_new_tokens=4)
+        assert list(got.predictions[t]) == want
+    single = ev.single()
+    for t in range(4):
+        want = generate.generate_texts(s["params"], s["cfg"], s["tok"],
+                                       lora_lib.effective_lora(s["adapters"], t),
+                                       [list(p) for p in td.prompt_ids[t]], max_new_tokens=4)
+        assert list(single.predictions[t]) == want
+    np.testing.assert_allclose(single.losses_t, s["expected"]["single"], rtol=1e-5)

@@ -163,6 +163,7 @@ def _edit_tensors(d, fn):
     save_file(t, p)
 
 
+W = lora_lib.WEIGHTS_NAME
 KEY_A = lora_lib.peft_key(0, "q_proj", "A")
 KEY_B = lora_lib.peft_key(0, "q_proj", "B")
 
@@ -210,12 +211,12 @@ CASES = {
         lora_lib.CONFIG_NAME,
         "unsupported target module 'lm_head'",
     ),
-    "nan": (lambda d: _edit_tensors(d, _nan), lora_lib.WEIGHTS_NAME, f"{KEY_A} contains NaN"),
-    "wrong_shape": (lambda d: _edit_tensors(d, _wrong_shape), lora_lib.WEIGHTS_NAME, f"{KEY_A} has shape (4, 32)"),
-    "layer_out_of_range": (lambda d: _edit_tensors(d, _rename_layer), lora_lib.WEIGHTS_NAME, "layer index 7 out of range"),
-    "lm_head_tensor": (lambda d: _edit_tensors(d, _add_lm_head), lora_lib.WEIGHTS_NAME, "unsupported target module 'lm_head'"),
-    "bias_tensor": (lambda d: _edit_tensors(d, _add_bias), lora_lib.WEIGHTS_NAME, "unexpected tensor"),
-    "missing_tensor": (lambda d: _edit_tensors(d, lambda t: t.pop(KEY_B)), lora_lib.WEIGHTS_NAME, f"missing tensor {KEY_B}"),
+    "nan": (lambda d: _edit_tensors(d, _nan), W, f"{KEY_A} contains NaN"),
+    "wrong_shape": (lambda d: _edit_tensors(d, _wrong_shape), W, f"{KEY_A} has shape (4, 32)"),
+    "layer_out_of_range": (lambda d: _edit_tensors(d, _rename_layer), W, "layer index 7 out of range"),
+    "lm_head_tensor": (lambda d: _edit_tensors(d, _add_lm_head), W, "unsupported target module 'lm_head'"),
+    "bias_tensor": (lambda d: _edit_tensors(d, _add_bias), W, "unexpected tensor"),
+    "missing_tensor": (lambda d: _edit_tensors(d, lambda t: t.pop(KEY_B)), W, f"missing tensor {KEY_B}"),
     "untargeted_tensor": (
         lambda d: _edit_config(d, target_modules=["k_proj", "v_proj", "o_proj"]),
         lora_lib.WEIGHTS_NAME,

@@ -1,0 +1,429 @@
+"""Held-out evaluation of single-task adapters, a partition's merges, or the bare base model.
+
+Shapes: T tasks (= N adapters; adapter i is the adapter of task i), K clusters, A distinct
+adapters of one evaluation (K for a partition, N for single-task), R generation rows (one per
+(task, example)), B rows per generation call, P prompt slots, V vocab.
+
+An `Evaluator` holds everything loaded once (weights, tokenizer, the eval split, each task's
+metric, the prepared merge) and scores any per-task choice of adapters:
+  - loss: `Scorer.losses` on the eval split (each distinct merge built once, fixed-shape batches);
+  - generation: greedy decoding with the KV cache of every (task, example) prompt at once, B rows
+    per call, each row decoded with its task's adapter (`greedy_generate(lora_per_row=True)`,
+    gathering each row's adapter from a table of the A distinct adapters on device), then each
+    task scored with its metric from tasks.json (rouge_l when tasks.json names none).
+All calls of one Evaluator share shapes (B, P, max_new_tokens; the adapter table is padded to a
+power of two), so a report that evaluates many partitions compiles the decoder once per table size.
+
+`evaluate(EvalConfig) -> dict` is what `launch/evaluate.py` runs; the output document is
+{"tasks": {task: {"loss", <metric>, "num_examples", "data_file", ["cluster"]}}, "summary": {...}}.
+Library code: no flags are read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+from d2c_jax.errors import UserError
+
+METRIC_KINDS = ("loss", "generation")
+DTYPES = ("bfloat16", "float32", "float16")
+DEFAULT_METRIC = "rouge_l"
+_PROMPT_MULTIPLE = 16  # prompt slots rounded up to this (fewer distinct shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The resolved flags of launch/evaluate.py."""
+
+    base_model: str
+    adapters_dir: str | None
+    data_dir: str
+    output: str
+    partition: str | None = None
+    metrics: tuple[str, ...] = ("loss",)
+    zero_shot: bool = False
+    dtype: str = "bfloat16"
+    max_seq_len: int = 1024
+    chat_template: bool = False
+    examples_per_task: int | None = None
+    merge: str = "ties"
+    density: float = 0.5
+    batch_size: int = 8
+    example_chunk: int | None = 8
+    max_new_tokens: int = 128
+    generation_batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("base_model", "data_dir", "output"):
+            if not getattr(self, name):
+                raise UserError(None, f"--{name} must be set")
+        if not self.adapters_dir and not self.zero_shot:
+            raise UserError(None, "--adapters_dir must be set (unless --zero_shot)")
+        if self.zero_shot and self.partition:
+            raise UserError(None, "--zero_shot and --partition exclude each other")
+        bad = [m for m in self.metrics if m not in METRIC_KINDS]
+        if bad or not self.metrics:
+            raise UserError(None, f"--metrics={','.join(self.metrics)}: each must be one of "
+                            f"{', '.join(METRIC_KINDS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(None, f"--dtype={self.dtype}: must be one of {', '.join(DTYPES)}")
+        if not 0.0 < self.density <= 1.0:
+            raise UserError(None, f"--density={self.density}: must be in (0, 1]")
+        if self.batch_size < 1:
+            raise UserError(None, f"--batch_size={self.batch_size}: must be >= 1")
+        if self.max_new_tokens < 1:
+            raise UserError(None, f"--max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.generation_batch_size < 1:
+            raise UserError(None, f"--generation_batch_size={self.generation_batch_size}: "
+                            "must be >= 1")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_partition(path: str, names: Sequence[str]) -> tuple[list[list[str]], dict[str, Any]]:
+    """Clusters (lists of task names covering every task exactly once) and the stored settings."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except FileNotFoundError:
+        raise UserError(path, "partition file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(path, f"cannot read the partition: {e}") from None
+    clusters = raw.get("clusters") if isinstance(raw, dict) else None
+    if not isinstance(clusters, list) or not all(
+        isinstance(c, list) and c and all(isinstance(t, str) for t in c) for c in clusters
+    ):
+        raise UserError(path, "expected {\"clusters\": [[task, ...], ...]} with non-empty clusters")
+    seen = [t for c in clusters for t in c]
+    unknown = sorted(set(seen) - set(names))
+    if unknown:
+        raise UserError(path, f"task(s) with no adapter: {', '.join(unknown)}")
+    dup = sorted({t for t in seen if seen.count(t) > 1})
+    if dup:
+        raise UserError(path, f"task(s) in more than one cluster: {', '.join(dup)}")
+    missing = sorted(set(names) - set(seen))
+    if missing:
+        raise UserError(path, f"adapter task(s) in no cluster: {', '.join(missing)}")
+    return clusters, raw
+
+
+def partition_from_clusters(clusters: Sequence[Sequence[str]], names: Sequence[str]) -> np.ndarray:
+    """int32[N]: the cluster index of each task (names order)."""
+    cluster_of = {name: k for k, c in enumerate(clusters) for name in c}
+    return np.array([cluster_of[n] for n in names], np.int32)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Writes into a temp file beside `path`, then renames it over `path`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+    except OSError as e:
+        raise UserError(path, f"cannot write the output: {e}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskScores:
+    """One evaluation: per-task eval loss and (with generation) metric score in [0, 100]."""
+
+    names: tuple[str, ...]
+    losses_t: np.ndarray  # float64 [T]
+    metrics: tuple[str, ...]  # [T] the metric of each task
+    scores_t: np.ndarray | None = None  # float64 [T], None without generation
+    predictions: tuple[tuple[str, ...], ...] | None = None  # [T][n] decoded responses
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses_t))
+
+    @property
+    def mean_score(self) -> float | None:
+        return None if self.scores_t is None else float(np.mean(self.scores_t))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class Evaluator:
+    """Scores per-task adapter choices on the eval split; inputs loaded once, reused by every call."""
+
+    def __init__(
+        self,
+        params: Any,
+        model_cfg: Any,
+        tokenizer: Any,
+        task_data: Any,
+        task_metrics: Sequence[str | None],
+        *,
+        prepared: Any = None,
+        batch_size: int = 8,
+        example_chunk: int | None = 8,
+        max_new_tokens: int = 128,
+        generation_batch_size: int = 64,
+    ):
+        """`task_data`: data.load_task_data(split="eval"); `task_metrics`: one per task (None →
+        rouge_l); `prepared`: merge.prepare_merge of the adapters (None: zero-shot only)."""
+        from d2c_jax.scoring import Scorer
+
+        self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
+        self.task_data = task_data
+        self.names = tuple(task_data.names)
+        self.metrics = tuple(m or DEFAULT_METRIC for m in task_metrics)
+        if len(self.metrics) != len(self.names):
+            raise ValueError("one metric per task expected")
+        self.prepared = prepared
+        self.max_new_tokens = int(max_new_tokens)
+        self.generation_batch_size = int(generation_batch_size)
+        self.scorer = Scorer(params, model_cfg, prepared, task_data, batch_size=batch_size,
+                             example_chunk=example_chunk)
+        self._merge_fn = None
+        self._gen_fns: dict[bool, Any] = {}
+        # The generation rows: every (task, example), in task order.
+        self._row_task = np.array([t for t in range(len(self.names))
+                                   for _ in range(int(task_data.num_examples[t]))], np.int32)
+        prompts = [list(p) for t in range(len(self.names)) for p in task_data.prompt_ids[t]]
+        eos = set(model_cfg.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = tuple(sorted(eos))
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
+        from d2c_jax.generate import pad_prompts
+
+        longest = max(len(p) for p in prompts)
+        self._tokens_rp, self._mask_rp = pad_prompts(
+            prompts, self.pad_id, side="left", multiple=-(-longest // _PROMPT_MULTIPLE) * _PROMPT_MULTIPLE)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.names)
+
+    # -- adapters per task --------------------------------------------------------------------
+
+    def _merged(self, masks_an: np.ndarray) -> Any:
+        """The merges of A masks, stacked: lora with leading axis A (jitted, vmapped)."""
+        import jax
+
+        from d2c_jax import merge as merge_lib
+
+        if self.prepared is None:
+            raise ValueError("this Evaluator was built without a prepared merge")
+        if self._merge_fn is None:
+            self._merge_fn = jax.jit(merge_lib.merge_masks)
+        return self._merge_fn(self.prepared, np.asarray(masks_an, bool))
+
+    def _table(self, partition_n: np.ndarray, num_clusters: int) -> tuple[Any, np.ndarray]:
+        """(lora table [A', ...] of the cluster merges padded to a power of two, cluster of each
+        task [T])."""
+        masks_kn = np.stack([partition_n == k for k in range(num_clusters)])
+        pad = _pow2(num_clusters) - num_clusters
+        masks_an = np.concatenate([masks_kn, np.repeat(masks_kn[:1], pad, axis=0)])
+        return self._merged(masks_an), np.asarray(partition_n, np.int32)
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def partition(self, partition_n: Sequence[int], num_clusters: int | None = None, *,
+                  generation: bool = True) -> TaskScores:
+        """Each task with the merge of its cluster (`partition_n`: int[N] in [0, K))."""
+        partition_n = np.asarray(partition_n, np.int32)
+        k = int(partition_n.max()) + 1 if num_clusters is None else int(num_clusters)
+        if partition_n.shape != (self.num_tasks,) or partition_n.min() < 0 or partition_n.max() >= k:
+            raise ValueError(f"partition of shape {partition_n.shape} does not fit {self.num_tasks} tasks, K={k}")
+        if any(not np.any(partition_n == c) for c in range(k)):
+            raise ValueError("every cluster needs at least one task")
+        masks_tn = partition_n[:, None] == partition_n[None, :]
+        losses = self.scorer.losses(masks_tn, np.arange(self.num_tasks, dtype=np.int32))
+        scores = preds = None
+        if generation:
+            table, idx_t = self._table(partition_n, k)
+            scores, preds = self._generation(table, idx_t)
+        return self._result(losses, scores, preds)
+
+    def single(self, *, generation: bool = True) -> TaskScores:
+        """Each task with its own adapter (a one-member merge is the adapter unchanged)."""
+        n = self.num_tasks
+        return self.partition(np.arange(n, dtype=np.int32), n, generation=generation)
+
+    def zero_shot(self, *, generation: bool = True) -> TaskScores:
+        """The base model without any adapter."""
+        losses = [self.scorer.loss_of_lora(None, t) for t in range(self.num_tasks)]
+        scores = preds = None
+        if generation:
+            scores, preds = self._generation(None, None)
+        return self._result(losses, scores, preds)
+
+    def _result(self, losses, scores, preds) -> TaskScores:
+        losses_t = np.asarray(losses, np.float64)
+        bad = np.flatnonzero(~np.isfinite(losses_t))
+        if len(bad):
+            t = int(bad[0])
+            raise UserError(self.task_data.files[t], f"loss of task {self.names[t]!r} is not finite")
+        return TaskScores(self.names, losses_t, self.metrics, scores, preds)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _gen_fn(self, per_row: bool):
+        """jit: (params, tokens [B, P], mask [B, P], table [A, ...], idx [B]) → ids [B, max_new]."""
+        if per_row not in self._gen_fns:
+            import jax
+
+            from d2c_jax.generate import greedy_generate
+
+            cfg, max_new, eos, pad = self.model_cfg, self.max_new_tokens, self.eos_ids, self.pad_id
+
+            @jax.jit
+            def fn(params, tokens_bp, mask_bp, table, idx_b):
+                lora_b = None
+                if per_row:
+                    lora_b = jax.tree.map(lambda x: x[idx_b], table)
+                return greedy_generate(params, cfg, tokens_bp, mask_bp, max_new, eos, lora_b,
+                                       pad_token_id=pad, lora_per_row=per_row)
+
+            self._gen_fns[per_row] = fn
+        return self._gen_fns[per_row]
+
+    def generate(self, table: Any, idx_t: np.ndarray | None) -> list[list[str]]:
+        """Greedy responses [T][n]: row (t, e) decoded with table[idx_t[t]] (table None: base)."""
+        from d2c_jax.generate import strip_generated
+
+        per_row = table is not None
+        fn = self._gen_fn(per_row)
+        rows = len(self._row_task)
+        b = min(self.generation_batch_size, _pow2(rows))
+        outs = []
+        for r0 in range(0, rows, b):
+            sl = np.arange(r0, r0 + b) % rows  # the last batch wraps around (dropped below)
+            idx_b = (idx_t[self._row_task[sl]] if per_row else self._row_task[sl]).astype(np.int32)
+            outs.append((min(b, rows - r0), fn(self.params, self._tokens_rp[sl], self._mask_rp[sl],
+                                               table, idx_b)))
+        ids = [row for real, out in outs for row in strip_generated(np.asarray(out)[:real], self.eos_ids)]
+        texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+        per_task: list[list[str]] = [[] for _ in self.names]
+        for t, text in zip(self._row_task, texts):
+            per_task[t].append(text)
+        return per_task
+
+    def _generation(self, table: Any, idx_t: np.ndarray | None) -> tuple[np.ndarray, tuple]:
+        from d2c_jax import metrics as metrics_lib
+
+        preds = self.generate(table, idx_t)
+        scores = [metrics_lib.score(m, p, list(refs))
+                  for m, p, refs in zip(self.metrics, preds, self.task_data.responses)]
+        return np.asarray(scores, np.float64), tuple(tuple(p) for p in preds)
+
+
+def longest_response_tokens(task_data: Any, tokenizer: Any) -> int:
+    """The longest reference response of the eval split in tokens, EOS included."""
+    from d2c_jax.data import response_token_ids
+
+    return max(len(response_token_ids(tokenizer, r)) for rs in task_data.responses for r in rs)
+
+
+# ----------------------------------------------------------------------------- launch/evaluate.py
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Runs the evaluation described by `cfg` and returns the output document (no files written)."""
+    from d2c_jax import data, hf_io, lora as lora_lib, merge as merge_lib
+    from d2c_jax.models.config import load_config
+
+    generation = "generation" in cfg.metrics
+    # Everything a user can get wrong is checked before the weights are loaded.
+    model_cfg = load_config(cfg.base_model)
+    adapters = None
+    if cfg.adapters_dir:
+        adapters = lora_lib.load_adapter_set(cfg.adapters_dir, model_cfg)
+        names = adapters.names
+    else:
+        names = data.data_tasks(cfg.data_dir)
+        if not names:
+            raise UserError(cfg.data_dir, "no <task>.jsonl files")
+    data.check_tasks_match(cfg.data_dir, names, split="eval")
+    tokenizer = hf_io.load_tokenizer(cfg.base_model)
+    task_data = data.load_task_data(
+        cfg.data_dir, names, tokenizer, split="eval", examples_per_task=cfg.examples_per_task,
+        max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template)
+    meta = data.load_task_meta(cfg.data_dir, names)
+
+    method, density, clusters = cfg.merge, cfg.density, None
+    if cfg.partition:
+        clusters, raw = read_partition(cfg.partition, names)
+        method = raw.get("merge", raw.get("method", method))
+        density = float(raw.get("density", density))
+    prepared = None
+    if clusters is not None:
+        try:
+            prepared = merge_lib.prepare_merge(adapters, method, density, seed=cfg.seed)
+        except UserError as e:  # a bad method/density: name where it came from
+            raise UserError(e.path or (cfg.partition if "merge" in raw or "method" in raw
+                                       or "density" in raw else None), e.message) from None
+    elif not cfg.zero_shot:
+        # Single-task: one-member merges are the adapters unchanged; linear trims nothing.
+        prepared = merge_lib.prepare_merge(adapters, "linear", 1.0)
+    params = hf_io.load_params(cfg.base_model, model_cfg, cfg.dtype)
+    ev = Evaluator(params, model_cfg, tokenizer, task_data, [meta[n].metric for n in names],
+                   prepared=prepared, batch_size=cfg.batch_size, example_chunk=cfg.example_chunk,
+                   max_new_tokens=cfg.max_new_tokens,
+                   generation_batch_size=cfg.generation_batch_size)
+    partition_n = None
+    if cfg.zero_shot:
+        mode, result = "zero_shot", ev.zero_shot(generation=generation)
+    elif clusters is None:
+        mode, result = "single", ev.single(generation=generation)
+    else:
+        mode = "partition"
+        partition_n = partition_from_clusters(clusters, names)
+        result = ev.partition(partition_n, len(clusters), generation=generation)
+    return result_document(result, task_data, mode, cfg, partition_n=partition_n,
+                           merge=method, density=density)
+
+
+def result_document(result: TaskScores, task_data: Any, mode: str, cfg: EvalConfig, *,
+                    partition_n: np.ndarray | None = None, merge: str | None = None,
+                    density: float | None = None) -> dict[str, Any]:
+    """The output JSON of launch/evaluate.py."""
+    from d2c_jax.data import METRICS
+
+    tasks: dict[str, dict[str, Any]] = {}
+    for t, name in enumerate(result.names):
+        entry: dict[str, Any] = {"loss": float(result.losses_t[t])}
+        if result.scores_t is not None:
+            entry[result.metrics[t]] = float(result.scores_t[t])
+        entry["num_examples"] = int(task_data.num_examples[t])
+        entry["data_file"] = os.path.basename(task_data.files[t])
+        if partition_n is not None:
+            entry["cluster"] = int(partition_n[t])
+        tasks[name] = entry
+    summary: dict[str, Any] = {"mean_loss": result.mean_loss, "num_tasks": len(result.names),
+                               "mode": mode}
+    for metric in sorted({k for e in tasks.values() for k in e} & set(METRICS)):
+        summary[f"mean_{metric}"] = float(np.mean([e[metric] for e in tasks.values() if metric in e]))
+    if result.scores_t is not None:
+        summary["mean_score"] = result.mean_score
+    if partition_n is not None:
+        summary.update(num_clusters=int(partition_n.max()) + 1, merge=merge, density=density)
+    summary.update(dtype=cfg.dtype, examples_per_task=cfg.examples_per_task,
+                   chat_template=cfg.chat_template, max_seq_len=cfg.max_seq_len)
+    return {"tasks": tasks, "summary": summary}
