@@ -11,8 +11,8 @@ metric, the prepared merge) and scores any per-task choice of adapters:
     per call, each row decoded with its task's adapter (`greedy_generate(lora_per_row=True)`,
     gathering each row's adapter from a table of the A distinct adapters on device), then each
     task scored with its metric from tasks.json (rouge_l when tasks.json names none).
-All calls of one Evaluator share shapes (B, P, max_new_tokens; the adapter table is padded to a
-power of two), so a report that evaluates many partitions compiles the decoder once per table size.
+All calls of one Evaluator share shapes (B, P, max_new_tokens, and the adapter table padded to N
+rounded up to MERGE_BLOCK), so a report that evaluates many partitions compiles the decoder once.
 
 `evaluate(EvalConfig) -> dict` is what `launch/evaluate.py` runs; the output document is
 {"tasks": {task: {"loss", <metric>, "num_examples", "data_file", ["cluster"]}}, "summary": {...}}.
@@ -35,6 +35,7 @@ METRIC_KINDS = ("loss", "generation")
 DTYPES = ("bfloat16", "float32", "float16")
 DEFAULT_METRIC = "rouge_l"
 _PROMPT_MULTIPLE = 16  # prompt slots rounded up to this (fewer distinct shapes)
+MERGE_BLOCK = 8  # masks merged per call when building a generation adapter table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +164,7 @@ class TaskScores:
 
 
 def _pow2(n: int) -> int:
+    """The smallest power of two >= n (>= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
@@ -200,6 +202,8 @@ class Evaluator:
                              example_chunk=example_chunk)
         self._merge_fn = None
         self._gen_fns: dict[bool, Any] = {}
+        n_adapters = None if prepared is None else int(prepared.num_adapters)
+        self.table_size = 0 if n_adapters is None else -(-n_adapters // MERGE_BLOCK) * MERGE_BLOCK
         # The generation rows: every (task, example), in task order.
         self._row_task = np.array([t for t in range(len(self.names))
                                    for _ in range(int(task_data.num_examples[t]))], np.int32)
@@ -222,9 +226,12 @@ class Evaluator:
 
     # -- adapters per task --------------------------------------------------------------------
 
-    def _merged(self, masks_an: np.ndarray) -> Any:
-        """The merges of A masks, stacked: lora with leading axis A (jitted, vmapped)."""
+    def _table(self, masks_an: np.ndarray) -> Any:
+        """The merges of A masks stacked into a table of fixed size (lora with leading axis
+        `table_size`; rows past A are zeros): merged MERGE_BLOCK masks per call of one jitted
+        function, so neither merging nor decoding recompiles when A changes."""
         import jax
+        import jax.numpy as jnp
 
         from d2c_jax import merge as merge_lib
 
@@ -232,15 +239,17 @@ class Evaluator:
             raise ValueError("this Evaluator was built without a prepared merge")
         if self._merge_fn is None:
             self._merge_fn = jax.jit(merge_lib.merge_masks)
-        return self._merge_fn(self.prepared, np.asarray(masks_an, bool))
-
-    def _table(self, partition_n: np.ndarray, num_clusters: int) -> tuple[Any, np.ndarray]:
-        """(lora table [A', ...] of the cluster merges padded to a power of two, cluster of each
-        task [T])."""
-        masks_kn = np.stack([partition_n == k for k in range(num_clusters)])
-        pad = _pow2(num_clusters) - num_clusters
-        masks_an = np.concatenate([masks_kn, np.repeat(masks_kn[:1], pad, axis=0)])
-        return self._merged(masks_an), np.asarray(partition_n, np.int32)
+        masks_an = np.asarray(masks_an, bool)
+        a = len(masks_an)
+        block = MERGE_BLOCK
+        parts = []
+        for m0 in range(0, a, block):
+            chunk = masks_an[m0:m0 + block]
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], block - len(chunk), axis=0)])
+            parts.append(self._merge_fn(self.prepared, chunk))
+        table = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:a], *parts)
+        return jax.tree.map(lambda x: jnp.pad(x, [(0, self.table_size - a)] + [(0, 0)] * (x.ndim - 1)),
+                            table)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -257,8 +266,8 @@ class Evaluator:
         losses = self.scorer.losses(masks_tn, np.arange(self.num_tasks, dtype=np.int32))
         scores = preds = None
         if generation:
-            table, idx_t = self._table(partition_n, k)
-            scores, preds = self._generation(table, idx_t)
+            table = self._table(np.stack([partition_n == c for c in range(k)]))
+            scores, preds = self._generation(table, partition_n)
         return self._result(losses, scores, preds)
 
     def single(self, *, generation: bool = True) -> TaskScores:

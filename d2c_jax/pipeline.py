@@ -11,6 +11,14 @@ Order of work (cheap checks first, so that a bad input fails in seconds, not aft
      objective.png, assignment.png, metrics.jsonl, then partition.json last (its presence marks
      a finished run). config.json (the resolved flags) is written at start-up.
 
+Multi-process (one process per host, `sharding.initialize_distributed` after the cheap checks):
+every process loads the inputs and runs the same search on the global mesh; the losses come back
+replicated, so every process takes the same decisions (checked at the end). --workdir must be on
+storage that every host sees (NFS, a mounted bucket). Checkpoints are saved and restored by all
+processes together (Orbax: process 0 writes). Every other file is written by process 0 alone;
+`_on_main` makes the other processes wait for it and fail with it. SIGTERM on any process stops
+all of them at the same iteration (`sharding.any_process`).
+
 Shapes: N adapters (= tasks), K clusters, P chains.
 """
 
@@ -115,21 +123,40 @@ def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> None:
             if name.startswith(".") and ".tmp-" in name:
                 _remove(os.path.join(workdir, name))
     _barrier("d2c_workdir")
+    from d2c_jax.sharding import any_process
+
+    if any_process(not os.path.isdir(workdir)):
+        raise UserError(workdir, "--workdir, created by process 0, is not visible on every host; it must be "
+                        "on storage that all hosts share (NFS, a mounted bucket)")
 
 
 def _barrier(name: str) -> None:
-    import jax
+    from d2c_jax.sharding import barrier
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    barrier(name)
 
 
 def _is_main() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def _on_main(fn, what: str, is_main: bool) -> None:
+    """Runs `fn` (a file write) on process 0 only; every process then learns whether it failed,
+    so a failure ends all of them with an error instead of leaving the others waiting."""
+    from d2c_jax.sharding import any_process
+
+    error = None
+    if is_main:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others know
+            error = e
+    if any_process(error is not None):
+        if error is not None:
+            raise error
+        raise UserError(None, f"process 0 failed to write {what}; see its output")
 
 
 # ----------------------------------------------------------------------------- partition
@@ -220,22 +247,26 @@ def run(cfg: RunConfig) -> int:
     from d2c_jax.models.config import load_config
     from d2c_jax.search import check_num_clusters
 
+    from d2c_jax.sharding import initialize_distributed
+
     start = time.perf_counter()
-    is_main = _is_main()
     workdir = os.path.abspath(cfg.workdir)
     settings = cfg.search
 
-    # 1.-2. Cheap checks, before anything is written.
+    # 1.-2. Cheap checks, before anything is written (every process makes them on its own).
     check_workdir(workdir, cfg.overwrite)
     names = lora.adapter_subdirs(cfg.adapters_dir)
     check_num_clusters(settings.num_clusters, len(names))
     data.check_tasks_match(cfg.data_dir, names)
     model_cfg = load_config(cfg.base_model)
+    # Before anything touches a device: a multi-process job (when asked or auto-detected).
+    initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    is_main = _is_main()
     prepare_workdir(workdir, cfg.overwrite, is_main)
     ckpt = _open_checkpointer(cfg, workdir, names, is_main) if cfg.strategy in SEARCH_STRATEGIES else None
     try:
-        if is_main:  # after the checkpoint check: config.json always describes the checkpoints
-            write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json())
+        # After the checkpoint check: config.json always describes the checkpoints.
+        _on_main(lambda: write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json()), CONFIG, is_main)
         return _run(cfg, workdir, names, model_cfg, ckpt, start, is_main)
     finally:
         if ckpt is not None:
@@ -247,6 +278,7 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
     from d2c_jax.checkpoint import PreemptionFlag
     from d2c_jax.scoring import Scorer
     from d2c_jax.search import evaluate_partition, run_search
+    from d2c_jax.sharding import any_process, check_same_on_all_processes, from_main
     from d2c_jax.strategies.baselines import baseline_partition
 
     settings = cfg.search
@@ -268,11 +300,13 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
     k = settings.num_clusters
     if cfg.strategy in SEARCH_STRATEGIES:
         def on_checkpoint(state) -> None:
-            if is_main:
-                write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(state.metrics))
+            rows = state.metrics
+            _on_main(lambda: write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(rows)), METRICS, is_main)
 
         with PreemptionFlag() as flag:
-            result = run_search(scorer, settings, checkpointer=ckpt, should_stop=flag,
+            # SIGTERM may reach the hosts at different iterations: they stop together at the first
+            # iteration end after any of them saw it (a tiny collective per iteration).
+            result = run_search(scorer, settings, checkpointer=ckpt, should_stop=lambda: any_process(flag()),
                                 on_checkpoint=on_checkpoint, progress=cfg.progress and is_main)
         if result.preempted:
             if is_main:
@@ -285,7 +319,8 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
         t0 = time.perf_counter()
         a = {m: np.asarray(x) for m, x in adapters.a.items()}
         b = {m: np.asarray(x) for m, x in adapters.b.items()}
-        partition_n = baseline_partition(cfg.strategy, len(names), k, cfg.seed, a, b)
+        # Process 0's partition for all: library k-means need not be bit-identical across hosts.
+        partition_n = from_main(np.asarray(baseline_partition(cfg.strategy, len(names), k, cfg.seed, a, b), np.int32))
         objective, task_losses_n, stats = evaluate_partition(scorer, partition_n, k)
         seconds = time.perf_counter() - t0
         metrics = [{"iteration": 0, "accepted": 0, "moves": [], "tracked": True, "best_objective": objective,
@@ -297,6 +332,7 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
 
     # 5. Outputs (process 0).
     partition_n = canonical(partition_n, k)
+    check_same_on_all_processes((partition_n, np.float64(objective)), "the final partition")
     clusters = clusters_of(partition_n, names, k)
     doc = {
         "strategy": cfg.strategy,
@@ -324,11 +360,11 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
         "data_dir": cfg.data_dir,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    _on_main(lambda: write_outputs(workdir, doc, partition_n, names, tags, metrics, prepared, cfg.base_model),
+             "the outputs", is_main)
     if is_main:
-        write_outputs(workdir, doc, partition_n, names, tags, metrics, prepared, cfg.base_model)
         print(final_table(doc))
         print(f"outputs in {workdir}")
-    _barrier("d2c_outputs")
     return 0
 
 

@@ -19,7 +19,8 @@ OBJECTIVES = ("local", "global")
 DTYPES = ("bfloat16", "float32")
 
 # Settings that change the result of a run: a checkpoint made with other values is refused.
-# (batch_size, checkpoint_every, keep_checkpoints, track_every and overwrite do not change it.)
+# (batch_size, checkpoint_every, keep_checkpoints, track_every, overwrite, progress and the
+# multi-process settings do not change it.)
 RESULT_SETTINGS = (
     "strategy", "objective", "num_clusters", "iterations", "population", "proposals",
     "exchange_every", "merge", "density", "examples_per_task", "max_seq_len", "chat_template",
@@ -80,6 +81,10 @@ class RunConfig:
     keep_checkpoints: int = 2
     overwrite: bool = False
     progress: bool = True
+    # Multi-process (one process per host; unset: auto-detected, or a single process).
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
         for name in ("base_model", "adapters_dir", "data_dir", "workdir"):
@@ -93,6 +98,16 @@ class RunConfig:
         _check(self.model_shards >= 1, "model_shards", self.model_shards, "must be >= 1")
         _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        if self.coordinator_address is not None:
+            host, _, port = self.coordinator_address.rpartition(":")
+            _check(bool(host) and port.isdigit(), "coordinator_address", self.coordinator_address,
+                   "must be host:port")
+        if self.num_processes is not None:
+            _check(self.num_processes >= 1, "num_processes", self.num_processes, "must be >= 1")
+        if self.process_id is not None:
+            limit = "" if self.num_processes is None else f" and < --num_processes={self.num_processes}"
+            _check(0 <= self.process_id < (self.num_processes or self.process_id + 1), "process_id",
+                   self.process_id, f"must be >= 0{limit}")
         self.search  # validates the engine's part too
 
     @property

@@ -10,7 +10,9 @@ n examples per task, S sequence.
      gathers each request's merged adapter and task arrays on device,
 padding the last blocks with dummy entries whose results are dropped. Every call has the same
 shapes, so nothing recompiles after the first call (`trace_counts` proves it in tests). With a
-mesh the request/mask batch is split over the "cand" axis and the base weights over "model".
+mesh the request/mask batch is split over the "cand" axis and the base weights over "model";
+the mesh may span several processes (every process calls `losses` with the same requests, and
+the losses come back fully replicated, identical on every process).
 """
 
 from __future__ import annotations
@@ -83,9 +85,10 @@ class Scorer:
         else:
             rep = sharding_lib.replicated(mesh)
             self._params = sharding_lib.shard_params(params, mesh)
-            self._data = tuple(jax.device_put(np.asarray(x), rep) for x in data)
+            # put_global: host copies -> global arrays, valid when the mesh spans several hosts.
+            self._data = tuple(sharding_lib.put_global(np.asarray(x), rep) for x in data)
             self._prepared = (None if prepared_merge is None
-                              else jax.device_put(prepared_merge, rep))
+                              else sharding_lib.put_global(prepared_merge, rep))
             # Outputs replicated: every host can read the losses (multi-host safe).
             self._merge = jax.jit(self._merge_impl)
             self._score = jax.jit(self._score_impl, out_shardings=rep)
@@ -180,13 +183,13 @@ class Scorer:
         if not 0 <= t < self.num_tasks:
             raise ValueError(f"task index {t} out of range [0, {self.num_tasks})")
         if lora is not None and self.mesh is not None:
-            lora = jax.device_put(lora, sharding_lib.replicated(self.mesh))
+            lora = sharding_lib.put_global(lora, sharding_lib.replicated(self.mesh))
         return float(self._single(self._params, self._data, lora, np.int32(t)))
 
     def _put(self, x: np.ndarray) -> Any:
         if self.mesh is None:
             return x
-        return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
+        return sharding_lib.put_global(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

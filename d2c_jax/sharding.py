@@ -7,6 +7,12 @@ group merges and scores its own slice of candidates) and "model" (tensor paralle
 weights, for models that do not fit one device). Base params are placed by a declarative table of
 regex -> PartitionSpec on their "/"-joined path; the compiler (GSPMD, Auto axes) inserts the
 collectives. An axis that does not divide a dimension is dropped (that dimension is replicated).
+
+Multi-process (one process per host, JAX's distributed runtime): the mesh spans every process's
+devices; every process loads the same host data and `put_global` builds the global arrays from
+it; outputs the hosts read back are fully replicated, so every process takes identical decisions.
+`barrier`, `any_process`, `from_main` and `check_same_on_all_processes` are the few collectives
+the pipeline needs around that (all no-ops with one process).
 """
 
 from __future__ import annotations
@@ -89,8 +95,8 @@ def param_shardings(params: Any, mesh: Mesh,
 
 
 def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
-    """Places the base params on the mesh by the rules."""
-    return jax.device_put(params, param_shardings(params, mesh, rules))
+    """Places the base params on the mesh by the rules (from every process's host copy)."""
+    return put_global(params, param_shardings(params, mesh, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -102,33 +108,158 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(CAND, *([None] * (ndim - 1))))
 
 
+# ----------------------------------------------------------------------------- multi-process
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Host-local values (identical on every process) -> global arrays laid out by `shardings`
+    (one sharding, or a pytree of them matching `tree`).
+
+    One process: `jax.device_put`. Several: `jax.device_put` cannot address other hosts' devices,
+    so each process builds only its own devices' shards from its full host copy
+    (`jax.make_array_from_callback`); together they form one global array.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x: Any, s: jax.sharding.Sharding) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all arrive (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any (e.g. a SIGTERM seen by one host), so that
+    all take the same decision. A collective: every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
+def from_main(tree: Any) -> Any:
+    """Process 0's value of a pytree of host arrays (32-bit or narrower dtypes), on every process
+    (a collective)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def check_same_on_all_processes(tree: Any, what: str) -> None:
+    """Raises on every process if the processes hold different values of `tree` (compared bit for
+    bit through a sha256 of its leaves): they must have taken identical decisions."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{leaf.dtype}{leaf.shape}".encode() + leaf.tobytes())
+    digests_p32 = np.asarray(multihost_utils.process_allgather(np.frombuffer(h.digest(), np.uint8)))
+    if not (digests_p32 == digests_p32[:1]).all():
+        raise RuntimeError(f"the processes disagree on {what} (process {jax.process_index()} of "
+                           f"{jax.process_count()}); a multi-process run must be deterministic")
+
+
 _INITIALIZED: list[bool] = []
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no")
 
 
-def initialize_distributed(
-    enabled: bool | None = None,
+def _tpu_chips_present() -> bool:
+    """Whether this host has TPU chips (checked on the PCI bus, before any backend starts)."""
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - private helper; without it, no auto-detection
+        return False
+
+
+def distributed_requested(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> bool:
-    """Starts jax.distributed for a multi-host job, only when asked to.
+    """Whether to start jax.distributed: any argument given, D2C_DISTRIBUTED=1,
+    JAX_COORDINATOR_ADDRESS set, or a Cloud TPU VM (whose slice JAX auto-detects);
+    D2C_DISTRIBUTED=0 turns the auto-detection off."""
+    if coordinator_address or num_processes is not None or process_id is not None:
+        return True
+    env = os.environ.get("D2C_DISTRIBUTED", "").strip().lower()
+    if env in _TRUE:
+        return True
+    if env in _FALSE:
+        return False
+    return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or _tpu_chips_present()
 
-    Asked when `enabled` is True, a coordinator address is given, or the environment sets
-    D2C_DISTRIBUTED=1 or JAX_COORDINATOR_ADDRESS. Without explicit addresses JAX auto-detects the
-    cluster (TPU pods, SLURM, ...). Single-host runs need nothing. Returns whether it initialised.
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(None, f"environment variable {name}={value!r} must be an integer") from None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    enabled: bool | None = None,
+) -> bool:
+    """Starts JAX's distributed runtime for a multi-process job; call before anything touches
+    a device. Returns whether it is running.
+
+    `enabled=None` decides by `distributed_requested`. Unset arguments come from the environment
+    (JAX_COORDINATOR_ADDRESS, and JAX_NUM_PROCESSES / JAX_PROCESS_ID, read here) or are
+    auto-detected by `jax.distributed.initialize` (TPU pod slices, SLURM, Open MPI). Nothing
+    given or detected: a plain single-process run.
     """
     if _INITIALIZED:
         return True
     if enabled is None:
-        enabled = bool(coordinator_address) or os.environ.get("D2C_DISTRIBUTED") == "1" or bool(
-            os.environ.get("JAX_COORDINATOR_ADDRESS")
-        )
+        enabled = distributed_requested(coordinator_address, num_processes, process_id)
     if not enabled:
         return False
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes,
-        process_id=process_id,
-    )
+    if num_processes is None:
+        num_processes = _env_int("JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("JAX_PROCESS_ID")
+    if num_processes is not None and num_processes < 1:
+        raise UserError(None, f"--num_processes={num_processes} must be >= 1")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise UserError(None, f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address or None, num_processes=num_processes,
+            process_id=process_id,
+        )
+    except (ValueError, RuntimeError, TypeError) as e:
+        text = " ".join(str(e).split())[:300]
+        raise UserError(None, f"cannot start the JAX distributed runtime ({type(e).__name__}: {text}); "
+                        "give --coordinator_address, --num_processes and --process_id on every host, "
+                        "or set D2C_DISTRIBUTED=0 for a single-process run") from None
     _INITIALIZED.append(True)
     logging.info("jax.distributed: process %d of %d, %d global devices",
                  jax.process_index(), jax.process_count(), jax.device_count())

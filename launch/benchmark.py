@@ -12,6 +12,7 @@ strategy reaches with --strategy_budget scorer evaluations. Each column runs in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -54,30 +55,21 @@ TINY_BENCH = dict(num_clusters=2, reference_iterations=2, iterations=2, populati
 
 
 def settings_from_flags(f: flags.FlagValues):
+    """(FixtureSettings, BenchSettings); with --tiny the tiny values replace the defaults, and flags
+    given explicitly still win (an explicit --hidden re-derives heads and mlp width)."""
     from d2c_jax import bench_fixture as bf
 
-    def chosen(names, tiny_values):
-        out = {}
-        for name in names:
-            if f[name].present or not f.tiny:
-                out[name] = f[name].value
-            elif name in tiny_values:
-                out[name] = tiny_values[name]
-        return out
-
     if f.tiny:
-        tiny = bf.tiny_settings(f.seed)
-        fixture_values = {name: getattr(tiny, name) for name in FIXTURE_FLAGS}
-        base = {k: v for k, v in vars(tiny).items() if k not in FIXTURE_FLAGS and k not in ("heads", "kv_heads", "intermediate")}
-        over = chosen(FIXTURE_FLAGS, fixture_values)
-        # heads / mlp follow an explicitly given --hidden; otherwise the tiny ones.
-        keep_shape = not f["hidden"].present
-        fixture = bf.FixtureSettings(**base, **over, **({"heads": tiny.heads, "kv_heads": tiny.kv_heads,
-                                                          "intermediate": tiny.intermediate} if keep_shape else {}))
+        over = {name: f[name].value for name in FIXTURE_FLAGS if f[name].present}
+        if "hidden" in over:
+            over.update(heads=0, kv_heads=0, intermediate=0)
+        fixture = dataclasses.replace(bf.tiny_settings(f.seed), **over)
     else:
         fixture = bf.FixtureSettings(**{name: f[name].value for name in FIXTURE_FLAGS})
-    bench = bf.BenchSettings(**chosen(BENCH_FLAGS, TINY_BENCH))
-    return fixture, bench
+    values = {name: f[name].value for name in BENCH_FLAGS}
+    if f.tiny:
+        values.update({k: v for k, v in TINY_BENCH.items() if not f[k].present})
+    return fixture, bf.BenchSettings(**values)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -90,6 +82,7 @@ def main(argv: Sequence[str]) -> None:
         from d2c_jax.errors import UserError
 
         fixture, bench = settings_from_flags(flags.FLAGS)
+        bf.check_settings(fixture, bench)
         log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
         paths = bf.ensure_fixture(flags.FLAGS.fixture_dir, fixture, log=log)
         result = bf.run_benchmark(paths, bench, isolate=flags.FLAGS.isolate)

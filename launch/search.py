@@ -5,6 +5,26 @@
 Writes into --workdir: partition.json, merged/cluster_<k>/ (PEFT adapters), metrics.jsonl,
 objective.png, assignment.png, config.json and checkpoints/. Re-running the same command resumes
 from the latest checkpoint; SIGTERM saves one at the end of the current iteration and exits 0.
+
+Multi-host (JAX's distributed runtime, one process per host): run the same command on every host.
+The processes build one mesh over all hosts' devices, take identical decisions, save checkpoints
+together (Orbax) and only process 0 writes the other files. --workdir must be on storage every
+host sees (NFS/Filestore, or a bucket mounted with gcsfuse) and the inputs at the same paths.
+
+  # Cloud TPU VM pod slice: hosts, process ids and the coordinator are auto-detected.
+  gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd d2c && \
+      python launch/search.py --flagfile=configs/llama.flags --workdir=/mnt/shared/run1"
+
+  # Elsewhere (GPU or CPU hosts): name the coordinator (process 0's host:port) on every host.
+  python launch/search.py --flagfile=... --workdir=/shared/run1 \
+      --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=0   # host 0
+  python launch/search.py --flagfile=... --workdir=/shared/run1 \
+      --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=1   # host 1
+
+Without these flags the run is a single process, unless a cluster is detected: a Cloud TPU VM,
+JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID, or SLURM / Open MPI variables),
+or D2C_DISTRIBUTED=1; D2C_DISTRIBUTED=0 forces a single process. Preempting one host (SIGTERM)
+stops all at the same iteration with a checkpoint; re-run the same command on every host to resume.
 """
 
 from __future__ import annotations
@@ -50,6 +70,12 @@ flags.DEFINE_integer("checkpoint_every", 10, "Save a checkpoint every k iteratio
 flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.")
 flags.DEFINE_bool("overwrite", False, "Replace a finished run, or a checkpoint of other inputs, in --workdir.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0, the same on every host (default: auto-detected "
+                    "on TPU VMs, SLURM, Open MPI or from JAX_COORDINATOR_ADDRESS; none: one process).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes, one per host (default: auto-detected).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this host's process index in [0, --num_processes) "
+                     "(default: auto-detected); process 0 writes the outputs.")
 flags.mark_flags_as_required(["base_model", "adapters_dir", "data_dir", "workdir"])
 
 
@@ -62,6 +88,7 @@ def config_from_flags(f: flags.FlagValues) -> RunConfig:
         max_seq_len=f.max_seq_len, chat_template=f.chat_template, dtype=f.dtype, seed=f.seed,
         batch_size=f.batch_size, model_shards=f.model_shards, checkpoint_every=f.checkpoint_every,
         keep_checkpoints=f.keep_checkpoints, overwrite=f.overwrite, progress=f.progress,
+        coordinator_address=f.coordinator_address, num_processes=f.num_processes, process_id=f.process_id,
     )
 
 
@@ -72,11 +99,8 @@ def main(argv: Sequence[str]) -> None:
 
     def body() -> int:
         from d2c_jax import pipeline
-        from d2c_jax.sharding import initialize_distributed
 
-        cfg = config_from_flags(flags.FLAGS)
-        initialize_distributed()
-        return pipeline.run(cfg)
+        return pipeline.run(config_from_flags(flags.FLAGS))  # starts jax.distributed if asked
 
     sys.exit(run_cli(body))
 

@@ -56,13 +56,13 @@ class SuiteSettings:
     pretrain_steps: int = 400
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    task_mix: float = 0.1
+    task_mix: float = 0.5
     # Adapters (paper: r 32, alpha 128 on q/k/v/o).
     rank: int = 32
     alpha: int = 128
     adapter_steps: int = 300
     adapter_batch: int = 16
-    adapter_lr: float = 1e-3
+    adapter_lr: float = 4e-4
 
     @property
     def seq_len(self) -> int:
@@ -262,6 +262,7 @@ def _install(tmp: str, target: str, settings: SuiteSettings) -> None:
 def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) -> None:
     import jax
 
+    from d2c_jax import lora as lora_lib
     from d2c_jax.suite import train
 
     t_start = time.time()
@@ -283,7 +284,7 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
         _write_jsonl(os.path.join(paths.data_dir, f"{name}.eval.jsonl"), splits[name]["eval"])
         meta[name] = {"metric": tasks.FAMILY_METRICS[fam],
                       "tags": {"family": fam, "language": tasks.language_name(lang)}}
-    checkpoint._write_json(os.path.join(paths.data_dir, "tasks.json"), meta)
+    checkpoint.write_json(os.path.join(paths.data_dir, "tasks.json"), meta)
 
     # The base model.
     config_dict = checkpoint.llama_config_dict(
@@ -316,9 +317,9 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
     os.makedirs(paths.adapters_dir)
     lora_np = jax.tree_util.tree_map(np.asarray, lora)
     for i, name in enumerate(names):
-        checkpoint.save_adapter(os.path.join(paths.adapters_dir, name),
-                                {m: {"a": v["a"][i], "b": v["b"][i]} for m, v in lora_np.items()},
-                                rank=s.rank, alpha=s.alpha, base_model=final.base_model)
+        lora_lib.save_peft_adapter(os.path.join(paths.adapters_dir, name),
+                                   {m: {"a": v["a"][i], "b": v["b"][i]} for m, v in lora_np.items()},
+                                   rank=s.rank, alpha=s.alpha, base_model_path=final.base_model)
 
     # How good is it: zero-shot vs own adapter vs the others, on the held-out split.
     t0 = time.time()

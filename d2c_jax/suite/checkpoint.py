@@ -1,9 +1,9 @@
-"""Writes the suite's base model and adapters in the Hugging Face / PEFT on-disk formats.
+"""Writes the suite's base model in the Hugging Face on-disk format (adapters: lora.save_peft_adapter).
 
-The base model: `config.json` (LlamaForCausalLM), `model.safetensors` with HF tensor names (our
-kernels [in, out] transposed to HF's [out, in]; the name table is hf_io's, so reading back is the
-exact inverse), `generation_config.json`, tokenizer files. Adapters: PEFT LoRA directories.
-Shape legend: L layers, V vocab, D model dim, F mlp dim, R rank, T tasks.
+`config.json` (LlamaForCausalLM), `model.safetensors` with HF tensor names (our kernels [in, out]
+transposed to HF's [out, in]; the name table is hf_io's, so reading back is the exact inverse),
+`generation_config.json`; the tokenizer files come from suite.tokenizer.
+Shape legend: L layers, V vocab, D model dim, F mlp dim.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def model_config(config_dict: dict[str, Any]) -> ModelConfig:
     return config_from_dict(config_dict, "config.json")
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -85,54 +85,11 @@ def save_base_model(out_dir: str, params: dict, config_dict: dict[str, Any]) -> 
         else:
             tensors[e.hf] = np.ascontiguousarray(arr.T if e.transpose else arr)
     save_file(tensors, os.path.join(out_dir, hf_io.SINGLE_FILE), metadata={"format": "pt"})
-    _write_json(os.path.join(out_dir, "config.json"), config_dict)
-    _write_json(os.path.join(out_dir, "generation_config.json"), {
+    write_json(os.path.join(out_dir, "config.json"), config_dict)
+    write_json(os.path.join(out_dir, "generation_config.json"), {
         "bos_token_id": config_dict["bos_token_id"],
         "eos_token_id": config_dict["eos_token_id"],
         "pad_token_id": config_dict["pad_token_id"],
         "do_sample": False,
     })
 
-
-def peft_adapter_config(*, rank: int, alpha: int, modules: tuple[str, ...], base_model: str,
-                        dropout: float = 0.05) -> dict[str, Any]:
-    """adapter_config.json of a plain PEFT LoRA (the fields PEFT itself writes that matter)."""
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": sorted(modules),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-
-
-def save_adapter(out_dir: str, lora_raw: dict, *, rank: int, alpha: int, base_model: str) -> None:
-    """One PEFT adapter from raw factors {module: {"a": [L, R, d_in], "b": [L, d_out, R]}}:
-    keys base_model.model.model.layers.{l}.self_attn.{module}.lora_{A,B}.weight."""
-    from safetensors.numpy import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
-    for m, ab in lora_raw.items():
-        sub = "self_attn" if m in ATTENTION_MODULES else "mlp"
-        a_lrd, b_ldr = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
-        for l in range(a_lrd.shape[0]):
-            prefix = f"base_model.model.model.layers.{l}.{sub}.{m}"
-            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_lrd[l])
-            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_ldr[l])
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    _write_json(os.path.join(out_dir, "adapter_config.json"),
-                peft_adapter_config(rank=rank, alpha=alpha, modules=tuple(lora_raw), base_model=base_model))

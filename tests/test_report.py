@@ -1,0 +1,122 @@
+"""d2c_jax/report.py: a tiny report run has every Table 1 row, the cluster-count and ARI sections."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from sklearn.metrics import adjusted_rand_score  # noqa: E402
+
+from d2c_jax import lora as lora_lib, report  # noqa: E402
+from d2c_jax.errors import UserError  # noqa: E402
+from d2c_jax.models.config import load_config  # noqa: E402
+from fixtures_models import make_tiny_model  # noqa: E402
+
+FAMILIES = ("copy", "swap")
+LANGUAGES = ("xx", "yy", "zz")
+WORDS = ["one", "two", "three", "four", "five", "six", "the", "fox", "dog", "world"]
+
+
+def make_tiny_suite(root: str) -> str:
+    """A suite-shaped directory (base/, adapters/, data/ with tags) of 2 families × 3 languages,
+    random adapters: what the report needs, built in about a second."""
+    base = make_tiny_model(os.path.join(root, "base"), "llama", seed=5)
+    cfg = load_config(base)
+    rng = np.random.default_rng(0)
+    data_dir = os.path.join(root, "data")
+    os.makedirs(data_dir)
+    meta = {}
+    for fi, fam in enumerate(FAMILIES):
+        for li, lang in enumerate(LANGUAGES):
+            task = f"{fam}_{lang}"
+            lora = {}
+            for m, (d_in, d_out) in (("q_proj", (64, 64)), ("v_proj", (64, 32))):
+                lora[m] = {"a": rng.normal(0, 0.3, (cfg.num_layers, 4, d_in)).astype(np.float32),
+                           "b": rng.normal(0, 0.3, (cfg.num_layers, d_out, 4)).astype(np.float32)}
+            lora_lib.save_peft_adapter(os.path.join(root, "adapters", task), lora, rank=4, alpha=8,
+                                       base_model_path=base)
+            for split, count in (("", 3), (".eval", 2)):
+                with open(os.path.join(data_dir, f"{task}{split}.jsonl"), "w") as f:
+                    for e in range(count):
+                        words = [WORDS[(fi + li + e + j) % len(WORDS)] for j in range(3)]
+                        out = words if fam == "copy" else words[1::-1] + words[2:]
+                        f.write(json.dumps({"prompt": f"{fam} {lang} : {' '.join(words)} =",
+                                            "response": " ".join(out)}) + "\n")
+            meta[task] = {"metric": "exact_match" if fam == "copy" else "rouge_l",
+                          "tags": {"family": fam, "language": lang}}
+    with open(os.path.join(data_dir, "tasks.json"), "w") as f:
+        json.dump(meta, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    root = make_tiny_suite(str(tmp_path_factory.mktemp("suite")))
+    out_dir = str(tmp_path_factory.mktemp("report"))
+    cfg = report.ReportConfig(
+        suite=root, output_dir=out_dir, seeds=1, num_clusters=2, iterations=3,
+        cluster_counts=(1, 2), count_strategies=("d2c", "random"), count_seeds=1, population=2,
+        proposals=2, compare_merges=(), max_new_tokens=3, batch_size=8, generation_batch_size=16,
+        command="python launch/report.py --suite=TINY",
+    )
+    res = report.run_report(cfg)
+    written = report.write_report(res, out_dir)
+    with open(written["markdown"], encoding="utf-8") as f:
+        md = f.read()
+    return res, written, md
+
+
+def _section(md: str, title: str) -> str:
+    start = md.index(title)
+    end = md.find("\n## ", start + 1)
+    return md[start:end if end >= 0 else None]
+
+
+def test_table1_has_every_row_with_storage(tiny_report):
+    res, written, md = tiny_report
+    assert "python launch/report.py --suite=TINY" in md  # the command that made it
+    table = _section(md, "## Table 1").split("\n\n")[1]  # the first table of the section
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    labels = [r["label"] for r in report.table1_rows(res)]
+    assert len(labels) == 8 and all(label in rows for label in labels)
+    assert rows["Zero-shot (base model)"][1] == "0.0"
+    assert rows["Single-task adapters (upper bound)"][:2] == ["6", "100.0"]
+    assert rows["All-in-one merge"][:2] == ["1", "16.7"]
+    for key in ("Random clusters", "K-means (A, B)", "D²C paper (P=1, M=1, local)"):
+        assert rows[key][:2] == ["2", "33.3"]
+        assert float(rows[key][2]) >= 0.0 and float(rows[key][3]) > 0.0  # score, eval loss
+    for role in ("table", "clusters", "assignment"):
+        with open(written[role], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cluster_counts_and_ari_sections(tiny_report):
+    res, written, md = tiny_report
+    counts = _section(md, "## Score vs number of clusters")
+    assert "| 1 | 16.7 |" in counts and "| 2 | 33.3 |" in counts
+    ari_md = _section(md, "## Do the clusters group tasks by family or by language?")
+    assert "ARI vs family" in ari_md and "ARI vs language" in ari_md
+    family = np.array([FAMILIES.index(n.split("_")[0]) for n in res.names])
+    for run in res.select("d2c", 2):  # one seed: the cell is the value itself
+        want = adjusted_rand_score(family, np.array(run.partition))
+        assert f"| D²C paper (P=1, M=1, local) | {want:.3f} |" in ari_md
+    # The oracle "by family" partition is the family labelling itself.
+    by_family = res.select("by_family")
+    assert len(by_family) == 1 and report.ari(family, by_family[0].partition) == pytest.approx(1.0)
+    with open(written["json"], encoding="utf-8") as f:
+        raw = json.load(f)
+    assert {r["key"] for r in raw["runs"]} >= {"zero_shot", "single", "all_in_one", "random",
+                                               "kmeans", "svd_kmeans", "d2c", "d2c_ours"}
+
+
+def test_bad_suite_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a suite directory"):
+        report.resolve_suite(str(tmp_path), str(tmp_path))
+    with pytest.raises(UserError, match="neither a suite directory nor a preset"):
+        report.resolve_suite(str(tmp_path / "nope"), str(tmp_path))
