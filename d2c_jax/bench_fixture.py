@@ -13,19 +13,21 @@ Three parts, used by `launch/benchmark.py`:
    paper's 5 task types x 8 languages): each factor is a family component plus an adapter's own,
    so weight-space clustering has something to find. It is deterministic in its settings and
    cached in `fixture_dir/<tag>/` (built in a temp dir, then renamed: never half-written).
-2. The runners: `run_reference` (D²C Algorithm 1, one evaluation at a time, each a PEFT
+2. The sessions: `ReferenceSession` (D²C Algorithm 1, one evaluation at a time, each a PEFT
    `add_weighted_adapter(..., "ties", density)` + `set_adapter` + forward loss + `delete_adapter`)
-   and `run_d2c_jax` (our engine `search.run_search` over the batched `scoring.Scorer`), both on
-   the same proposals (the engine's random streams), plus `compare_strategies` (global objective
-   of every strategy at an equal budget of scorer evaluations).
-3. `isolated(fn, ...)`: runs a runner in a fresh process, so each column's peak RSS is its own.
+   and `D2cJaxSession` (our engine's `search.search_step` over the batched `scoring.Scorer`), both
+   on the same proposals (the engine's random streams), so their losses and decisions can be
+   compared; a D2cJaxSession also measures the global objective every strategy reaches at an
+   equal budget of scorer evaluations.
+3. `run_benchmark`: each session in its own spawned process (its own peak RSS), loaded one after
+   the other, their timed iterations interleaved round by round so that every column sees the
+   same background load of a shared machine; then the tables (`report`).
 
 torch and peft are needed only here (the `test` extra); they are imported lazily.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -315,7 +317,7 @@ class BenchSettings:
     """What the benchmark runs (the fixture is separate: FixtureSettings)."""
 
     num_clusters: int = 5
-    reference_iterations: int = 3
+    reference_iterations: int = 4
     iterations: int = 4  # timed engine iterations of each d2c_jax column
     population: int = 4
     proposals: int = 4
@@ -389,91 +391,106 @@ def reference_batch(tokenizer: Any, examples: Sequence[tuple[str, str]]) -> dict
     }
 
 
-def run_reference(paths: FixturePaths, bench: BenchSettings) -> dict[str, Any]:
+class ReferenceSession:
     """The paper's way: Algorithm 1, one PEFT merge + forward at a time, on the engine's proposals
-    (chain 0 of seed `bench.seed`), so its decisions can be compared with d2c_jax's."""
-    _require_torch()
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    (chain 0 of seed `bench.seed`), so its decisions can be compared with d2c_jax's. Constructing
+    it loads everything (timed as setup); `step()` runs one iteration; `finish()` the column."""
 
-    from d2c_jax.strategies import d2c
+    def __init__(self, paths: FixturePaths, bench: BenchSettings):
+        _require_torch()
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    start = time.perf_counter()
-    names = paths.names
-    base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, os.path.join(paths.adapters_dir, names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(os.path.join(paths.adapters_dir, name), adapter_name=name)
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(paths.base_model, local_files_only=True)
-    n = paths.settings.examples_per_task
-    batches = [reference_batch(tok, _read_examples(paths.data_dir, t, n)) for t in names]
-    setup_s = time.perf_counter() - start
-    rss_setup = peak_rss_mb()
+        from d2c_jax.strategies import d2c
 
-    def loss(mask_n: np.ndarray, task: int, timing: dict[str, float]) -> float:
-        members = [names[i] for i in np.flatnonzero(mask_n)]
+        torch.set_num_threads(os.cpu_count() or 1)
+        start = time.perf_counter()
+        self.bench, self.names, self._torch, self._d2c = bench, paths.names, torch, d2c
+        base = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, os.path.join(paths.adapters_dir, self.names[0]),
+                                          adapter_name=self.names[0])
+        for name in self.names[1:]:
+            model.load_adapter(os.path.join(paths.adapters_dir, name), adapter_name=name)
+        self.model = model.eval()
+        tok = AutoTokenizer.from_pretrained(paths.base_model, local_files_only=True)
+        n = paths.settings.examples_per_task
+        self.batches = [reference_batch(tok, _read_examples(paths.data_dir, t, n)) for t in self.names]
+        self.setup_s = time.perf_counter() - start
+        self.partition_n = d2c.initial_partitions(len(self.names), bench.num_clusters, 1, bench.seed)[0]
+        self.iteration = 0
+        self.timing = {"merge_s": 0.0, "forward_s": 0.0, "delete_s": 0.0}
+        self.pairs: list[tuple[list[bool], int, float]] = []
+        self.decisions: list[bool] = []
+        self.step_s: list[float] = []
+
+    def _loss(self, mask_n: np.ndarray, task: int) -> float:
+        members = [self.names[i] for i in np.flatnonzero(mask_n)]
         t0 = time.perf_counter()
-        model.add_weighted_adapter(members, [1.0] * len(members), MERGED, combination_type="ties",
-                                   density=bench.density)
-        model.set_adapter(MERGED)
-        model.eval()  # the merged adapter's new lora_dropout modules start in training mode
+        self.model.add_weighted_adapter(members, [1.0] * len(members), MERGED, combination_type="ties",
+                                        density=self.bench.density)
+        self.model.set_adapter(MERGED)
+        self.model.eval()  # the merged adapter's new lora_dropout modules start in training mode
         t1 = time.perf_counter()
-        with torch.no_grad():
-            value = float(model(**batches[task]).loss)
+        with self._torch.no_grad():
+            value = float(self.model(**self.batches[task]).loss)
         t2 = time.perf_counter()
-        model.delete_adapter(MERGED)
+        self.model.delete_adapter(MERGED)
         t3 = time.perf_counter()
-        timing["merge_s"] += t1 - t0
-        timing["forward_s"] += t2 - t1
-        timing["delete_s"] += t3 - t2
+        self.timing["merge_s"] += t1 - t0
+        self.timing["forward_s"] += t2 - t1
+        self.timing["delete_s"] += t3 - t2
         return value
 
-    k = bench.num_clusters
-    partition_n = d2c.initial_partitions(len(names), k, 1, bench.seed)[0]
-    timing = {"merge_s": 0.0, "forward_s": 0.0, "delete_s": 0.0}
-    pairs, decisions, step_s = [], [], []
-    for it in range(1, bench.reference_iterations + 1):
+    def step(self) -> dict[str, Any]:
+        d2c, k = self._d2c, self.bench.num_clusters
         t0 = time.perf_counter()
-        move = d2c.sample_move(d2c.stream(bench.seed, d2c.STREAM_PROPOSE, it, 0), partition_n, k)
-        if move is None:
-            break
-        (before,), (after,) = d2c.move_requests(partition_n, move, "local")
-        l_before = loss(*before, timing)
-        l_after = loss(*after, timing)
+        it = self.iteration + 1
+        move = d2c.sample_move(d2c.stream(self.bench.seed, d2c.STREAM_PROPOSE, it, 0), self.partition_n, k)
+        (before,), (after,) = d2c.move_requests(self.partition_n, move, "local")
+        l_before = self._loss(*before)
+        l_after = self._loss(*after)
         accept = l_after < l_before
         if accept:
-            partition_n = d2c.apply_move(partition_n, move)
-        step_s.append(time.perf_counter() - t0)
-        pairs += [(before[0].tolist(), int(before[1]), l_before), (after[0].tolist(), int(after[1]), l_after)]
-        decisions.append(bool(accept))
-        _log("reference", f"iteration {it}/{bench.reference_iterations}: {step_s[-1]:.2f} s")
-    evaluations = 2 * len(step_s)
-    seconds = sum(step_s)
+            self.partition_n = d2c.apply_move(self.partition_n, move)
+        self.iteration = it
+        self.step_s.append(time.perf_counter() - t0)
+        self.pairs += [(before[0].tolist(), int(before[1]), l_before), (after[0].tolist(), int(after[1]), l_after)]
+        self.decisions.append(bool(accept))
+        return {"iteration": it, "evaluations": 2, "seconds": self.step_s[-1]}
+
+    def finish(self) -> dict[str, Any]:
+        evaluations = 2 * len(self.step_s)
+        return {
+            "column": "reference",
+            "settings": "P=1 M=1 local",
+            "batch_size": 1,
+            **_step_stats(self.step_s, [2] * len(self.step_s), [1] * len(self.step_s)),
+            "cache_hit_rate": None,
+            "compile_s": None,
+            "setup_s": self.setup_s,
+            "per_eval_breakdown_s": {key: v / max(evaluations, 1) for key, v in self.timing.items()},
+            "peak_rss_mb": peak_rss_mb(),
+            "device_memory": None,
+            "torch_threads": self._torch.get_num_threads(),
+            "pairs": self.pairs,
+            "decisions": self.decisions,
+        }
+
+
+def _step_stats(step_s: Sequence[float], evaluations: Sequence[int], proposals: Sequence[int]) -> dict[str, Any]:
+    """Timing figures of a column from its per-iteration seconds and counts."""
+    seconds = float(sum(step_s))
     return {
-        "column": "reference",
-        "settings": "P=1 M=1 local",
-        "batch_size": 1,
         "iterations": len(step_s),
-        "proposals": len(step_s),
-        "evaluations": evaluations,
-        "requests": evaluations,
+        "proposals": int(sum(proposals)),
+        "evaluations": int(sum(evaluations)),
         "seconds": seconds,
+        "step_s": [float(x) for x in step_s],
         "seconds_per_iteration": seconds / max(len(step_s), 1),
-        "evals_per_s": evaluations / seconds if seconds > 0 else None,
-        "cache_hit_rate": None,
-        "compile_s": None,
-        "setup_s": setup_s,
-        "per_eval_breakdown_s": {key: v / max(evaluations, 1) for key, v in timing.items()},
-        "peak_rss_mb": peak_rss_mb(),
-        "rss_after_setup_mb": rss_setup,
-        "device_memory": None,
-        "torch_threads": torch.get_num_threads(),
-        "pairs": pairs,
-        "decisions": decisions,
-        "step_s": step_s,
+        "median_seconds_per_iteration": float(np.median(step_s)) if len(step_s) else None,
+        "best_seconds_per_iteration": float(min(step_s)) if len(step_s) else None,
+        "evals_per_s": sum(evaluations) / seconds if seconds > 0 else None,
     }
 
 
@@ -554,23 +571,6 @@ def _drive(scorer: Any, run: _ChainRun, bench: BenchSettings, *, min_iterations:
                   f"{row['seconds']:.2f} s (total {run.evaluations} evaluations)")
 
 
-def _timing(run: _ChainRun, iterations: int) -> dict[str, Any]:
-    rows = run.rows[:iterations]
-    seconds = sum(r["seconds"] for r in rows)
-    evaluations = sum(r["evaluations"] for r in rows)
-    unique = sum(r["unique_requests"] for r in rows)
-    return {
-        "iterations": len(rows),
-        "proposals": sum(r["proposals"] for r in rows),
-        "evaluations": evaluations,
-        "requests": sum(r["requests"] for r in rows),
-        "seconds": seconds,
-        "seconds_per_iteration": seconds / max(len(rows), 1),
-        "evals_per_s": evaluations / seconds if seconds > 0 else None,
-        "cache_hit_rate": sum(r["cache_hits"] for r in rows) / unique if unique else None,
-    }
-
-
 def _pooled_cache(runs: Sequence[_ChainRun], num_adapters: int) -> Any:
     """One loss cache holding every run's entries: the scorer is a pure function of (mask, task),
     so measuring final partitions through it only saves repeated evaluations."""
@@ -601,102 +601,160 @@ def _final_objective(scorer: Any, run: _ChainRun, num_clusters: int, cache: Any)
     }
 
 
-def run_d2c_jax(paths: FixturePaths, bench: BenchSettings, *, column: str, timed: ChainSpec,
-                batch_size: int, more: Sequence[ChainSpec] = (), baselines: Sequence[str] = (),
-                strategies: bool = True, reference_pairs: Sequence[tuple[list[bool], int, float]] = ()
-                ) -> dict[str, Any]:
-    """One d2c_jax column: load, compile, time `bench.iterations` engine steps of `timed`; then (if
-    `strategies`) continue it to the budget, run the `more` chains and `baselines` to the same
-    budget, and measure each one's global objective."""
-    from d2c_jax.search import evaluate_partition, initial_state
-    from d2c_jax.strategies.baselines import baseline_partition
+class D2cJaxSession:
+    """One d2c_jax column. Constructing it loads and compiles (timed apart); `step()` runs one
+    engine iteration of the `timed` chain; `finish()` (if `strategies`) continues that chain to
+    the budget, runs the `more` chains and the `baselines` to the same budget, measures each one's
+    global objective, and returns the column."""
 
-    tag = column
-    start = time.perf_counter()
-    scorer, adapters = _load_scorer(paths, bench, batch_size)
-    setup_s = time.perf_counter() - start
-    first_s, second_s = _warm_up(scorer, adapters.num_adapters, bench.seed)
-    _log(tag, f"setup {setup_s:.1f} s, first call {first_s:.1f} s, second call {second_s:.1f} s")
-    n, k = adapters.num_adapters, bench.num_clusters
+    def __init__(self, paths: FixturePaths, bench: BenchSettings, *, column: str, timed: ChainSpec,
+                 batch_size: int, more: Sequence[ChainSpec] = (), baselines: Sequence[str] = ()):
+        from d2c_jax.search import initial_state
 
-    run = _ChainRun(timed, initial_state(timed.settings(k, bench.seed), n))
-    _drive(scorer, run, bench, min_iterations=bench.iterations, budget=0, tag=tag)
-    out: dict[str, Any] = {
-        "column": column,
-        "settings": f"P={timed.population} M={timed.proposals} {timed.objective}",
-        "batch_size": scorer.batch_size,
-        **_timing(run, bench.iterations),
-        "compile_s": max(first_s - second_s, 0.0),
-        "first_call_s": first_s,
-        "setup_s": setup_s,
-        "peak_rss_mb": peak_rss_mb(),
-        "device_memory": _device_memory(),
-        "cache_size": len(run.state.cache),
-        "rows": run.rows[: bench.iterations],
-    }
-    if reference_pairs:  # the reference's (mask, task) pairs, scored here (cache or scorer)
-        cache = run.state.cache
-        masks_cn = np.array([m for m, _, _ in reference_pairs], bool)
-        tasks_c = np.array([t for _, t, _ in reference_pairs], np.int32)
-        ours_c, stats = cache.resolve(scorer, list(zip(masks_cn, tasks_c)))
-        out["reference_pairs"] = {"ours": ours_c.tolist(), "unique": stats.unique,
-                                  "from_search_cache": stats.hits}
+        self.bench, self.column, self.more, self.baselines = bench, column, tuple(more), tuple(baselines)
+        start = time.perf_counter()
+        self.scorer, self.adapters = _load_scorer(paths, bench, batch_size)
+        self.setup_s = time.perf_counter() - start
+        self.first_s, self.second_s = _warm_up(self.scorer, self.adapters.num_adapters, bench.seed)
+        _log(column, f"setup {self.setup_s:.1f} s, first call {self.first_s:.1f} s, "
+                     f"second call {self.second_s:.1f} s")
+        self.run = _ChainRun(timed, initial_state(timed.settings(bench.num_clusters, bench.seed),
+                                                  self.adapters.num_adapters))
+        self.timed_rows: list[dict[str, Any]] = []
+        self.rss_timed = peak_rss_mb()
 
-    if strategies and bench.strategy_budget > 0:
-        _drive(scorer, run, bench, min_iterations=0, budget=bench.strategy_budget, tag=tag)
-        runs = [run]
-        for spec in more:
-            other = _ChainRun(spec, initial_state(spec.settings(k, bench.seed), n))
-            _drive(scorer, other, bench, min_iterations=0, budget=bench.strategy_budget, tag=tag)
-            runs.append(other)
-        rows = []
-        measure = _pooled_cache(runs, n)
-        a = {m: np.asarray(x) for m, x in adapters.a.items()}
-        b = {m: np.asarray(x) for m, x in adapters.b.items()}
-        for name in baselines:
-            partition_n = baseline_partition(name, n, k, bench.seed, a, b)
-            objective, _, stats = evaluate_partition(scorer, partition_n, k, cache=measure)
-            rows.append({"strategy": name, "search_evaluations": 0, "iterations": 0, "objective": objective,
-                         "measure_evaluations": stats.evaluations, "partition": partition_n.tolist()})
-            _log(tag, f"{name}: objective {objective:.4f}")
-        for r in runs:
-            rows.append(_final_objective(scorer, r, k, measure))
-            _log(tag, f"{r.spec.label}: objective {rows[-1]['objective']:.4f}")
-        out["strategies"] = rows
-    out["decisions"] = [bool(r["accepted"]) for r in run.rows]  # chain 0 (P = 1: the only one)
-    out["peak_rss_mb_end"] = peak_rss_mb()
-    return out
+    def step(self) -> dict[str, Any]:
+        _drive(self.scorer, self.run, self.bench, min_iterations=len(self.run.rows) + 1, budget=0, tag=self.column)
+        self.timed_rows.append(self.run.rows[-1])
+        self.rss_timed = peak_rss_mb()
+        return self.run.rows[-1]
+
+    def finish(self, strategies: bool = True,
+               reference_pairs: Sequence[tuple[list[bool], int, float]] = ()) -> dict[str, Any]:
+        from d2c_jax.search import evaluate_partition, initial_state
+        from d2c_jax.strategies.baselines import baseline_partition
+
+        rows, timed = self.timed_rows, self.run.spec
+        unique = sum(r["unique_requests"] for r in rows)
+        out: dict[str, Any] = {
+            "column": self.column,
+            "settings": f"P={timed.population} M={timed.proposals} {timed.objective}",
+            "batch_size": self.scorer.batch_size,
+            **_step_stats([r["seconds"] for r in rows], [r["evaluations"] for r in rows],
+                          [r["proposals"] for r in rows]),
+            "cache_hit_rate": sum(r["cache_hits"] for r in rows) / unique if unique else None,
+            "compile_s": max(self.first_s - self.second_s, 0.0),
+            "first_call_s": self.first_s,
+            "setup_s": self.setup_s,
+            "peak_rss_mb": self.rss_timed,
+            "device_memory": _device_memory(),
+            "cache_size": len(self.run.state.cache),
+            "rows": rows,
+        }
+        scorer, run, n, k = self.scorer, self.run, self.adapters.num_adapters, self.bench.num_clusters
+        if reference_pairs:  # the reference's (mask, task) pairs, scored here (cache or scorer)
+            requests = [(np.array(m, bool), int(t)) for m, t, _ in reference_pairs]
+            ours_c, stats = run.state.cache.resolve(scorer, requests)
+            out["reference_pairs"] = {"ours": ours_c.tolist(), "unique": stats.unique,
+                                      "from_search_cache": stats.hits}
+        if strategies and self.bench.strategy_budget > 0:
+            budget = self.bench.strategy_budget
+            _drive(scorer, run, self.bench, min_iterations=0, budget=budget, tag=self.column)
+            runs = [run]
+            for spec in self.more:
+                other = _ChainRun(spec, initial_state(spec.settings(k, self.bench.seed), n))
+                _drive(scorer, other, self.bench, min_iterations=0, budget=budget, tag=self.column)
+                runs.append(other)
+            table = []
+            measure = _pooled_cache(runs, n)
+            a = {m: np.asarray(x) for m, x in self.adapters.a.items()}
+            b = {m: np.asarray(x) for m, x in self.adapters.b.items()}
+            for name in self.baselines:
+                partition_n = baseline_partition(name, n, k, self.bench.seed, a, b)
+                objective, _, stats = evaluate_partition(scorer, partition_n, k, cache=measure)
+                table.append({"strategy": name, "search_evaluations": 0, "iterations": 0, "objective": objective,
+                              "measure_evaluations": stats.evaluations, "partition": partition_n.tolist()})
+                _log(self.column, f"{name}: objective {objective:.4f}")
+            for r in runs:
+                table.append(_final_objective(scorer, r, k, measure))
+                _log(self.column, f"{r.spec.label}: objective {table[-1]['objective']:.4f}")
+            out["strategies"] = table
+        out["decisions"] = [bool(r["accepted"]) for r in run.rows]  # chain 0 (P = 1: the only one)
+        out["peak_rss_mb_end"] = peak_rss_mb()
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. Isolation, the whole benchmark, the tables
 # ---------------------------------------------------------------------------------------------
 
-RUNNERS = ("run_reference", "run_d2c_jax")
+SESSIONS = {"reference": ReferenceSession, "d2c_jax": D2cJaxSession}
 
 
-def _call(fn_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Runs a runner; a UserError travels back as data (its constructor does not unpickle)."""
-    if fn_name not in RUNNERS:
-        raise ValueError(f"unknown runner {fn_name!r}")
+def _worker(conn: Any, kind: str, kwargs: dict[str, Any]) -> None:
+    """A session in a spawned process, driven by (method, kwargs) messages until `finish`."""
+    import traceback
+
     try:
-        return {"ok": globals()[fn_name](**kwargs)}
-    except UserError as e:
-        return {"user_error": [e.path, e.message]}
+        session = SESSIONS[kind](**kwargs)
+        conn.send(("ok", None))
+        while True:
+            method, args = conn.recv()
+            conn.send(("ok", getattr(session, method)(**args)))
+            if method == "finish":
+                return
+    except UserError as e:  # its constructor does not unpickle: send it as data
+        conn.send(("user_error", (e.path, e.message)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
 
 
-def isolated(fn_name: str, isolate: bool = True, **kwargs: Any) -> dict[str, Any]:
-    """`fn_name(**kwargs)` in a fresh spawned process (its own peak RSS, no torch/JAX thread pools
-    left over from another column), or in this process when `isolate` is False."""
-    if isolate:
+class Session:
+    """A ReferenceSession / D2cJaxSession in its own spawned process (`isolate`: its own peak RSS
+    and thread pools) or in this one; `call(method, **kwargs)` runs one of its methods."""
+
+    def __init__(self, kind: str, isolate: bool, **kwargs: Any):
+        self.kind, self._proc, self._conn, self._local = kind, None, None, None
+        if not isolate:
+            self._local = SESSIONS[kind](**kwargs)
+            return
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
-            result = ex.submit(_call, fn_name, kwargs).result()
-    else:
-        result = _call(fn_name, kwargs)
-    if "user_error" in result:
-        raise UserError(*result["user_error"])
-    return result["ok"]
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_worker, args=(child, kind, kwargs), daemon=True)
+        self._proc.start()
+        child.close()
+        self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the {self.kind} process died (exit code {self._proc.exitcode}; out of memory?)")
+        if status == "user_error":
+            raise UserError(*value)
+        if status == "error":
+            raise RuntimeError(f"the {self.kind} process failed:\n{value}")
+        return value
+
+    def call(self, method: str, **kwargs: Any) -> Any:
+        if self._local is not None:
+            return getattr(self._local, method)(**kwargs)
+        self._conn.send((method, kwargs))
+        value = self._receive()
+        if method == "finish":
+            self.close()
+        return value
+
+    def close(self) -> None:
+        """Waits for (or, after an error, stops) this session's own process."""
+        self._local = None
+        if self._proc is not None:
+            self._proc.join(30)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join()
+            self._proc = None
 
 
 def machine_info() -> dict[str, Any]:
@@ -726,17 +784,36 @@ def check_settings(fixture: FixtureSettings, bench: BenchSettings) -> None:
 
 
 def run_benchmark(paths: FixturePaths, bench: BenchSettings, *, isolate: bool = True) -> dict[str, Any]:
-    """Reference column, d2c_jax paper column, d2c_jax P/M column, strategy table: one dict."""
+    """Reference column, d2c_jax paper column, d2c_jax P/M column, strategy table: one dict.
+
+    The three columns are loaded first (one after the other), then their timed iterations are
+    interleaved round by round (the order rotating), so that all three see the same background load
+    of a shared machine; then each finishes on its own."""
     check_settings(paths.settings, bench)
     info = machine_info()
     info["loadavg_start"] = list(os.getloadavg())
-    ref = isolated("run_reference", isolate, paths=paths, bench=bench)
-    paper = isolated("run_d2c_jax", isolate, paths=paths, bench=bench, column="d2c_jax paper",
-                     timed=bench.paper, batch_size=min(bench.batch_size, 2), reference_pairs=ref["pairs"])
-    pop = isolated("run_d2c_jax", isolate, paths=paths, bench=bench,
-                   column=f"d2c_jax P={bench.population} M={bench.proposals}", timed=bench.population_local,
-                   batch_size=bench.batch_size, more=[bench.population_global],
-                   baselines=("random", "kmeans", "svd_kmeans"))
+    sessions: list[Session] = []
+    try:
+        sessions.append(Session("reference", isolate, paths=paths, bench=bench))
+        sessions.append(Session("d2c_jax", isolate, paths=paths, bench=bench, column="d2c_jax paper",
+                                timed=bench.paper, batch_size=min(bench.batch_size, 2)))
+        sessions.append(Session("d2c_jax", isolate, paths=paths, bench=bench,
+                                column=f"d2c_jax P={bench.population} M={bench.proposals}",
+                                timed=bench.population_local, batch_size=bench.batch_size,
+                                more=[bench.population_global], baselines=("random", "kmeans", "svd_kmeans")))
+        counts = [bench.reference_iterations, bench.iterations, bench.iterations]
+        for r in range(max(counts)):
+            for i in np.roll(np.arange(len(sessions)), -r):
+                if r < counts[i]:
+                    row = sessions[i].call("step")
+                    if sessions[i].kind == "reference":
+                        _log("reference", f"iteration {row['iteration']}/{counts[i]}: {row['seconds']:.2f} s")
+        ref = sessions[0].call("finish")
+        paper = sessions[1].call("finish", reference_pairs=ref["pairs"])
+        pop = sessions[2].call("finish")
+    finally:
+        for s in sessions:
+            s.close()
     info["loadavg_end"] = list(os.getloadavg())
 
     ref_losses = np.array([loss for _, _, loss in ref["pairs"]])
@@ -800,7 +877,9 @@ def speed_table(result: dict[str, Any]) -> str:
         ("proposals (moves) timed", [str(c["proposals"]) for c in cols]),
         ("scorer evaluations", [str(c["evaluations"]) for c in cols]),
         ("loss-cache hit rate", [_fmt(c["cache_hit_rate"], ".1%", "- (no cache)") for c in cols]),
-        ("seconds / iteration", [_fmt(c["seconds_per_iteration"], ".2f") for c in cols]),
+        ("seconds / iteration (mean)", [_fmt(c["seconds_per_iteration"], ".2f") for c in cols]),
+        ("seconds / iteration (median; best)", [f"{c['median_seconds_per_iteration']:.2f}; "
+                                                f"{c['best_seconds_per_iteration']:.2f}" for c in cols]),
         ("evaluations / s", [_fmt(c["evals_per_s"], ".3f") for c in cols]),
         ("speed-up, evaluations / s", [_fmt(c["evals_per_s"] / ref_eps if c["evals_per_s"] and ref_eps else None,
                                             ".2f") + "x" for c in cols]),
@@ -828,9 +907,10 @@ def speed_table(result: dict[str, Any]) -> str:
         f"same (mask, task) pairs, reference vs d2c_jax paper: {p['pairs']} losses, max |diff| "
         f"{_fmt(p['max_abs_loss_diff'], '.2e')}; accept/reject decisions agree "
         f"{p['decisions_agree']}/{p['decisions_compared']}",
-        "projections: 200 x the measured seconds / iteration (the cache hit rate grows over a real run, so "
+        "timed iterations interleaved round by round across the three columns (same background load); "
+        "projections: 200 x the mean seconds / iteration (the cache hit rate grows over a real run, so "
         "d2c_jax's are upper bounds); d2c_jax's run_search also scores the initial and final partitions "
-        "(about 2 x 40 x P evaluations), not included",
+        f"(up to 2 x {result['fixture']['num_adapters']} x P evaluations), not included",
     ]
     return "\n".join(lines)
 

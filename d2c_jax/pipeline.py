@@ -108,11 +108,14 @@ def check_workdir(workdir: str, overwrite: bool) -> None:
 
 
 def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> None:
-    """Creates the workdir; with --overwrite removes a finished run's outputs and checkpoints."""
+    """Creates the workdir; with --overwrite removes a finished run's outputs and checkpoints.
+    Every process calls it; process 0 writes, then all check that they see the directory."""
+    from d2c_jax.sharding import any_process
+
     check_workdir(workdir, overwrite)
-    finished = os.path.exists(os.path.join(workdir, PARTITION))
-    if is_main:
-        if finished:
+
+    def prepare() -> None:
+        if os.path.exists(os.path.join(workdir, PARTITION)):  # a finished run, --overwrite
             for name in OUTPUTS + (CHECKPOINTS,):
                 _remove(os.path.join(workdir, name))
         try:
@@ -122,9 +125,8 @@ def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> None:
         for name in os.listdir(workdir):  # leftovers of atomic writes killed midway
             if name.startswith(".") and ".tmp-" in name:
                 _remove(os.path.join(workdir, name))
-    _barrier("d2c_workdir")
-    from d2c_jax.sharding import any_process
 
+    _on_main(prepare, "--workdir", is_main)
     if any_process(not os.path.isdir(workdir)):
         raise UserError(workdir, "--workdir, created by process 0, is not visible on every host; it must be "
                         "on storage that all hosts share (NFS, a mounted bucket)")
@@ -208,24 +210,27 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_ma
     """The Checkpointer, after checking any checkpoint there belongs to this run (--overwrite:
     discard one that does not)."""
     from d2c_jax.checkpoint import Checkpointer
+    from d2c_jax.sharding import any_process
 
     directory = os.path.join(workdir, CHECKPOINTS)
     fp = _fingerprint(cfg, names)
     ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
+    error = None
     try:
         # With --overwrite read the whole state now, so that a corrupt one is discarded too.
         ckpt.restore(len(names)) if cfg.overwrite else ckpt.check()
-    except UserError:
-        if not cfg.overwrite:
-            ckpt.close()
-            raise
-        ckpt.close()
-        if is_main:
-            print(f"--overwrite: discarding the checkpoints in {directory}", file=sys.stderr)
-            _remove(directory)
-        _barrier("d2c_discard_checkpoints")
-        ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
-    return ckpt
+    except UserError as e:
+        error = e
+    if not any_process(error is not None):  # every process takes the same branch
+        return ckpt
+    ckpt.close()
+    if not cfg.overwrite:
+        raise error or UserError(directory, "another process cannot read the checkpoint; see its output")
+    if is_main:
+        print(f"--overwrite: discarding the checkpoints in {directory}", file=sys.stderr)
+        _remove(directory)
+    _barrier("d2c_discard_checkpoints")
+    return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
 
 
 def _mesh(cfg: RunConfig):
@@ -246,7 +251,6 @@ def run(cfg: RunConfig) -> int:
     from d2c_jax import data, lora
     from d2c_jax.models.config import load_config
     from d2c_jax.search import check_num_clusters
-
     from d2c_jax.sharding import initialize_distributed
 
     start = time.perf_counter()

@@ -71,7 +71,7 @@ class ReportConfig:
     examples_per_task: int = 10
     max_new_tokens: int = 0  # 0: the longest reference response (tokens, EOS included) + 4
     dtype: str = "float32"
-    batch_size: int = 4  # requests / merged masks per Scorer call (search with P*M > 1, evaluation)
+    batch_size: int = 8  # requests / merged masks per Scorer call (search with P*M > 1, evaluation)
     small_batch_size: int = 2  # the same for one chain with one proposal (the paper's setting)
     generation_batch_size: int = 128
     command: str = ""  # the command line, recorded in the markdown

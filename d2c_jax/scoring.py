@@ -182,9 +182,12 @@ class Scorer:
         t = self.task_names.index(task) if isinstance(task, str) else int(task)
         if not 0 <= t < self.num_tasks:
             raise ValueError(f"task index {t} out of range [0, {self.num_tasks})")
-        if lora is not None and self.mesh is not None:
-            lora = sharding_lib.put_global(lora, sharding_lib.replicated(self.mesh))
-        return float(self._single(self._params, self._data, lora, np.int32(t)))
+        task = np.int32(t)
+        if self.mesh is not None:  # global arrays only: host values may not enter a multi-host jit
+            rep = sharding_lib.replicated(self.mesh)
+            lora = None if lora is None else sharding_lib.put_global(lora, rep)
+            task = sharding_lib.put_global(task, rep)
+        return float(self._single(self._params, self._data, lora, task))
 
     def _put(self, x: np.ndarray) -> Any:
         if self.mesh is None:

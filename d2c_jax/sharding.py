@@ -116,11 +116,16 @@ def put_global(tree: Any, shardings: Any) -> Any:
     (one sharding, or a pytree of them matching `tree`).
 
     One process: `jax.device_put`. Several: `jax.device_put` cannot address other hosts' devices,
-    so each process builds only its own devices' shards from its full host copy
-    (`jax.make_array_from_callback`); together they form one global array.
+    so `assemble_from_host` builds each process's own shards from its full host copy.
     """
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
+    return assemble_from_host(tree, shardings)
+
+
+def assemble_from_host(tree: Any, shardings: Any) -> Any:
+    """Every leaf as one global array: each process fills only its addressable devices' shards,
+    slicing its own full host copy (`jax.make_array_from_callback`); valid on any process count."""
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
 

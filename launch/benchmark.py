@@ -7,7 +7,8 @@ adapters and random task examples, then prints one table side by side: the refer
 Algorithm 1 with PEFT add_weighted_adapter(ties) + forward per evaluation), d2c_jax with the
 paper's settings and d2c_jax with --population / --proposals; then the global objective every
 strategy reaches with --strategy_budget scorer evaluations. Each column runs in its own process
-(same machine, same run), so its peak RSS is its own. --tiny: a seconds-long configuration.
+(its peak RSS is its own) and their timed iterations are interleaved, so that all see the same
+background load (same machine, same run). --tiny: a seconds-long configuration.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ flags.DEFINE_integer("vocab", 8000, "Vocabulary size.")
 flags.DEFINE_integer("seq_len", 64, "Longest example in tokens (examples are 3/4 to all of it).")
 flags.DEFINE_integer("examples_per_task", 10, "n: examples per task.")
 flags.DEFINE_integer("num_clusters", 5, "K.")
-flags.DEFINE_integer("reference_iterations", 3, "Iterations of the torch + PEFT reference timed.")
+flags.DEFINE_integer("reference_iterations", 4, "Iterations of the torch + PEFT reference timed.")
 flags.DEFINE_integer("iterations", 4, "Engine iterations timed in each d2c_jax column.")
 flags.DEFINE_integer("population", 4, "P of the third column (and of the population strategies).")
 flags.DEFINE_integer("proposals", 4, "M of the third column.")

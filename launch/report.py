@@ -46,7 +46,7 @@ flags.DEFINE_list("compare_merges", ["ties_delta"], "Investigation: other merge 
 flags.DEFINE_integer("examples_per_task", 10, "n: search examples per task.")
 flags.DEFINE_integer("max_new_tokens", 0, "Generation length (0: longest eval response + 4).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Base weight dtype.")
-flags.DEFINE_integer("batch_size", 4, "Scoring requests / merged masks per call (does not change "
+flags.DEFINE_integer("batch_size", 8, "Scoring requests / merged masks per call (does not change "
                      "results): evaluation and D²C with several chains or proposals.")
 flags.DEFINE_integer("small_batch_size", 2, "The same for D²C with one chain and one proposal.")
 flags.DEFINE_integer("generation_batch_size", 128, "Prompts decoded per call.")

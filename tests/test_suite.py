@@ -106,15 +106,22 @@ def test_same_seed_rebuilds_identical_files(suite, tmp_path):
             assert ja == jb
 
 
-def test_a_changed_setting_rebuilds_in_place(tmp_path):
-    """An old suite of other settings is replaced (atomically); a foreign dir is not (other test)."""
-    root = tmp_path / "s"
-    small = {**TINY, "pretrain_steps": 2, "adapter_steps": 2}
-    ensure_suite(root, log=lambda m: None, **small)
-    first = read_manifest(root)["settings_hash"]
-    ensure_suite(root, log=lambda m: None, **{**small, "seed": 5})
-    assert read_manifest(root)["settings_hash"] != first
+def test_an_old_suite_of_other_settings_is_replaced_atomically(tmp_path):
+    """What build_suite does once its temp dir is complete: swap it in, drop the old suite."""
+    from d2c_jax.suite import build
+
+    target = tmp_path / "s"
+    target.mkdir()
+    (target / "suite.json").write_text(json.dumps({"settings_hash": "old"}))
+    (target / "stale.txt").write_text("x")
+    new = tmp_path / ".s.tmp-1"
+    new.mkdir()
+    (new / "suite.json").write_text(json.dumps({"settings_hash": "new"}))
+    assert build._replaceable(str(target))
+    build._install(str(new), str(target), make_settings(**TINY))
     assert sorted(os.listdir(tmp_path)) == ["s"]
+    assert sorted(os.listdir(target)) == ["suite.json"]
+    assert read_manifest(target) == {"settings_hash": "new"}
 
 
 def _examples(paths, task, tok):

@@ -10,6 +10,7 @@ Shape legend: T tasks, n examples, B batch, S sequence, L layers, D model dim, V
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -137,13 +138,11 @@ def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
 # Pre-training.
 
 
-def pretrain(cfg: ModelConfig, params: dict, batches: Batch, *, lr: float, weight_decay: float = 0.01,
-             warmup: int = 20, log: Log | None = None, log_every: int = 50) -> tuple[dict, list[float]]:
-    """Full-parameter AdamW on `batches` ([steps, B, S] leaves). Returns (params, losses)."""
-    steps = batches.tokens.shape[0]
+@functools.lru_cache(maxsize=8)
+def _pretrain_step(cfg: ModelConfig, lr: float, steps: int, warmup: int, weight_decay: float):
+    """(optimizer, jitted step), cached so that equal settings compile once per process."""
     opt = optax.chain(optax.clip_by_global_norm(1.0),
                       optax.adamw(_schedule(lr, steps, warmup), weight_decay=weight_decay))
-    state = opt.init(params)
 
     @jax.jit
     def step(params, state, tokens, targets, weights, attn):
@@ -151,6 +150,15 @@ def pretrain(cfg: ModelConfig, params: dict, batches: Batch, *, lr: float, weigh
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
+    return opt, step
+
+
+def pretrain(cfg: ModelConfig, params: dict, batches: Batch, *, lr: float, weight_decay: float = 0.01,
+             warmup: int = 20, log: Log | None = None, log_every: int = 50) -> tuple[dict, list[float]]:
+    """Full-parameter AdamW on `batches` ([steps, B, S] leaves). Returns (params, losses)."""
+    steps = batches.tokens.shape[0]
+    opt, step = _pretrain_step(cfg, float(lr), steps, warmup, float(weight_decay))
+    state = opt.init(params)
     losses = []
     t0 = time.time()
     for i in range(steps):
@@ -186,6 +194,27 @@ def scaled(lora_raw: dict, scaling: float) -> dict:
     return {m: {"a": v["a"], "b": v["b"] * scaling} for m, v in lora_raw.items()}
 
 
+@functools.lru_cache(maxsize=8)
+def _adapter_step(cfg: ModelConfig, scaling: float, lr: float, steps: int, warmup: int, weight_decay: float):
+    """(optimizer, jitted step) for T adapters at once, cached per settings."""
+    opt = optax.adamw(_schedule(lr, steps, warmup), weight_decay=weight_decay)
+
+    def total_loss(lora, params, tokens, targets, weights, attn):
+        def task_loss(lora_t, tokens, targets, weights, attn):
+            return masked_loss(params, cfg, scaled(lora_t, scaling), tokens, targets, weights, attn)
+
+        losses_t = jax.vmap(task_loss)(lora, tokens, targets, weights, attn)
+        return jnp.sum(losses_t), losses_t
+
+    @jax.jit
+    def step(lora, state, params, tokens, targets, weights, attn):
+        grads, losses_t = jax.grad(total_loss, has_aux=True)(lora, params, tokens, targets, weights, attn)
+        updates, state = jax.vmap(opt.update)(grads, state, lora)
+        return optax.apply_updates(lora, updates), state, losses_t
+
+    return opt, step
+
+
 def train_adapters(cfg: ModelConfig, params: dict, lora_raw: dict, batches: Batch, *, scaling: float,
                    lr: float, warmup: int = 20, weight_decay: float = 0.0, log: Log | None = None,
                    log_every: int = 50) -> tuple[dict, np.ndarray]:
@@ -194,26 +223,12 @@ def train_adapters(cfg: ModelConfig, params: dict, lora_raw: dict, batches: Batc
     Each task's loss depends only on its own adapter and the AdamW update is vmapped over T, so
     this equals T independent trainings. Returns (lora_raw, losses [steps, T])."""
     steps = batches.tokens.shape[0]
-    opt = optax.adamw(_schedule(lr, steps, warmup), weight_decay=weight_decay)
+    opt, step = _adapter_step(cfg, float(scaling), float(lr), steps, warmup, float(weight_decay))
     state = jax.vmap(opt.init)(lora_raw)
-
-    def task_loss(lora_t, tokens, targets, weights, attn):
-        return masked_loss(params, cfg, scaled(lora_t, scaling), tokens, targets, weights, attn)
-
-    def total_loss(lora, tokens, targets, weights, attn):
-        losses_t = jax.vmap(task_loss)(lora, tokens, targets, weights, attn)
-        return jnp.sum(losses_t), losses_t
-
-    @jax.jit
-    def step(lora, state, tokens, targets, weights, attn):
-        grads, losses_t = jax.grad(total_loss, has_aux=True)(lora, tokens, targets, weights, attn)
-        updates, state = jax.vmap(opt.update)(grads, state, lora)
-        return optax.apply_updates(lora, updates), state, losses_t
-
     losses = []
     t0 = time.time()
     for i in range(steps):
-        lora_raw, state, losses_t = step(lora_raw, state, batches.tokens[i], batches.targets[i],
+        lora_raw, state, losses_t = step(lora_raw, state, params, batches.tokens[i], batches.targets[i],
                                          batches.weights[i], batches.attn[i])
         losses.append(losses_t)
         if log and ((i + 1) % log_every == 0 or i + 1 == steps):
@@ -226,32 +241,31 @@ def train_adapters(cfg: ModelConfig, params: dict, lora_raw: dict, batches: Batc
 # Measuring the suite.
 
 
-def cross_losses(cfg: ModelConfig, params: dict, lora_raw: dict | None, data: Batch, *,
+@functools.partial(jax.jit, static_argnums=(0,))
+def _per_task_losses(cfg: ModelConfig, params: dict, lora: dict, tokens, targets, weights, attn):
+    """Loss and token accuracy [T] of one adapter on every task; data leaves [T, n, S]."""
+    t, n, s = tokens.shape
+    logits = decoder.forward(params, cfg, tokens.reshape(t * n, s), attn.reshape(t * n, s), lora)
+    logp = jax.nn.log_softmax(logits, axis=-1).reshape(t, n, s, -1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    hit = (jnp.argmax(logp, axis=-1) == targets).astype(jnp.float32)
+    count_t = jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1.0)
+    return jnp.sum(nll * weights, axis=(1, 2)) / count_t, jnp.sum(hit * weights, axis=(1, 2)) / count_t
+
+
+def cross_losses(cfg: ModelConfig, params: dict, lora_raw: dict, data: Batch, *,
                  scaling: float) -> tuple[np.ndarray, np.ndarray]:
-    """Loss and teacher-forced token accuracy of every adapter on every task.
+    """Loss and teacher-forced token accuracy of every adapter (and of the bare base model) on
+    every task's examples (data leaves [T, n, S]).
 
-    data leaves are [T, n, S]. Returns (loss [A, T], accuracy [A, T]) where A = number of
-    adapters, or A = 1 for the bare base model (lora_raw None)."""
-    t, n, s = data.tokens.shape
-    flat = [jnp.asarray(x.reshape(t * n, s)) for x in (data.tokens, data.targets, data.weights, data.attn)]
-
-    @jax.jit
-    def per_task(lora):
-        tokens, targets, weights, attn = flat
-        logits = decoder.forward(params, cfg, tokens, attn, lora)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-        w_tns = weights.reshape(t, n, s)
-        count_t = jnp.maximum(jnp.sum(w_tns, axis=(1, 2)), 1.0)
-        loss_t = jnp.sum(nll.reshape(t, n, s) * w_tns, axis=(1, 2)) / count_t
-        acc_t = jnp.sum(hit.reshape(t, n, s) * w_tns, axis=(1, 2)) / count_t
-        return loss_t, acc_t
-
-    if lora_raw is None:
-        loss, acc = per_task(None)
-        return np.asarray(loss)[None], np.asarray(acc)[None]
+    Returns (loss [1 + A, T], accuracy [1 + A, T]); row 0 is zero-shot (the adapters' B set to
+    zero, which is exactly the base model), row 1 + i adapter i."""
+    arrays = [jnp.asarray(x) for x in (data.tokens, data.targets, data.weights, data.attn)]
     num = jax.tree_util.tree_leaves(lora_raw)[0].shape[0]
-    rows = [per_task(scaled(jax.tree_util.tree_map(lambda x: x[i], lora_raw), scaling))
-            for i in range(num)]
-    return (np.stack([np.asarray(r[0]) for r in rows]), np.stack([np.asarray(r[1]) for r in rows]))
+    first = jax.tree_util.tree_map(lambda x: x[0], lora_raw)
+    rows = [_per_task_losses(cfg, params, {m: {"a": v["a"], "b": jnp.zeros_like(v["b"])}
+                                           for m, v in first.items()}, *arrays)]
+    for i in range(num):
+        one = scaled(jax.tree_util.tree_map(lambda x: x[i], lora_raw), scaling)
+        rows.append(_per_task_losses(cfg, params, one, *arrays))
+    return np.stack([np.asarray(r[0]) for r in rows]), np.stack([np.asarray(r[1]) for r in rows])
