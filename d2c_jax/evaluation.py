@@ -7,12 +7,13 @@ adapters of one evaluation (K for a partition, N for single-task), R generation 
 An `Evaluator` holds everything loaded once (weights, tokenizer, the eval split, each task's
 metric, the prepared merge) and scores any per-task choice of adapters:
   - loss: `Scorer.losses` on the eval split (each distinct merge built once, fixed-shape batches);
-  - generation: greedy decoding with the KV cache of every (task, example) prompt at once, B rows
-    per call, each row decoded with its task's adapter (`greedy_generate(lora_per_row=True)`,
-    gathering each row's adapter from a table of the A distinct adapters on device), then each
-    task scored with its metric from tasks.json (rouge_l when tasks.json names none).
-All calls of one Evaluator share shapes (B, P, max_new_tokens, and the adapter table padded to N
-rounded up to MERGE_BLOCK), so a report that evaluates many partitions compiles the decoder once.
+  - generation: greedy decoding with the KV cache; the prompts of all tasks that share an adapter
+    (a cluster's merge) are decoded together, B rows per call, the adapter picked on device from
+    a table of the A distinct adapters; then each task is scored with its metric from tasks.json
+    (rouge_l when tasks.json names none).
+All calls of one Evaluator share shapes (P, max_new_tokens, the adapter table padded to N rounded
+up to MERGE_BLOCK; B is a power of two up to generation_batch_size), so a report that evaluates
+many partitions compiles the decoder only a few times.
 
 `evaluate(EvalConfig) -> dict` is what `launch/evaluate.py` runs; the output document is
 {"tasks": {task: {"loss", <metric>, "num_examples", "data_file", ["cluster"]}}, "summary": {...}}.
@@ -201,7 +202,7 @@ class Evaluator:
         self.scorer = Scorer(params, model_cfg, prepared, task_data, batch_size=batch_size,
                              example_chunk=example_chunk)
         self._merge_fn = None
-        self._gen_fns: dict[bool, Any] = {}
+        self._gen = None
         n_adapters = None if prepared is None else int(prepared.num_adapters)
         self.table_size = 0 if n_adapters is None else -(-n_adapters // MERGE_BLOCK) * MERGE_BLOCK
         # The generation rows: every (task, example), in task order.
@@ -293,9 +294,10 @@ class Evaluator:
 
     # -- generation -----------------------------------------------------------------------------
 
-    def _gen_fn(self, per_row: bool):
-        """jit: (params, tokens [B, P], mask [B, P], table [A, ...], idx [B]) → ids [B, max_new]."""
-        if per_row not in self._gen_fns:
+    def _gen_fn(self):
+        """jit: (params, tokens [b, P], mask [b, P], table [A, ...] or None, index) → ids
+        [b, max_new]; every row decoded with adapter table[index] (None: the base model)."""
+        if self._gen is None:
             import jax
 
             from d2c_jax.generate import greedy_generate
@@ -303,32 +305,37 @@ class Evaluator:
             cfg, max_new, eos, pad = self.model_cfg, self.max_new_tokens, self.eos_ids, self.pad_id
 
             @jax.jit
-            def fn(params, tokens_bp, mask_bp, table, idx_b):
-                lora_b = None
-                if per_row:
-                    lora_b = jax.tree.map(lambda x: x[idx_b], table)
-                return greedy_generate(params, cfg, tokens_bp, mask_bp, max_new, eos, lora_b,
-                                       pad_token_id=pad, lora_per_row=per_row)
+            def fn(params, tokens_bp, mask_bp, table, index):
+                lora = None if table is None else jax.tree.map(lambda x: x[index], table)
+                return greedy_generate(params, cfg, tokens_bp, mask_bp, max_new, eos, lora,
+                                       pad_token_id=pad)
 
-            self._gen_fns[per_row] = fn
-        return self._gen_fns[per_row]
+            self._gen = fn
+        return self._gen
 
     def generate(self, table: Any, idx_t: np.ndarray | None) -> list[list[str]]:
-        """Greedy responses [T][n]: row (t, e) decoded with table[idx_t[t]] (table None: base)."""
+        """Greedy responses [T][n]: task t's prompts decoded with adapter table[idx_t[t]] (table
+        None: the base model). The rows of all tasks that share an adapter are decoded together,
+        b = min(generation_batch_size, next power of two of their count) rows per call (one
+        shared adapter per call is several times faster than one adapter per row)."""
         from d2c_jax.generate import strip_generated
 
-        per_row = table is not None
-        fn = self._gen_fn(per_row)
-        rows = len(self._row_task)
-        b = min(self.generation_batch_size, _pow2(rows))
-        outs = []
-        for r0 in range(0, rows, b):
-            sl = np.arange(r0, r0 + b) % rows  # the last batch wraps around (dropped below)
-            idx_b = (idx_t[self._row_task[sl]] if per_row else self._row_task[sl]).astype(np.int32)
-            outs.append((min(b, rows - r0), fn(self.params, self._tokens_rp[sl], self._mask_rp[sl],
-                                               table, idx_b)))
-        ids = [row for real, out in outs for row in strip_generated(np.asarray(out)[:real], self.eos_ids)]
-        texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+        fn = self._gen_fn()
+        group_r = np.zeros(len(self._row_task), np.int32) if table is None else \
+            np.asarray(idx_t, np.int32)[self._row_task]
+        pending = []
+        for g in np.unique(group_r):
+            rows = np.flatnonzero(group_r == g)
+            b = min(self.generation_batch_size, _pow2(len(rows)))
+            for r0 in range(0, len(rows), b):
+                sl = rows[np.arange(r0, r0 + b) % len(rows)]  # the last call wraps around
+                real = min(b, len(rows) - r0)
+                pending.append((sl[:real], fn(self.params, self._tokens_rp[sl], self._mask_rp[sl],
+                                              table, np.int32(g))))
+        texts = [""] * len(self._row_task)
+        for rows, out in pending:
+            for r, ids in zip(rows, strip_generated(np.asarray(out)[:len(rows)], self.eos_ids)):
+                texts[r] = self.tokenizer.decode(ids, skip_special_tokens=True)
         per_task: list[list[str]] = [[] for _ in self.names]
         for t, text in zip(self._row_task, texts):
             per_task[t].append(text)

@@ -550,6 +550,28 @@ def findings(res: ReportResult) -> list[str]:
     return out
 
 
+def loss_score_correlations(res: ReportResult) -> dict[str, Any]:
+    """Spearman correlations over the distinct partitions evaluated at K (main merge): does a
+    lower (search / eval) loss go with a higher score?"""
+    from scipy.stats import spearmanr
+
+    k = res.cfg.num_clusters
+    seen, rows = set(), []
+    for r in res.runs:
+        if r.merge == res.cfg.merge and r.num_clusters == k and r.partition is not None \
+                and r.search_loss is not None and r.partition not in seen:
+            seen.add(r.partition)
+            rows.append((r.search_loss, r.loss, r.score))
+    out: dict[str, Any] = {"partitions": len(rows)}
+    if len(rows) >= 3:
+        x = np.asarray(rows, np.float64)
+        for name, (i, j) in {"search_loss_vs_score": (0, 2), "eval_loss_vs_score": (1, 2),
+                             "search_loss_vs_eval_loss": (0, 1)}.items():
+            rho = spearmanr(x[:, i], x[:, j]).statistic
+            out[name] = None if not np.isfinite(rho) else float(rho)
+    return out
+
+
 def _gap(x: float, lo: float, hi: float) -> str:
     if not math.isfinite(hi - lo) or abs(hi - lo) < 1e-9:
         return "n/a"
@@ -683,6 +705,18 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
             cells[1] = str(kk)
             rows_i.append(cells)
     out.append(_md_table(header, rows_i))
+    corr = loss_score_correlations(res)
+    if corr["partitions"] >= 3:
+        def fmt(key: str) -> str:
+            v = corr.get(key)
+            return "n/a" if v is None else f"{v:+.2f}"
+
+        out += ["", f"Does a lower loss mean a higher score? Over the {corr['partitions']} distinct "
+                f"partitions evaluated at K = {k} with {cfg.merge} (every strategy and seed, oracles "
+                f"with K = {k} included), Spearman ρ(search loss, score) = {fmt('search_loss_vs_score')}, "
+                f"ρ(eval loss, score) = {fmt('eval_loss_vs_score')}, ρ(search loss, eval loss) = "
+                f"{fmt('search_loss_vs_eval_loss')} (a loss that predicts the score gives ρ near −1 "
+                "with it; a search loss that predicts the eval loss gives ρ near +1)."]
     out.append("")
     return "\n".join(out)
 
@@ -822,6 +856,7 @@ def result_json(res: ReportResult) -> dict[str, Any]:
         "tags": res.tags,
         "metrics": list(res.task_metrics),
         "max_new_tokens": res.max_new_tokens,
+        "loss_score_correlations": loss_score_correlations(res),
         "runs": [{**dataclasses.asdict(r), "partition": None if r.partition is None else list(r.partition),
                   "task_scores": list(r.task_scores), "task_losses": list(r.task_losses)} for r in res.runs],
     }

@@ -241,7 +241,7 @@ def initialize_distributed(
     auto-detected by `jax.distributed.initialize` (TPU pod slices, SLURM, Open MPI). Nothing
     given or detected: a plain single-process run.
     """
-    if _INITIALIZED:
+    if _INITIALIZED or jax.distributed.is_initialized():
         return True
     if enabled is None:
         enabled = distributed_requested(coordinator_address, num_processes, process_id)
@@ -255,6 +255,8 @@ def initialize_distributed(
         raise UserError(None, f"--num_processes={num_processes} must be >= 1")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise UserError(None, f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    if num_processes == 1:  # nothing to coordinate
+        return False
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator_address or None, num_processes=num_processes,

@@ -1,4 +1,4 @@
-"""Clusters N LoRA adapters into K groups whose TIES merges score best (D²C), or a baseline.
+r"""Clusters N LoRA adapters into K groups whose TIES merges score best (D²C), or a baseline.
 
   python launch/search.py --flagfile=configs/llama.flags [--workdir=DIR] [overrides]
 
@@ -21,10 +21,11 @@ host sees (NFS/Filestore, or a bucket mounted with gcsfuse) and the inputs at th
   python launch/search.py --flagfile=... --workdir=/shared/run1 \
       --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=1   # host 1
 
-Without these flags the run is a single process, unless a cluster is detected: a Cloud TPU VM,
-JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID, or SLURM / Open MPI variables),
-or D2C_DISTRIBUTED=1; D2C_DISTRIBUTED=0 forces a single process. Preempting one host (SIGTERM)
-stops all at the same iteration with a checkpoint; re-run the same command on every host to resume.
+Without these flags the run is a single process, except on a Cloud TPU VM (auto-detected), with
+JAX_COORDINATOR_ADDRESS set (plus JAX_NUM_PROCESSES / JAX_PROCESS_ID), or with D2C_DISTRIBUTED=1
+(JAX then detects SLURM / Open MPI jobs); D2C_DISTRIBUTED=0 forces a single process. SIGTERM on
+any host stops all at the same iteration with a checkpoint; re-run the command on every host to
+resume (a checkpoint does not depend on the number of hosts).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ def test_rules_shard_projections_and_replicate_what_does_not_divide(mesh):
 def test_initialize_distributed_only_when_asked(monkeypatch):
     monkeypatch.delenv("D2C_DISTRIBUTED", raising=False)
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setattr(sharding, "_tpu_chips_present", lambda: False)  # as on a laptop
+    monkeypatch.setattr(sharding, "_INITIALIZED", [])
     assert sharding.initialize_distributed() is False
 
 
