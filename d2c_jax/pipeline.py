@@ -24,6 +24,7 @@ Shapes: N adapters (= tasks), K clusters, P chains.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -245,6 +246,23 @@ def _mesh(cfg: RunConfig):
     return make_mesh(num_candidate_shards=jax.device_count() // cfg.model_shards)
 
 
+def resolve_suite(cfg: RunConfig) -> RunConfig:
+    """Fills the paths that --suite supplies, building that suite on first use (cached after)."""
+    if not cfg.suite:
+        return cfg
+    from d2c_jax.suite import ensure_preset
+
+    print(f"suite {cfg.suite!r}: using (or building, on first use) {os.path.join(cfg.suite_root, cfg.suite)}",
+          flush=True)
+    paths = ensure_preset(cfg.suite, cfg.suite_root, log=lambda msg: print(f"  suite: {msg}", flush=True))
+    return dataclasses.replace(
+        cfg,
+        base_model=cfg.base_model or paths.base_model,
+        adapters_dir=cfg.adapters_dir or paths.adapters_dir,
+        data_dir=cfg.data_dir or paths.data_dir,
+    )
+
+
 def run(cfg: RunConfig) -> int:
     """Runs (or resumes) the search described by `cfg`; returns the exit status (0 also when
     preempted after saving a checkpoint)."""
@@ -255,6 +273,8 @@ def run(cfg: RunConfig) -> int:
 
     start = time.perf_counter()
     workdir = os.path.abspath(cfg.workdir)
+    check_workdir(workdir, cfg.overwrite)  # before a possibly long suite build
+    cfg = resolve_suite(cfg)
     settings = cfg.search
 
     # 1.-2. Cheap checks, before anything is written (every process makes them on its own).

@@ -56,9 +56,9 @@ class SearchSettings:
 class RunConfig:
     """Every setting of one search run (the resolved flags), saved to workdir/config.json."""
 
-    base_model: str
-    adapters_dir: str
-    data_dir: str
+    base_model: str | None
+    adapters_dir: str | None
+    data_dir: str | None
     workdir: str
     num_clusters: int = 5
     iterations: int = 200
@@ -85,10 +85,16 @@ class RunConfig:
     coordinator_address: str | None = None  # "host:port" of process 0
     num_processes: int | None = None
     process_id: int | None = None
+    # A built-in synthetic suite (d2c_jax.suite preset, built on first use) supplies whichever of
+    # base_model / adapters_dir / data_dir are not given.
+    suite: str | None = None
+    suite_root: str = "runs/suites"
 
     def __post_init__(self):
-        for name in ("base_model", "adapters_dir", "data_dir", "workdir"):
-            _check(bool(getattr(self, name)), name, getattr(self, name), "must be set")
+        _check(bool(self.workdir), "workdir", self.workdir, "must be set")
+        if not self.suite:
+            for name in ("base_model", "adapters_dir", "data_dir"):
+                _check(bool(getattr(self, name)), name, getattr(self, name), "must be set (or use --suite)")
         _check(self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {STRATEGIES}")
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
         _check(0.0 < self.density <= 1.0, "density", self.density, "must be in (0, 1]")

@@ -77,7 +77,10 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes, one per host (default: auto-detected).")
 flags.DEFINE_integer("process_id", None, "Multi-host: this host's process index in [0, --num_processes) "
                      "(default: auto-detected); process 0 writes the outputs.")
-flags.mark_flags_as_required(["base_model", "adapters_dir", "data_dir", "workdir"])
+flags.DEFINE_string("suite", None, "A built-in synthetic suite (demo | full), built on first use into "
+                    "--suite_root/<name>; it supplies --base_model/--adapters_dir/--data_dir when they are unset.")
+flags.DEFINE_string("suite_root", "runs/suites", "Where built-in suites are built and cached.")
+flags.mark_flags_as_required(["workdir"])
 
 
 def config_from_flags(f: flags.FlagValues) -> RunConfig:
@@ -88,7 +91,7 @@ def config_from_flags(f: flags.FlagValues) -> RunConfig:
         track_every=f.track_every, merge=f.merge, density=f.density, examples_per_task=f.examples_per_task,
         max_seq_len=f.max_seq_len, chat_template=f.chat_template, dtype=f.dtype, seed=f.seed,
         batch_size=f.batch_size, model_shards=f.model_shards, checkpoint_every=f.checkpoint_every,
-        keep_checkpoints=f.keep_checkpoints, overwrite=f.overwrite, progress=f.progress,
+        keep_checkpoints=f.keep_checkpoints, suite=f.suite, suite_root=f.suite_root, overwrite=f.overwrite, progress=f.progress,
         coordinator_address=f.coordinator_address, num_processes=f.num_processes, process_id=f.process_id,
     )
 

@@ -203,7 +203,11 @@ def test_flag_errors_and_flagfiles(tmp_path):
     proc = _launch(["--flagfile=" + os.path.join(ROOT, "configs", "llama.flags"), "--no_such_flag=1"])
     assert proc.returncode == 1 and "Unknown command line flag 'no_such_flag'" in proc.stderr
     proc = _launch(["--num_clusters=3"])
-    assert proc.returncode == 1 and "--base_model must have a value other than None" in proc.stderr
+    assert proc.returncode == 1 and "--workdir must have a value other than None" in proc.stderr
+    proc = _launch([f"--workdir={tmp_path / 'w0'}"])  # no model paths and no --suite
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines == ["error: --base_model=None: must be set (or use --suite)"]
+    assert not (tmp_path / "w0").exists()
     proc = _launch(["--flagfile=" + os.path.join(ROOT, "configs", "qwen.flags"), f"--workdir={tmp_path / 'w'}"])
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: /path/to/adapters/qwen: ")
