@@ -423,6 +423,7 @@ class ReferenceSession:
         self.pairs: list[tuple[list[bool], int, float]] = []
         self.decisions: list[bool] = []
         self.step_s: list[float] = []
+        self.cpu_s: list[float] = []
 
     def _loss(self, mask_n: np.ndarray, task: int) -> float:
         members = [self.names[i] for i in np.flatnonzero(mask_n)]
@@ -444,7 +445,7 @@ class ReferenceSession:
 
     def step(self) -> dict[str, Any]:
         d2c, k = self._d2c, self.bench.num_clusters
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         it = self.iteration + 1
         move = d2c.sample_move(d2c.stream(self.bench.seed, d2c.STREAM_PROPOSE, it, 0), self.partition_n, k)
         (before,), (after,) = d2c.move_requests(self.partition_n, move, "local")
@@ -455,6 +456,7 @@ class ReferenceSession:
             self.partition_n = d2c.apply_move(self.partition_n, move)
         self.iteration = it
         self.step_s.append(time.perf_counter() - t0)
+        self.cpu_s.append(time.process_time() - c0)
         self.pairs += [(before[0].tolist(), int(before[1]), l_before), (after[0].tolist(), int(after[1]), l_after)]
         self.decisions.append(bool(accept))
         return {"iteration": it, "evaluations": 2, "seconds": self.step_s[-1]}
@@ -465,7 +467,7 @@ class ReferenceSession:
             "column": "reference",
             "settings": "P=1 M=1 local",
             "batch_size": 1,
-            **_step_stats(self.step_s, [2] * len(self.step_s), [1] * len(self.step_s)),
+            **_step_stats(self.step_s, self.cpu_s, [2] * len(self.step_s), [1] * len(self.step_s)),
             "cache_hit_rate": None,
             "compile_s": None,
             "setup_s": self.setup_s,
@@ -478,10 +480,12 @@ class ReferenceSession:
         }
 
 
-def _step_stats(step_s: Sequence[float], evaluations: Sequence[int], proposals: Sequence[int]) -> dict[str, Any]:
-    """Timing figures of a column from its per-iteration seconds and counts."""
+def _step_stats(step_s: Sequence[float], cpu_s: Sequence[float], evaluations: Sequence[int],
+                proposals: Sequence[int]) -> dict[str, Any]:
+    """Timing figures of a column from its per-iteration wall and CPU seconds and counts."""
     seconds = float(sum(step_s))
     return {
+        "cpu_seconds_per_iteration": float(sum(cpu_s)) / max(len(cpu_s), 1),
         "iterations": len(step_s),
         "proposals": int(sum(proposals)),
         "evaluations": int(sum(evaluations)),
@@ -621,10 +625,13 @@ class D2cJaxSession:
         self.run = _ChainRun(timed, initial_state(timed.settings(bench.num_clusters, bench.seed),
                                                   self.adapters.num_adapters))
         self.timed_rows: list[dict[str, Any]] = []
+        self.cpu_s: list[float] = []
         self.rss_timed = peak_rss_mb()
 
     def step(self) -> dict[str, Any]:
+        c0 = time.process_time()
         _drive(self.scorer, self.run, self.bench, min_iterations=len(self.run.rows) + 1, budget=0, tag=self.column)
+        self.cpu_s.append(time.process_time() - c0)
         self.timed_rows.append(self.run.rows[-1])
         self.rss_timed = peak_rss_mb()
         return self.run.rows[-1]
@@ -640,7 +647,7 @@ class D2cJaxSession:
             "column": self.column,
             "settings": f"P={timed.population} M={timed.proposals} {timed.objective}",
             "batch_size": self.scorer.batch_size,
-            **_step_stats([r["seconds"] for r in rows], [r["evaluations"] for r in rows],
+            **_step_stats([r["seconds"] for r in rows], self.cpu_s, [r["evaluations"] for r in rows],
                           [r["proposals"] for r in rows]),
             "cache_hit_rate": sum(r["cache_hits"] for r in rows) / unique if unique else None,
             "compile_s": max(self.first_s - self.second_s, 0.0),
@@ -880,6 +887,7 @@ def speed_table(result: dict[str, Any]) -> str:
         ("seconds / iteration (mean)", [_fmt(c["seconds_per_iteration"], ".2f") for c in cols]),
         ("seconds / iteration (median; best)", [f"{c['median_seconds_per_iteration']:.2f}; "
                                                 f"{c['best_seconds_per_iteration']:.2f}" for c in cols]),
+        ("CPU seconds / iteration (all threads)", [_fmt(c["cpu_seconds_per_iteration"], ".2f") for c in cols]),
         ("evaluations / s", [_fmt(c["evals_per_s"], ".3f") for c in cols]),
         ("speed-up, evaluations / s", [_fmt(c["evals_per_s"] / ref_eps if c["evals_per_s"] and ref_eps else None,
                                             ".2f") + "x" for c in cols]),
