@@ -177,18 +177,30 @@ def _expand(v_n: jax.Array, x: jax.Array) -> jax.Array:
     return v_n.reshape(v_n.shape + (1,) * (x.ndim - 1))
 
 
+def _masked_sum(m_n: jax.Array, x_n: jax.Array) -> jax.Array:
+    """sum_i m_i x_i as a contraction, so that vmap over masks is one matmul, not a [C, N, ...]
+    temporary (HIGHEST: TPUs would otherwise round the float32 operands to bfloat16)."""
+    return jnp.tensordot(m_n.astype(x_n.dtype), x_n, axes=1, precision=jax.lax.Precision.HIGHEST)
+
+
 def _weighted_sum(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.where(_expand(m_n, x_n), x_n * _expand(w_n, x_n), 0.0), axis=0)
+    return _masked_sum(m_n, x_n * _expand(w_n, x_n))
 
 
 def _ties(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
-    """Sign election on the unweighted members, then the disjoint mean of the weighted ones."""
-    member = _expand(m_n, x_n)
-    total = jnp.sum(jnp.where(member, x_n, 0.0), axis=0)
-    majority = jnp.where(total >= 0, 1.0, -1.0)
-    agree = member & (jnp.sign(x_n) == majority)
-    num = jnp.sum(jnp.where(agree, x_n * _expand(w_n, x_n), 0.0), axis=0)
-    count = jnp.sum(agree, axis=0, dtype=jnp.float32)
+    """Sign election on the unweighted members, then the disjoint mean of the weighted ones.
+
+    An entry agrees with a +1 majority iff it is > 0 (and with -1 iff < 0; zeros never agree),
+    so the sums and counts of agreeing entries are masked sums of mask-independent tensors,
+    which XLA computes once per call however many masks are vmapped.
+    """
+    pos, neg = x_n > 0, x_n < 0
+    wx = x_n * _expand(w_n, x_n)
+    majority_pos = _masked_sum(m_n, x_n) >= 0
+    num = jnp.where(majority_pos, _masked_sum(m_n, jnp.where(pos, wx, 0.0)),
+                    _masked_sum(m_n, jnp.where(neg, wx, 0.0)))
+    count = jnp.where(majority_pos, _masked_sum(m_n, pos.astype(x_n.dtype)),
+                      _masked_sum(m_n, neg.astype(x_n.dtype)))
     return num / jnp.maximum(count, 1.0)
 
 
@@ -235,7 +247,7 @@ def merge_mask(prepared: Prepared, mask_n: Any) -> dict[str, dict[str, jax.Array
 
     Pure and jit/vmap-able over mask_n. An empty mask gives zeros.
     """
-    m_n = jnp.asarray(mask_n) != 0
+    m_n = (jnp.asarray(mask_n) != 0).astype(jnp.float32)
     single = jnp.sum(m_n) == 1
     out = {}
     for mod, sv in prepared.single.items():
