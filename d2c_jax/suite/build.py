@@ -61,8 +61,8 @@ class SuiteSettings:
     rank: int = 32
     alpha: int = 128
     adapter_steps: int = 300
-    adapter_batch: int = 16
-    adapter_lr: float = 4e-4
+    adapter_batch: int = 8
+    adapter_lr: float = 7e-4
 
     @property
     def seq_len(self) -> int:
@@ -374,32 +374,36 @@ def _pretrain_batches(s: SuiteSettings, world: tasks.World, vocab: tok_lib.Vocab
     rng = np.random.default_rng([s.seed, 7200])
     n = s.pretrain_steps * s.pretrain_batch
     seq = s.seq_len
-    is_task = rng.random(n) < s.task_mix
-    n_task = int(is_task.sum())
-    per_task = max(1, -(-n_task // len(task_list)))
-    pool = []
+    is_task_n = rng.random(n) < s.task_mix
+    per_task = max(1, -(-int(is_task_n.sum()) // len(task_list)))
+    pools = []
     for name, fam, lang in task_list:
         taken = {e["prompt"] for sp in ("eval", "search") for e in splits[name][sp]}
-        pool.append(tasks.task_examples(world, fam, lang, "pretrain", per_task, min_words=s.min_words,
-                                        max_words=s.max_words, exclude=taken))
-    lex_ids = np.array([[vocab.id(w) for w in lex] for lex in world.words], np.int64)  # [L, C]
-    walks = tasks.concept_walks(world, n, seq - 1, rng)
-    lengths = rng.integers(4, seq, size=n)  # words; + bos + eos = length + 2 <= seq + 1
-    langs = rng.integers(s.languages, size=n)
-    task_pick = rng.integers(len(task_list), size=n)
-    ex_pick = rng.integers(per_task, size=n)
-    rows = []
-    for i in range(n):
-        if is_task[i]:
-            e = pool[task_pick[i]][ex_pick[i]]
-            rows.append(train.example_row(vocab.prompt_ids(e["prompt"]), vocab.response_ids(e["response"]), 1.0))
-        else:
-            words = lex_ids[langs[i], walks[i, : lengths[i]]].tolist()
-            ids = [vocab.bos_id, *words, vocab.eos_id]
-            rows.append((ids, [1.0] * len(ids)))
-    b = train.pack_rows(rows, seq, vocab.pad_id)
+        pool = tasks.task_examples(world, fam, lang, "pretrain", per_task, min_words=s.min_words,
+                                   max_words=s.max_words, exclude=taken)
+        pools.append(_task_batch(vocab, pool, seq, prompt_weight=1.0))
+    pool_b = train.stack_batches(pools)  # [T, per_task, S]
+    # Sentences: bos, `length` words of a concept walk in one language, eos; then right padding.
+    lex_ids_lc = np.array([[vocab.id(w) for w in lex] for lex in world.words], np.int64)
+    walks_nw = tasks.concept_walks(world, n, seq - 1, rng)
+    lengths_n = rng.integers(4, seq, size=n)  # words; + bos + eos = length + 2 <= seq + 1
+    langs_n = rng.integers(s.languages, size=n)
+    task_pick_n = rng.integers(len(task_list), size=n)
+    ex_pick_n = rng.integers(per_task, size=n)
+    ids_nx = np.full((n, seq + 1), vocab.pad_id, np.int64)
+    ids_nx[:, 0] = vocab.bos_id
+    ids_nx[:, 1:seq] = lex_ids_lc[langs_n[:, None], walks_nw]
+    pos_x = np.arange(seq + 1)[None, :]
+    ids_nx[pos_x == lengths_n[:, None] + 1] = vocab.eos_id
+    ids_nx[pos_x > lengths_n[:, None] + 1] = vocab.pad_id
+    real_nx = pos_x <= lengths_n[:, None] + 1
+    inputs_ns = np.where(real_nx[:, 1:], ids_nx[:, :-1], vocab.pad_id)  # the last eos is no input
+    sent = train.Batch(inputs_ns.astype(np.int32), ids_nx[:, 1:].astype(np.int32),
+                       real_nx[:, 1:].astype(np.float32), real_nx[:, 1:].astype(np.int32))
+    mix = [np.where(is_task_n[:, None], getattr(pool_b, f)[task_pick_n, ex_pick_n], getattr(sent, f))
+           for f in ("tokens", "targets", "weights", "attn")]
     shape = (s.pretrain_steps, s.pretrain_batch, seq)
-    return train.Batch(*(x.reshape(shape) for x in (b.tokens, b.targets, b.weights, b.attn)))
+    return train.Batch(*(x.reshape(shape) for x in mix))
 
 
 def _adapter_batches(s: SuiteSettings, vocab: tok_lib.Vocab, names: list[str], splits: dict):
