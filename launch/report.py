@@ -35,14 +35,17 @@ flags.DEFINE_list("cluster_counts", ["1", "2", "3", "5", "8", "12"], "K values o
 flags.DEFINE_list("count_strategies", ["d2c", "random"],
                   "Strategies of the score-vs-K analysis (d2c = the paper's setting, d2c_ours, random, "
                   "kmeans, svd_kmeans).")
-flags.DEFINE_integer("count_seeds", 1, "Seeds per point of the score-vs-K analysis.")
+flags.DEFINE_integer("count_seeds", 3, "Seeds per point of the score-vs-K analysis.")
 flags.DEFINE_integer("population", 4, "D²C ours: P chains.")
 flags.DEFINE_integer("proposals", 4, "D²C ours: M proposals per chain per iteration.")
 flags.DEFINE_enum("objective", "global", ["local", "global"], "D²C ours: search objective.")
 flags.DEFINE_integer("exchange_every", 0, "D²C ours: replace the worst chains every k iterations (0: never).")
 flags.DEFINE_string("merge", "ties", "Merge method of every run.")
 flags.DEFINE_float("density", 0.5, "TIES density.")
-flags.DEFINE_list("compare_merges", ["ties_delta"], "Investigation: other merge methods to compare.")
+flags.DEFINE_list("compare_merges", ["ties_delta"],
+                  "Investigation: seed 0's partitions (and the oracles) merged with these methods too.")
+flags.DEFINE_integer("long_iterations", 1000,
+                     "Investigation: D²C (paper setting, seed 0) with this many iterations (0: off).")
 flags.DEFINE_integer("examples_per_task", 10, "n: search examples per task.")
 flags.DEFINE_integer("max_new_tokens", 0, "Generation length (0: longest eval response + 4).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Base weight dtype.")
@@ -66,7 +69,8 @@ def config_from_flags(f: flags.FlagValues, command: str):
         count_strategies=tuple(f.count_strategies), count_seeds=f.count_seeds,
         population=f.population, proposals=f.proposals, objective=f.objective,
         exchange_every=f.exchange_every, merge=f.merge, density=f.density,
-        compare_merges=tuple(m for m in f.compare_merges if m), examples_per_task=f.examples_per_task,
+        compare_merges=tuple(m for m in f.compare_merges if m), long_iterations=f.long_iterations,
+        examples_per_task=f.examples_per_task,
         max_new_tokens=f.max_new_tokens, dtype=f.dtype, batch_size=f.batch_size,
         small_batch_size=f.small_batch_size,
         generation_batch_size=f.generation_batch_size, command=command,

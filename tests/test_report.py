@@ -61,7 +61,8 @@ def tiny_report(tmp_path_factory):
     cfg = report.ReportConfig(
         suite=root, output_dir=out_dir, seeds=1, num_clusters=2, iterations=3,
         cluster_counts=(1, 2), count_strategies=("d2c", "random"), count_seeds=1, population=2,
-        proposals=2, compare_merges=(), max_new_tokens=3, batch_size=8, generation_batch_size=16,
+        proposals=2, compare_merges=(), long_iterations=6, max_new_tokens=3, batch_size=8,
+        generation_batch_size=16,
         command="python launch/report.py --suite=TINY",
     )
     res = report.run_report(cfg)
@@ -109,6 +110,9 @@ def test_cluster_counts_and_ari_sections(tiny_report):
     # The oracle "by family" partition is the family labelling itself.
     by_family = res.select("by_family")
     assert len(by_family) == 1 and report.ari(family, by_family[0].partition) == pytest.approx(1.0)
+    inv = _section(md, "## Investigation")
+    assert "| Group by family (oracle) | 2 |" in inv and "| Group by language (oracle) | 3 |" in inv
+    assert "| D²C paper setting, T = 6 | 2 |" in inv and "A longer search" in inv
     with open(written["json"], encoding="utf-8") as f:
         raw = json.load(f)
     assert {r["key"] for r in raw["runs"]} >= {"zero_shot", "single", "all_in_one", "random",

@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from d2c_jax.errors import UserError
-from d2c_jax.suite import checkpoint, tasks
+from d2c_jax.suite import checkpoint, tasks, train
 from d2c_jax.suite import tokenizer as tok_lib
 
 SUITE_VERSION = 1
@@ -263,7 +263,6 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
     import jax
 
     from d2c_jax import lora as lora_lib
-    from d2c_jax.suite import train
 
     t_start = time.time()
     s = settings
@@ -293,11 +292,10 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
         max_positions=max(128, 4 * s.seq_len), bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id,
         pad_token_id=vocab.pad_id)
     cfg = checkpoint.model_config(config_dict)
-    key = jax.random.key(s.seed)
-    params = train.init_params(cfg, jax.random.fold_in(key, 1))
+    params = train.init_params(cfg, np.random.default_rng([s.seed, 7400]))
     word_ids_lc = np.array([[vocab.id(w) for w in lex] for lex in world.words], np.int64)
     params["embed"] = train.concept_embeddings(word_ids_lc, vocab.size, s.hidden_size,
-                                               jax.random.fold_in(key, 3))
+                                               np.random.default_rng([s.seed, 7401]))
     pre = _pretrain_batches(s, world, vocab, task_list, splits)
     log(f"data ready ({time.time() - t_start:.1f}s); pre-training {s.pretrain_steps} steps, "
         f"{len(names)} tasks, vocab {vocab.size}")
@@ -309,7 +307,8 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
 
     # The adapters, all at once.
     scaling = s.alpha / s.rank
-    lora = train.init_lora(cfg, checkpoint.ATTENTION_MODULES, s.rank, len(names), jax.random.fold_in(key, 2))
+    lora = train.init_lora(cfg, checkpoint.ATTENTION_MODULES, s.rank, len(names),
+                           np.random.default_rng([s.seed, 7402]))
     ad = _adapter_batches(s, vocab, names, splits)
     t0 = time.time()
     lora, ad_losses = train.train_adapters(cfg, params, lora, ad, scaling=scaling, lr=s.adapter_lr, log=log)
@@ -358,8 +357,6 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
 
 
 def _task_batch(vocab: tok_lib.Vocab, examples: list[dict], seq_len: int, prompt_weight: float = 0.0):
-    from d2c_jax.suite import train
-
     rows = [train.example_row(vocab.prompt_ids(e["prompt"]), vocab.response_ids(e["response"]), prompt_weight)
             for e in examples]
     return train.pack_rows(rows, seq_len, vocab.pad_id)
@@ -369,8 +366,6 @@ def _pretrain_batches(s: SuiteSettings, world: tasks.World, vocab: tok_lib.Vocab
                       task_list: list[tuple[str, str, int]], splits: dict):
     """[steps, B, S] rows: concept-chain sentences in a random language; a `task_mix` fraction
     are task examples (loss on every token) from a pool disjoint from the search/eval data."""
-    from d2c_jax.suite import train
-
     rng = np.random.default_rng([s.seed, 7200])
     n = s.pretrain_steps * s.pretrain_batch
     seq = s.seq_len
@@ -408,8 +403,6 @@ def _pretrain_batches(s: SuiteSettings, world: tasks.World, vocab: tok_lib.Vocab
 
 def _adapter_batches(s: SuiteSettings, vocab: tok_lib.Vocab, names: list[str], splits: dict):
     """[steps, T, B, S]: each task's own training examples, response-only loss."""
-    from d2c_jax.suite import train
-
     rng = np.random.default_rng([s.seed, 7300])
     per_task = train.stack_batches([_task_batch(vocab, splits[n]["train"], s.seq_len) for n in names])
     t = len(names)

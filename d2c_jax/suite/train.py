@@ -73,45 +73,41 @@ def stack_batches(batches: Sequence[Batch]) -> Batch:
 # Model.
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
+def init_params(cfg: ModelConfig, rng: np.random.Generator, std: float = 0.02) -> dict:
     """Llama params in our layout (docs/architecture.md), N(0, std²) weights, unit norms;
-    the residual-output projections are scaled down by sqrt(2 L) (GPT-2 style)."""
+    the residual-output projections are scaled down by sqrt(2 L) (GPT-2 style). numpy's
+    generator: eager jax.random calls would cost seconds of dispatch for these few arrays."""
     shapes = module_shapes(cfg)
-    mods = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    keys = jax.random.split(key, len(mods) + 1)
     n, d = cfg.num_layers, cfg.hidden_size
     layers = {}
-    for k, m in zip(keys[1:], mods):
+    for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         d_in, d_out = shapes[m]
         s = std / np.sqrt(2 * n) if m in ("o_proj", "down_proj") else std
-        layers[m] = {"kernel": s * jax.random.normal(k, (n, d_in, d_out), jnp.float32)}
-    layers["input_norm"] = {"scale": jnp.ones((n, d), jnp.float32)}
-    layers["post_attn_norm"] = {"scale": jnp.ones((n, d), jnp.float32)}
+        layers[m] = {"kernel": (s * rng.standard_normal((n, d_in, d_out))).astype(np.float32)}
+    layers["input_norm"] = {"scale": np.ones((n, d), np.float32)}
+    layers["post_attn_norm"] = {"scale": np.ones((n, d), np.float32)}
     params = {
-        "embed": std * jax.random.normal(keys[0], (cfg.vocab_size, d), jnp.float32),
+        "embed": (std * rng.standard_normal((cfg.vocab_size, d))).astype(np.float32),
         "layers": layers,
-        "final_norm": {"scale": jnp.ones((d,), jnp.float32)},
+        "final_norm": {"scale": np.ones((d,), np.float32)},
     }
     if not cfg.tie_embeddings:
-        params["lm_head"] = std * jax.random.normal(jax.random.fold_in(key, 1), (d, cfg.vocab_size))
-    return params
+        params["lm_head"] = (std * rng.standard_normal((d, cfg.vocab_size))).astype(np.float32)
+    return jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def concept_embeddings(word_ids_lc: np.ndarray, vocab_size: int, dim: int, key: jax.Array, *,
-                       std: float = 0.02, concept_std: float = 0.05, language_std: float = 0.03,
-                       shared_std: float = 0.0) -> jax.Array:
+def concept_embeddings(word_ids_lc: np.ndarray, vocab_size: int, dim: int, rng: np.random.Generator, *,
+                       std: float = 0.02, concept_std: float = 0.05, language_std: float = 0.03) -> jax.Array:
     """[V, D] embeddings where the word of concept c in language l starts as
     concept_c + language_l + noise: a base model that already "knows" which words of different
     languages mean the same thing, so a skill learnt in one language can transfer to another
     (as in a real multilingual LLM). word_ids_lc: int[L, C] token id of each (language, concept)."""
-    k_noise, k_con, k_lang, k_shared = jax.random.split(key, 4)
     n_lang, n_con = word_ids_lc.shape
-    emb_vd = std * jax.random.normal(k_noise, (vocab_size, dim), jnp.float32)
-    con_cd = concept_std * jax.random.normal(k_con, (n_con, dim), jnp.float32)
-    lang_ld = language_std * jax.random.normal(k_lang, (n_lang, dim), jnp.float32)
-    shared_d = shared_std * jax.random.normal(k_shared, (dim,), jnp.float32)
-    words_lcd = con_cd[None, :, :] + lang_ld[:, None, :] + shared_d + emb_vd[jnp.asarray(word_ids_lc)] * 0.5
-    return emb_vd.at[jnp.asarray(word_ids_lc).reshape(-1)].set(words_lcd.reshape(-1, dim))
+    emb_vd = std * rng.standard_normal((vocab_size, dim))
+    con_cd = concept_std * rng.standard_normal((n_con, dim))
+    lang_ld = language_std * rng.standard_normal((n_lang, dim))
+    emb_vd[word_ids_lc] = con_cd[None, :, :] + lang_ld[:, None, :] + 0.5 * emb_vd[word_ids_lc]
+    return jnp.asarray(emb_vd.astype(np.float32))
 
 
 def _ce_sums(logits_bsv: jax.Array, targets_bs: jax.Array, weights_bs: jax.Array):
@@ -174,17 +170,17 @@ def pretrain(cfg: ModelConfig, params: dict, batches: Batch, *, lr: float, weigh
 # Adapters.
 
 
-def init_lora(cfg: ModelConfig, modules: Sequence[str], rank: int, num_tasks: int, key: jax.Array) -> dict:
+def init_lora(cfg: ModelConfig, modules: Sequence[str], rank: int, num_tasks: int,
+              rng: np.random.Generator) -> dict:
     """Raw PEFT factors for T tasks: one SHARED A init (PEFT's kaiming-uniform(a=sqrt(5)),
     i.e. U(-1/sqrt(d_in), 1/sqrt(d_in))) broadcast to every task, B = 0."""
     shapes = module_shapes(cfg)
     out = {}
-    for i, m in enumerate(modules):
+    for m in modules:
         d_in, d_out = shapes[m]
         bound = 1.0 / np.sqrt(d_in)
-        a_lrd = jax.random.uniform(jax.random.fold_in(key, i), (cfg.num_layers, rank, d_in),
-                                   jnp.float32, -bound, bound)
-        out[m] = {"a": jnp.broadcast_to(a_lrd, (num_tasks, *a_lrd.shape)),
+        a_lrd = rng.uniform(-bound, bound, (cfg.num_layers, rank, d_in)).astype(np.float32)
+        out[m] = {"a": jnp.asarray(np.broadcast_to(a_lrd, (num_tasks, *a_lrd.shape))),
                   "b": jnp.zeros((num_tasks, cfg.num_layers, d_out, rank), jnp.float32)}
     return out
 
