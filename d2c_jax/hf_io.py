@@ -24,6 +24,7 @@ import numpy as np
 
 from d2c_jax.errors import UserError
 from d2c_jax.models.config import ModelConfig, load_config
+from d2c_jax.sharding import put_global
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -282,7 +283,8 @@ def load_params(
             else:
                 out[...] = arr.astype(np_dtype)
         sharding = _sharding_for(shardings, e.path)
-        value = jax.device_put(out, sharding) if sharding is not None else jnp.asarray(out)
+        # put_global, not device_put: a sharding may span other hosts' devices (multi-host).
+        value = put_global(out, sharding) if sharding is not None else jnp.asarray(out)
         _set(params, e.path, value)
     return params
 
