@@ -17,7 +17,6 @@ and the compiled functions are loaded once.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -772,20 +771,7 @@ def _rel(path: str) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return buf.getvalue()
+from d2c_jax.plots import _png, _pyplot  # noqa: E402  (one Agg set-up for every figure)
 
 
 def table_png(res: ReportResult) -> bytes:
