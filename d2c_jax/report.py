@@ -326,6 +326,7 @@ class ReportResult:
     runs: list[Run]
     stage_seconds: dict[str, float]
     manifest_quality: dict[str, Any] | None
+    suite_hash: str | None = None  # suite.json's settings hash (which suite build this was)
     seconds: float = 0.0
     started: str = ""
 
@@ -431,6 +432,7 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
     stage["investigation"] = time.perf_counter() - t0
 
     a = bench.adapters
+    manifest = read_manifest(paths.root)
     result = ReportResult(
         cfg=cfg, suite=paths, names=bench.names, tags=bench.tags, task_metrics=tuple(bench.task_metrics),
         max_new_tokens=bench.max_new_tokens,
@@ -440,7 +442,8 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
         data={"search_examples": int(bench.search_data.tokens_tns.shape[1]),
               "eval_examples": int(np.min(bench.eval_data.num_examples))},
         runs=runs, stage_seconds=stage,
-        manifest_quality=(read_manifest(paths.root) or {}).get("quality", {}).get("summary"),
+        manifest_quality=(manifest or {}).get("quality", {}).get("summary"),
+        suite_hash=str((manifest or {}).get("settings_hash", ""))[:12] or None,
         started=started,
     )
     result.seconds = time.perf_counter() - t_start
@@ -610,7 +613,9 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
             "on this machine's CPU (JAX)."]
     out += ["", "## Setup", ""]
     out += [
-        f"- Suite: `{_rel(res.suite.root)}`: {len(fams)} task families × {len(langs)} languages = "
+        f"- Suite: `{_rel(res.suite.root)}`"
+        + (f" (suite.json settings hash {res.suite_hash})" if res.suite_hash else "")
+        + f": {len(fams)} task families × {len(langs)} languages = "
         f"{n} tasks, one LoRA adapter per task (rank {res.adapters['rank']}, scaling "
         f"{res.adapters['scaling']:g}, modules {', '.join(res.adapters['modules'])}); base model "
         f"{res.model['arch']} with hidden size {res.model['hidden_size']}, {res.model['num_layers']} "
@@ -867,6 +872,8 @@ def result_json(res: ReportResult) -> dict[str, Any]:
     """Every run's numbers (the markdown's source), for later analysis."""
     return {
         "command": res.cfg.command,
+        "suite": res.suite.root,
+        "suite_settings_hash": res.suite_hash,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(res.cfg).items()},
         "seconds": res.seconds,
         "stage_seconds": res.stage_seconds,

@@ -27,7 +27,7 @@ from d2c_jax.errors import UserError
 from d2c_jax.suite import checkpoint, tasks, train
 from d2c_jax.suite import tokenizer as tok_lib
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 MANIFEST = "suite.json"
 Log = Callable[[str], None]
 
@@ -40,9 +40,9 @@ class SuiteSettings:
     languages: int = 8
     seed: int = 0
     # The world and the task data.
-    concepts: int = 32
+    concepts: int = 16
     min_words: int = 3
-    max_words: int = 6
+    max_words: int = 5
     search_examples: int = 10
     eval_examples: int = 24
     train_examples: int = 512
@@ -56,7 +56,8 @@ class SuiteSettings:
     pretrain_steps: int = 400
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
-    task_mix: float = 0.5
+    task_mix: float = 0.4
+    repeat_mix: float = 0.4  # rows that repeat a word sequence: teaches copying (induction heads)
     # Adapters (paper: r 32, alpha 128 on q/k/v/o).
     rank: int = 32
     alpha: int = 128
@@ -99,8 +100,8 @@ class SuiteSettings:
             bad("hidden_size must be a multiple of num_heads, num_heads of num_kv_heads")
         if (self.hidden_size // self.num_heads) % 2:
             bad("head_dim must be even (rotary)")
-        if not 0.0 <= self.task_mix <= 1.0:
-            bad("task_mix must be in [0, 1]")
+        if not (0.0 <= self.task_mix and 0.0 <= self.repeat_mix and self.task_mix + self.repeat_mix <= 1.0):
+            bad("task_mix and repeat_mix must be >= 0 with a sum <= 1")
 
 
 # Named presets: `demo` for the quick start (configs/demo.flags), `full` as in the paper (5 × 8).
@@ -231,11 +232,16 @@ def build_suite(output_dir: str | os.PathLike, settings: SuiteSettings, *,
         raise UserError(final.root, "exists and is not a d2c_jax suite (no suite.json); "
                         "refusing to overwrite it — choose another --output_dir")
     parent = os.path.dirname(final.root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final.root)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final.root)}.tmp-", dir=parent)
+    except OSError as e:
+        raise UserError(final.root, f"cannot create the suite directory: {e}") from None
     try:
         _build_into(tmp, final, settings, log)
         _install(tmp, final.root, settings)
+    except OSError as e:
+        raise UserError(final.root, f"cannot write the suite: {e}") from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -243,6 +249,7 @@ def build_suite(output_dir: str | os.PathLike, settings: SuiteSettings, *,
 
 
 def _install(tmp: str, target: str, settings: SuiteSettings) -> None:
+    """Swaps the finished temp dir in for `target` (an old suite, if any, is removed after)."""
     parent = os.path.dirname(target)
     old = None
     if os.path.lexists(target):
@@ -259,76 +266,114 @@ def _install(tmp: str, target: str, settings: SuiteSettings) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) -> None:
-    import jax
+@dataclasses.dataclass(frozen=True)
+class _World:
+    """What every build step shares: the world, the vocabulary, the tasks and their examples."""
 
-    from d2c_jax import lora as lora_lib
+    world: tasks.World
+    vocab: tok_lib.Vocab
+    task_list: list  # (task name, family, language index), sorted by name
+    splits: dict  # task name -> {"eval" | "search" | "train": [{"prompt", "response"}]}
 
-    t_start = time.time()
-    s = settings
+    @property
+    def names(self) -> list[str]:
+        return [t[0] for t in self.task_list]
+
+
+def _make_world(s: SuiteSettings) -> _World:
     world = tasks.make_world(s.seed, s.languages, s.concepts)
     vocab = tok_lib.make_vocab(tasks.reserved_words(s.languages) + [w for lex in world.words for w in lex])
     task_list = s.task_list()
-    names = [t[0] for t in task_list]
     sizes = {"eval": s.eval_examples, "search": s.search_examples, "train": s.train_examples}
     splits = {name: tasks.task_splits(world, fam, lang, sizes, min_words=s.min_words,
                                       max_words=s.max_words) for name, fam, lang in task_list}
-    paths = suite_paths(tmp)
+    return _World(world, vocab, task_list, splits)
 
-    # Task data on disk.
-    os.makedirs(paths.data_dir)
+
+def _build_into(tmp: str, final: SuitePaths, s: SuiteSettings, log: Log) -> None:
+    t_start = time.time()
+    w = _make_world(s)
+    paths = suite_paths(tmp)
+    _write_data(paths.data_dir, w)
+    log(f"data ready; pre-training {s.pretrain_steps} steps, {len(w.names)} tasks, vocab {w.vocab.size}")
+
+    t0 = time.time()
+    cfg, params, pre_losses = _pretrain_base(s, w, log)
+    t_pre = time.time() - t0
+    config_dict = _config_dict(s, w.vocab)
+    checkpoint.save_base_model(paths.base_model, params, config_dict)
+    tok_lib.save_tokenizer(w.vocab, paths.base_model)
+
+    t0 = time.time()
+    scaling = s.alpha / s.rank
+    lora = train.init_lora(cfg, checkpoint.ATTENTION_MODULES, s.rank, len(w.names),
+                           np.random.default_rng([s.seed, 7402]))
+    lora, ad_losses = train.train_adapters(cfg, params, lora, _adapter_batches(s, w), scaling=scaling,
+                                           lr=s.adapter_lr, log=log)
+    t_ad = time.time() - t0
+    _save_adapters(paths.adapters_dir, lora, w.names, s, final.base_model)
+
+    # How good is it: zero-shot vs own adapter vs the others, on the held-out split.
+    ev = train.stack_batches([_task_batch(w.vocab, w.splits[n]["eval"], s.seq_len) for n in w.names])
+    loss, acc = train.cross_losses(cfg, params, lora, ev, scaling=scaling)
+    quality = _quality(w.task_list, loss[0], acc[0], loss[1:], acc[1:])
+    quality["pretrain_final_loss"] = round(float(np.mean(pre_losses[-10:])), 4)
+    quality["adapter_final_loss"] = round(float(np.mean(ad_losses[-10:])), 4)
+    log(f"quality (held-out loss): {json.dumps(quality['summary'])}")
+    _write_manifest(tmp, s, w.names, quality)
+    log(f"built {len(w.names)} tasks in {time.time() - t_start:.1f}s "
+        f"(pre-training {t_pre:.1f}s, adapters {t_ad:.1f}s)")
+
+
+def _write_data(data_dir: str, w: _World) -> None:
+    """<task>.jsonl (search), <task>.eval.jsonl (held-out) and tasks.json."""
+    os.makedirs(data_dir)
     meta = {}
-    for name, fam, lang in task_list:
-        _write_jsonl(os.path.join(paths.data_dir, f"{name}.jsonl"), splits[name]["search"])
-        _write_jsonl(os.path.join(paths.data_dir, f"{name}.eval.jsonl"), splits[name]["eval"])
+    for name, fam, lang in w.task_list:
+        _write_jsonl(os.path.join(data_dir, f"{name}.jsonl"), w.splits[name]["search"])
+        _write_jsonl(os.path.join(data_dir, f"{name}.eval.jsonl"), w.splits[name]["eval"])
         meta[name] = {"metric": tasks.FAMILY_METRICS[fam],
                       "tags": {"family": fam, "language": tasks.language_name(lang)}}
-    checkpoint.write_json(os.path.join(paths.data_dir, "tasks.json"), meta)
+    checkpoint.write_json(os.path.join(data_dir, "tasks.json"), meta)
 
-    # The base model.
-    config_dict = checkpoint.llama_config_dict(
+
+def _config_dict(s: SuiteSettings, vocab: tok_lib.Vocab) -> dict[str, Any]:
+    return checkpoint.llama_config_dict(
         vocab_size=vocab.size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
         num_layers=s.num_layers, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
         max_positions=max(128, 4 * s.seq_len), bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id,
         pad_token_id=vocab.pad_id)
-    cfg = checkpoint.model_config(config_dict)
-    params = train.init_params(cfg, np.random.default_rng([s.seed, 7400]))
-    word_ids_lc = np.array([[vocab.id(w) for w in lex] for lex in world.words], np.int64)
-    params["embed"] = train.concept_embeddings(word_ids_lc, vocab.size, s.hidden_size,
-                                               np.random.default_rng([s.seed, 7401]))
-    pre = _pretrain_batches(s, world, vocab, task_list, splits)
-    log(f"data ready ({time.time() - t_start:.1f}s); pre-training {s.pretrain_steps} steps, "
-        f"{len(names)} tasks, vocab {vocab.size}")
-    t0 = time.time()
-    params, pre_losses = train.pretrain(cfg, params, pre, lr=s.pretrain_lr, log=log)
-    t_pre = time.time() - t0
-    checkpoint.save_base_model(paths.base_model, params, config_dict)
-    tok_lib.save_tokenizer(vocab, paths.base_model)
 
-    # The adapters, all at once.
-    scaling = s.alpha / s.rank
-    lora = train.init_lora(cfg, checkpoint.ATTENTION_MODULES, s.rank, len(names),
-                           np.random.default_rng([s.seed, 7402]))
-    ad = _adapter_batches(s, vocab, names, splits)
-    t0 = time.time()
-    lora, ad_losses = train.train_adapters(cfg, params, lora, ad, scaling=scaling, lr=s.adapter_lr, log=log)
-    t_ad = time.time() - t0
-    os.makedirs(paths.adapters_dir)
+
+def _pretrain_base(s: SuiteSettings, w: _World, log: Log):
+    """(cfg, trained params, losses): the base model, initialised with concept-structured
+    embeddings and pre-trained on the mixture of _pretrain_batches."""
+    cfg = checkpoint.model_config(_config_dict(s, w.vocab))
+    params = train.init_params(cfg, np.random.default_rng([s.seed, 7400]))
+    word_ids_lc = np.array([[w.vocab.id(x) for x in lex] for lex in w.world.words], np.int64)
+    params["embed"] = train.concept_embeddings(word_ids_lc, w.vocab.size, s.hidden_size,
+                                               np.random.default_rng([s.seed, 7401]))
+    params, losses = train.pretrain(cfg, params, _pretrain_batches(s, w), lr=s.pretrain_lr, log=log)
+    return cfg, params, losses
+
+
+def _save_adapters(adapters_dir: str, lora: dict, names: list[str], s: SuiteSettings,
+                   base_model: str) -> None:
+    """One PEFT adapter per task from the stacked raw factors {module: {"a": [T, L, R, d_in], ...}}."""
+    import jax
+
+    from d2c_jax import lora as lora_lib
+
+    os.makedirs(adapters_dir)
     lora_np = jax.tree_util.tree_map(np.asarray, lora)
     for i, name in enumerate(names):
-        lora_lib.save_peft_adapter(os.path.join(paths.adapters_dir, name),
+        lora_lib.save_peft_adapter(os.path.join(adapters_dir, name),
                                    {m: {"a": v["a"][i], "b": v["b"][i]} for m, v in lora_np.items()},
-                                   rank=s.rank, alpha=s.alpha, base_model_path=final.base_model)
+                                   rank=s.rank, alpha=s.alpha, base_model_path=base_model)
 
-    # How good is it: zero-shot vs own adapter vs the others, on the held-out split.
-    t0 = time.time()
-    ev = train.stack_batches([_task_batch(vocab, splits[n]["eval"], s.seq_len) for n in names])
-    loss, acc = train.cross_losses(cfg, params, lora, ev, scaling=scaling)
-    quality = _quality(task_list, loss[0], acc[0], loss[1:], acc[1:])
-    quality["pretrain_final_loss"] = round(float(np.mean(pre_losses[-10:])), 4)
-    quality["adapter_final_loss"] = round(float(np.mean(ad_losses[-10:])), 4)
-    log(f"quality (eval loss): {json.dumps(quality['summary'])} ({time.time() - t0:.1f}s)")
 
+def _write_manifest(tmp: str, s: SuiteSettings, names: list[str], quality: dict) -> None:
+    """suite.json, written last and atomically: settings, hashes of every file, quality."""
     files = {}
     for dirpath, _, fnames in os.walk(tmp):
         for fn in fnames:
@@ -336,12 +381,11 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
             rel = os.path.relpath(full, tmp).replace(os.sep, "/")
             files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
     files = dict(sorted(files.items()))
-    content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     manifest = {
         "format": "d2c_jax.suite",
         "settings": settings_dict(s),
         "settings_hash": settings_hash(s),
-        "content_hash": content,
+        "content_hash": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
         "paths": {"base_model": "base", "adapters_dir": "adapters", "data_dir": "data"},
         "tasks": names,
         "quality": quality,
@@ -352,8 +396,6 @@ def _build_into(tmp: str, final: SuitePaths, settings: SuiteSettings, log: Log) 
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.write("\n")
     os.replace(part, os.path.join(tmp, MANIFEST))
-    log(f"built {len(names)} tasks in {time.time() - t_start:.1f}s "
-        f"(pre-training {t_pre:.1f}s, adapters {t_ad:.1f}s)")
 
 
 def _task_batch(vocab: tok_lib.Vocab, examples: list[dict], seq_len: int, prompt_weight: float = 0.0):
@@ -362,14 +404,18 @@ def _task_batch(vocab: tok_lib.Vocab, examples: list[dict], seq_len: int, prompt
     return train.pack_rows(rows, seq_len, vocab.pad_id)
 
 
-def _pretrain_batches(s: SuiteSettings, world: tasks.World, vocab: tok_lib.Vocab,
-                      task_list: list[tuple[str, str, int]], splits: dict):
+def _pretrain_batches(s: SuiteSettings, w: _World) -> train.Batch:
     """[steps, B, S] rows: concept-chain sentences in a random language; a `task_mix` fraction
-    are task examples (loss on every token) from a pool disjoint from the search/eval data."""
+    are task examples (loss on every token) from a pool disjoint from the search/eval data and a
+    `repeat_mix` fraction are sentences said twice (copying from context: the circuit that the
+    reverse / shift / copy / ... skills build on forms early and reliably)."""
+    world, vocab, task_list, splits = w.world, w.vocab, w.task_list, w.splits
     rng = np.random.default_rng([s.seed, 7200])
     n = s.pretrain_steps * s.pretrain_batch
     seq = s.seq_len
-    is_task_n = rng.random(n) < s.task_mix
+    kind_u_n = rng.random(n)
+    is_task_n = kind_u_n < s.task_mix
+    is_repeat_n = (kind_u_n >= s.task_mix) & (kind_u_n < s.task_mix + s.repeat_mix)
     per_task = max(1, -(-int(is_task_n.sum()) // len(task_list)))
     pools = []
     for name, fam, lang in task_list:
@@ -379,9 +425,15 @@ def _pretrain_batches(s: SuiteSettings, world: tasks.World, vocab: tok_lib.Vocab
         pools.append(_task_batch(vocab, pool, seq, prompt_weight=1.0))
     pool_b = train.stack_batches(pools)  # [T, per_task, S]
     # Sentences: bos, `length` words of a concept walk in one language, eos; then right padding.
+    # A repeated sentence is its first half said twice.
     lex_ids_lc = np.array([[vocab.id(w) for w in lex] for lex in world.words], np.int64)
     walks_nw = tasks.concept_walks(world, n, seq - 1, rng)
     lengths_n = rng.integers(4, seq, size=n)  # words; + bos + eos = length + 2 <= seq + 1
+    half_n = lengths_n // 2
+    lengths_n = np.where(is_repeat_n, 2 * half_n, lengths_n)
+    word_w = np.arange(seq - 1)[None, :]
+    src_nw = np.where(is_repeat_n[:, None] & (word_w >= half_n[:, None]), word_w - half_n[:, None], word_w)
+    walks_nw = np.take_along_axis(walks_nw, src_nw, axis=1)
     langs_n = rng.integers(s.languages, size=n)
     task_pick_n = rng.integers(len(task_list), size=n)
     ex_pick_n = rng.integers(per_task, size=n)
@@ -401,13 +453,12 @@ def _pretrain_batches(s: SuiteSettings, world: tasks.World, vocab: tok_lib.Vocab
     return train.Batch(*(x.reshape(shape) for x in mix))
 
 
-def _adapter_batches(s: SuiteSettings, vocab: tok_lib.Vocab, names: list[str], splits: dict):
+def _adapter_batches(s: SuiteSettings, w: _World) -> train.Batch:
     """[steps, T, B, S]: each task's own training examples, response-only loss."""
     rng = np.random.default_rng([s.seed, 7300])
-    per_task = train.stack_batches([_task_batch(vocab, splits[n]["train"], s.seq_len) for n in names])
-    t = len(names)
-    idx = rng.integers(s.train_examples, size=(s.adapter_steps, t, s.adapter_batch))
-    t_idx = np.arange(t)[None, :, None]
+    per_task = train.stack_batches([_task_batch(w.vocab, w.splits[n]["train"], s.seq_len) for n in w.names])
+    idx = rng.integers(s.train_examples, size=(s.adapter_steps, len(w.names), s.adapter_batch))
+    t_idx = np.arange(len(w.names))[None, :, None]
     return train.Batch(*(x[t_idx, idx] for x in (per_task.tokens, per_task.targets, per_task.weights,
                                                   per_task.attn)))
 

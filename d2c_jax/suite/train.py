@@ -1,6 +1,7 @@
 """Training the suite with optax: base-model pre-training and all task adapters in one vmapped loop.
 
-Both use our decoder (`d2c_jax.models.decoder.forward`) under `jax.grad`. Adapters are raw PEFT
+Both use our decoder and loss (`d2c_jax.loss.task_loss`: HF's mean CE over the weighted
+targets) under `jax.grad`. Adapters are raw PEFT
 factors (A [L, R, d_in] shared init across tasks, B [L, d_out, R] zero init) on q/k/v/o; the
 scaling alpha / r is folded into B only when calling the decoder. The optimiser (AdamW) is
 vmapped over the task axis, so every task has its own optimiser state and nothing couples tasks.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from d2c_jax.loss import task_loss
 from d2c_jax.models import decoder
 from d2c_jax.models.config import ModelConfig, module_shapes
 
@@ -110,22 +112,6 @@ def concept_embeddings(word_ids_lc: np.ndarray, vocab_size: int, dim: int, rng: 
     return jnp.asarray(emb_vd.astype(np.float32))
 
 
-def _ce_sums(logits_bsv: jax.Array, targets_bs: jax.Array, weights_bs: jax.Array):
-    """(sum of weighted CE, sum of weights, sum of weighted argmax hits)."""
-    logp_bsv = jax.nn.log_softmax(logits_bsv, axis=-1)
-    nll_bs = -jnp.take_along_axis(logp_bsv, targets_bs[..., None], axis=-1)[..., 0]
-    hit_bs = (jnp.argmax(logits_bsv, axis=-1) == targets_bs).astype(jnp.float32)
-    return jnp.sum(nll_bs * weights_bs), jnp.sum(weights_bs), jnp.sum(hit_bs * weights_bs)
-
-
-def masked_loss(params: dict, cfg: ModelConfig, lora: dict | None, tokens_bs, targets_bs, weights_bs,
-                attn_bs) -> jax.Array:
-    """sum(CE * w) / sum(w): HF's mean over the weighted targets."""
-    logits = decoder.forward(params, cfg, tokens_bs, attn_bs, lora)
-    total, count, _ = _ce_sums(logits, targets_bs, weights_bs)
-    return total / jnp.maximum(count, 1.0)
-
-
 def _schedule(lr: float, steps: int, warmup: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1), lr * 0.1)
 
@@ -142,7 +128,7 @@ def _pretrain_step(cfg: ModelConfig, lr: float, steps: int, warmup: int, weight_
 
     @jax.jit
     def step(params, state, tokens, targets, weights, attn):
-        loss, grads = jax.value_and_grad(masked_loss)(params, cfg, None, tokens, targets, weights, attn)
+        loss, grads = jax.value_and_grad(task_loss)(params, cfg, None, tokens, targets, weights, attn)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
@@ -196,10 +182,10 @@ def _adapter_step(cfg: ModelConfig, scaling: float, lr: float, steps: int, warmu
     opt = optax.adamw(_schedule(lr, steps, warmup), weight_decay=weight_decay)
 
     def total_loss(lora, params, tokens, targets, weights, attn):
-        def task_loss(lora_t, tokens, targets, weights, attn):
-            return masked_loss(params, cfg, scaled(lora_t, scaling), tokens, targets, weights, attn)
+        def one_task(lora_t, tokens, targets, weights, attn):
+            return task_loss(params, cfg, scaled(lora_t, scaling), tokens, targets, weights, attn)
 
-        losses_t = jax.vmap(task_loss)(lora, tokens, targets, weights, attn)
+        losses_t = jax.vmap(one_task)(lora, tokens, targets, weights, attn)
         return jnp.sum(losses_t), losses_t
 
     @jax.jit
@@ -238,15 +224,17 @@ def train_adapters(cfg: ModelConfig, params: dict, lora_raw: dict, batches: Batc
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _per_task_losses(cfg: ModelConfig, params: dict, lora: dict, tokens, targets, weights, attn):
-    """Loss and token accuracy [T] of one adapter on every task; data leaves [T, n, S]."""
-    t, n, s = tokens.shape
-    logits = decoder.forward(params, cfg, tokens.reshape(t * n, s), attn.reshape(t * n, s), lora)
-    logp = jax.nn.log_softmax(logits, axis=-1).reshape(t, n, s, -1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    hit = (jnp.argmax(logp, axis=-1) == targets).astype(jnp.float32)
-    count_t = jnp.maximum(jnp.sum(weights, axis=(1, 2)), 1.0)
-    return jnp.sum(nll * weights, axis=(1, 2)) / count_t, jnp.sum(hit * weights, axis=(1, 2)) / count_t
+def _per_task_losses(cfg: ModelConfig, params: dict, lora: dict, tokens_tns, targets_tns, weights_tns,
+                     attn_tns):
+    """Loss and token accuracy [T] of one adapter on every task."""
+    t, n, s = tokens_tns.shape
+    logits = decoder.forward(params, cfg, tokens_tns.reshape(t * n, s), attn_tns.reshape(t * n, s), lora)
+    logp_tnsv = jax.nn.log_softmax(logits, axis=-1).reshape(t, n, s, -1)
+    nll_tns = -jnp.take_along_axis(logp_tnsv, targets_tns[..., None], axis=-1)[..., 0]
+    hit_tns = (jnp.argmax(logp_tnsv, axis=-1) == targets_tns).astype(jnp.float32)
+    count_t = jnp.maximum(jnp.sum(weights_tns, axis=(1, 2)), 1.0)
+    return (jnp.sum(nll_tns * weights_tns, axis=(1, 2)) / count_t,
+            jnp.sum(hit_tns * weights_tns, axis=(1, 2)) / count_t)
 
 
 def cross_losses(cfg: ModelConfig, params: dict, lora_raw: dict, data: Batch, *,
