@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -121,25 +120,6 @@ def partition_from_clusters(clusters: Sequence[Sequence[str]], names: Sequence[s
     """int32[N]: the cluster index of each task (names order)."""
     cluster_of = {name: k for k, c in enumerate(clusters) for name in c}
     return np.array([cluster_of[n] for n in names], np.int32)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes into a temp file beside `path`, then renames it over `path`."""
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    except OSError as e:
-        raise UserError(path, f"cannot write the output: {e}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------- scores

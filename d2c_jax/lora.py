@@ -17,13 +17,12 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from d2c_jax.atomic_io import write_dir_atomic
 from d2c_jax.errors import UserError
 from d2c_jax.models.config import LORA_MODULES, ModelConfig, module_shapes
 
@@ -506,35 +505,6 @@ def lora_delta(lora: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- saving
 
 
-def _atomic_dir_write(out_dir: str, write_fn) -> None:
-    """Writes into a temp dir beside out_dir, then swaps it in; never leaves a half-written out_dir."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    except OSError as e:
-        raise UserError(out_dir, f"cannot create output directory: {e}") from None
-    try:
-        write_fn(tmp)
-        if os.path.exists(out_dir):
-            if not os.path.isdir(out_dir):
-                raise UserError(out_dir, "exists and is not a directory")
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(out_dir, f"cannot write output: {e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_peft_adapter(
     out_dir: str | os.PathLike,
     lora_single: Mapping[str, Mapping[str, Any]],
@@ -594,5 +564,5 @@ def save_peft_adapter(
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
 
-    _atomic_dir_write(out_dir, write)
+    write_dir_atomic(out_dir, write, what="adapter")
     return out_dir

@@ -27,14 +27,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from d2c_jax.atomic_io import remove_path as _remove
+from d2c_jax.atomic_io import write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.errors import UserError
 from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig
 
@@ -46,50 +46,6 @@ CHECKPOINTS = "checkpoints"
 OBJECTIVE_PNG = "objective.png"
 ASSIGNMENT_PNG = "assignment.png"
 OUTPUTS = (PARTITION, METRICS, OBJECTIVE_PNG, ASSIGNMENT_PNG, MERGED)
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Writes into a temp file beside `path`, then renames it over `path`."""
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    except OSError as e:
-        raise UserError(path, f"cannot write: {e}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise UserError(path, f"cannot write: {e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
 
 
 def metrics_jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -248,8 +204,8 @@ def _mesh(cfg: RunConfig):
 
 def resolve_suite(cfg: RunConfig) -> RunConfig:
     """Fills the paths that --suite supplies, building that suite on first use (cached after)."""
-    if not cfg.suite:
-        return cfg
+    if not cfg.suite or (cfg.base_model and cfg.adapters_dir and cfg.data_dir):
+        return cfg  # no suite, or every path it would supply is given explicitly: nothing to build
     from d2c_jax.suite import ensure_preset
 
     print(f"suite {cfg.suite!r}: using (or building, on first use) {os.path.join(cfg.suite_root, cfg.suite)}",
@@ -422,20 +378,12 @@ def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepa
 
     from d2c_jax import lora, merge
 
-    parent = os.path.dirname(out_dir)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)
-        merge_fn = jax.jit(merge.merge_mask)
+    merge_fn = jax.jit(merge.merge_mask)
+
+    def write(tmp: str) -> None:
         for k in range(num_clusters):
             lora_k = jax.tree.map(np.asarray, merge_fn(prepared, np.asarray(partition_n == k)))
             lora.save_peft_adapter(os.path.join(tmp, f"cluster_{k}"), lora_k, rank=prepared.rank,
                                    alpha=prepared.rank, base_model_path=base_model)
-        _remove(out_dir)
-        os.replace(tmp, out_dir)
-    except OSError as e:
-        _remove(tmp)
-        raise UserError(out_dir, f"cannot write the merged adapters: {e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
+
+    write_dir_atomic(out_dir, write, what="merged adapters")

@@ -568,11 +568,74 @@ def findings(res: ReportResult) -> list[str]:
     return out
 
 
+def explanations(res: ReportResult) -> list[str]:
+    """Why D²C (paper setting) lands where it does, in sentences computed from the numbers:
+    search budget (converged or not), whether the weights alone reveal the grouping, and whether
+    the merge method changes the ranking of partitions."""
+    cfg, k = res.cfg, res.cfg.num_clusters
+    out: list[str] = []
+    d2c, ours = res.select("d2c", k), res.select("d2c_ours", k)
+    candidates = [r for r in res.runs if r.merge == cfg.merge and r.num_clusters == k
+                  and r.search_loss is not None and r.partition is not None]
+    if d2c and candidates:
+        best = min(candidates, key=lambda r: r.search_loss)
+        d2c_sl = float(np.mean([r.search_loss for r in d2c]))
+        gap = d2c_sl - best.search_loss
+        text = (f"Search budget: after T = {cfg.iterations} iterations D²C (paper setting) reaches a "
+                f"search loss of {d2c_sl:.4f} (mean over seeds), while the lowest search loss of any "
+                f"partition evaluated at K = {k} is {best.search_loss:.4f} ({best.key}"
+                + (f", seed {best.seed}" if best.seed is not None else "") + "). ")
+        if gap > 1e-3:
+            text += ("The paper's search has not converged within this budget: each iteration tries "
+                     "one random move and judges it by the moved task's loss alone.")
+        else:
+            text += "The paper's search has converged to (near) the best partition found."
+        long_runs = res.select("d2c_long", k)
+        if long_runs:
+            text += (f" With T = {cfg.long_iterations} (seed 0) it reaches {long_runs[0].search_loss:.4f}.")
+        if ours:
+            text += (f" Our setting (P = {cfg.population} chains × M = {cfg.proposals} proposals, "
+                     f"{cfg.objective} objective) reaches {np.mean([r.search_loss for r in ours]):.4f} "
+                     f"in the same T.")
+        out.append(text)
+    fam = _labels(res, "family")
+    svd = res.select("svd_kmeans", k)
+    if fam is not None and svd:
+        a = [ari(fam, r.partition) for r in svd]
+        if all(x is not None for x in a):
+            oracle = res.select("by_family")
+            out.append(
+                f"What the weights reveal: SVD K-means, which never looks at data, groups the tasks by "
+                f"family with ARI {np.mean(a):.3f} and a search loss of {np.mean([r.search_loss for r in svd]):.4f}"
+                + (f" (the family oracle: {oracle[0].search_loss:.4f})" if oracle and oracle[0].search_loss is not None
+                   else "")
+                + ". On this suite the adapters of one family are alike in weight space, so the partition "
+                  "the data-driven objective prefers is already visible in the weights and a "
+                  "data-driven search has little room to beat it; it can win only where weight "
+                  "similarity and mergeability disagree.")
+    for other in cfg.compare_merges:
+        pairs = []
+        for r in res.runs:
+            if r.merge != cfg.merge or r.partition is None or r.seed not in (None, 0):
+                continue
+            o = [x for x in res.select(r.key, r.num_clusters, merge=other) if x.partition == r.partition]
+            if o:
+                pairs.append((r.score, o[0].score))
+        if len(pairs) >= 3:
+            x = np.asarray(pairs, np.float64)
+            rho = _spearman(x[:, 0], x[:, 1])
+            out.append(
+                f"Merge method: the same {len(pairs)} partitions merged with {other} instead of {cfg.merge} "
+                f"score {np.mean(x[:, 1] - x[:, 0]):+.2f} points on average (from {np.min(x[:, 1] - x[:, 0]):+.2f} "
+                f"to {np.max(x[:, 1] - x[:, 0]):+.2f}); Spearman ρ between the two scorings of the partitions "
+                f"= {'n/a' if rho is None else f'{rho:+.2f}'}" + (", so the merge method shifts the scores but hardly changes which "
+                                  "partition is best." if rho is not None and rho > 0.8 else "."))
+    return out
+
+
 def loss_score_correlations(res: ReportResult) -> dict[str, Any]:
     """Spearman correlations over the distinct partitions evaluated at K (main merge): does a
     lower (search / eval) loss go with a higher score?"""
-    from scipy.stats import spearmanr
-
     k = res.cfg.num_clusters
     seen, rows = set(), []
     for r in res.runs:
@@ -585,9 +648,18 @@ def loss_score_correlations(res: ReportResult) -> dict[str, Any]:
         x = np.asarray(rows, np.float64)
         for name, (i, j) in {"search_loss_vs_score": (0, 2), "eval_loss_vs_score": (1, 2),
                              "search_loss_vs_eval_loss": (0, 1)}.items():
-            rho = spearmanr(x[:, i], x[:, j]).statistic
-            out[name] = None if not np.isfinite(rho) else float(rho)
+            out[name] = _spearman(x[:, i], x[:, j])
     return out
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rho, None where it is undefined (a constant input)."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    rho = float(spearmanr(x, y).statistic)
+    return rho if np.isfinite(rho) else None
 
 
 def _gap(x: float, lo: float, hi: float) -> str:
@@ -620,7 +692,7 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
         f"{res.adapters['scaling']:g}, modules {', '.join(res.adapters['modules'])}); base model "
         f"{res.model['arch']} with hidden size {res.model['hidden_size']}, {res.model['num_layers']} "
         f"layers, vocabulary {res.model['vocab_size']}.",
-        f"- Metrics per family (tasks.json): "
+        "- Metrics per family (tasks.json): "
         + ", ".join(f"{f}: {metric_of_family[f]}" for f in fams) + ". "
         f"Score = the mean over tasks of the metric (0–100) of greedy decoding (KV cache, at most "
         f"{res.max_new_tokens} new tokens) on each task's {res.data['eval_examples']} held-out "
@@ -749,6 +821,9 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
                 f"ρ(eval loss, score) = {fmt('eval_loss_vs_score')}, ρ(search loss, eval loss) = "
                 f"{fmt('search_loss_vs_eval_loss')} (a loss that predicts the score gives ρ near −1 "
                 "with it; a search loss that predicts the eval loss gives ρ near +1)."]
+    why = explanations(res)
+    if why:
+        out += ["", "### What explains the outcome", ""] + [f"- {line}" for line in why]
     out.append("")
     return "\n".join(out)
 
@@ -849,7 +924,7 @@ def assignment_png(res: ReportResult) -> bytes | None:
 
 def write_report(res: ReportResult, output_dir: str) -> dict[str, str]:
     """Writes results.md and the PNGs into output_dir (each atomically); returns {role: path}."""
-    from d2c_jax.pipeline import write_bytes_atomic, write_text_atomic
+    from d2c_jax.atomic_io import write_bytes_atomic, write_text_atomic
 
     images = {"table": TABLE_PNG, "clusters": CLUSTERS_PNG, "assignment": ASSIGNMENT_PNG}
     pngs = {"table": table_png(res), "clusters": clusters_png(res), "assignment": assignment_png(res)}

@@ -14,7 +14,6 @@ background load (same machine, same run). --tiny: a seconds-long configuration.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from typing import Sequence
@@ -80,7 +79,7 @@ def main(argv: Sequence[str]) -> None:
 
     def body() -> int:
         from d2c_jax import bench_fixture as bf
-        from d2c_jax.errors import UserError
+        from d2c_jax.atomic_io import write_json_atomic
 
         fixture, bench = settings_from_flags(flags.FLAGS)
         bf.check_settings(fixture, bench)
@@ -89,16 +88,7 @@ def main(argv: Sequence[str]) -> None:
         result = bf.run_benchmark(paths, bench, isolate=flags.FLAGS.isolate)
         print(bf.report(result), flush=True)
         if flags.FLAGS.output:
-            out = os.path.abspath(flags.FLAGS.output)
-            tmp = f"{out}.tmp{os.getpid()}"
-            try:
-                with open(tmp, "w") as fh:
-                    json.dump(result, fh, indent=1)
-                os.replace(tmp, out)
-            except OSError as e:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise UserError(out, f"cannot write the JSON output: {e.strerror}") from None
+            write_json_atomic(os.path.abspath(flags.FLAGS.output), result, indent=1)
         return 0
 
     sys.exit(run_cli(body))

@@ -73,7 +73,8 @@ def main(argv: Sequence[str]) -> None:
     def body() -> None:
         import jax
 
-        from d2c_jax.evaluation import evaluate, write_json_atomic
+        from d2c_jax.atomic_io import write_json_atomic
+        from d2c_jax.evaluation import evaluate
         from d2c_jax.sharding import initialize_distributed
 
         cfg = config_from_flags(flags.FLAGS)

@@ -17,32 +17,17 @@ pytest.importorskip("peft")
 from d2c_jax import pipeline  # noqa: E402
 from d2c_jax.errors import UserError  # noqa: E402
 from d2c_jax.run_config import RunConfig  # noqa: E402
+from fixtures_search_inputs import NAMES, make_search_inputs  # noqa: E402
+from fixtures_search_inputs import SEARCH as BASE_SEARCH  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "search.py")
-NAMES = [f"task_{i}" for i in range(5)]
-WORDS = ["one two three", "the quick fox", "hello world", "answer the question", "sort the words"]
-SEARCH = dict(num_clusters=2, iterations=6, population=2, proposals=2, objective="global", exchange_every=3,
-              examples_per_task=3, max_seq_len=64, dtype="float32", checkpoint_every=2, track_every=2, seed=1)
+SEARCH = {**BASE_SEARCH, "exchange_every": 3}
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from fixtures_adapters import make_peft_adapters
-    from fixtures_models import make_tiny_model
-
-    root = tmp_path_factory.mktemp("inputs")
-    base = make_tiny_model(root / "base", "llama")
-    make_peft_adapters(base, root / "adapters", NAMES, r=4, alpha=8, scale=0.3)
-    data = root / "data"
-    data.mkdir()
-    for i, name in enumerate(NAMES):
-        with open(data / f"{name}.jsonl", "w") as f:
-            for j in range(3):
-                f.write(json.dumps({"prompt": f"{WORDS[i]} {j}", "response": WORDS[(i + j) % 5]}) + "\n")
-    tags = {n: {"tags": {"family": "ab"[i % 2], "language": "en"}} for i, n in enumerate(NAMES)}
-    (data / "tasks.json").write_text(json.dumps(tags))
-    return {"base_model": str(base), "adapters_dir": str(root / "adapters"), "data_dir": str(data)}
+    return make_search_inputs(tmp_path_factory.mktemp("inputs"), tags=True)
 
 
 def _argv(inputs, workdir, **over):

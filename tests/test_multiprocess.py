@@ -24,13 +24,10 @@ pytest.importorskip("peft")
 from d2c_jax import sharding  # noqa: E402
 from d2c_jax.errors import UserError  # noqa: E402
 from d2c_jax.run_config import RunConfig  # noqa: E402
+from fixtures_search_inputs import SEARCH, make_search_inputs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "search.py")
-NAMES = [f"task_{i}" for i in range(5)]
-WORDS = ["one two three", "the quick fox", "hello world", "answer the question", "sort the words"]
-SEARCH = dict(num_clusters=2, iterations=6, population=2, proposals=2, objective="global", examples_per_task=3,
-              max_seq_len=64, dtype="float32", checkpoint_every=2, track_every=2, seed=1)
 TIMEOUT = 300
 
 # Process 1's launcher: an audit hook logs its writes under D2C_TEST_WATCH (":"-separated dirs) to
@@ -170,19 +167,7 @@ def _doc(workdir) -> dict:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from fixtures_adapters import make_peft_adapters
-    from fixtures_models import make_tiny_model
-
-    root = tmp_path_factory.mktemp("inputs")
-    base = make_tiny_model(root / "base", "llama")
-    make_peft_adapters(base, root / "adapters", NAMES, r=4, alpha=8, scale=0.3)
-    data = root / "data"
-    data.mkdir()
-    for i, name in enumerate(NAMES):
-        with open(data / f"{name}.jsonl", "w") as f:
-            for j in range(3):
-                f.write(json.dumps({"prompt": f"{WORDS[i]} {j}", "response": WORDS[(i + j) % 5]}) + "\n")
-    return {"base_model": str(base), "adapters_dir": str(root / "adapters"), "data_dir": str(data)}
+    return make_search_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def _skip_unless_distributed_works() -> None:

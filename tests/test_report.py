@@ -61,7 +61,7 @@ def tiny_report(tmp_path_factory):
     cfg = report.ReportConfig(
         suite=root, output_dir=out_dir, seeds=1, num_clusters=2, iterations=3,
         cluster_counts=(1, 2), count_strategies=("d2c", "random"), count_seeds=1, population=2,
-        proposals=2, compare_merges=(), long_iterations=6, max_new_tokens=3, batch_size=8,
+        proposals=2, compare_merges=("linear",), long_iterations=6, max_new_tokens=3, batch_size=8,
         generation_batch_size=16,
         command="python launch/report.py --suite=TINY",
     )
@@ -117,6 +117,26 @@ def test_cluster_counts_and_ari_sections(tiny_report):
         raw = json.load(f)
     assert {r["key"] for r in raw["runs"]} >= {"zero_shot", "single", "all_in_one", "random",
                                                "kmeans", "svd_kmeans", "d2c", "d2c_ours"}
+
+
+def test_the_outcome_is_explained_from_the_numbers(tiny_report):
+    res, _, md = tiny_report
+    why = _section(md, "### What explains the outcome")
+    d2c = res.select("d2c", 2)
+    best = min((r for r in res.runs if r.merge == "ties" and r.num_clusters == 2 and r.partition is not None
+                and r.search_loss is not None), key=lambda r: r.search_loss)
+    assert f"search loss of {np.mean([r.search_loss for r in d2c]):.4f}" in why
+    assert f"is {best.search_loss:.4f} ({best.key}" in why
+    family = np.array([FAMILIES.index(n.split("_")[0]) for n in res.names])
+    svd = res.select("svd_kmeans", 2)
+    assert f"with ARI {np.mean([adjusted_rand_score(family, r.partition) for r in svd]):.3f}" in why
+    # The compared merge: the same partitions re-merged with linear, score change quoted.
+    pairs = [(r.score, o.score) for r in res.runs if r.merge == "ties" and r.partition is not None
+             and r.seed in (None, 0)
+             for o in res.select(r.key, r.num_clusters, merge="linear") if o.partition == r.partition]
+    assert len(pairs) >= 3
+    diff = np.mean([b - a for a, b in pairs])
+    assert f"merged with linear instead of ties score {diff:+.2f} points" in why
 
 
 def test_bad_suite_is_a_user_error(tmp_path):

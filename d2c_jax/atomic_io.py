@@ -1,0 +1,97 @@
+"""Atomic outputs: every file or directory we write appears whole or not at all.
+
+Each writer builds its output in a temp name beside the target (same filesystem) and renames it
+over the target, so a crash, a SIGKILL or a full disk never leaves a half-written partition.json,
+report or PEFT adapter where a user (or a resumed run) would read it. Failures become a UserError
+naming the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+from d2c_jax.errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def remove_path(path: str) -> None:
+    """Removes a file, link or directory tree if it exists."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Writes into a temp file beside `path`, then renames it over `path`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    except OSError as e:
+        raise UserError(path, f"cannot write: {e}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except OSError as e:
+        remove_path(tmp)
+        raise UserError(path, f"cannot write: {e}") from None
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str, obj: Any, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_dir_atomic(out_dir: str, write_fn: Callable[[str], None], what: str = "output") -> None:
+    """Calls write_fn(tmp_dir) on a temp dir beside out_dir, then swaps it in for out_dir.
+
+    An existing out_dir is moved aside first and removed only after the new one is in place, so
+    at every moment out_dir is either the old complete directory or the new one.
+    """
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
+    except OSError as e:
+        raise UserError(out_dir, f"cannot create the {what} directory: {e}") from None
+    try:
+        write_fn(tmp)
+        if os.path.lexists(out_dir):
+            if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+                raise UserError(out_dir, "exists and is not a directory")
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rmdir(old)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(out_dir, f"cannot write the {what}: {e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
