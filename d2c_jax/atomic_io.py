@@ -63,11 +63,16 @@ def write_json_atomic(path: str, obj: Any, indent: int | None = 2) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def write_dir_atomic(out_dir: str, write_fn: Callable[[str], None], what: str = "output") -> None:
+def write_dir_atomic(out_dir: str, write_fn: Callable[[str], None], what: str = "output",
+                     keep_existing: Callable[[str], bool] | None = None) -> None:
     """Calls write_fn(tmp_dir) on a temp dir beside out_dir, then swaps it in for out_dir.
 
     An existing out_dir is moved aside first and removed only after the new one is in place, so
     at every moment out_dir is either the old complete directory or the new one.
+
+    `keep_existing` tolerates a concurrent writer: when the final swap fails and
+    keep_existing(out_dir) is true (out_dir now holds an equally good result of someone else),
+    ours is dropped (with the old directory moved aside, if any) and this returns normally.
     """
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
@@ -79,16 +84,21 @@ def write_dir_atomic(out_dir: str, write_fn: Callable[[str], None], what: str = 
         raise UserError(out_dir, f"cannot create the {what} directory: {e}") from None
     try:
         write_fn(tmp)
+        old = None
         if os.path.lexists(out_dir):
             if not os.path.isdir(out_dir) or os.path.islink(out_dir):
                 raise UserError(out_dir, "exists and is not a directory")
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rmdir(old)
             os.replace(out_dir, old)
+        try:
             os.replace(tmp, out_dir)
+        except OSError:
+            if keep_existing is None or not keep_existing(out_dir):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # someone else's result is in place: keep it
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(out_dir, f"cannot write the {what}: {e}") from None

@@ -35,14 +35,13 @@ import math
 import multiprocessing
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from d2c_jax.atomic_io import write_dir_atomic
 from d2c_jax.errors import UserError
 
 FAMILIES = ("gec", "reply", "summ", "tone", "qa")
@@ -194,16 +193,14 @@ def ensure_fixture(fixture_dir: str | os.PathLike, s: FixtureSettings,
         raise UserError(parent, f"cannot create the fixture directory: {e.strerror}") from None
     log(f"building fixture {paths.root} (one-off; cached for later runs)")
     start = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+
+    def write(tmp: str) -> None:
         build_fixture(tmp, s)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"settings": dataclasses.asdict(s), "param_count": param_count(s),
                        "names": list(paths.names)}, f, indent=1)
-        os.replace(tmp, paths.root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(paths.root, write, what="fixture")
     log(f"fixture built in {time.perf_counter() - start:.1f} s")
     return paths
 
@@ -359,18 +356,6 @@ def _log(tag: str, msg: str) -> None:
     print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
 
 
-def _read_examples(data_dir: str, task: str, limit: int) -> list[tuple[str, str]]:
-    rows = []
-    with open(os.path.join(data_dir, f"{task}.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                doc = json.loads(line)
-                rows.append((doc["prompt"], doc["response"]))
-            if len(rows) == limit:
-                break
-    return rows
-
-
 def reference_batch(tokenizer: Any, examples: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """One right-padded torch batch of a task's examples, labels -100 on prompt and padding
     (HF's loss of this batch is the pinned task loss)."""
@@ -402,6 +387,7 @@ class ReferenceSession:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from d2c_jax.data import data_file, read_examples
         from d2c_jax.strategies import d2c
 
         torch.set_num_threads(os.cpu_count() or 1)
@@ -415,7 +401,8 @@ class ReferenceSession:
         self.model = model.eval()
         tok = AutoTokenizer.from_pretrained(paths.base_model, local_files_only=True)
         n = paths.settings.examples_per_task
-        self.batches = [reference_batch(tok, _read_examples(paths.data_dir, t, n)) for t in self.names]
+        examples = [read_examples(data_file(paths.data_dir, t, "search"), n) for t in self.names]
+        self.batches = [reference_batch(tok, [(p, r) for _, p, r in rows]) for rows in examples]
         self.setup_s = time.perf_counter() - start
         self.partition_n = d2c.initial_partitions(len(self.names), bench.num_clusters, 1, bench.seed)[0]
         self.iteration = 0
@@ -544,14 +531,13 @@ def _device_memory() -> dict[str, Any] | None:
 
 @dataclasses.dataclass
 class _ChainRun:
-    """A search driven step by step; `snapshot` = partitions when the budget was first reached."""
+    """A search driven step by step; `snapshot` = (partitions, evaluations, iteration) when the
+    budget was first reached."""
 
     spec: ChainSpec
     state: Any
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    snapshot: np.ndarray | None = None
-    snapshot_evals: int = 0
-    snapshot_iteration: int = 0
+    snapshot: tuple[np.ndarray, int, int] | None = None
 
     @property
     def evaluations(self) -> int:
@@ -571,8 +557,7 @@ def _drive(scorer: Any, run: _ChainRun, bench: BenchSettings, *, min_iterations:
         run.rows.append(row)
         idle = idle + 1 if row["evaluations"] == 0 else 0
         if budget > 0 and run.snapshot is None and run.evaluations >= budget:
-            run.snapshot = run.state.partitions_pn.copy()
-            run.snapshot_evals, run.snapshot_iteration = run.evaluations, run.state.iteration
+            run.snapshot = (run.state.partitions_pn.copy(), run.evaluations, run.state.iteration)
         _log(tag, f"{run.spec.label}: iteration {run.state.iteration}, {row['evaluations']} evaluations, "
                   f"{row['seconds']:.2f} s (total {run.evaluations} evaluations)")
 
@@ -593,14 +578,17 @@ def _final_objective(scorer: Any, run: _ChainRun, num_clusters: int, cache: Any)
     are measurement, not search."""
     from d2c_jax.search import objectives, partition_losses
 
-    partitions_pn = run.snapshot if run.snapshot is not None else run.state.partitions_pn
+    if run.snapshot is not None:
+        partitions_pn, evaluations, iterations = run.snapshot
+    else:
+        partitions_pn, evaluations, iterations = run.state.partitions_pn, run.evaluations, run.state.iteration
     losses_pn, stats = partition_losses(scorer, cache, partitions_pn, num_clusters)
     obj_p = objectives(losses_pn)
     best = int(np.argmin(obj_p))
     return {
         "strategy": run.spec.label,
-        "search_evaluations": run.snapshot_evals if run.snapshot is not None else run.evaluations,
-        "iterations": run.snapshot_iteration if run.snapshot is not None else run.state.iteration,
+        "search_evaluations": evaluations,
+        "iterations": iterations,
         "objective": float(obj_p[best]),
         "measure_evaluations": stats.evaluations,
         "partition": partitions_pn[best].tolist(),
@@ -626,7 +614,6 @@ class D2cJaxSession:
                      f"second call {self.second_s:.1f} s")
         self.run = _ChainRun(timed, initial_state(timed.settings(bench.num_clusters, bench.seed),
                                                   self.adapters.num_adapters))
-        self.timed_rows: list[dict[str, Any]] = []
         self.cpu_s: list[float] = []
         self.rss_timed = peak_rss_mb()
 
@@ -634,7 +621,6 @@ class D2cJaxSession:
         c0 = time.process_time()
         _drive(self.scorer, self.run, self.bench, min_iterations=len(self.run.rows) + 1, budget=0, tag=self.column)
         self.cpu_s.append(time.process_time() - c0)
-        self.timed_rows.append(self.run.rows[-1])
         self.rss_timed = peak_rss_mb()
         return self.run.rows[-1]
 
@@ -643,7 +629,7 @@ class D2cJaxSession:
         from d2c_jax.search import evaluate_partition, initial_state
         from d2c_jax.strategies.baselines import baseline_partition
 
-        rows, timed = self.timed_rows, self.run.spec
+        rows, timed = list(self.run.rows), self.run.spec  # the step() rows (a copy: finish drives on)
         unique = sum(r["unique_requests"] for r in rows)
         out: dict[str, Any] = {
             "column": self.column,
@@ -676,10 +662,8 @@ class D2cJaxSession:
                 runs.append(other)
             table = []
             measure = _pooled_cache(runs, n)
-            a = {m: np.asarray(x) for m, x in self.adapters.a.items()}
-            b = {m: np.asarray(x) for m, x in self.adapters.b.items()}
             for name in self.baselines:
-                partition_n = baseline_partition(name, n, k, self.bench.seed, a, b)
+                partition_n = baseline_partition(name, n, k, self.bench.seed, self.adapters.a, self.adapters.b)
                 objective, _, stats = evaluate_partition(scorer, partition_n, k, cache=measure)
                 table.append({"strategy": name, "search_evaluations": 0, "iterations": 0, "objective": objective,
                               "measure_evaluations": stats.evaluations, "partition": partition_n.tolist()})
@@ -864,6 +848,16 @@ def _minutes(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
+def _text_table(table: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table: the first column left-aligned, the others right-aligned, a
+    dash line under the head row."""
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in table]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
 def speed_table(result: dict[str, Any]) -> str:
     """The side-by-side table: reference | d2c_jax paper | d2c_jax P/M."""
     cols = result["columns"]
@@ -906,11 +900,7 @@ def speed_table(result: dict[str, Any]) -> str:
         ("device peak memory (MB)", [dev(c) for c in cols]),
     ]
     head = ["", "reference (torch+PEFT)"] + [c["column"] for c in cols[1:]]
-    table = [head] + [[name] + vals for name, vals in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-             for r in table]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = _text_table([head] + [[name] + vals for name, vals in rows])
     b = cols[0]["per_eval_breakdown_s"]
     p = result["parity"]
     lines += [
@@ -940,10 +930,7 @@ def strategy_table(result: dict[str, Any]) -> str:
         table.append([r["strategy"], str(r["search_evaluations"]), str(r["iterations"]), f"{r['objective']:.4f}",
                       f"{r['objective'] / n:.5f}",
                       f"{r['objective'] - rand:+.4f}" if rand is not None else "-"])
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-             for r in table]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = _text_table(table)
     lines.append(f"global objective = summed loss of the {n} tasks, each under its cluster's TIES merge "
                  f"(lower is better); every search strategy stopped at the first iteration reaching "
                  f"{result['bench']['strategy_budget']} scorer evaluations (or after {STALL_ITERATIONS} "

@@ -51,12 +51,9 @@ def main(argv: Sequence[str]) -> None:
     def body() -> int:
         from d2c_jax.suite import PRESETS, ensure_suite, read_manifest
 
-        settings = dict(PRESETS[f.preset]) if f.preset else {"families": 5, "languages": 8}
-        if f.families is not None:
-            settings["families"] = f.families
-        if f.languages is not None:
-            settings["languages"] = f.languages
-        for name in _OVERRIDES:
+        # Without a preset, ensure_suite's defaults (5 families x 8 languages) apply.
+        settings = dict(PRESETS[f.preset]) if f.preset else {}
+        for name in ("families", "languages", *_OVERRIDES):
             if getattr(f, name) is not None:
                 settings[name] = getattr(f, name)
         output_dir = f.output_dir or (os.path.join("runs", "suites", f.preset) if f.preset else None)

@@ -106,7 +106,7 @@ def test_same_seed_rebuilds_identical_files(suite, tmp_path):
             assert ja == jb
 
 
-def test_an_old_suite_of_other_settings_is_replaced_atomically(tmp_path):
+def test_an_old_suite_of_other_settings_is_replaced_atomically(tmp_path, monkeypatch):
     """What build_suite does once its temp dir is complete: swap it in, drop the old suite."""
     from d2c_jax.suite import build
 
@@ -114,14 +114,49 @@ def test_an_old_suite_of_other_settings_is_replaced_atomically(tmp_path):
     target.mkdir()
     (target / "suite.json").write_text(json.dumps({"settings_hash": "old"}))
     (target / "stale.txt").write_text("x")
-    new = tmp_path / ".s.tmp-1"
-    new.mkdir()
-    (new / "suite.json").write_text(json.dumps({"settings_hash": "new"}))
+
+    def fake_build_into(tmp, final, settings, log):  # the finished temp dir, without the training
+        with open(os.path.join(tmp, "suite.json"), "w") as f:
+            f.write(json.dumps({"settings_hash": "new"}))
+
+    monkeypatch.setattr(build, "_build_into", fake_build_into)
     assert build._replaceable(str(target))
-    build._install(str(new), str(target), make_settings(**TINY))
+    build.build_suite(target, make_settings(**TINY), log=lambda m: None)
     assert sorted(os.listdir(tmp_path)) == ["s"]
     assert sorted(os.listdir(target)) == ["suite.json"]
     assert read_manifest(target) == {"settings_hash": "new"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o777 & ~umask  # the usual mode, not mkdtemp's 0700
+
+
+def test_a_suite_installed_concurrently_is_kept(tmp_path, monkeypatch):
+    """If another builder installs a complete suite of the same settings just before our swap,
+    build_suite keeps theirs and leaves no temp dir behind."""
+    from d2c_jax.suite import build
+
+    settings = make_settings(**TINY)
+    target = tmp_path / "s"
+    theirs = {"settings_hash": build.settings_hash(settings), "files": {}}
+
+    def fake_build_into(tmp, final, s, log):
+        with open(os.path.join(tmp, "suite.json"), "w") as f:
+            f.write(json.dumps({"settings_hash": "ours"}))
+
+    real_replace = os.replace
+
+    def racing_replace(src, dst):
+        if os.fspath(dst) == str(target) and not os.path.exists(dst):  # the other builder wins
+            os.mkdir(dst)
+            with open(os.path.join(dst, "suite.json"), "w") as f:
+                f.write(json.dumps(theirs))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(build, "_build_into", fake_build_into)
+    monkeypatch.setattr(os, "replace", racing_replace)
+    build.build_suite(target, settings, log=lambda m: None)
+    assert sorted(os.listdir(tmp_path)) == ["s"]
+    assert read_manifest(target) == theirs
 
 
 def _examples(paths, task, tok):

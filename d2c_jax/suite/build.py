@@ -5,8 +5,8 @@ Layout of a suite directory:
   adapters/<task>/           PEFT LoRA adapters (r, alpha as in the paper by default: 32, 128)
   data/<task>.jsonl          search examples; data/<task>.eval.jsonl held-out; data/tasks.json
   suite.json                 manifest: settings, their hash, every file's sha256, measured losses
-The manifest is written last, atomically; the whole suite is built in a temp dir beside the target
-and moved in with os.replace, so a directory holding a suite.json always holds a complete suite.
+The manifest is written last; the whole suite is built in a temp dir beside the target and swapped
+in (atomic_io.write_dir_atomic), so a directory holding a suite.json always holds a complete suite.
 Shape legend: T tasks, n examples, S sequence, F families, L languages.
 """
 
@@ -16,13 +16,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from d2c_jax.atomic_io import write_dir_atomic
 from d2c_jax.errors import UserError
 from d2c_jax.suite import checkpoint, tasks, train
 from d2c_jax.suite import tokenizer as tok_lib
@@ -231,39 +230,11 @@ def build_suite(output_dir: str | os.PathLike, settings: SuiteSettings, *,
     if os.path.lexists(final.root) and not _replaceable(final.root):
         raise UserError(final.root, "exists and is not a d2c_jax suite (no suite.json); "
                         "refusing to overwrite it — choose another --output_dir")
-    parent = os.path.dirname(final.root)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final.root)}.tmp-", dir=parent)
-    except OSError as e:
-        raise UserError(final.root, f"cannot create the suite directory: {e}") from None
-    try:
-        _build_into(tmp, final, settings, log)
-        _install(tmp, final.root, settings)
-    except OSError as e:
-        raise UserError(final.root, f"cannot write the suite: {e}") from None
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    # Built in a temp dir beside the target and swapped in; a complete suite of these settings
+    # that a concurrent builder installed meanwhile is kept.
+    write_dir_atomic(final.root, lambda tmp: _build_into(tmp, final, settings, log), what="suite",
+                     keep_existing=lambda d: is_complete(d, settings))
     return final
-
-
-def _install(tmp: str, target: str, settings: SuiteSettings) -> None:
-    """Swaps the finished temp dir in for `target` (an old suite, if any, is removed after)."""
-    parent = os.path.dirname(target)
-    old = None
-    if os.path.lexists(target):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rmdir(old)
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        # Someone else installed a suite meanwhile: keep theirs if it is the one we want.
-        if not is_complete(target, settings):
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,7 +344,8 @@ def _save_adapters(adapters_dir: str, lora: dict, names: list[str], s: SuiteSett
 
 
 def _write_manifest(tmp: str, s: SuiteSettings, names: list[str], quality: dict) -> None:
-    """suite.json, written last and atomically: settings, hashes of every file, quality."""
+    """suite.json, written last (the temp dir is swapped in whole): settings, hashes of every
+    file, quality."""
     files = {}
     for dirpath, _, fnames in os.walk(tmp):
         for fn in fnames:
@@ -391,11 +363,9 @@ def _write_manifest(tmp: str, s: SuiteSettings, names: list[str], quality: dict)
         "quality": quality,
         "files": files,
     }
-    part = os.path.join(tmp, MANIFEST + ".part")
-    with open(part, "w", encoding="utf-8") as f:
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.write("\n")
-    os.replace(part, os.path.join(tmp, MANIFEST))
 
 
 def _task_batch(vocab: tok_lib.Vocab, examples: list[dict], seq_len: int, prompt_weight: float = 0.0):
