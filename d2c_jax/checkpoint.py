@@ -35,12 +35,11 @@ _ITEMS = ("state", "meta")
 _FINGERPRINT_NAMES = {"base_model": "base model", "adapters": "adapters", "data": "task data"}
 
 
-def sha256_files(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
-    """sha256 over (relative name, content) of each file, in the given order."""
+def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
+    """sha256 over (base name, content) of each file, in the given order."""
     h = hashlib.sha256()
     for path in paths:
-        name = os.path.relpath(path, root) if root is not None else os.path.basename(path)
-        h.update(name.encode() + b"\0")
+        h.update(os.path.basename(path).encode() + b"\0")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -159,25 +158,32 @@ class Checkpointer:
         return UserError(os.path.join(self.directory, str(step)), f"cannot read the checkpoint ({_one_line(e)}); "
                          "it may be corrupt: use --overwrite or another --workdir")
 
-    def check(self) -> int | None:
-        """The latest step if it was made by this run (same fingerprint), None if there is none;
-        UserError if it was made by a different run or cannot be read. Reads only the metadata."""
+    def _checked_meta(self) -> tuple[int, dict[str, Any]] | None:
+        """(latest step, its metadata) if that step was made by this run (same fingerprint), None
+        if there is none; UserError if it was made by a different run or cannot be read."""
         step = self._mngr.latest_step()
         if step is None:
             return None
-        diff = _mismatch(self._meta(step).get("fingerprint", {}), self.fingerprint)
+        meta = self._meta(step)
+        diff = _mismatch(meta.get("fingerprint", {}), self.fingerprint)
         if diff is not None:
             raise UserError(None, f"checkpoint in {self.directory} was made with a different {diff}; "
                             "use --overwrite or another --workdir")
-        return step
+        return step, meta
+
+    def check(self) -> int | None:
+        """The latest step if it was made by this run (same fingerprint), None if there is none;
+        UserError if it was made by a different run or cannot be read. Reads only the metadata."""
+        checked = self._checked_meta()
+        return None if checked is None else checked[0]
 
     def restore(self, num_adapters: int) -> SearchState | None:
         """The latest checkpoint's state, or None when there is none; UserError when it was made
         by a different run or cannot be read."""
-        step = self.check()
-        if step is None:
+        checked = self._checked_meta()
+        if checked is None:
             return None
-        meta = self._meta(step)
+        step, meta = checked
         ocp = self._ocp
         try:
             tree = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state

@@ -17,13 +17,12 @@ import re
 import struct
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from d2c_jax.errors import UserError
-from d2c_jax.models.config import ModelConfig, load_config
+from d2c_jax.models.config import ModelConfig, load_config, module_shapes
 from d2c_jax.sharding import put_global
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -80,19 +79,16 @@ def entries(cfg: ModelConfig) -> list[Entry]:
 
 def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Our shape of every param (stacked layer params include the leading L)."""
-    d, f, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_layer = {
-        "input_norm": (d,), "post_attn_norm": (d,),
-        "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-        "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
-    }
-    bias = {"q_proj": (q,), "k_proj": (kv,), "v_proj": (kv,)}
+    d, v, n = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+    linear = module_shapes(cfg)  # (d_in, d_out) of the 7 projections
     out = {}
     for e in entries(cfg):
         if e.path[0] == "layers":
             mod, leaf = e.path[1], e.path[2]
-            shape = bias[mod] if (leaf == "bias" and mod in bias) else per_layer[mod]
+            if mod in linear:  # kernel [d_in, d_out]; bias (q/k/v only) [d_out]
+                shape = linear[mod][1:] if leaf == "bias" else linear[mod]
+            else:  # input_norm / post_attn_norm scale and bias
+                shape = (d,)
             out[e.path] = (n, *shape)
         elif e.path[0] == "embed":
             out[e.path] = (v, d)
@@ -152,9 +148,8 @@ class _Reader:
             raise UserError(path, f"cannot read tensor {key!r} ({dtype}): {e}") from None
 
 
-def _weight_files(model_dir: str) -> dict[str, str]:
+def _weight_files(model_dir: str, reader: _Reader) -> dict[str, str]:
     """Maps each tensor name to the safetensors file holding it."""
-    reader = _Reader()
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
         try:
@@ -239,8 +234,8 @@ def load_params(
     if not os.path.isdir(model_dir):
         raise UserError(model_dir, "model directory does not exist")
     np_dtype = _np_dtype(dtype)
-    files = _weight_files(model_dir)
     reader = _Reader()
+    files = _weight_files(model_dir, reader)
     wanted = entries(cfg)
     shapes = param_shapes(cfg)
 
@@ -310,9 +305,3 @@ def load_tokenizer(model_dir: str | os.PathLike):
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/... for missing files
         raise UserError(model_dir, f"cannot load the tokenizer: {type(e).__name__}: {e}") from None
-
-
-def param_names(params: dict) -> list[str]:
-    """Names of all params, as load_params passes them to a `shardings` callable."""
-    return ["/".join(str(getattr(k, "key", k)) for k in kp)
-            for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

@@ -24,7 +24,7 @@ import numpy as np
 
 from d2c_jax.atomic_io import write_dir_atomic
 from d2c_jax.errors import UserError
-from d2c_jax.models.config import LORA_MODULES, ModelConfig, module_shapes
+from d2c_jax.models.config import LORA_MODULES, ModelConfig, module_shapes, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,13 +76,8 @@ class Adapter:
     a: dict[str, np.ndarray]
     b: dict[str, np.ndarray]
     rank: int
-    alpha: float
-    use_rslora: bool
     scaling: float
-    layers: tuple[int, ...]
     base_model_path: str | None
-    layers_to_transform: tuple[int, ...] | None
-    layers_pattern: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,13 +164,7 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     path = os.path.join(adapter_dir, CONFIG_NAME)
     if not os.path.isfile(path):
         raise UserError(path, f"missing {CONFIG_NAME} (expected a PEFT LoRA adapter directory)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(path, f"cannot parse {CONFIG_NAME}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(path, f"{CONFIG_NAME} is not a JSON object")
+    cfg = read_json_object(path, CONFIG_NAME)
     if cfg.get("peft_type") != "LORA":
         raise UserError(path, f"peft_type={cfg.get('peft_type')!r} is not supported (only LORA)")
     r = cfg.get("r")
@@ -365,20 +354,14 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
         if not np.all(np.isfinite(t)):
             raise UserError(path, f"tensor {key} contains NaN or Inf")
         (a if f == "A" else b)[m][layer] = t
-    ltt = config.get("layers_to_transform")
     return Adapter(
         name=name if name is not None else os.path.basename(os.path.normpath(adapter_dir)),
         path=adapter_dir,
         a=a,
         b=b,
         rank=r,
-        alpha=alpha,
-        use_rslora=rslora,
         scaling=alpha / math.sqrt(r) if rslora else alpha / r,
-        layers=tuple(sorted({layer for layer, _ in present})),
         base_model_path=config.get("base_model_name_or_path"),
-        layers_to_transform=None if ltt is None else tuple([ltt] if isinstance(ltt, int) else ltt),
-        layers_pattern=config.get("layers_pattern"),
     )
 
 

@@ -142,7 +142,7 @@ def prepare_merge(
     single, task = {}, {}
     for m in adapter_set.a:
         a_nlrd, b_nldr = adapter_set.a[m], adapter_set.b[m]
-        b_scaled = np.stack([b_nldr[i] * np.float32(ws[i]) for i in range(n)])
+        b_scaled = b_nldr * ws.astype(np.float32).reshape(n, 1, 1, 1)
         a_dev = jnp.asarray(a_nlrd)
         single[m] = {"a": a_dev, "b": jnp.asarray(b_scaled)}
         if method == "linear":
@@ -251,8 +251,8 @@ def merge_mask(prepared: Prepared, mask_n: Any) -> dict[str, dict[str, jax.Array
     single = jnp.sum(m_n) == 1
     out = {}
     for mod, sv in prepared.single.items():
-        a1 = _weighted_sum(sv["a"], jnp.ones(m_n.shape, sv["a"].dtype), m_n)
-        b1 = _weighted_sum(sv["b"], jnp.ones(m_n.shape, sv["b"].dtype), m_n)
+        a1 = _masked_sum(m_n, sv["a"])
+        b1 = _masked_sum(m_n, sv["b"])
         tv = prepared.task[mod]
         if prepared.method == "ties_delta":
             delta = _ties(tv["delta"], prepared.weight_a, m_n)

@@ -20,7 +20,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "StableLmForCausalLM": "stablelm",
 }
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "stablelm": "stablelm"}
+MODEL_TYPES = frozenset(ARCHITECTURES.values())  # model_type values accepted without "architectures"
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -81,7 +81,7 @@ def _arch_of(raw: dict[str, Any], path: str) -> str:
         if a in ARCHITECTURES:
             return ARCHITECTURES[a]
     if not archs and raw.get("model_type") in MODEL_TYPES:
-        return MODEL_TYPES[raw["model_type"]]
+        return raw["model_type"]
     name = ",".join(archs) if archs else f"model_type={raw.get('model_type')!r}"
     raise UserError(
         path, f"unsupported architecture {name}; supported: {', '.join(sorted(ARCHITECTURES))}"
@@ -91,9 +91,7 @@ def _arch_of(raw: dict[str, Any], path: str) -> str:
 def _rope(raw: dict[str, Any], path: str) -> tuple[float, tuple | None, float]:
     """Returns (rope_theta, rope_scaling tuple, partial_rotary_factor)."""
     params = raw.get("rope_parameters")
-    if params is None:
-        params = dict(raw.get("rope_scaling") or {})
-    params = dict(params)
+    params = dict((raw.get("rope_scaling") or {}) if params is None else params)
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     partial = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
@@ -191,11 +189,17 @@ def load_config(model_dir: str | os.PathLike) -> ModelConfig:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise UserError(path, "missing config.json (expected a Hugging Face model directory)")
+    return config_from_dict(read_json_object(path, "config.json"), path)
+
+
+def read_json_object(path: str, name: str) -> dict[str, Any]:
+    """Parses the JSON object in `path`; UserError "cannot parse {name}: ..." or "{name} is not a
+    JSON object" otherwise."""
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(path, f"cannot parse config.json: {e}") from None
+        raise UserError(path, f"cannot parse {name}: {e}") from None
     if not isinstance(raw, dict):
-        raise UserError(path, "config.json is not a JSON object")
-    return config_from_dict(raw, path)
+        raise UserError(path, f"{name} is not a JSON object")
+    return raw
