@@ -233,8 +233,8 @@ def run(cfg: RunConfig) -> int:
     cfg = resolve_suite(cfg)
     settings = cfg.search
 
-    # 1.-2. Cheap checks, before anything is written (every process makes them on its own).
-    check_workdir(workdir, cfg.overwrite)
+    # 1.-2. Cheap checks, before anything is written (every process makes them on its own;
+    # prepare_workdir checks the workdir again right before creating it).
     names = lora.adapter_subdirs(cfg.adapters_dir)
     check_num_clusters(settings.num_clusters, len(names))
     data.check_tasks_match(cfg.data_dir, names)
@@ -257,7 +257,7 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
     from d2c_jax import data, hf_io, lora, merge
     from d2c_jax.checkpoint import PreemptionFlag
     from d2c_jax.scoring import Scorer
-    from d2c_jax.search import evaluate_partition, run_search
+    from d2c_jax.search import baseline_row, evaluate_partition, run_search
     from d2c_jax.sharding import any_process, check_same_on_all_processes, from_main
     from d2c_jax.strategies.baselines import baseline_partition
 
@@ -297,17 +297,11 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
         metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
     else:
         t0 = time.perf_counter()
-        a = {m: np.asarray(x) for m, x in adapters.a.items()}
-        b = {m: np.asarray(x) for m, x in adapters.b.items()}
         # Process 0's partition for all: library k-means need not be bit-identical across hosts.
-        partition_n = from_main(np.asarray(baseline_partition(cfg.strategy, len(names), k, cfg.seed, a, b), np.int32))
+        partition_n = from_main(np.asarray(
+            baseline_partition(cfg.strategy, len(names), k, cfg.seed, adapters.a, adapters.b), np.int32))
         objective, task_losses_n, stats = evaluate_partition(scorer, partition_n, k)
-        seconds = time.perf_counter() - t0
-        metrics = [{"iteration": 0, "accepted": 0, "moves": [], "tracked": True, "best_objective": objective,
-                    "mean_objective": objective, "objectives": [objective], "requests": stats.requests,
-                    "unique_requests": stats.unique, "cache_hits": stats.hits, "evaluations": stats.evaluations,
-                    "cache_size": stats.unique, "seconds": round(seconds, 6),
-                    "evals_per_s": round(stats.evaluations / seconds, 3) if seconds > 0 else None}]
+        metrics = [baseline_row(stats, time.perf_counter() - t0, objective)]
         evaluations, chain = stats.evaluations, 0
 
     # 5. Outputs (process 0).

@@ -187,7 +187,7 @@ def evaluate_partition(
     return float(objectives(losses_pn)[0]), losses_pn[0], stats
 
 
-def _row(iteration: int, stats: ResolveStats, seconds: float, cache: LossCache, **extra: Any) -> dict[str, Any]:
+def _row(iteration: int, stats: ResolveStats, seconds: float, cache_size: int, **extra: Any) -> dict[str, Any]:
     return {
         "iteration": iteration,
         **extra,
@@ -195,7 +195,7 @@ def _row(iteration: int, stats: ResolveStats, seconds: float, cache: LossCache, 
         "unique_requests": stats.unique,
         "cache_hits": stats.hits,
         "evaluations": stats.evaluations,
-        "cache_size": len(cache),
+        "cache_size": cache_size,
         "seconds": round(seconds, 6),
         "evals_per_s": round(stats.evaluations / seconds, 3) if seconds > 0 else None,
     }
@@ -217,7 +217,14 @@ def initial_row(scorer: Scorer, state: SearchState, settings: SearchSettings) ->
     start = time.perf_counter()
     losses_pn, stats = partition_losses(scorer, state.cache, state.partitions_pn, settings.num_clusters)
     fields = _objective_fields(objectives(losses_pn))
-    return _row(0, stats, time.perf_counter() - start, state.cache, accepted=0, moves=[], **fields)
+    return _row(0, stats, time.perf_counter() - start, len(state.cache), accepted=0, moves=[], **fields)
+
+
+def baseline_row(stats: ResolveStats, seconds: float, objective: float) -> dict[str, Any]:
+    """The one metrics row of a baseline: a fixed partition scored by `evaluate_partition` from an
+    empty cache (so the cache ends up holding exactly the `stats.unique` distinct requests)."""
+    return _row(0, stats, seconds, stats.unique, accepted=0, moves=[],
+                **_objective_fields(np.array([objective], np.float64)))
 
 
 def search_step(scorer: Scorer, state: SearchState, settings: SearchSettings) -> dict[str, Any]:
@@ -276,7 +283,7 @@ def search_step(scorer: Scorer, state: SearchState, settings: SearchSettings) ->
             for dst, src in pairs:
                 objectives_p[dst] = objectives_p[src]
     return _row(
-        it, stats, time.perf_counter() - start, state.cache,
+        it, stats, time.perf_counter() - start, len(state.cache),
         accepted=len(accepted), moves=accepted, proposals=sum(len(m) for m in proposals),
         exchanges=[list(x) for x in pairs], **_objective_fields(objectives_p),
     )

@@ -30,6 +30,7 @@ resume (a checkpoint does not depend on the number of hosts).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Sequence
@@ -84,16 +85,8 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def config_from_flags(f: flags.FlagValues) -> RunConfig:
-    return RunConfig(
-        base_model=f.base_model, adapters_dir=f.adapters_dir, data_dir=f.data_dir, workdir=f.workdir,
-        num_clusters=f.num_clusters, iterations=f.iterations, strategy=f.strategy, objective=f.objective,
-        population=f.population, proposals=f.proposals, exchange_every=f.exchange_every,
-        track_every=f.track_every, merge=f.merge, density=f.density, examples_per_task=f.examples_per_task,
-        max_seq_len=f.max_seq_len, chat_template=f.chat_template, dtype=f.dtype, seed=f.seed,
-        batch_size=f.batch_size, model_shards=f.model_shards, checkpoint_every=f.checkpoint_every,
-        keep_checkpoints=f.keep_checkpoints, suite=f.suite, suite_root=f.suite_root, overwrite=f.overwrite, progress=f.progress,
-        coordinator_address=f.coordinator_address, num_processes=f.num_processes, process_id=f.process_id,
-    )
+    """Every RunConfig field comes from the flag of the same name, unchanged."""
+    return RunConfig(**{field.name: getattr(f, field.name) for field in dataclasses.fields(RunConfig)})
 
 
 def main(argv: Sequence[str]) -> None:
