@@ -2,7 +2,8 @@
 
 `make_peft_adapters` builds each adapter with peft.get_peft_model + LoraConfig, overwrites both
 lora_A and lora_B with random non-zero values (different per adapter; PEFT initialises B to 0),
-and saves it with save_pretrained into out_dir/<name>/.
+and saves it with save_pretrained into out_dir/<name>/. `peft_deltas` and `peft_lora_tree` read a
+loaded PEFT model's adapters back (as dense deltas, or as our lora pytree).
 """
 
 from __future__ import annotations
@@ -91,3 +92,22 @@ def peft_deltas(peft_model: Any, adapter_name: str, num_layers: int) -> dict[str
             arr[layer] = d
         out[m] = arr
     return out
+
+
+def peft_lora_tree(peft_model: Any, cfg: Any, scaling: float, adapter_name: str = "default") -> dict[str, Any]:
+    """A PEFT model's LoRA weights (adapter `adapter_name`, every module of LORA_MODULES in every
+    layer) → our lora pytree {module: {"a": [L, R, d_in], "b": [L, d_out, R]}}, b scaled."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from d2c_jax.models.config import LORA_MODULES
+
+    state = {k: v.detach().numpy() for k, v in peft_model.state_dict().items()}
+    tree = {}
+    for m in LORA_MODULES:
+        sub = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        key = "base_model.model.model.layers.{l}." + sub + "." + m + ".lora_{x}." + adapter_name + ".weight"
+        a = np.stack([state[key.format(l=l, x="A")] for l in range(cfg.num_layers)])
+        b = np.stack([state[key.format(l=l, x="B")] for l in range(cfg.num_layers)])
+        tree[m] = {"a": jnp.asarray(a), "b": jnp.asarray(scaling * b)}
+    return tree

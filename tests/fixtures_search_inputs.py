@@ -2,13 +2,15 @@
 
 Five tasks over a tiny random Llama and rank-4 adapters: small enough that launch/search.py runs
 end to end in seconds, shared by the single-process and the two-process launch tests so both
-search exactly the same problem.
+search exactly the same problem. Also their common helpers: the command line of a search, the
+environment of a child process, and readers of a run's partition.json / metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any, Sequence
 
 NAMES = [f"task_{i}" for i in range(5)]
 WORDS = ["one two three", "the quick fox", "hello world", "answer the question", "sort the words"]
@@ -37,3 +39,37 @@ def make_search_inputs(root: str | os.PathLike, *, tags: bool = False) -> dict[s
         with open(os.path.join(data, "tasks.json"), "w") as f:
             json.dump(doc, f)
     return {"base_model": str(base), "adapters_dir": adapters, "data_dir": data}
+
+
+def search_argv(inputs: dict[str, str], workdir: str | os.PathLike, **over: Any) -> list[str]:
+    """launch/search.py flags: the inputs, SEARCH and --workdir, then `over` (overrides or extra)."""
+    flags = {**inputs, **SEARCH, "workdir": str(workdir), **over}
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+def child_env(devices: int | None = None, *, xla_flags: Sequence[str] = (), **extra: str) -> dict[str, str]:
+    """os.environ for a child process, with any XLA device-count flag dropped (so one CPU device),
+    then `xla_flags` and, when `devices` is given, --xla_force_host_platform_device_count=devices
+    appended to XLA_FLAGS (unset when empty); `extra` variables set last."""
+    env = dict(os.environ)
+    xla = [f for f in env.pop("XLA_FLAGS", "").split() if DEVICE_COUNT_FLAG not in f] + list(xla_flags)
+    if devices is not None:
+        xla.append(f"--{DEVICE_COUNT_FLAG}={devices}")
+    if xla:
+        env["XLA_FLAGS"] = " ".join(xla)
+    env.update(extra)
+    return env
+
+
+def read_partition(workdir: str | os.PathLike) -> dict[str, Any]:
+    with open(os.path.join(workdir, "partition.json")) as f:
+        return json.load(f)
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """metrics.jsonl: one row per line."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f.read().splitlines()]

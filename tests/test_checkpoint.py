@@ -19,7 +19,7 @@ from d2c_jax.checkpoint import Checkpointer, PreemptionFlag, fingerprint
 from d2c_jax.errors import UserError
 from d2c_jax.run_config import SearchSettings
 from d2c_jax.search import run_search
-from test_search_fakes import FakeScorer, families
+from fixtures_search_fakes import FakeScorer, families
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 N, F = 12, 3
@@ -140,7 +140,7 @@ def test_preemption_flag_turns_sigterm_into_a_flag():
 _WORKER = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})
-    from test_search_fakes import FakeScorer, families
+    from fixtures_search_fakes import FakeScorer, families
     from test_checkpoint import SETTINGS, FP, N, F
     from d2c_jax.checkpoint import Checkpointer, PreemptionFlag
     from d2c_jax.search import run_search

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from d2c_jax.generate import generate_texts, greedy_generate, pad_prompts, strip_generated  # noqa: E402
 from d2c_jax.hf_io import load_model, load_tokenizer  # noqa: E402
 from d2c_jax.models.config import LORA_MODULES  # noqa: E402
+from fixtures_adapters import peft_lora_tree  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -100,18 +101,6 @@ def _peft(model_dir, seeds):
     return model
 
 
-def _lora_tree(model, cfg, adapter, scaling):
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    tree = {}
-    for m in LORA_MODULES:
-        sub = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        key = "base_model.model.model.layers.{l}." + sub + "." + m + ".lora_{x}." + adapter + ".weight"
-        a = np.stack([state[key.format(l=l, x="A")] for l in range(cfg.num_layers)])
-        b = np.stack([state[key.format(l=l, x="B")] for l in range(cfg.num_layers)])
-        tree[m] = {"a": jnp.asarray(a), "b": jnp.asarray(scaling * b)}
-    return tree
-
-
 def test_lora_generation_matches_peft_including_one_adapter_per_row(built):
     d, base_model, cfg, params, tok, prompts = built("llama")
     model = _peft(d, seeds=(11, 12))
@@ -119,7 +108,7 @@ def test_lora_generation_matches_peft_including_one_adapter_per_row(built):
     for i in range(2):
         model.set_adapter(f"a{i}")
         refs.append(_hf_generate(model, prompts, tok.pad_token_id, None))
-        loras.append(_lora_tree(model, cfg, f"a{i}", 2.0))
+        loras.append(peft_lora_tree(model, cfg, 2.0, adapter_name=f"a{i}"))
     base_ref = _hf_generate(base_model, prompts, tok.pad_token_id, None)
     assert not np.array_equal(refs[0], base_ref) and not np.array_equal(refs[0], refs[1])
     # One adapter for the whole batch.

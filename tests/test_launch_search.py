@@ -17,7 +17,8 @@ pytest.importorskip("peft")
 from d2c_jax import pipeline  # noqa: E402
 from d2c_jax.errors import UserError  # noqa: E402
 from d2c_jax.run_config import RunConfig  # noqa: E402
-from fixtures_search_inputs import NAMES, make_search_inputs  # noqa: E402
+from fixtures_search_inputs import NAMES, child_env, make_search_inputs, search_argv  # noqa: E402
+from fixtures_search_inputs import read_metrics, read_partition  # noqa: E402
 from fixtures_search_inputs import SEARCH as BASE_SEARCH  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,17 +32,12 @@ def inputs(tmp_path_factory):
 
 
 def _argv(inputs, workdir, **over):
-    flags = {**inputs, **SEARCH, "workdir": str(workdir), **over}
-    return [f"--{k}={v}" for k, v in flags.items()]
+    return search_argv(inputs, workdir, **{**SEARCH, **over})
 
 
 def _launch(args, single_device=True):
-    env = dict(os.environ)
-    if single_device:  # the in-process tests cover the 8-device mesh; this covers one device
-        xla = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
-        env.pop("XLA_FLAGS", None)
-        if xla:
-            env["XLA_FLAGS"] = xla
+    # The in-process tests cover the 8-device mesh; this covers one device.
+    env = child_env() if single_device else dict(os.environ)
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -80,14 +76,14 @@ def _hf_task_losses(base_model, adapter_dir, data_dir, tasks):
 
 def test_search_end_to_end_writes_every_output(inputs, finished):
     workdir, proc = finished
-    doc = json.loads((workdir / "partition.json").read_text())
+    doc = read_partition(workdir)
     assert doc["strategy"] == "d2c" and doc["num_clusters"] == 2 and doc["merge"] == "ties"
     assert doc["density"] == 0.5 and doc["seed"] == 1 and doc["iterations"] == 6 and doc["evaluations"] > 0
     assert sorted(t for c in doc["clusters"] for t in c) == NAMES and all(doc["clusters"])
     assert doc["objective"] == pytest.approx(sum(doc["task_losses"].values()), rel=1e-6)
     assert "objective" in proc.stdout and "cluster" in proc.stdout  # the final table
 
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(workdir)
     assert [r["iteration"] for r in rows] == list(range(7))
     assert rows[-1]["best_objective"] == pytest.approx(doc["objective"])
     for key in ("accepted", "mean_objective", "cache_hits", "evals_per_s", "evaluations"):
@@ -121,7 +117,7 @@ def _config(inputs, workdir, **over) -> RunConfig:
 def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inputs, finished, tmp_path, monkeypatch, capsys):
     from d2c_jax.checkpoint import PreemptionFlag
 
-    reference = json.loads((finished[0] / "partition.json").read_text())
+    reference = read_partition(finished[0])
     calls = []
 
     def preempt_at_third(self):
@@ -136,8 +132,8 @@ def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inp
     monkeypatch.undo()
 
     assert pipeline.run(cfg) == 0  # the same command resumes
-    doc = json.loads((tmp_path / "wd" / "partition.json").read_text())
-    rows = [json.loads(x) for x in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
+    doc = read_partition(tmp_path / "wd")
+    rows = read_metrics(tmp_path / "wd")
     assert [r["iteration"] for r in rows] == list(range(7))
     assert doc["clusters"] == reference["clusters"]
     assert doc["objective"] == pytest.approx(reference["objective"], rel=1e-5)
@@ -145,7 +141,7 @@ def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inp
     # --overwrite replaces the finished run; a changed setting is a fresh run, not a resume.
     cfg2 = _config(inputs, tmp_path / "wd", batch_size=16, strategy="kmeans", overwrite=True)
     assert pipeline.run(cfg2) == 0
-    doc2 = json.loads((tmp_path / "wd" / "partition.json").read_text())
+    doc2 = read_partition(tmp_path / "wd")
     assert doc2["strategy"] == "kmeans" and doc2["iterations"] == 0
     assert sorted(os.listdir(tmp_path / "wd" / "merged")) == ["cluster_0", "cluster_1"]
 

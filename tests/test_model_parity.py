@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from d2c_jax.hf_io import load_model  # noqa: E402
 from d2c_jax.models import decoder  # noqa: E402
 from d2c_jax.models.config import LORA_MODULES  # noqa: E402
+from fixtures_adapters import peft_lora_tree  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402
 
 TOL = 1e-4
@@ -121,24 +122,11 @@ def _peft_model(model_dir: str, r: int, alpha: int, seed: int):
     return model
 
 
-def _lora_tree(model, cfg, scaling: float) -> dict:
-    """PEFT weights → our lora pytree {module: {"a": [L,R,in], "b": [L,out,R]}}, b scaled."""
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    tree = {}
-    for m in LORA_MODULES:
-        sub = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        key = "base_model.model.model.layers.{l}." + sub + "." + m + ".lora_{x}.default.weight"
-        a = np.stack([state[key.format(l=l, x="A")] for l in range(cfg.num_layers)])
-        b = np.stack([state[key.format(l=l, x="B")] for l in range(cfg.num_layers)])
-        tree[m] = {"a": jnp.asarray(a), "b": jnp.asarray(scaling * b)}
-    return tree
-
-
 def test_lora_logits_match_peft(tiny):
     name, d, _, cfg, params = tiny
     r, alpha = 4, 12  # alpha != r: the scaling (3.0) must be folded into b
     model = _peft_model(d, r, alpha, seed=7)
-    lora = _lora_tree(model, cfg, alpha / r)
+    lora = peft_lora_tree(model, cfg, alpha / r)
     tokens_bs, mask_bs = _batch(cfg.vocab_size)
     ref = _hf_logits(model, tokens_bs, mask_bs)
     ours = np.asarray(_forward(params, cfg, jnp.asarray(tokens_bs), jnp.asarray(mask_bs), lora))
@@ -152,7 +140,7 @@ def test_lora_logits_match_peft(tiny):
 def test_forward_vmaps_over_candidate_loras(built):
     """A leading candidate axis on every lora leaf, vmapped: each slice equals its own forward."""
     _, d, _, cfg, params = built("llama_gqa_untied")
-    lora1 = _lora_tree(_peft_model(d, 4, 8, seed=3), cfg, 2.0)
+    lora1 = peft_lora_tree(_peft_model(d, 4, 8, seed=3), cfg, 2.0)
     lora2 = jax.tree.map(lambda x: -0.5 * x, lora1)
     stacked = jax.tree.map(lambda x, y: jnp.stack([x, y]), lora1, lora2)
     tokens_bs, mask_bs = (jnp.asarray(x) for x in _batch(cfg.vocab_size))

@@ -24,7 +24,7 @@ pytest.importorskip("peft")
 from d2c_jax import sharding  # noqa: E402
 from d2c_jax.errors import UserError  # noqa: E402
 from d2c_jax.run_config import RunConfig  # noqa: E402
-from fixtures_search_inputs import SEARCH, make_search_inputs  # noqa: E402
+from fixtures_search_inputs import child_env, make_search_inputs, read_metrics, read_partition, search_argv  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "search.py")
@@ -93,12 +93,11 @@ def _free_port() -> int:
 
 
 def _env(devices: int, cache=None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("D2C_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-    xla = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     # Cheaper compiles for every run alike (reference included): the test is about coordination.
     fast = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
-    env["XLA_FLAGS"] = " ".join(xla + fast + [f"--xla_force_host_platform_device_count={devices}"])
+    env = child_env(devices, xla_flags=fast)
+    for name in ("D2C_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
     env["JAX_PLATFORMS"] = "cpu"
     if cache is not None:  # the resumed run reuses the first run's executables (test time only)
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -109,8 +108,7 @@ def _env(devices: int, cache=None, **extra: str) -> dict[str, str]:
 
 
 def _argv(inputs, workdir) -> list[str]:
-    flags = {**inputs, **SEARCH, "workdir": str(workdir)}
-    return [f"--{k}={v}" for k, v in flags.items()] + ["--noprogress"]
+    return search_argv(inputs, workdir) + ["--noprogress"]
 
 
 def _finish(procs) -> list[tuple[int, str, str]]:
@@ -160,7 +158,7 @@ def _tree(workdir) -> list[str]:
 
 
 def _doc(workdir) -> dict:
-    doc = json.loads((workdir / "partition.json").read_text())
+    doc = read_partition(workdir)
     doc.pop("seconds")  # wall time, the only field that may differ
     return doc
 
@@ -201,7 +199,7 @@ def test_two_processes_preempted_and_resumed_match_one_process_and_only_process_
     assert "preempted" not in out1  # process 1 prints nothing of its own
     assert not (wd / "partition.json").exists() and not (wd / "merged").exists()
     assert sorted(os.listdir(wd / "checkpoints")) == ["2", "3"]
-    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(wd)
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert log.read_text() == "" and os.listdir(cwd1) == []
 
@@ -216,7 +214,7 @@ def test_two_processes_preempted_and_resumed_match_one_process_and_only_process_
     assert rc == 0, err[-3000:]
     # Identical decisions: the same partition, losses and evaluation count as one process.
     assert _doc(wd) == _doc(ref_wd)
-    rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(wd)
     assert [r["iteration"] for r in rows] == list(range(7))
     # One set of outputs, none from process 1 (Orbax: process 0 writes the replicated arrays),
     # no temporary leftovers.

@@ -10,7 +10,7 @@ from d2c_jax.errors import UserError
 from d2c_jax.run_config import SearchSettings
 from d2c_jax.search import LossCache, evaluate_partition, initial_row, initial_state, run_search, search_step
 from d2c_jax.strategies import d2c, population
-from test_search_fakes import FakeScorer, TableScorer, families
+from fixtures_search_fakes import FakeScorer, TableScorer, families
 
 N, F = 12, 3
 
