@@ -189,17 +189,11 @@ class Evaluator:
         self._row_task = np.array([t for t in range(len(self.names))
                                    for _ in range(int(task_data.num_examples[t]))], np.int32)
         prompts = [list(p) for t in range(len(self.names)) for p in task_data.prompt_ids[t]]
-        eos = set(model_cfg.eos_token_ids)
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        self.eos_ids = tuple(sorted(eos))
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
-        from d2c_jax.generate import pad_prompts
+        from d2c_jax.generate import pad_prompts, resolve_eos_pad
 
-        longest = max(len(p) for p in prompts)
-        self._tokens_rp, self._mask_rp = pad_prompts(
-            prompts, self.pad_id, side="left", multiple=-(-longest // _PROMPT_MULTIPLE) * _PROMPT_MULTIPLE)
+        self.eos_ids, self.pad_id = resolve_eos_pad(model_cfg, tokenizer)
+        self._tokens_rp, self._mask_rp = pad_prompts(prompts, self.pad_id, side="left",
+                                                     multiple=_PROMPT_MULTIPLE)
 
     @property
     def num_tasks(self) -> int:
@@ -215,6 +209,7 @@ class Evaluator:
         import jax.numpy as jnp
 
         from d2c_jax import merge as merge_lib
+        from d2c_jax.scoring import _pad_rows
 
         if self.prepared is None:
             raise ValueError("this Evaluator was built without a prepared merge")
@@ -225,9 +220,7 @@ class Evaluator:
         block = MERGE_BLOCK
         parts = []
         for m0 in range(0, a, block):
-            chunk = masks_an[m0:m0 + block]
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], block - len(chunk), axis=0)])
-            parts.append(self._merge_fn(self.prepared, chunk))
+            parts.append(self._merge_fn(self.prepared, _pad_rows(masks_an[m0:m0 + block], block)))
         table = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:a], *parts)
         return jax.tree.map(lambda x: jnp.pad(x, [(0, self.table_size - a)] + [(0, 0)] * (x.ndim - 1)),
                             table)

@@ -143,6 +143,21 @@ def strip_generated(tokens_bn: np.ndarray, eos_token_id: int | Sequence[int] | N
     return out
 
 
+def resolve_eos_pad(cfg: ModelConfig, tokenizer, eos_token_id: int | Sequence[int] | None = None
+                    ) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) for decoding: EOS = `eos_token_id` if given, else the config's EOS ids
+    plus the tokenizer's (sorted); pad = the tokenizer's pad id, else the first EOS, else 0."""
+    if eos_token_id is None:
+        eos = set(cfg.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        eos_ids = tuple(sorted(eos))
+    else:
+        eos_ids = _eos_tuple(eos_token_id)
+    pad = tokenizer.pad_token_id
+    return eos_ids, int(pad if pad is not None else (eos_ids[0] if eos_ids else 0))
+
+
 def generate_texts(
     params: dict,
     cfg: ModelConfig,
@@ -161,14 +176,7 @@ def generate_texts(
     the tokenizer's."""
     if not prompt_ids:
         return []
-    if eos_token_id is None:
-        eos = set(cfg.eos_token_ids)
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        eos_ids = tuple(sorted(eos))
-    else:
-        eos_ids = _eos_tuple(eos_token_id)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    eos_ids, pad_id = resolve_eos_pad(cfg, tokenizer, eos_token_id)
     longest = -(-max(len(p) for p in prompt_ids) // 16) * 16
     texts: list[str] = []
     for start in range(0, len(prompt_ids), batch_size):

@@ -30,11 +30,12 @@ class _UnicodeTokenizer:
 
 
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def _squad_normalize(text: str) -> str:
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation)
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION
                    and not unicodedata.category(ch).startswith("P"))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())

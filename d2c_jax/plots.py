@@ -72,15 +72,15 @@ def assignment_png(
 ) -> bytes:
     """Tasks × clusters map (a filled cell: the task's adapter is merged into that cluster)."""
     plt = _pyplot()
+    tags = tags or {}
     order = task_order(names, tags)
     n = len(names)
     grid_nk = np.zeros((n, num_clusters))
     labels = []
-    fams = sorted({(tags or {}).get(names[i], {}).get("family", "") for i in range(n)})
+    fams = sorted({tags.get(name, {}).get("family", "") for name in names})
     for row, i in enumerate(order):
-        fam = (tags or {}).get(names[i], {}).get("family", "")
-        grid_nk[row, int(partition_n[i])] = 1 + fams.index(fam)
-        t = (tags or {}).get(names[i], {})
+        t = tags.get(names[i], {})
+        grid_nk[row, int(partition_n[i])] = 1 + fams.index(t.get("family", ""))
         extra = "/".join(v for v in (t.get("family"), t.get("language")) if v)
         labels.append(f"{names[i]} ({extra})" if extra else names[i])
     fig, ax = plt.subplots(figsize=(2.5 + 0.45 * num_clusters, 1.2 + 0.22 * n))

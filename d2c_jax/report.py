@@ -150,15 +150,27 @@ def resolve_suite(suite: str, suite_root: str, log: Log | None = None):
     raise UserError(suite, f"neither a suite directory nor a preset name ({', '.join(sorted(PRESETS))})")
 
 
+_TNS_FIELDS = ("tokens_tns", "targets_tns", "weights_tns", "attn_tns")  # TaskData's [T, n, S] arrays
+
+
+def _tag_labels(tags: Mapping[str, Mapping[str, str]], names: Sequence[str], tag: str) -> np.ndarray | None:
+    """int[N] label of each task for a tag (family / language), None when a task lacks it."""
+    vals = [tags[n].get(tag) for n in names]
+    if any(v is None for v in vals):
+        return None
+    order = sorted(set(vals))
+    return np.array([order.index(v) for v in vals], np.int32)
+
+
 class Bench:
     """Everything loaded once: model, tokenizer, adapters, both splits, tags; one search Scorer
     and one Evaluator per merge method (built on first use)."""
 
-    def __init__(self, paths, cfg: ReportConfig, log: Log):
+    def __init__(self, paths, cfg: ReportConfig):
         from d2c_jax import data, evaluation, hf_io, lora
         from d2c_jax.models.config import load_config
 
-        self.paths, self.cfg, self.log = paths, cfg, log
+        self.paths, self.cfg = paths, cfg
         self.model_cfg = load_config(paths.base_model)
         self.adapters = lora.load_adapter_set(paths.adapters_dir, self.model_cfg)
         self.names = tuple(self.adapters.names)
@@ -172,7 +184,6 @@ class Bench:
         self.params = hf_io.load_params(paths.base_model, self.model_cfg, cfg.dtype)
         self.max_new_tokens = cfg.max_new_tokens or (
             evaluation.longest_response_tokens(self.eval_data, self.tokenizer) + 4)
-        self._factors = None
         self._prepared: dict[str, Any] = {}
         self._scorers: dict[tuple[str, int], Any] = {}
         self._evaluators: dict[str, Any] = {}
@@ -181,32 +192,20 @@ class Bench:
         """The split's arrays with S = the longest example exactly (data.py rounds S up to a
         multiple of 16; short suite examples would otherwise be mostly padding). Nothing is cut:
         the longest example fits max_seq_len exactly."""
-        kwargs = dict(split=split, examples_per_task=examples_per_task)
-        td = data.load_task_data(self.paths.data_dir, self.names, self.tokenizer, max_seq_len=4096, **kwargs)
+        td = data.load_task_data(self.paths.data_dir, self.names, self.tokenizer, max_seq_len=4096,
+                                 split=split, examples_per_task=examples_per_task)
         longest = int(td.attn_tns.sum(axis=-1).max()) + 1  # inputs + the last target
         if longest < td.tokens_tns.shape[-1]:
-            td = data.load_task_data(self.paths.data_dir, self.names, self.tokenizer, max_seq_len=longest, **kwargs)
-            if int(td.num_truncated.sum()):
+            # Past `longest` every row is padding, so the slice is what a reload with
+            # max_seq_len=longest would give (no prompt cut, same ids and texts).
+            if td.attn_tns[..., longest:].any():
                 raise AssertionError("tight max_seq_len truncated an example")
+            td = dataclasses.replace(td, **{f: getattr(td, f)[..., :longest] for f in _TNS_FIELDS})
         return td
 
     @property
     def num_tasks(self) -> int:
         return len(self.names)
-
-    def labels(self, tag: str) -> np.ndarray | None:
-        """int[N] label of each task for a tag (family / language), None when a task lacks it."""
-        vals = [self.tags[n].get(tag) for n in self.names]
-        if any(v is None for v in vals):
-            return None
-        order = sorted(set(vals))
-        return np.array([order.index(v) for v in vals], np.int32)
-
-    def factors(self):
-        if self._factors is None:
-            self._factors = ({m: np.asarray(x) for m, x in self.adapters.a.items()},
-                             {m: np.asarray(x) for m, x in self.adapters.b.items()})
-        return self._factors
 
     def prepared(self, merge: str):
         if merge not in self._prepared:
@@ -265,11 +264,12 @@ def find_partition(bench: Bench, method: Method, k: int, seed: int, merge: str,
     """(partition int32[N], seconds, evaluations, mean search-split loss); D²C runs
     `iterations` (default: the config's) iterations."""
     from d2c_jax.run_config import SearchSettings
-    from d2c_jax.search import LossCache, evaluate_partition, run_search
+    from d2c_jax.search import run_search
     from d2c_jax.strategies.baselines import baseline_partition
 
     one_chain = method.population * method.proposals == 1
-    scorer = bench.scorer(merge, bench.cfg.small_batch_size if one_chain else None)
+    batch = bench.cfg.small_batch_size if one_chain else None
+    scorer = bench.scorer(merge, batch)
     n = bench.num_tasks
     start = time.perf_counter()
     if k == 1:
@@ -284,11 +284,11 @@ def find_partition(bench: Bench, method: Method, k: int, seed: int, merge: str,
         return (np.asarray(result.partition_n, np.int32), seconds, int(result.evaluations),
                 float(result.objective) / n)
     else:
-        a, b = bench.factors() if method.strategy in ("kmeans", "svd_kmeans") else (None, None)
+        a, b = ((bench.adapters.a, bench.adapters.b) if method.strategy in ("kmeans", "svd_kmeans")
+                else (None, None))
         partition_n, evals = baseline_partition(method.strategy, n, k, seed, a, b), 0
     seconds = time.perf_counter() - start
-    objective, _, _ = evaluate_partition(scorer, partition_n, k, LossCache(n))
-    return np.asarray(partition_n, np.int32), seconds, evals, objective / n
+    return np.asarray(partition_n, np.int32), seconds, evals, _search_loss(bench, partition_n, k, merge, batch)
 
 
 def evaluate_run(bench: Bench, key: str, partition_n: np.ndarray | None, k: int, seed: int | None,
@@ -350,7 +350,7 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
     paths = resolve_suite(cfg.suite, cfg.suite_root, log)
     stage["suite"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bench = Bench(paths, cfg, log)
+    bench = Bench(paths, cfg)
     n, k = bench.num_tasks, cfg.num_clusters
     if not 1 <= k < n:
         raise UserError(None, f"--num_clusters={k} must be between 1 and {n - 1} (the suite has {n} tasks)")
@@ -370,11 +370,11 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
             + f"  ({run.seconds:.1f}s, {run.evaluations} evaluations)")
         return run
 
-    def partition_run(method: Method, kk: int, seed: int, merge: str) -> Run:
+    def partition_run(method: Method, kk: int, seed: int, merge: str, iterations: int | None = None) -> Run:
         key = (method.key, kk, seed, merge)
         if key in done:
             return done[key]
-        part, secs, evals, sloss = find_partition(bench, method, kk, seed, merge)
+        part, secs, evals, sloss = find_partition(bench, method, kk, seed, merge, iterations)
         return record(evaluate_run(bench, method.key, part, kk, seed, merge, secs, evals, sloss))
 
     # Reference points (seed-independent).
@@ -410,19 +410,17 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
     # Investigation: a longer search, oracle partitions, the same partitions under other merges.
     t0 = time.perf_counter()
     if cfg.long_iterations:
-        long_method = dataclasses.replace(methods["d2c"], key="d2c_long")
-        part, secs, evals, sloss = find_partition(bench, long_method, k, 0, cfg.merge,
-                                                  iterations=cfg.long_iterations)
-        record(evaluate_run(bench, "d2c_long", part, k, 0, cfg.merge, secs, evals, sloss))
+        partition_run(dataclasses.replace(methods["d2c"], key="d2c_long"), k, 0, cfg.merge,
+                      iterations=cfg.long_iterations)
     fixed: list[tuple[str, np.ndarray, int, int | None]] = []  # (key, partition, K, seed)
     for tag in ("family", "language"):
-        labels = bench.labels(tag)
+        labels = _tag_labels(bench.tags, bench.names, tag)
         if labels is not None and 1 < labels.max() + 1 < n:
             fixed.append((f"by_{tag}", labels, int(labels.max()) + 1, None))
             record(evaluate_run(bench, f"by_{tag}", labels, fixed[-1][2], None, cfg.merge,
                                 search_loss=_search_loss(bench, labels, fixed[-1][2], cfg.merge)))
     fixed.append(("all_in_one", np.zeros(n, np.int32), 1, None))
-    for key in ("random", "kmeans", "svd_kmeans", "d2c", "d2c_ours"):
+    for key in methods:
         if (key, k, 0, cfg.merge) in done:
             fixed.append((key, np.asarray(done[(key, k, 0, cfg.merge)].partition, np.int32), k, 0))
     for merge in cfg.compare_merges:  # the partitions found above (with cfg.merge), merged otherwise
@@ -450,10 +448,12 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
     return result
 
 
-def _search_loss(bench: Bench, partition_n: np.ndarray, k: int, merge: str) -> float:
+def _search_loss(bench: Bench, partition_n: np.ndarray, k: int, merge: str,
+                 batch_size: int | None = None) -> float:
+    """Mean loss per task on the search split (what D²C minimises) of a partition."""
     from d2c_jax.search import LossCache, evaluate_partition
 
-    scorer = bench.scorer(merge)
+    scorer = bench.scorer(merge, batch_size)
     return evaluate_partition(scorer, partition_n, k, LossCache(bench.num_tasks))[0] / bench.num_tasks
 
 
@@ -598,7 +598,7 @@ def explanations(res: ReportResult) -> list[str]:
                      f"{cfg.objective} objective) reaches {np.mean([r.search_loss for r in ours]):.4f} "
                      f"in the same T.")
         out.append(text)
-    fam = _labels(res, "family")
+    fam = _tag_labels(res.tags, res.names, "family")
     svd = res.select("svd_kmeans", k)
     if fam is not None and svd:
         a = [ari(fam, r.partition) for r in svd]
@@ -736,8 +736,7 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
     rows_k = []
     for kk in counts:
         cells = [str(kk), _storage(kk, n)]
-        runs_of = {s: (res.select("all_in_one", 1) if kk == 1 else res.select(s, kk, seeds=seeds))
-                   for s in strategies}
+        runs_of = {s: _count_runs(res, s, kk, seeds) for s in strategies}
         cells += [_pm([r.score for r in runs_of[s]], 2) for s in strategies]
         cells += [_pm([r.loss for r in runs_of[s]], 4) for s in strategies]
         rows_k.append(cells)
@@ -748,7 +747,7 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
         out += ["", f"![Score vs number of clusters]({images['clusters']})"]
 
     out += ["", "## Do the clusters group tasks by family or by language?", ""]
-    fam_l, lang_l = _labels(res, "family"), _labels(res, "language")
+    fam_l, lang_l = (_tag_labels(res.tags, res.names, tag) for tag in ("family", "language"))
     rows_a = []
     for m in cfg.methods():
         runs = res.select(m.key, k)
@@ -761,9 +760,8 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
     out.append(_md_table(["Method (K = %d)" % k, "ARI vs family", "ARI vs language"], rows_a))
     out += ["", "Adjusted Rand index (sklearn) between the found partition and the tasks' family / "
             "language labels from tasks.json: 1 = identical grouping, ~0 = unrelated (chance level)."]
-    best = res.select("d2c", k)
-    if best:
-        run = min(best, key=lambda r: (r.search_loss if r.search_loss is not None else 0.0))
+    run = _best_d2c(res)
+    if run is not None:
         out += ["", f"Clusters found by D²C (paper setting, seed {run.seed}, the seed with the lowest "
                 "search loss):", ""]
         for c in range(k):
@@ -779,10 +777,8 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
             f"the partitions are the ones found with {cfg.merge} (no new search), merged with that "
             "method instead.", ""]
     header = ["Partition", "K"] + [f"{mg}: score / eval loss / search loss" for mg in merges]
-    labels = {m.key: m.label for m in cfg.methods()}
     inv = [("by_family", "Group by family (oracle)"), ("by_language", "Group by language (oracle)"),
-           ("all_in_one", "All-in-one"), *[(key, labels[key]) for key in
-                                            ("random", "kmeans", "svd_kmeans", "d2c", "d2c_ours")],
+           ("all_in_one", "All-in-one"), *[(m.key, m.label) for m in cfg.methods()],
            ("d2c_long", f"D²C paper setting, T = {cfg.long_iterations}")]
     rows_i = []
     for key, label in inv:
@@ -828,16 +824,19 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
     return "\n".join(out)
 
 
+def _count_runs(res: ReportResult, key: str, k: int, seeds: Sequence[int]) -> list[Run]:
+    """A strategy's runs at K clusters for the cluster-count section (K = 1: the all-in-one merge)."""
+    return res.select("all_in_one", 1) if k == 1 else res.select(key, k, seeds=seeds)
+
+
+def _best_d2c(res: ReportResult) -> Run | None:
+    """The D²C (paper setting) run at K with the lowest search loss, None when there is none."""
+    runs = res.select("d2c", res.cfg.num_clusters)
+    return min(runs, key=lambda r: (r.search_loss if r.search_loss is not None else 0.0)) if runs else None
+
+
 def _fmt_ari(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def _labels(res: ReportResult, tag: str) -> np.ndarray | None:
-    vals = [res.tags[n].get(tag) for n in res.names]
-    if any(v is None for v in vals):
-        return None
-    order = sorted(set(vals))
-    return np.array([order.index(v) for v in vals], np.int32)
 
 
 def _rel(path: str) -> str:
@@ -890,7 +889,7 @@ def clusters_png(res: ReportResult) -> bytes:
     for s in res.cfg.count_strategies:
         xs, ms, ss = [], [], []
         for kk in counts:
-            runs = res.select("all_in_one", 1) if kk == 1 else res.select(s, kk, seeds=seeds)
+            runs = _count_runs(res, s, kk, seeds)
             if runs:
                 m, sd = _stats([r.score for r in runs])
                 xs.append(kk), ms.append(m), ss.append(sd)
@@ -914,10 +913,9 @@ def clusters_png(res: ReportResult) -> bytes:
 def assignment_png(res: ReportResult) -> bytes | None:
     from d2c_jax import plots
 
-    runs = res.select("d2c", res.cfg.num_clusters)
-    if not runs:
+    run = _best_d2c(res)
+    if run is None:
         return None
-    run = min(runs, key=lambda r: (r.search_loss if r.search_loss is not None else 0.0))
     return plots.assignment_png(np.asarray(run.partition), res.names, res.cfg.num_clusters, res.tags,
                                 f"D²C (paper setting), K={res.cfg.num_clusters}, seed {run.seed}")
 
