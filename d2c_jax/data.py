@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from d2c_jax.errors import UserError
+from d2c_jax.types import TokenBatch
 
 METRICS = ("rouge_l", "squad_f1", "exact_match", "chrf")
 SPLITS = ("search", "eval")
@@ -46,10 +47,7 @@ class TaskData:
     (zero weight, one attended pad token so no attention row is fully masked)."""
 
     names: tuple[str, ...]
-    tokens_tns: np.ndarray  # int32 [T, n, S]
-    targets_tns: np.ndarray  # int32 [T, n, S]
-    weights_tns: np.ndarray  # float32 [T, n, S], 1 on response-token targets
-    attn_tns: np.ndarray  # int32 [T, n, S], 1 on real tokens
+    batch: TokenBatch  # every leaf [T, n, S]: int32 tokens / targets / attn, float32 weights
     num_examples: np.ndarray  # int32 [T]
     num_truncated: np.ndarray  # int32 [T], examples whose prompt was cut from the left
     files: tuple[str, ...]  # the jsonl file each task was read from
@@ -60,6 +58,12 @@ class TaskData:
     @property
     def num_tasks(self) -> int:
         return len(self.names)
+
+    # The batch's leaves by their shape-suffixed names.
+    tokens_tns = property(lambda self: self.batch.tokens)
+    targets_tns = property(lambda self: self.batch.targets)
+    weights_tns = property(lambda self: self.batch.weights)
+    attn_tns = property(lambda self: self.batch.attn)
 
     def index(self, task: str) -> int:
         return self.names.index(task)
@@ -286,10 +290,7 @@ def load_task_data(
             weights[ti, ei, max(len(p_ids) - 1, 0) : m] = 1.0
     return TaskData(
         names=tuple(task_names),
-        tokens_tns=tokens,
-        targets_tns=targets,
-        weights_tns=weights,
-        attn_tns=attn,
+        batch=TokenBatch(tokens=tokens, targets=targets, weights=weights, attn=attn),
         num_examples=np.array([len(r) for r in per_task], np.int32),
         num_truncated=np.array(truncated, np.int32),
         files=tuple(files),

@@ -27,12 +27,23 @@ import json
 import os
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from d2c_jax import merge as merge_lib
+from d2c_jax import metrics as metrics_lib
+from d2c_jax.config_flags import setting
+from d2c_jax.data import METRICS, TaskData, response_token_ids
 from d2c_jax.errors import UserError
+from d2c_jax.generate import greedy_generate, pad_prompts, resolve_eos_pad, strip_generated
+from d2c_jax.inputs import load_inputs
+from d2c_jax.merge import Prepared
+from d2c_jax.models.config import ModelConfig
+from d2c_jax.scoring import Scorer, pad_rows
+from d2c_jax.types import DTYPES, Lora, Params
 
 METRIC_KINDS = ("loss", "generation")
-DTYPES = ("bfloat16", "float32", "float16")
 DEFAULT_METRIC = "rouge_l"
 _PROMPT_MULTIPLE = 16  # prompt slots rounded up to this (fewer distinct shapes)
 MERGE_BLOCK = 8  # masks merged per call when building a generation adapter table
@@ -42,26 +53,31 @@ MERGE_BLOCK = 8  # masks merged per call when building a generation adapter tabl
 class EvalConfig:
     """The resolved flags of launch/evaluate.py."""
 
-    base_model: str
-    adapters_dir: str | None
-    data_dir: str
-    output: str
-    partition: str | None = None
-    metrics: tuple[str, ...] = ("loss",)
-    zero_shot: bool = False
-    dtype: str = "bfloat16"
-    max_seq_len: int = 1024
-    chat_template: bool = False
-    examples_per_task: int | None = None
-    merge: str = "ties"
-    density: float = 0.5
-    batch_size: int = 8
-    example_chunk: int | None = 8
-    max_new_tokens: int = 128
-    generation_batch_size: int = 64
-    seed: int = 0
+    base_model: str = setting(None, "Hugging Face base model directory.")
+    adapters_dir: str | None = setting(None, "Directory of PEFT adapters, one sub-directory per task.")
+    data_dir: str = setting(None, "Directory of <task>.jsonl / <task>.eval.jsonl examples.")
+    output: str = setting(None, "Output JSON file.")
+    partition: str | None = setting(None, "partition.json from launch/search.py: evaluate its merges.")
+    metrics: tuple[str, ...] = setting(("loss",), f"Any of {', '.join(METRIC_KINDS)}.")
+    zero_shot: bool = setting(False, "Evaluate the base model without adapters.")
+    dtype: str = setting("bfloat16", "Base weight dtype.", choices=DTYPES)
+    max_seq_len: int = setting(1024, "Longest example (prompt cut from the left to fit).")
+    chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+    examples_per_task: int | None = setting(None, "First n examples of each task file (0 or unset: all).")
+    merge: str = setting("ties", "Merge method when partition.json does not store one.")
+    density: float = setting(0.5, "TIES density when partition.json does not store one.")
+    batch_size: int = setting(8, "Requests scored per accelerator call.")
+    example_chunk: int | None = setting(8, "Examples per forward pass (0: all at once); bounds memory when "
+                                        "tasks have many examples.")
+    max_new_tokens: int = setting(128, "Generation metrics: longest generated response.")
+    generation_batch_size: int = setting(64, "Generation metrics: prompts decoded per call (rows of all tasks "
+                                         "together, each with its own adapter).")
+    seed: int = setting(0, "Seed for stochastic merges (dare_ties).")
 
     def __post_init__(self):
+        for name in ("examples_per_task", "example_chunk"):  # 0 (the flags' way to say "all"): None
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, None)
         for name in ("base_model", "data_dir", "output"):
             if not getattr(self, name):
                 raise UserError(None, f"--{name} must be set")
@@ -154,13 +170,13 @@ class Evaluator:
 
     def __init__(
         self,
-        params: Any,
-        model_cfg: Any,
+        params: Params,
+        model_cfg: ModelConfig,
         tokenizer: Any,
-        task_data: Any,
+        task_data: TaskData,
         task_metrics: Sequence[str | None],
         *,
-        prepared: Any = None,
+        prepared: Prepared | None = None,
         batch_size: int = 8,
         example_chunk: int | None = 8,
         max_new_tokens: int = 128,
@@ -168,8 +184,6 @@ class Evaluator:
     ):
         """`task_data`: data.load_task_data(split="eval"); `task_metrics`: one per task (None →
         rouge_l); `prepared`: merge.prepare_merge of the adapters (None: zero-shot only)."""
-        from d2c_jax.scoring import Scorer
-
         self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
         self.task_data = task_data
         self.names = tuple(task_data.names)
@@ -189,7 +203,6 @@ class Evaluator:
         self._row_task = np.array([t for t in range(len(self.names))
                                    for _ in range(int(task_data.num_examples[t]))], np.int32)
         prompts = [list(p) for t in range(len(self.names)) for p in task_data.prompt_ids[t]]
-        from d2c_jax.generate import pad_prompts, resolve_eos_pad
 
         self.eos_ids, self.pad_id = resolve_eos_pad(model_cfg, tokenizer)
         self._tokens_rp, self._mask_rp = pad_prompts(prompts, self.pad_id, side="left",
@@ -201,15 +214,11 @@ class Evaluator:
 
     # -- adapters per task --------------------------------------------------------------------
 
-    def _table(self, masks_an: np.ndarray) -> Any:
+    def _table(self, masks_an: np.ndarray) -> Lora:
         """The merges of A masks stacked into a table of fixed size (lora with leading axis
         `table_size`; rows past A are zeros): merged MERGE_BLOCK masks per call of one jitted
         function, so neither merging nor decoding recompiles when A changes."""
-        import jax
-        import jax.numpy as jnp
 
-        from d2c_jax import merge as merge_lib
-        from d2c_jax.scoring import _pad_rows
 
         if self.prepared is None:
             raise ValueError("this Evaluator was built without a prepared merge")
@@ -220,7 +229,7 @@ class Evaluator:
         block = MERGE_BLOCK
         parts = []
         for m0 in range(0, a, block):
-            parts.append(self._merge_fn(self.prepared, _pad_rows(masks_an[m0:m0 + block], block)))
+            parts.append(self._merge_fn(self.prepared, pad_rows(masks_an[m0:m0 + block], block)))
         table = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:a], *parts)
         return jax.tree.map(lambda x: jnp.pad(x, [(0, self.table_size - a)] + [(0, 0)] * (x.ndim - 1)),
                             table)
@@ -271,9 +280,7 @@ class Evaluator:
         """jit: (params, tokens [b, P], mask [b, P], table [A, ...] or None, index) → ids
         [b, max_new]; every row decoded with adapter table[index] (None: the base model)."""
         if self._gen is None:
-            import jax
 
-            from d2c_jax.generate import greedy_generate
 
             cfg, max_new, eos, pad = self.model_cfg, self.max_new_tokens, self.eos_ids, self.pad_id
 
@@ -291,8 +298,6 @@ class Evaluator:
         None: the base model). The rows of all tasks that share an adapter are decoded together,
         b = min(generation_batch_size, next power of two of their count) rows per call (one
         shared adapter per call is several times faster than one adapter per row)."""
-        from d2c_jax.generate import strip_generated
-
         fn = self._gen_fn()
         group_r = np.zeros(len(self._row_task), np.int32) if table is None else \
             np.asarray(idx_t, np.int32)[self._row_task]
@@ -315,18 +320,14 @@ class Evaluator:
         return per_task
 
     def _generation(self, table: Any, idx_t: np.ndarray | None) -> tuple[np.ndarray, tuple]:
-        from d2c_jax import metrics as metrics_lib
-
         preds = self.generate(table, idx_t)
         scores = [metrics_lib.score(m, p, list(refs))
                   for m, p, refs in zip(self.metrics, preds, self.task_data.responses)]
         return np.asarray(scores, np.float64), tuple(tuple(p) for p in preds)
 
 
-def longest_response_tokens(task_data: Any, tokenizer: Any) -> int:
+def longest_response_tokens(task_data: TaskData, tokenizer: Any) -> int:
     """The longest reference response of the eval split in tokens, EOS included."""
-    from d2c_jax.data import response_token_ids
-
     return max(len(response_token_ids(tokenizer, r)) for rs in task_data.responses for r in rs)
 
 
@@ -335,26 +336,12 @@ def longest_response_tokens(task_data: Any, tokenizer: Any) -> int:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Runs the evaluation described by `cfg` and returns the output document (no files written)."""
-    from d2c_jax import data, hf_io, lora as lora_lib, merge as merge_lib
-    from d2c_jax.models.config import load_config
-
     generation = "generation" in cfg.metrics
-    # Everything a user can get wrong is checked before the weights are loaded.
-    model_cfg = load_config(cfg.base_model)
-    adapters = None
-    if cfg.adapters_dir:
-        adapters = lora_lib.load_adapter_set(cfg.adapters_dir, model_cfg)
-        names = adapters.names
-    else:
-        names = data.data_tasks(cfg.data_dir)
-        if not names:
-            raise UserError(cfg.data_dir, "no <task>.jsonl files")
-    data.check_tasks_match(cfg.data_dir, names, split="eval")
-    tokenizer = hf_io.load_tokenizer(cfg.base_model)
-    task_data = data.load_task_data(
-        cfg.data_dir, names, tokenizer, split="eval", examples_per_task=cfg.examples_per_task,
-        max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template)
-    meta = data.load_task_meta(cfg.data_dir, names)
+    # Everything a user can get wrong is checked before the weights are loaded (inputs.params).
+    inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="eval",
+                         examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
+                         chat_template=cfg.chat_template, dtype=cfg.dtype)
+    names, task_data = inputs.names, inputs.task_data
 
     method, density, clusters = cfg.merge, cfg.density, None
     if cfg.partition:
@@ -364,15 +351,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     prepared = None
     if clusters is not None:
         try:
-            prepared = merge_lib.prepare_merge(adapters, method, density, seed=cfg.seed)
+            prepared = inputs.prepared(method, density, seed=cfg.seed)
         except UserError as e:  # a bad method/density: name where it came from
             raise UserError(e.path or (cfg.partition if "merge" in raw or "method" in raw
                                        or "density" in raw else None), e.message) from None
     elif not cfg.zero_shot:
         # Single-task: one-member merges are the adapters unchanged; linear trims nothing.
-        prepared = merge_lib.prepare_merge(adapters, "linear", 1.0)
-    params = hf_io.load_params(cfg.base_model, model_cfg, cfg.dtype)
-    ev = Evaluator(params, model_cfg, tokenizer, task_data, [meta[n].metric for n in names],
+        prepared = inputs.prepared("linear", 1.0)
+    ev = Evaluator(inputs.params, inputs.model_cfg, inputs.tokenizer, task_data, inputs.task_metrics,
                    prepared=prepared, batch_size=cfg.batch_size, example_chunk=cfg.example_chunk,
                    max_new_tokens=cfg.max_new_tokens,
                    generation_batch_size=cfg.generation_batch_size)
@@ -389,12 +375,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                            merge=method, density=density)
 
 
-def result_document(result: TaskScores, task_data: Any, mode: str, cfg: EvalConfig, *,
+def result_document(result: TaskScores, task_data: TaskData, mode: str, cfg: EvalConfig, *,
                     partition_n: np.ndarray | None = None, merge: str | None = None,
                     density: float | None = None) -> dict[str, Any]:
     """The output JSON of launch/evaluate.py."""
-    from d2c_jax.data import METRICS
-
     tasks: dict[str, dict[str, Any]] = {}
     for t, name in enumerate(result.names):
         entry: dict[str, Any] = {"loss": float(result.losses_t[t])}

@@ -13,12 +13,14 @@ from __future__ import annotations
 from functools import partial
 from typing import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax.models import decoder
 from d2c_jax.models.config import ModelConfig
+from d2c_jax.types import Lora, Params
 
 
 def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -85,13 +87,13 @@ def _generate_jit(params, cfg, tokens_bp, mask_bp, lora, max_new, eos_ids, pad_i
 
 
 def greedy_generate(
-    params: dict,
+    params: Params,
     cfg: ModelConfig,
     prompt_tokens_bs: jax.Array,
     prompt_mask_bs: jax.Array,
     max_new_tokens: int,
     eos_token_id: int | Sequence[int] | None,
-    lora: dict | None = None,
+    lora: Lora | None = None,
     *,
     pad_token_id: int | None = None,
     lora_per_row: bool = False,
@@ -108,6 +110,8 @@ def greedy_generate(
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     tokens = jnp.asarray(prompt_tokens_bs, jnp.int32)
     mask = jnp.asarray(prompt_mask_bs, jnp.int32)
+    chex.assert_rank(tokens, 2)
+    chex.assert_equal_shape([tokens, mask])
     return _generate_jit(params, cfg, tokens, mask, lora, int(max_new_tokens), eos_ids,
                          int(pad_token_id), bool(lora_per_row))
 

@@ -15,15 +15,17 @@ import json
 import os
 import re
 import struct
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 from d2c_jax.errors import UserError
 from d2c_jax.models.config import ModelConfig, load_config, module_shapes
 from d2c_jax.sharding import put_global
+from d2c_jax.types import DTYPES, Params
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -103,9 +105,13 @@ def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 # Reading safetensors key by key.
 
 
-class _Reader:
-    """Opens each safetensors file once; numpy-native dtypes via safe_open, BF16 via memmap
-    (numpy has no bfloat16, so safe_open(framework='numpy') refuses it)."""
+class SafetensorsReader:
+    """The one safetensors reader (base checkpoints and PEFT adapters): opens each file once,
+    reads tensors key by key in their stored dtype; numpy-native dtypes via safe_open, BF16 via
+    memmap (numpy has no bfloat16, so safe_open(framework='numpy') refuses it). Every failure is
+    a UserError naming the file."""
+
+    FLOAT_DTYPES = ("F32", "F16", "F64", "BF16")
 
     def __init__(self):
         self._handles: dict[str, Any] = {}
@@ -114,14 +120,21 @@ class _Reader:
     def keys(self, path: str) -> list[str]:
         return list(self._open(path).keys())
 
+    def shapes(self, path: str) -> dict[str, tuple[int, ...]]:
+        """{key: shape} from the header alone."""
+        handle = self._open(path)
+        return {k: tuple(int(d) for d in handle.get_slice(k).get_shape()) for k in handle.keys()}
+
     def _open(self, path: str):
         from safetensors import safe_open
 
         if path not in self._handles:
+            if not os.path.isfile(path):
+                raise UserError(path, "cannot read safetensors file: not found")
             try:
                 self._handles[path] = safe_open(path, framework="numpy")
             except Exception as e:  # corrupt header, truncated file
-                raise UserError(path, f"cannot read safetensors file: {e}") from None
+                raise UserError(path, f"not a valid safetensors file ({e})") from None
         return self._handles[path]
 
     def _header(self, path: str) -> tuple[int, dict]:
@@ -147,8 +160,19 @@ class _Reader:
         except Exception as e:
             raise UserError(path, f"cannot read tensor {key!r} ({dtype}): {e}") from None
 
+    def read_float32(self, path: str) -> dict[str, np.ndarray]:
+        """Every tensor of a file (floating point only) as float32."""
+        handle = self._open(path)
+        out = {}
+        for key in handle.keys():
+            dtype = handle.get_slice(key).get_dtype()
+            if dtype not in self.FLOAT_DTYPES:
+                raise UserError(path, f"tensor {key} has unsupported dtype {dtype} (need F32, F16, BF16 or F64)")
+            out[key] = self.read(path, key).astype(np.float32)
+        return out
 
-def _weight_files(model_dir: str, reader: _Reader) -> dict[str, str]:
+
+def _weight_files(model_dir: str, reader: SafetensorsReader) -> dict[str, str]:
     """Maps each tensor name to the safetensors file holding it."""
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
@@ -179,37 +203,25 @@ def _weight_files(model_dir: str, reader: _Reader) -> dict[str, str]:
     return out
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "f32": jnp.float32, "bf16": jnp.bfloat16}
-
-
 def _np_dtype(dtype: Any) -> np.dtype:
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise UserError(None, f"unsupported dtype {dtype!r}; use float32 or bfloat16")
-        dtype = _DTYPES[dtype]
+        if dtype not in DTYPES:
+            raise UserError(None, f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        dtype = jnp.dtype(dtype)
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
-        raise UserError(None, f"unsupported dtype {dt}; use float32 or bfloat16")
+        raise UserError(None, f"unsupported dtype {dt}; use one of {', '.join(DTYPES)}")
     return dt
 
 
-def _sharding_for(shardings: Any, path: tuple[str, ...]):
+def _sharding_of(shardings: Any) -> Callable[[tuple[str, ...]], Any]:
+    """path -> Sharding or None, from a nested dict of shardings, a callable or None."""
     if shardings is None:
-        return None
+        return lambda path: None
     if callable(shardings) and not isinstance(shardings, Mapping):
-        return shardings("/".join(path))
-    node = shardings
-    for p in path:
-        if not isinstance(node, Mapping) or p not in node:
-            return None
-        node = node[p]
-    return node
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
+        return lambda path: shardings("/".join(path))
+    flat = traverse_util.flatten_dict(shardings)
+    return lambda path: flat.get(path)
 
 
 def _check_finite(arr: np.ndarray, path: str, key: str) -> None:
@@ -222,7 +234,7 @@ def load_params(
     cfg: ModelConfig,
     dtype: Any = "float32",
     shardings: Any = None,
-) -> dict:
+) -> Params:
     """Loads the base params (see docs/architecture.md) in `dtype` (float32 | bfloat16).
 
     `shardings` (optional): a nested dict shaped like the params with jax.sharding.Sharding
@@ -234,7 +246,7 @@ def load_params(
     if not os.path.isdir(model_dir):
         raise UserError(model_dir, "model directory does not exist")
     np_dtype = _np_dtype(dtype)
-    reader = _Reader()
+    reader = SafetensorsReader()
     files = _weight_files(model_dir, reader)
     wanted = entries(cfg)
     shapes = param_shapes(cfg)
@@ -257,7 +269,8 @@ def load_params(
         raise UserError(files[unexpected[0]], f"unexpected tensor {unexpected[0]!r}{more} "
                         f"for architecture {cfg.arch} (config.json and weights disagree?)")
 
-    params: dict = {}
+    sharding_of = _sharding_of(shardings)
+    flat: dict[tuple[str, ...], Any] = {}
     for e in wanted:
         shape = shapes[e.path]
         layered = "{l}" in e.hf
@@ -277,11 +290,10 @@ def load_params(
                 out[i] = arr.astype(np_dtype)
             else:
                 out[...] = arr.astype(np_dtype)
-        sharding = _sharding_for(shardings, e.path)
+        sharding = sharding_of(e.path)
         # put_global, not device_put: a sharding may span other hosts' devices (multi-host).
-        value = put_global(out, sharding) if sharding is not None else jnp.asarray(out)
-        _set(params, e.path, value)
-    return params
+        flat[e.path] = put_global(out, sharding) if sharding is not None else jnp.asarray(out)
+    return traverse_util.unflatten_dict(flat)
 
 
 def _natural(s: str):

@@ -17,13 +17,13 @@ import json
 import math
 import os
 import re
-import struct
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from d2c_jax.atomic_io import write_dir_atomic
 from d2c_jax.errors import UserError
+from d2c_jax.hf_io import SafetensorsReader
 from d2c_jax.models.config import LORA_MODULES, ModelConfig, module_shapes, read_json_object
 
 CONFIG_NAME = "adapter_config.json"
@@ -104,56 +104,6 @@ class AdapterSet:
     @property
     def num_layers(self) -> int:
         return int(next(iter(self.a.values())).shape[1])
-
-
-# ----------------------------------------------------------------------------- safetensors I/O
-
-_ST_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}  # safetensors is little-endian
-
-
-def _read_safetensors(path: str, *, header_only: bool = False) -> dict[str, Any]:
-    """Reads a safetensors file into float32 numpy arrays (BF16 included, which numpy lacks).
-
-    With header_only, returns {name: shape tuple} without reading the data.
-    """
-    try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file too short")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-            header.pop("__metadata__", None)
-            if header_only:
-                return {k: tuple(int(s) for s in v["shape"]) for k, v in header.items()}
-            data = f.read()
-    except OSError as e:
-        raise UserError(path, f"cannot read safetensors file: {e}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(path, f"not a valid safetensors file ({e})") from None
-    out = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise UserError(path, f"not a valid safetensors file (bad entry for {name!r})") from None
-        if dtype not in _ST_DTYPES:
-            raise UserError(path, f"tensor {name} has unsupported dtype {dtype} (need F32, F16, BF16 or F64)")
-        buf = data[start:end]
-        count = int(np.prod(shape, dtype=np.int64))
-        itemsize = np.dtype(_ST_DTYPES[dtype]).itemsize
-        if end - start != count * itemsize or len(buf) != end - start:
-            raise UserError(path, f"not a valid safetensors file (truncated data for {name})")
-        if dtype == "BF16":
-            arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = np.frombuffer(buf, _ST_DTYPES[dtype]).astype(np.float32)
-        out[name] = arr.reshape(shape)
-    return out
 
 
 # ----------------------------------------------------------------------------- adapter_config.json
@@ -315,7 +265,7 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
     config = read_adapter_config(adapter_dir)
     cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
     path = _weights_path(adapter_dir)
-    tensors = _read_safetensors(path)
+    tensors = SafetensorsReader().read_float32(path)
     if not tensors:
         raise UserError(path, "contains no tensors")
     parsed = _parse_keys(tensors, path, L)
@@ -437,7 +387,7 @@ def infer_dims(adapter_dirs: Sequence[str | os.PathLike]) -> BaseDims:
         config = read_adapter_config(d)
         r = int(config["r"])
         path = _weights_path(d)
-        header = _read_safetensors(path, header_only=True)
+        header = SafetensorsReader().shapes(path)
         if not header:
             raise UserError(path, "contains no tensors")
         for (layer, m, f), key in _parse_keys(header, path, None).items():

@@ -30,6 +30,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +38,7 @@ import numpy as np
 from d2c_jax.errors import UserError
 from d2c_jax import lora as lora_lib
 from d2c_jax.lora import AdapterSet
+from d2c_jax.types import Lora
 
 METHODS = ("ties", "linear", "magnitude_prune", "dare_ties", "ties_delta")
 _SIGN_ELECTED = ("ties", "dare_ties", "ties_delta")
@@ -242,11 +244,12 @@ def _svd_factors(delta_loi: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]
     return a, b
 
 
-def merge_mask(prepared: Prepared, mask_n: Any) -> dict[str, dict[str, jax.Array]]:
+def merge_mask(prepared: Prepared, mask_n: Any) -> Lora:
     """Merges the adapters selected by mask_n (bool/0-1 [N]) into one lora with scaling 1.
 
     Pure and jit/vmap-able over mask_n. An empty mask gives zeros.
     """
+    chex.assert_shape(mask_n, (prepared.num_adapters,))
     m_n = (jnp.asarray(mask_n) != 0).astype(jnp.float32)
     single = jnp.sum(m_n) == 1
     out = {}
@@ -267,7 +270,7 @@ def merge_mask(prepared: Prepared, mask_n: Any) -> dict[str, dict[str, jax.Array
     return out
 
 
-def merge_masks(prepared: Prepared, masks_cn: Any) -> dict[str, dict[str, jax.Array]]:
+def merge_masks(prepared: Prepared, masks_cn: Any) -> Lora:
     """vmap of merge_mask over C masks: every leaf gets a leading C axis."""
     return jax.vmap(merge_mask, in_axes=(None, 0))(prepared, jnp.asarray(masks_cn))
 

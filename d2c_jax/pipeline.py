@@ -5,8 +5,8 @@ Order of work (cheap checks first, so that a bad input fails in seconds, not aft
   2. adapters, task data, K, model config; the run fingerprint; the checkpoint (if any) must match
      (--overwrite discards a finished run or a checkpoint of other inputs; a matching checkpoint of
      an unfinished run is always resumed, so re-running the same command resumes);
-  3. base weights, tokenizer, adapters, examples → `merge.prepare_merge` → `scoring.Scorer`;
-  4. `search.run_search` (d2c; SIGTERM → checkpoint and exit 0) or a baseline partition;
+  3. adapters, tokenizer, examples, base weights → `inputs.load_inputs` → `scoring.Scorer`;
+  4. `search.find_partition`: the d2c search (SIGTERM → checkpoint and exit 0) or a baseline;
   5. outputs, each written atomically and by process 0 only: merged/cluster_<k>/ (PEFT),
      objective.png, assignment.png, metrics.jsonl, then partition.json last (its presence marks
      a finished run). config.json (the resolved flags) is written at start-up.
@@ -31,12 +31,22 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from d2c_jax import checkpoint, data, lora, merge, plots
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.atomic_io import write_bytes_atomic, write_dir_atomic, write_text_atomic
+from d2c_jax.checkpoint import Checkpointer, PreemptionFlag
 from d2c_jax.errors import UserError
+from d2c_jax.inputs import load_inputs
+from d2c_jax.merge import Prepared
+from d2c_jax.models.config import ModelConfig, load_config
 from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig
+from d2c_jax.search import SearchState, check_num_clusters, find_partition
+from d2c_jax.sharding import (any_process, barrier, check_same_on_all_processes, from_main, initialize_distributed,
+                              make_mesh)
+from d2c_jax.suite import ensure_preset
 
 PARTITION = "partition.json"
 CONFIG = "config.json"
@@ -67,8 +77,6 @@ def check_workdir(workdir: str, overwrite: bool) -> None:
 def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> None:
     """Creates the workdir; with --overwrite removes a finished run's outputs and checkpoints.
     Every process calls it; process 0 writes, then all check that they see the directory."""
-    from d2c_jax.sharding import any_process
-
     check_workdir(workdir, overwrite)
 
     def prepare() -> None:
@@ -89,23 +97,13 @@ def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> None:
                         "on storage that all hosts share (NFS, a mounted bucket)")
 
 
-def _barrier(name: str) -> None:
-    from d2c_jax.sharding import barrier
-
-    barrier(name)
-
-
 def _is_main() -> bool:
-    import jax
-
     return jax.process_index() == 0
 
 
 def _on_main(fn, what: str, is_main: bool) -> None:
     """Runs `fn` (a file write) on process 0 only; every process then learns whether it failed,
     so a failure ends all of them with an error instead of leaving the others waiting."""
-    from d2c_jax.sharding import any_process
-
     error = None
     if is_main:
         try:
@@ -153,8 +151,6 @@ def final_table(doc: Mapping[str, Any]) -> str:
 
 
 def _fingerprint(cfg: RunConfig, names: Sequence[str]) -> dict[str, Any]:
-    from d2c_jax import checkpoint, data
-
     return checkpoint.fingerprint(
         cfg.base_model,
         [os.path.join(cfg.adapters_dir, n) for n in names],
@@ -166,9 +162,6 @@ def _fingerprint(cfg: RunConfig, names: Sequence[str]) -> dict[str, Any]:
 def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_main: bool):
     """The Checkpointer, after checking any checkpoint there belongs to this run (--overwrite:
     discard one that does not)."""
-    from d2c_jax.checkpoint import Checkpointer
-    from d2c_jax.sharding import any_process
-
     directory = os.path.join(workdir, CHECKPOINTS)
     fp = _fingerprint(cfg, names)
     ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
@@ -186,17 +179,13 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_ma
     if is_main:
         print(f"--overwrite: discarding the checkpoints in {directory}", file=sys.stderr)
         _remove(directory)
-    _barrier("d2c_discard_checkpoints")
+    barrier("d2c_discard_checkpoints")
     return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
 
 
 def _mesh(cfg: RunConfig):
-    import jax
-
     if jax.device_count() == 1:
         return None
-    from d2c_jax.sharding import make_mesh
-
     if jax.device_count() % cfg.model_shards:
         raise UserError(None, f"--model_shards={cfg.model_shards} must divide the {jax.device_count()} devices")
     return make_mesh(num_candidate_shards=jax.device_count() // cfg.model_shards)
@@ -206,8 +195,6 @@ def resolve_suite(cfg: RunConfig) -> RunConfig:
     """Fills the paths that --suite supplies, building that suite on first use (cached after)."""
     if not cfg.suite or (cfg.base_model and cfg.adapters_dir and cfg.data_dir):
         return cfg  # no suite, or every path it would supply is given explicitly: nothing to build
-    from d2c_jax.suite import ensure_preset
-
     print(f"suite {cfg.suite!r}: using (or building, on first use) {os.path.join(cfg.suite_root, cfg.suite)}",
           flush=True)
     paths = ensure_preset(cfg.suite, cfg.suite_root, log=lambda msg: print(f"  suite: {msg}", flush=True))
@@ -222,16 +209,11 @@ def resolve_suite(cfg: RunConfig) -> RunConfig:
 def run(cfg: RunConfig) -> int:
     """Runs (or resumes) the search described by `cfg`; returns the exit status (0 also when
     preempted after saving a checkpoint)."""
-    from d2c_jax import data, lora
-    from d2c_jax.models.config import load_config
-    from d2c_jax.search import check_num_clusters
-    from d2c_jax.sharding import initialize_distributed
-
     start = time.perf_counter()
     workdir = os.path.abspath(cfg.workdir)
     check_workdir(workdir, cfg.overwrite)  # before a possibly long suite build
     cfg = resolve_suite(cfg)
-    settings = cfg.search
+    settings = cfg.engine_settings()
 
     # 1.-2. Cheap checks, before anything is written (every process makes them on its own;
     # prepare_workdir checks the workdir again right before creating it).
@@ -253,56 +235,41 @@ def run(cfg: RunConfig) -> int:
             ckpt.close()
 
 
-def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_main: bool) -> int:
-    from d2c_jax import data, hf_io, lora, merge
-    from d2c_jax.checkpoint import PreemptionFlag
-    from d2c_jax.scoring import Scorer
-    from d2c_jax.search import baseline_row, evaluate_partition, run_search
-    from d2c_jax.sharding import any_process, check_same_on_all_processes, from_main
-    from d2c_jax.strategies.baselines import baseline_partition
-
-    settings = cfg.search
+def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelConfig, ckpt: Checkpointer | None,
+         start: float, is_main: bool) -> int:
+    settings = cfg.engine_settings()
     # 3. Model, adapters, examples.
-    adapters = lora.load_adapter_set(cfg.adapters_dir, model_cfg)
-    if tuple(adapters.names) != tuple(names):
+    inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
+                         examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
+                         chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
+    if inputs.names != tuple(names):
         raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
-    tokenizer = hf_io.load_tokenizer(cfg.base_model)
-    task_data = data.load_task_data(
-        cfg.data_dir, adapters.names, tokenizer, split="search", examples_per_task=cfg.examples_per_task,
-        max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template,
-    )
-    tags = {t: m.tags for t, m in data.load_task_meta(cfg.data_dir, adapters.names).items()}
-    params = hf_io.load_params(cfg.base_model, model_cfg, cfg.dtype)
-    prepared = merge.prepare_merge(adapters, cfg.merge, cfg.density, seed=cfg.seed)
-    scorer = Scorer(params, model_cfg, prepared, task_data, batch_size=cfg.batch_size, mesh=_mesh(cfg))
+    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.batch_size)
 
     # 4. Search or baseline.
     k = settings.num_clusters
-    if cfg.strategy in SEARCH_STRATEGIES:
-        def on_checkpoint(state) -> None:
-            rows = state.metrics
-            _on_main(lambda: write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(rows)), METRICS, is_main)
 
+    def on_checkpoint(state: SearchState) -> None:
+        rows = state.metrics
+        _on_main(lambda: write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(rows)), METRICS, is_main)
+
+    if cfg.strategy in SEARCH_STRATEGIES:
         with PreemptionFlag() as flag:
             # SIGTERM may reach the hosts at different iterations: they stop together at the first
             # iteration end after any of them saw it (a tiny collective per iteration).
-            result = run_search(scorer, settings, checkpointer=ckpt, should_stop=lambda: any_process(flag()),
-                                on_checkpoint=on_checkpoint, progress=cfg.progress and is_main)
-        if result.preempted:
-            if is_main:
-                print(f"preempted: checkpoint of iteration {result.state.iteration}/{settings.iterations} saved "
-                      f"in {os.path.join(workdir, CHECKPOINTS)}; re-run the same command to resume")
-            return 0
-        partition_n, objective, task_losses_n = result.partition_n, result.objective, result.task_losses_n
-        metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
+            result = find_partition(scorer, cfg.strategy, settings, checkpointer=ckpt,
+                                    should_stop=lambda: any_process(flag()), on_checkpoint=on_checkpoint,
+                                    progress=cfg.progress and is_main)
     else:
-        t0 = time.perf_counter()
         # Process 0's partition for all: library k-means need not be bit-identical across hosts.
-        partition_n = from_main(np.asarray(
-            baseline_partition(cfg.strategy, len(names), k, cfg.seed, adapters.a, adapters.b), np.int32))
-        objective, task_losses_n, stats = evaluate_partition(scorer, partition_n, k)
-        metrics = [baseline_row(stats, time.perf_counter() - t0, objective)]
-        evaluations, chain = stats.evaluations, 0
+        result = find_partition(scorer, cfg.strategy, settings, inputs.adapters, agree=from_main)
+    if result.preempted:
+        if is_main:
+            print(f"preempted: checkpoint of iteration {result.state.iteration}/{settings.iterations} saved "
+                  f"in {os.path.join(workdir, CHECKPOINTS)}; re-run the same command to resume")
+        return 0
+    partition_n, objective, task_losses_n = result.partition_n, result.objective, result.task_losses_n
+    metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
 
     # 5. Outputs (process 0).
     partition_n = canonical(partition_n, k)
@@ -315,10 +282,10 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
         "objective": float(objective),
         "cluster_objectives": [float(sum(task_losses_n[i] for i in np.flatnonzero(partition_n == c))) for c in range(k)],
         "task_losses": {n: float(x) for n, x in zip(names, task_losses_n)},
-        "search_objective": cfg.objective,
+        "search_objective": cfg.search.objective,
         "merge": cfg.merge,
         "density": cfg.density,
-        "seed": cfg.seed,
+        "seed": cfg.search.seed,
         "iterations": settings.iterations,
         "population": settings.population,
         "proposals": settings.proposals,
@@ -334,7 +301,8 @@ def _run(cfg: RunConfig, workdir: str, names, model_cfg, ckpt, start: float, is_
         "data_dir": cfg.data_dir,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    _on_main(lambda: write_outputs(workdir, doc, partition_n, names, tags, metrics, prepared, cfg.base_model),
+    prepared = inputs.prepared(cfg.merge, cfg.density, cfg.search.seed)
+    _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared, cfg.base_model),
              "the outputs", is_main)
     if is_main:
         print(final_table(doc))
@@ -349,12 +317,10 @@ def write_outputs(
     names: Sequence[str],
     tags: Mapping[str, Mapping[str, str]],
     metrics: Sequence[Mapping[str, Any]],
-    prepared: Any,
+    prepared: Prepared,
     base_model: str,
 ) -> None:
     """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
-    from d2c_jax import plots
-
     write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model)
     write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(metrics, f"{doc['strategy']} search"))
     write_bytes_atomic(
@@ -365,12 +331,11 @@ def write_outputs(
     write_text_atomic(os.path.join(workdir, PARTITION), json.dumps(doc, indent=2) + "\n")
 
 
-def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepared: Any, base_model: str) -> None:
+def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepared: Prepared,
+                 base_model: str) -> None:
     """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter; the whole directory is built
     beside out_dir and renamed into place, so no half-written merged/ is ever left."""
-    import jax
 
-    from d2c_jax import lora, merge
 
     merge_fn = jax.jit(merge.merge_mask)
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -25,16 +25,16 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
 def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C search") -> bytes:
     """Global objective (summed per-task loss) per chain against the iteration."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in metrics if r.get("objectives")]
     fig, ax = plt.subplots(figsize=(7, 4))
     if rows:
@@ -49,7 +49,7 @@ def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C searc
     ax.set_ylabel("objective: summed task loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png(fig)
 
 
 def task_order(names: Sequence[str], tags: Mapping[str, Mapping[str, str]] | None) -> list[int]:
@@ -71,7 +71,7 @@ def assignment_png(
     title: str = "cluster assignment",
 ) -> bytes:
     """Tasks × clusters map (a filled cell: the task's adapter is merged into that cluster)."""
-    plt = _pyplot()
+    plt = pyplot()
     tags = tags or {}
     order = task_order(names, tags)
     n = len(names)
@@ -99,4 +99,4 @@ def assignment_png(
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("cluster")
     ax.set_title(title)
-    return _png(fig)
+    return png(fig)

@@ -1,8 +1,8 @@
 """Frozen dataclasses of the search settings, built from flags once at start-up.
 
-`RunConfig` holds every setting of `launch/search.py` (the launch script turns its absl flags into
-one); `SearchSettings` is the part the engine needs. Library code receives these, never FLAGS.
-No arrays here.
+`RunConfig` holds every setting of `launch/search.py`, whose flags are generated from its fields
+(`config_flags`: one default and one help text per setting, here); its `search` field is the
+`SearchSettings` the engine needs. Library code receives these, never FLAGS. No arrays here.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import dataclasses
 import json
 from typing import Any
 
+from d2c_jax.config_flags import setting
 from d2c_jax.errors import UserError
+from d2c_jax.merge import METHODS as MERGE_METHODS
+from d2c_jax.types import DTYPES
 
 STRATEGIES = ("d2c", "random", "kmeans", "svd_kmeans", "all_in_one")
 SEARCH_STRATEGIES = ("d2c",)  # iterate with the engine; the others are one-shot baselines
 OBJECTIVES = ("local", "global")
-DTYPES = ("bfloat16", "float32")
 
 # Settings that change the result of a run: a checkpoint made with other values is refused.
 # (batch_size, checkpoint_every, keep_checkpoints, track_every, overwrite, progress and the
@@ -32,14 +34,18 @@ RESULT_SETTINGS = (
 class SearchSettings:
     """What the engine needs: partition size, search schedule, randomness."""
 
-    num_clusters: int
-    iterations: int = 200
-    objective: str = "local"  # "local": loss of the moved task; "global": summed loss of both clusters
-    population: int = 1  # P chains in lock-step
-    proposals: int = 1  # M candidate moves per chain per iteration
-    exchange_every: int = 0  # replace the worst chains by the best every k iterations (0: never)
-    track_every: int = 10  # compute every chain's global objective every k iterations
-    seed: int = 0
+    num_clusters: int = setting(5, "K: number of merged adapters (1 <= K < N).")
+    iterations: int = setting(200, "T: search iterations.")
+    objective: str = setting("local", "local: loss of the moved task (the paper); global: summed loss of both "
+                             "clusters.", choices=OBJECTIVES)
+    population: int = setting(1, "P: search chains run in lock-step.")
+    proposals: int = setting(1, "M: candidate moves per chain per iteration (best improving kept).")
+    exchange_every: int = setting(0, "Every k iterations copy the best quarter of the chains over the worst "
+                                  "(0: never).")
+    track_every: int = setting(10, "Compute every chain's global objective (metrics, plot) every k iterations "
+                               "and at the end; 1 is exact per iteration but costs extra evaluations with "
+                               "--objective=local.")
+    seed: int = setting(0, "Seed of every random choice.")
 
     def __post_init__(self):
         _check(self.num_clusters >= 1, "num_clusters", self.num_clusters, "must be >= 1")
@@ -54,41 +60,41 @@ class SearchSettings:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Every setting of one search run (the resolved flags), saved to workdir/config.json."""
+    """Every setting of one search run (the resolved flags of launch/search.py, which generates
+    its flags from these fields); saved flat to workdir/config.json."""
 
-    base_model: str | None
-    adapters_dir: str | None
-    data_dir: str | None
-    workdir: str
-    num_clusters: int = 5
-    iterations: int = 200
-    strategy: str = "d2c"
-    objective: str = "local"
-    population: int = 1
-    proposals: int = 1
-    exchange_every: int = 0
-    track_every: int = 10
-    merge: str = "ties"
-    density: float = 0.5
-    examples_per_task: int = 10
-    max_seq_len: int = 1024
-    chat_template: bool = False
-    dtype: str = "bfloat16"
-    seed: int = 0
-    batch_size: int = 8
-    model_shards: int = 1
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    overwrite: bool = False
-    progress: bool = True
+    workdir: str = setting(help="Output and checkpoint directory.", required=True)
+    base_model: str | None = setting(None, "Hugging Face base model directory.")
+    adapters_dir: str | None = setting(None, "Directory of PEFT LoRA adapters, one sub-directory per task.")
+    data_dir: str | None = setting(None, "Directory of <task>.jsonl examples (and optional tasks.json).")
+    strategy: str = setting("d2c", "d2c search, or a baseline.", choices=STRATEGIES)
+    search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
+    merge: str = setting("ties", "Merge method.", choices=MERGE_METHODS)
+    density: float = setting(0.5, "Fraction of entries kept when trimming (TIES).")
+    examples_per_task: int = setting(10, "n: examples per task used to score merges.")
+    max_seq_len: int = setting(1024, "Longest example in tokens (prompts cut from the left).")
+    chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+    dtype: str = setting("bfloat16", "Base weight dtype.", choices=DTYPES)
+    batch_size: int = setting(8, "Evaluation requests per accelerator call (does not change results).")
+    model_shards: int = setting(1, "Devices per model replica (tensor parallel); the rest score candidates.")
+    checkpoint_every: int = setting(10, "Save a checkpoint every k iterations.")
+    keep_checkpoints: int = setting(2, "Checkpoints kept.")
+    overwrite: bool = setting(False, "Replace a finished run, or a checkpoint of other inputs, in --workdir.")
+    progress: bool = setting(True, "Show a progress bar.")
     # Multi-process (one process per host; unset: auto-detected, or a single process).
-    coordinator_address: str | None = None  # "host:port" of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
+    coordinator_address: str | None = setting(
+        None, "Multi-host: host:port of process 0, the same on every host (default: auto-detected on TPU VMs, "
+        "SLURM, Open MPI or from JAX_COORDINATOR_ADDRESS; none: one process).")
+    num_processes: int | None = setting(None, "Multi-host: number of processes, one per host (default: "
+                                        "auto-detected).")
+    process_id: int | None = setting(None, "Multi-host: this host's process index in [0, --num_processes) "
+                                     "(default: auto-detected); process 0 writes the outputs.")
     # A built-in synthetic suite (d2c_jax.suite preset, built on first use) supplies whichever of
     # base_model / adapters_dir / data_dir are not given.
-    suite: str | None = None
-    suite_root: str = "runs/suites"
+    suite: str | None = setting(None, "A built-in synthetic suite (demo | full), built on first use into "
+                                "--suite_root/<name>; it supplies --base_model/--adapters_dir/--data_dir when "
+                                "they are unset.")
+    suite_root: str = setting("runs/suites", "Where built-in suites are built and cached.")
 
     def __post_init__(self):
         _check(bool(self.workdir), "workdir", self.workdir, "must be set")
@@ -114,31 +120,37 @@ class RunConfig:
             limit = "" if self.num_processes is None else f" and < --num_processes={self.num_processes}"
             _check(0 <= self.process_id < (self.num_processes or self.process_id + 1), "process_id",
                    self.process_id, f"must be >= 0{limit}")
-        self.search  # validates the engine's part too
+        self.engine_settings()  # validates the engine's part too
 
-    @property
-    def search(self) -> SearchSettings:
-        """The engine's settings; all_in_one is K = 1 whatever --num_clusters says."""
-        return SearchSettings(
-            num_clusters=1 if self.strategy == "all_in_one" else self.num_clusters,
-            iterations=self.iterations if self.strategy in SEARCH_STRATEGIES else 0,
-            objective=self.objective,
-            population=self.population,
-            proposals=self.proposals,
-            exchange_every=self.exchange_every,
-            track_every=self.track_every,
-            seed=self.seed,
+    @classmethod
+    def from_flat(cls, **settings: Any) -> RunConfig:
+        """A RunConfig from flat keyword settings (config.json's form): the SearchSettings fields
+        go to `search`."""
+        names = {f.name for f in dataclasses.fields(SearchSettings)}
+        search = SearchSettings(**{k: v for k, v in settings.items() if k in names})
+        return cls(search=search, **{k: v for k, v in settings.items() if k not in names})
+
+    def engine_settings(self) -> SearchSettings:
+        """The engine's settings: all_in_one is K = 1 whatever --num_clusters says, a one-shot
+        baseline runs no iterations."""
+        return dataclasses.replace(
+            self.search,
+            num_clusters=1 if self.strategy == "all_in_one" else self.search.num_clusters,
+            iterations=self.search.iterations if self.strategy in SEARCH_STRATEGIES else 0,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting under its flag name (flat: the search settings beside the others)."""
+        out = dataclasses.asdict(self)
+        return {**out.pop("search"), **out}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that a checkpoint must share with this run to be resumed by it."""
-        return {name: getattr(self, name) for name in RESULT_SETTINGS}
+        flat = self.to_dict()
+        return {name: flat[name] for name in RESULT_SETTINGS}
 
 
 def _check(ok: bool, flag: str, value: Any, message: str) -> None:

@@ -29,6 +29,9 @@ from d2c_jax import merge as merge_lib
 from d2c_jax import sharding as sharding_lib
 from d2c_jax.data import TaskData
 from d2c_jax.errors import UserError
+from d2c_jax.merge import Prepared
+from d2c_jax.models.config import ModelConfig
+from d2c_jax.types import Lora, Params, TokenBatch
 
 
 class Scorer:
@@ -36,9 +39,9 @@ class Scorer:
 
     def __init__(
         self,
-        params: Any,
-        cfg: Any,
-        prepared_merge: Any,
+        params: Params,
+        cfg: ModelConfig,
+        prepared_merge: Prepared | None,
         task_data: TaskData,
         *,
         batch_size: int = 8,
@@ -69,15 +72,14 @@ class Scorer:
         self.stats: collections.Counter[str] = collections.Counter()
         self.num_adapters = None if prepared_merge is None else _num_adapters(prepared_merge)
 
-        data = (task_data.tokens_tns, task_data.targets_tns, task_data.weights_tns,
-                task_data.attn_tns)
+        data = task_data.batch
         top = int(max(task_data.tokens_tns.max(), task_data.targets_tns.max()))
         if top >= cfg.vocab_size:  # jnp.take would clamp silently
             raise UserError(None, f"the tokenizer produced token id {top}, but the model's "
                             f"vocabulary has {cfg.vocab_size} entries (wrong tokenizer?)")
         if mesh is None:
             self._params = params
-            self._data = tuple(jnp.asarray(x) for x in data)
+            self._data = jax.tree.map(jnp.asarray, data)
             self._prepared = prepared_merge
             self._merge = jax.jit(self._merge_impl)
             self._score = jax.jit(self._score_impl)
@@ -86,7 +88,7 @@ class Scorer:
             rep = sharding_lib.replicated(mesh)
             self._params = sharding_lib.shard_params(params, mesh)
             # put_global: host copies -> global arrays, valid when the mesh spans several hosts.
-            self._data = tuple(sharding_lib.put_global(np.asarray(x), rep) for x in data)
+            self._data = sharding_lib.put_global(data, rep)
             self._prepared = (None if prepared_merge is None
                               else sharding_lib.put_global(prepared_merge, rep))
             # Outputs replicated: every host can read the losses (multi-host safe).
@@ -114,18 +116,19 @@ class Scorer:
         masks_bn = self._constrain(masks_bn)
         return self._constrain(jax.vmap(merge_lib.merge_mask, in_axes=(None, 0))(prepared, masks_bn))
 
-    def _score_impl(self, params: Any, data: tuple, lora_m: Any, idx_b: jax.Array,
+    def _score_impl(self, params: Params, data_tns: TokenBatch, lora_m: Lora, idx_b: jax.Array,
                     tasks_b: jax.Array) -> jax.Array:
         self.trace_counts["score"] += 1
         lora_b = self._constrain(jax.tree.map(lambda x: jnp.take(x, idx_b, axis=0), lora_m))
-        arrays_b = self._constrain(tuple(jnp.take(x, tasks_b, axis=0) for x in data))
-        return loss_lib.candidate_losses(params, self.cfg, lora_b, *arrays_b,
+        batch_bns = self._constrain(jax.tree.map(lambda x: jnp.take(x, tasks_b, axis=0), data_tns))
+        return loss_lib.candidate_losses(params, self.cfg, lora_b, batch_bns,
                                          example_chunk=self.example_chunk)
 
-    def _single_impl(self, params: Any, data: tuple, lora: Any, task: jax.Array) -> jax.Array:
+    def _single_impl(self, params: Params, data_tns: TokenBatch, lora: Lora | None,
+                     task: jax.Array) -> jax.Array:
         self.trace_counts["single"] += 1
-        arrays = tuple(jnp.take(x, task, axis=0) for x in data)
-        return loss_lib.task_loss(params, self.cfg, lora, *arrays, example_chunk=self.example_chunk)
+        batch_ns = jax.tree.map(lambda x: jnp.take(x, task, axis=0), data_tns)
+        return loss_lib.task_loss(params, self.cfg, lora, batch_ns, example_chunk=self.example_chunk)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -156,15 +159,15 @@ class Scorer:
         out = np.empty(len(uniq), np.float32)
         pending: list = []  # (request rows, device losses) of the blocks still in flight
         for m0 in range(0, len(umasks), b):
-            block = _pad_rows(umasks[m0:m0 + b], b)
+            block = pad_rows(umasks[m0:m0 + b], b)
             lora_m = self._merge(self._prepared, self._put(block))
             self.stats.update(merge_calls=1, masks_merged=min(b, len(umasks) - m0))
             reqs = np.nonzero((mask_of_req >= m0) & (mask_of_req < m0 + b))[0]
             block_pending = []
             for r0 in range(0, len(reqs), b):
                 rr = reqs[r0:r0 + b]
-                idx = _pad_rows((mask_of_req[rr] - m0).astype(np.int32), b)
-                tasks = _pad_rows(req_tasks[rr], b)
+                idx = pad_rows((mask_of_req[rr] - m0).astype(np.int32), b)
+                tasks = pad_rows(req_tasks[rr], b)
                 self.stats.update(score_calls=1, requests_scored=len(rr))
                 block_pending.append((rr, self._score(self._params, self._data, lora_m,
                                                       self._put(idx), self._put(tasks))))
@@ -177,7 +180,7 @@ class Scorer:
             out[rr] = np.asarray(losses_b)[: len(rr)]
         return out[inverse.reshape(-1)]
 
-    def loss_of_lora(self, lora: Any, task: int | str) -> float:
+    def loss_of_lora(self, lora: Lora | None, task: int | str) -> float:
         """Loss of any adapter (lora pytree, scaling folded in; None = the base model) on a task."""
         t = self.task_names.index(task) if isinstance(task, str) else int(task)
         if not 0 <= t < self.num_tasks:
@@ -195,7 +198,7 @@ class Scorer:
         return sharding_lib.put_global(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     """Pads the leading axis to `rows` by repeating row 0 (a valid dummy whose result is dropped)."""
     if len(x) == rows:
         return x

@@ -17,7 +17,8 @@ One iteration (for every chain p, in lock-step):
 Random numbers are drawn before any scoring, from streams keyed by (seed, purpose, iteration,
 chain), so they never depend on cache hits, batch size, or where the run was resumed. The result
 (best chain's final partition, lowest global objective, first chain on ties) is therefore a pure
-function of the settings and the scorer.
+function of the settings and the scorer. `find_partition` is the one dispatcher from a strategy
+name (d2c or a baseline of strategies/baselines.py) to a SearchResult.
 
 Shapes: P chains, N adapters (= tasks), K clusters, M proposals, C requests, Q cache entries.
 """
@@ -28,19 +29,26 @@ import dataclasses
 import math
 import sys
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from d2c_jax.errors import UserError
-from d2c_jax.run_config import SearchSettings
-from d2c_jax.strategies import d2c, population
+from d2c_jax.run_config import SEARCH_STRATEGIES, SearchSettings
+from d2c_jax.strategies import baselines, d2c, population
 
 
 class Scorer(Protocol):
     num_tasks: int
 
     def losses(self, masks_cn: np.ndarray, tasks_c: np.ndarray) -> np.ndarray: ...
+
+
+class AdapterFactors(Protocol):
+    """What the weight-space baselines read: lora.AdapterSet's stacked raw factors."""
+
+    a: Mapping[str, np.ndarray]
+    b: Mapping[str, np.ndarray]
 
 
 class Checkpointer(Protocol):
@@ -347,6 +355,38 @@ def run_search(
         state=state,
         preempted=preempted,
         evaluations=sum(int(r["evaluations"]) for r in state.metrics),
+    )
+
+
+def find_partition(
+    scorer: Scorer,
+    strategy: str,
+    settings: SearchSettings,
+    adapters: AdapterFactors | None = None,
+    *,
+    agree: Callable[[np.ndarray], np.ndarray] | None = None,
+    **search_kwargs: Any,
+) -> SearchResult:
+    """The one strategy dispatcher: "d2c" runs `run_search` (with `search_kwargs`); a baseline
+    ("random", "kmeans", "svd_kmeans", "all_in_one") picks its partition and scores it from an
+    empty cache (one metrics row). kmeans / svd_kmeans need `adapters` (their a, b factors);
+    `agree` may replace a baseline's partition by one every process shares (multi-host)."""
+    if strategy in SEARCH_STRATEGIES:
+        return run_search(scorer, settings, **search_kwargs)
+    start = time.perf_counter()
+    a, b = (adapters.a, adapters.b) if adapters is not None else (None, None)
+    partition_n = np.asarray(baselines.baseline_partition(strategy, scorer.num_tasks, settings.num_clusters,
+                                                          settings.seed, a, b), np.int32)
+    if agree is not None:
+        partition_n = agree(partition_n)
+    cache = LossCache(scorer.num_tasks)
+    objective, task_losses_n, stats = evaluate_partition(scorer, partition_n, settings.num_clusters, cache)
+    row = baseline_row(stats, time.perf_counter() - start, objective)
+    return SearchResult(
+        partition_n=partition_n, objective=objective, task_losses_n=task_losses_n, chain=0,
+        objectives_p=np.array([objective], np.float64),
+        state=SearchState(partition_n[None], 0, cache, [row]), preempted=False,
+        evaluations=stats.evaluations,
     )
 
 

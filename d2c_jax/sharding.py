@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -55,19 +56,6 @@ def make_mesh(num_candidate_shards: int | None = None, devices: Sequence[Any] | 
                          devices=devices)
 
 
-def path_str(path: tuple[Any, ...]) -> str:
-    """"layers/q_proj/kernel" from a jax tree path."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh,
              rules: Sequence[tuple[str, P]] = PARAM_RULES) -> P:
     """The first matching rule's spec, with axes that do not divide their dimension dropped."""
@@ -87,16 +75,23 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh,
 
 def param_shardings(params: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
-    """A pytree of NamedSharding matching `params` (leaves may be arrays or ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(path_str(path), tuple(x.shape), mesh, rules)),
-        params,
-    )
+    """A nested dict of NamedSharding matching `params` (leaves may be arrays or ShapeDtypeStructs),
+    each by the rule of its "/"-joined path ("layers/q_proj/kernel")."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict(
+        {name: NamedSharding(mesh, spec_for(name, tuple(x.shape), mesh, rules)) for name, x in flat.items()},
+        sep="/")
 
 
 def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
-    """Places the base params on the mesh by the rules (from every process's host copy)."""
-    return put_global(params, param_shardings(params, mesh, rules))
+    """Places the base params on the mesh by the rules (from every process's host copy); params
+    already placed so (hf_io.load_params with these shardings) are returned as they are."""
+    shardings = param_shardings(params, mesh, rules)
+    placed = jax.tree.map(lambda x, s: isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim),
+                          params, shardings)
+    if all(jax.tree.leaves(placed)):
+        return params
+    return put_global(params, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -19,9 +19,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from d2c_jax.errors import UserError, run_cli  # noqa: E402
+from d2c_jax.errors import UserError, run_cli
 
 flags.DEFINE_string("output_dir", None, "Suite directory (default with --preset: runs/suites/<preset>).")
 flags.DEFINE_enum("preset", None, ["demo", "full"], "Named settings: demo = 3 x 4 tasks, full = 5 x 8.")

@@ -8,16 +8,13 @@ No base model is needed: its dims are read off the adapters (--base_model only c
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from d2c_jax.errors import UserError, run_cli  # noqa: E402
-from d2c_jax.merge import METHODS  # noqa: E402
+from d2c_jax.errors import UserError, run_cli
+from d2c_jax.merge import METHODS
 
 flags.DEFINE_list("adapters", None, "Comma-separated PEFT LoRA adapter directories.")
 flags.DEFINE_string("output_dir", None, "Where the merged PEFT adapter is written (replaced if it exists).")

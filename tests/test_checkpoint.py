@@ -139,7 +139,6 @@ def test_preemption_flag_turns_sigterm_into_a_flag():
 
 _WORKER = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {tests!r})
     from fixtures_search_fakes import FakeScorer, families
     from test_checkpoint import SETTINGS, FP, N, F
     from d2c_jax.checkpoint import Checkpointer, PreemptionFlag
@@ -152,16 +151,21 @@ _WORKER = textwrap.dedent("""
         print("preempted at", r.state.iteration, flush=True)
         sys.exit(0)
     with open(out, "w") as f:
-        json.dump({{"partition": r.partition_n.tolist(), "objective": r.objective}}, f)
+        json.dump({"partition": r.partition_n.tolist(), "objective": r.objective}, f)
 """)
 
 
 def _start_worker(tmp_path, delay):
     script = tmp_path / "worker.py"
-    script.write_text(_WORKER.format(tests=TESTS_DIR))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    script.write_text(_WORKER)
     cmd = [sys.executable, str(script), str(tmp_path / "ck"), str(tmp_path / "out.json"), str(delay)]
-    return cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
+
+
+def _worker_env() -> dict[str, str]:
+    """The worker imports the test modules: the tests directory goes on its path."""
+    path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
 
 
 def _wait_for_step(proc, ck_dir, min_step, timeout=60.0):
@@ -195,7 +199,7 @@ def test_sigterm_then_sigkill_then_resume_ends_like_the_uninterrupted_run(tmp_pa
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "out.json").exists()
 
-    done = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True, timeout=120, env=_worker_env())
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[1]) >= stopped_at + 3  # resumed, not restarted
     result = json.loads((tmp_path / "out.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import chex
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
@@ -160,7 +161,7 @@ def test_sharded_checkpoint_loads_like_single_file(llama_dir, tmp_path):
     assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
     cfg = load_config(llama_dir)
     a, b = load_params(llama_dir, cfg), load_params(sharded, cfg)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
+    chex.assert_trees_all_equal(a, b)
 
 
 def test_bfloat16_checkpoint_reads_exact_values(llama_dir, tmp_path):
@@ -190,8 +191,8 @@ def test_shardings_place_params(llama_dir):
     tree = {"embed": NamedSharding(mesh, P(None, "x"))}
     by_tree = load_params(llama_dir, cfg, shardings=tree)
     assert by_tree["embed"].sharding == tree["embed"]
-    jax.tree.map(np.testing.assert_array_equal, ref, by_fn)
-    jax.tree.map(np.testing.assert_array_equal, ref, by_tree)
+    chex.assert_trees_all_equal(ref, by_fn)
+    chex.assert_trees_all_equal(ref, by_tree)
 
 
 def test_tokenizer_loads_locally(llama_dir):

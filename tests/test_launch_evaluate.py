@@ -46,10 +46,9 @@ def _expected_losses(s):
     zero = [jax.tree.map(np.zeros_like, single[0])] * 4
     lora_c = jax.tree.map(lambda *x: np.concatenate([np.stack(x[:4]), x[4], np.stack(x[5:])]),
                           *single, merged_c, *zero)
-    arrays = [np.concatenate([x] * 3) for x in (td.tokens_tns, td.targets_tns, td.weights_tns,
-                                                 td.attn_tns)]
+    batch = jax.tree.map(lambda x: np.concatenate([x] * 3), td.batch)
     fn = jax.jit(loss.candidate_losses, static_argnums=1)
-    out = np.asarray(fn(s["params"], s["cfg"], lora_c, *arrays))
+    out = np.asarray(fn(s["params"], s["cfg"], lora_c, batch))
     return {"single": out[:4], "partition": out[4:8], "zero_shot": out[8:]}
 
 

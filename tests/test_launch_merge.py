@@ -13,7 +13,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-sys.path.insert(0, os.path.dirname(__file__))
 from fixtures_adapters import make_peft_adapters, peft_deltas  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402
 

@@ -111,7 +111,7 @@ def test_a_finished_run_is_refused_without_overwrite(inputs, finished):
 
 
 def _config(inputs, workdir, **over) -> RunConfig:
-    return RunConfig(**{**inputs, **SEARCH, "workdir": str(workdir), "progress": False, **over})
+    return RunConfig.from_flat(**{**inputs, **SEARCH, "workdir": str(workdir), "progress": False, **over})
 
 
 def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inputs, finished, tmp_path, monkeypatch, capsys):

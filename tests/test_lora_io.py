@@ -4,7 +4,6 @@ scaling * lora_B @ lora_A), and the user errors for broken adapters."""
 import json
 import os
 import shutil
-import sys
 
 import jax
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-sys.path.insert(0, os.path.dirname(__file__))
 from fixtures_adapters import make_peft_adapters, peft_deltas  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402
 

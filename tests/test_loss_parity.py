@@ -82,8 +82,8 @@ _jit_task_loss = jax.jit(loss.task_loss, static_argnums=1, static_argnames="exam
 
 def our_task_loss(c, lora, chat: bool, example_chunk=None) -> float:
     td = data.load_task_data(c["data_dir"], ADAPTERS, c["tok"], max_seq_len=128, chat_template=chat)
-    return float(_jit_task_loss(c["params"], c["cfg"], lora, td.tokens_tns[0], td.targets_tns[0],
-                                td.weights_tns[0], td.attn_tns[0], example_chunk=example_chunk))
+    first_task = jax.tree.map(lambda x: x[0], td.batch)
+    return float(_jit_task_loss(c["params"], c["cfg"], lora, first_task, example_chunk=example_chunk))
 
 
 def _rel(ours: float, ref: float) -> float:

@@ -1,8 +1,6 @@
 """Our merges == PEFT's add_weighted_adapter, compared on the effective delta
 (scaling * lora_B @ lora_A per layer and module) of real PEFT adapters on a tiny Llama."""
 
-import sys
-import os
 
 import jax
 import numpy as np
@@ -11,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-sys.path.insert(0, os.path.dirname(__file__))
 from fixtures_adapters import make_peft_adapters, peft_deltas  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402
 

@@ -2,6 +2,7 @@
 a one-member mask is that adapter unchanged; trimming keeps int(density * numel) entries of the
 adapter's true-rank matrices, independent of the mask."""
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -82,10 +83,7 @@ def test_single_member_mask_is_the_adapter_unchanged(adapter_set, method):
         mask[i] = True
         got = f(prepared, mask)
         want = lora_lib.effective_lora(adapter_set, i)
-        assert set(got) == set(want)
-        for m in want:
-            np.testing.assert_array_equal(np.asarray(got[m]["a"]), want[m]["a"])
-            np.testing.assert_array_equal(np.asarray(got[m]["b"]), want[m]["b"])
+        chex.assert_trees_all_equal(got, want)
 
 
 def test_empty_mask_gives_zeros(adapter_set):
@@ -121,8 +119,7 @@ def test_dare_ties_drop_mask_is_fixed_by_the_seed(adapter_set):
     p1 = merge.prepare_merge(adapter_set, "dare_ties", 0.5, seed=7)
     p2 = merge.prepare_merge(adapter_set, "dare_ties", 0.5, seed=7)
     p3 = merge.prepare_merge(adapter_set, "dare_ties", 0.5, seed=8)
-    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(p1, p2)
     assert not np.array_equal(np.asarray(p1.task["q_proj"]["a"]), np.asarray(p3.task["q_proj"]["a"]))
     # kept entries are rescaled by 1 / density
     raw = adapter_set.a["q_proj"]

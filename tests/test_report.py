@@ -1,4 +1,4 @@
-"""d2c_jax/report.py: a tiny report run has every Table 1 row, the cluster-count and ARI sections."""
+"""experiments/report: a tiny report run has every Table 1 row, the cluster-count and ARI sections."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ pytest.importorskip("torch")
 
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from d2c_jax import lora as lora_lib, report  # noqa: E402
+from d2c_jax import lora as lora_lib  # noqa: E402
+from experiments import report  # noqa: E402
 from d2c_jax.errors import UserError  # noqa: E402
 from d2c_jax.models.config import load_config  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402

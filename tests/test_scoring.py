@@ -92,8 +92,7 @@ def direct(setup):
     @jax.jit
     def one(params, prepared, mask, t):
         lora = merge.merge_mask(prepared, mask)
-        arrays = (td.tokens_tns, td.targets_tns, td.weights_tns, td.attn_tns)
-        return loss.task_loss(params, cfg, lora, *(jnp.asarray(x)[t] for x in arrays))
+        return loss.task_loss(params, cfg, lora, jax.tree.map(lambda x: jnp.asarray(x)[t], td.batch))
 
     return lambda mask, t: float(one(setup["params"], setup["prepared"], mask, t))
 

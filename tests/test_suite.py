@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from d2c_jax import cached_dir
 from d2c_jax.suite import SuiteSettings, ensure_suite, is_complete, make_settings, read_manifest
 
 # 2 families x 2 languages, a 2-layer width-32 model, a few dozen optimiser steps.
@@ -120,7 +121,7 @@ def test_an_old_suite_of_other_settings_is_replaced_atomically(tmp_path, monkeyp
             f.write(json.dumps({"settings_hash": "new"}))
 
     monkeypatch.setattr(build, "_build_into", fake_build_into)
-    assert build._replaceable(str(target))
+    assert cached_dir.replaceable(str(target), build.MANIFEST, build.PARTS)
     build.build_suite(target, make_settings(**TINY), log=lambda m: None)
     assert sorted(os.listdir(tmp_path)) == ["s"]
     assert sorted(os.listdir(target)) == ["suite.json"]

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax.models.config import ModelConfig
+from d2c_jax.types import Lora, Params
 
-Params = dict
-Lora = dict | None
 _NEG = float(np.finfo(np.float32).min)  # finite: a fully masked row gives garbage, not NaN
 
 
@@ -173,7 +173,7 @@ def run_layers(
     x_bsd: jax.Array,
     positions_bs: jax.Array,
     mask_bst: jax.Array,
-    lora: Lora = None,
+    lora: Lora | None = None,
     cache: tuple[jax.Array, jax.Array] | None = None,
     start: jax.Array | int = 0,
 ):
@@ -208,7 +208,7 @@ def causal_padding_mask(attn_mask_bs: jax.Array) -> jax.Array:
 
 
 def hidden_states(
-    params: Params, cfg: ModelConfig, tokens_bs: jax.Array, attn_mask_bs: jax.Array, lora: Lora = None
+    params: Params, cfg: ModelConfig, tokens_bs: jax.Array, attn_mask_bs: jax.Array, lora: Lora | None = None
 ) -> jax.Array:
     """Final-normed hidden states [B, S, D] in the params dtype (for memory-lean loss code)."""
     x_bsd = embed(params, tokens_bs)
@@ -218,10 +218,12 @@ def hidden_states(
 
 
 def forward(
-    params: Params, cfg: ModelConfig, tokens_bs: jax.Array, attn_mask_bs: jax.Array, lora: Lora = None
+    params: Params, cfg: ModelConfig, tokens_bs: jax.Array, attn_mask_bs: jax.Array, lora: Lora | None = None
 ) -> jax.Array:
     """Logits [B, S, V] float32. Right padding (attn_mask 1 on real tokens); pure, jit-able
     (cfg static), vmappable over `lora` ({module: {"a": [L,R,d_in], "b": [L,d_out,R]}})."""
+    chex.assert_rank(tokens_bs, 2)
+    chex.assert_equal_shape([tokens_bs, attn_mask_bs])
     return logits_from_hidden(params, cfg, hidden_states(params, cfg, tokens_bs, attn_mask_bs, lora))
 
 

@@ -19,15 +19,18 @@ import os
 import time
 from typing import Any, Callable, NamedTuple
 
+import jax
 import numpy as np
 
-from d2c_jax.atomic_io import write_dir_atomic
+from d2c_jax import cached_dir
 from d2c_jax.errors import UserError
 from d2c_jax.suite import checkpoint, tasks, train
 from d2c_jax.suite import tokenizer as tok_lib
+from d2c_jax.types import TokenBatch
 
 SUITE_VERSION = 2
 MANIFEST = "suite.json"
+PARTS = ("base", "adapters", "data")  # a leftover of only these may be replaced
 Log = Callable[[str], None]
 
 
@@ -136,29 +139,15 @@ def settings_hash(settings: SuiteSettings) -> str:
 
 def read_manifest(output_dir: str | os.PathLike) -> dict | None:
     """The suite.json of `output_dir`, or None when there is none or it is unreadable."""
-    path = os.path.join(str(output_dir), MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as f:
-            out = json.load(f)
-        return out if isinstance(out, dict) else None
-    except (OSError, ValueError):
-        return None
+    return cached_dir.read_manifest(output_dir, MANIFEST)
 
 
 def is_complete(output_dir: str | os.PathLike, settings: SuiteSettings) -> bool:
     """True when output_dir holds a suite of exactly these settings with every file present
     at its recorded size (cheap: no re-hashing)."""
     m = read_manifest(output_dir)
-    if not m or m.get("settings_hash") != settings_hash(settings) or not isinstance(m.get("files"), dict):
-        return False
-    for rel, info in m["files"].items():
-        path = os.path.join(str(output_dir), rel)
-        try:
-            if os.path.getsize(path) != info["bytes"]:
-                return False
-        except (OSError, KeyError, TypeError):
-            return False
-    return True
+    return bool(m) and m.get("settings_hash") == settings_hash(settings) and \
+        cached_dir.files_present(output_dir, m.get("files"))
 
 
 def make_settings(families: int = 5, languages: int = 8, seed: int = 0, **overrides: Any) -> SuiteSettings:
@@ -176,9 +165,7 @@ def ensure_suite(output_dir: str | os.PathLike, families: int = 5, languages: in
     """Returns the suite's paths, building it first unless `output_dir` already holds a complete
     suite of the same settings (then it returns at once). `overrides` are SuiteSettings fields."""
     settings = make_settings(families, languages, seed, **overrides)
-    if not force and is_complete(output_dir, settings):
-        return suite_paths(output_dir)
-    return build_suite(output_dir, settings, log=log)
+    return _ensure(output_dir, settings, log, force=force)
 
 
 def ensure_preset(name: str, root: str | os.PathLike = os.path.join("runs", "suites"), *,
@@ -199,41 +186,26 @@ def _default_log(msg: str) -> None:
     logging.info("suite: %s", msg)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _replaceable(path: str) -> bool:
-    """An existing target we may replace: empty, a file-less leftover of ours, or a suite."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        return False
-    entries = set(os.listdir(path))
-    return not entries or MANIFEST in entries or entries <= {"base", "adapters", "data"}
-
-
 def build_suite(output_dir: str | os.PathLike, settings: SuiteSettings, *,
                 log: Log | None = None) -> SuitePaths:
     """Builds the suite into a temp dir beside `output_dir` and moves it in (always builds)."""
+    return _ensure(output_dir, settings, log, force=True)
+
+
+def _ensure(output_dir: str | os.PathLike, settings: SuiteSettings, log: Log | None, force: bool) -> SuitePaths:
+    """A complete suite of `settings` in output_dir (cached_dir: built atomically, a suite of
+    these settings that a concurrent builder installed meanwhile is kept)."""
     log = log or _default_log
     settings.validate()
     final = suite_paths(output_dir)
-    if os.path.lexists(final.root) and not _replaceable(final.root):
-        raise UserError(final.root, "exists and is not a d2c_jax suite (no suite.json); "
-                        "refusing to overwrite it — choose another --output_dir")
-    # Built in a temp dir beside the target and swapped in; a complete suite of these settings
-    # that a concurrent builder installed meanwhile is kept.
-    write_dir_atomic(final.root, lambda tmp: _build_into(tmp, final, settings, log), what="suite",
-                     keep_existing=lambda d: is_complete(d, settings))
+    cached_dir.ensure_dir(final.root, lambda tmp: _build_into(tmp, final, settings, log), manifest=MANIFEST,
+                          parts=PARTS, is_complete=lambda d: is_complete(d, settings), what="suite", force=force)
     return final
 
 
@@ -331,8 +303,6 @@ def _pretrain_base(s: SuiteSettings, w: _World, log: Log):
 def _save_adapters(adapters_dir: str, lora: dict, names: list[str], s: SuiteSettings,
                    base_model: str) -> None:
     """One PEFT adapter per task from the stacked raw factors {module: {"a": [T, L, R, d_in], ...}}."""
-    import jax
-
     from d2c_jax import lora as lora_lib
 
     os.makedirs(adapters_dir)
@@ -346,13 +316,7 @@ def _save_adapters(adapters_dir: str, lora: dict, names: list[str], s: SuiteSett
 def _write_manifest(tmp: str, s: SuiteSettings, names: list[str], quality: dict) -> None:
     """suite.json, written last (the temp dir is swapped in whole): settings, hashes of every
     file, quality."""
-    files = {}
-    for dirpath, _, fnames in os.walk(tmp):
-        for fn in fnames:
-            full = os.path.join(dirpath, fn)
-            rel = os.path.relpath(full, tmp).replace(os.sep, "/")
-            files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
-    files = dict(sorted(files.items()))
+    files = cached_dir.file_hashes(tmp)
     manifest = {
         "format": "d2c_jax.suite",
         "settings": settings_dict(s),
@@ -363,9 +327,7 @@ def _write_manifest(tmp: str, s: SuiteSettings, names: list[str], quality: dict)
         "quality": quality,
         "files": files,
     }
-    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.write("\n")
+    cached_dir.write_manifest(tmp, MANIFEST, manifest)
 
 
 def _task_batch(vocab: tok_lib.Vocab, examples: list[dict], seq_len: int, prompt_weight: float = 0.0):
@@ -374,7 +336,7 @@ def _task_batch(vocab: tok_lib.Vocab, examples: list[dict], seq_len: int, prompt
     return train.pack_rows(rows, seq_len, vocab.pad_id)
 
 
-def _pretrain_batches(s: SuiteSettings, w: _World) -> train.Batch:
+def _pretrain_batches(s: SuiteSettings, w: _World) -> TokenBatch:
     """[steps, B, S] rows: concept-chain sentences in a random language; a `task_mix` fraction
     are task examples (loss on every token) from a pool disjoint from the search/eval data and a
     `repeat_mix` fraction are sentences said twice (copying from context: the circuit that the
@@ -415,22 +377,21 @@ def _pretrain_batches(s: SuiteSettings, w: _World) -> train.Batch:
     ids_nx[pos_x > lengths_n[:, None] + 1] = vocab.pad_id
     real_nx = pos_x <= lengths_n[:, None] + 1
     inputs_ns = np.where(real_nx[:, 1:], ids_nx[:, :-1], vocab.pad_id)  # the last eos is no input
-    sent = train.Batch(inputs_ns.astype(np.int32), ids_nx[:, 1:].astype(np.int32),
+    sent = TokenBatch(inputs_ns.astype(np.int32), ids_nx[:, 1:].astype(np.int32),
                        real_nx[:, 1:].astype(np.float32), real_nx[:, 1:].astype(np.int32))
     mix = [np.where(is_task_n[:, None], getattr(pool_b, f)[task_pick_n, ex_pick_n], getattr(sent, f))
            for f in ("tokens", "targets", "weights", "attn")]
     shape = (s.pretrain_steps, s.pretrain_batch, seq)
-    return train.Batch(*(x.reshape(shape) for x in mix))
+    return TokenBatch(*(x.reshape(shape) for x in mix))
 
 
-def _adapter_batches(s: SuiteSettings, w: _World) -> train.Batch:
+def _adapter_batches(s: SuiteSettings, w: _World) -> TokenBatch:
     """[steps, T, B, S]: each task's own training examples, response-only loss."""
     rng = np.random.default_rng([s.seed, 7300])
     per_task = train.stack_batches([_task_batch(w.vocab, w.splits[n]["train"], s.seq_len) for n in w.names])
     idx = rng.integers(s.train_examples, size=(s.adapter_steps, len(w.names), s.adapter_batch))
     t_idx = np.arange(len(w.names))[None, :, None]
-    return train.Batch(*(x[t_idx, idx] for x in (per_task.tokens, per_task.targets, per_task.weights,
-                                                  per_task.attn)))
+    return jax.tree.map(lambda x: x[t_idx, idx], per_task)
 
 
 def _quality(task_list, zs_loss_t, zs_acc_t, loss_at, acc_at) -> dict[str, Any]:

@@ -10,7 +10,6 @@ Shape legend: T tasks, n examples, B batch, S sequence, L layers, D model dim, V
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Callable, Sequence
@@ -23,6 +22,7 @@ import optax
 from d2c_jax.loss import task_loss
 from d2c_jax.models import decoder
 from d2c_jax.models.config import ModelConfig, module_shapes
+from d2c_jax.types import Lora, Params, TokenBatch
 
 Log = Callable[[str], None]
 
@@ -31,18 +31,9 @@ Log = Callable[[str], None]
 # Token arrays.
 
 
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """Right-padded rows: inputs = example[:-1], targets = example[1:] (the data.py layout)."""
-
-    tokens: np.ndarray  # int32 [..., S]
-    targets: np.ndarray  # int32 [..., S]
-    weights: np.ndarray  # float32 [..., S] loss weight of each target
-    attn: np.ndarray  # int32 [..., S]
-
-
-def pack_rows(rows: Sequence[tuple[Sequence[int], Sequence[float]]], seq_len: int, pad_id: int) -> Batch:
-    """rows: (example ids, per-id loss weight of predicting that id). Returns a [n, S] Batch."""
+def pack_rows(rows: Sequence[tuple[Sequence[int], Sequence[float]]], seq_len: int, pad_id: int) -> TokenBatch:
+    """rows: (example ids, per-id loss weight of predicting that id). Returns a [n, S] batch in
+    data.py's layout (inputs = example[:-1], targets = example[1:])."""
     n = len(rows)
     tokens = np.full((n, seq_len), pad_id, np.int32)
     targets = np.full((n, seq_len), pad_id, np.int32)
@@ -56,7 +47,7 @@ def pack_rows(rows: Sequence[tuple[Sequence[int], Sequence[float]]], seq_len: in
         targets[i, :m] = ids[1:]
         weights[i, :m] = w[1:]
         attn[i, :m] = 1
-    return Batch(tokens, targets, weights, attn)
+    return TokenBatch(tokens, targets, weights, attn)
 
 
 def example_row(prompt_ids: Sequence[int], response_ids: Sequence[int],
@@ -66,9 +57,9 @@ def example_row(prompt_ids: Sequence[int], response_ids: Sequence[int],
     return ids, [prompt_weight] * len(prompt_ids) + [1.0] * len(response_ids)
 
 
-def stack_batches(batches: Sequence[Batch]) -> Batch:
-    return Batch(*(np.stack([getattr(b, f.name) for b in batches])
-                   for f in dataclasses.fields(Batch)))
+def stack_batches(batches: Sequence[TokenBatch]) -> TokenBatch:
+    """[n, S] batches -> one [len(batches), n, S] batch."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,15 +118,15 @@ def _pretrain_step(cfg: ModelConfig, lr: float, steps: int, warmup: int, weight_
                       optax.adamw(_schedule(lr, steps, warmup), weight_decay=weight_decay))
 
     @jax.jit
-    def step(params, state, tokens, targets, weights, attn):
-        loss, grads = jax.value_and_grad(task_loss)(params, cfg, None, tokens, targets, weights, attn)
+    def step(params, state, batch_bs: TokenBatch):
+        loss, grads = jax.value_and_grad(task_loss)(params, cfg, None, batch_bs)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
     return opt, step
 
 
-def pretrain(cfg: ModelConfig, params: dict, batches: Batch, *, lr: float, weight_decay: float = 0.01,
+def pretrain(cfg: ModelConfig, params: Params, batches: TokenBatch, *, lr: float, weight_decay: float = 0.01,
              warmup: int = 20, log: Log | None = None, log_every: int = 50) -> tuple[dict, list[float]]:
     """Full-parameter AdamW on `batches` ([steps, B, S] leaves). Returns (params, losses)."""
     steps = batches.tokens.shape[0]
@@ -144,8 +135,7 @@ def pretrain(cfg: ModelConfig, params: dict, batches: Batch, *, lr: float, weigh
     losses = []
     t0 = time.time()
     for i in range(steps):
-        params, state, loss = step(params, state, batches.tokens[i], batches.targets[i],
-                                   batches.weights[i], batches.attn[i])
+        params, state, loss = step(params, state, jax.tree.map(lambda x: x[i], batches))
         losses.append(loss)
         if log and ((i + 1) % log_every == 0 or i + 1 == steps):
             log(f"pretrain step {i + 1}/{steps} loss {float(loss):.3f} ({time.time() - t0:.1f}s)")
@@ -181,23 +171,23 @@ def _adapter_step(cfg: ModelConfig, scaling: float, lr: float, steps: int, warmu
     """(optimizer, jitted step) for T adapters at once, cached per settings."""
     opt = optax.adamw(_schedule(lr, steps, warmup), weight_decay=weight_decay)
 
-    def total_loss(lora, params, tokens, targets, weights, attn):
-        def one_task(lora_t, tokens, targets, weights, attn):
-            return task_loss(params, cfg, scaled(lora_t, scaling), tokens, targets, weights, attn)
+    def total_loss(lora, params, batch_tbs: TokenBatch):
+        def one_task(lora_t, batch_bs: TokenBatch):
+            return task_loss(params, cfg, scaled(lora_t, scaling), batch_bs)
 
-        losses_t = jax.vmap(one_task)(lora, tokens, targets, weights, attn)
+        losses_t = jax.vmap(one_task)(lora, batch_tbs)
         return jnp.sum(losses_t), losses_t
 
     @jax.jit
-    def step(lora, state, params, tokens, targets, weights, attn):
-        grads, losses_t = jax.grad(total_loss, has_aux=True)(lora, params, tokens, targets, weights, attn)
+    def step(lora, state, params, batch_tbs: TokenBatch):
+        grads, losses_t = jax.grad(total_loss, has_aux=True)(lora, params, batch_tbs)
         updates, state = jax.vmap(opt.update)(grads, state, lora)
         return optax.apply_updates(lora, updates), state, losses_t
 
     return opt, step
 
 
-def train_adapters(cfg: ModelConfig, params: dict, lora_raw: dict, batches: Batch, *, scaling: float,
+def train_adapters(cfg: ModelConfig, params: Params, lora_raw: Lora, batches: TokenBatch, *, scaling: float,
                    lr: float, warmup: int = 20, weight_decay: float = 0.0, log: Log | None = None,
                    log_every: int = 50) -> tuple[dict, np.ndarray]:
     """Trains T adapters at once; `batches` leaves are [steps, T, B, S], the base is frozen.
@@ -210,8 +200,7 @@ def train_adapters(cfg: ModelConfig, params: dict, lora_raw: dict, batches: Batc
     losses = []
     t0 = time.time()
     for i in range(steps):
-        lora_raw, state, losses_t = step(lora_raw, state, params, batches.tokens[i], batches.targets[i],
-                                         batches.weights[i], batches.attn[i])
+        lora_raw, state, losses_t = step(lora_raw, state, params, jax.tree.map(lambda x: x[i], batches))
         losses.append(losses_t)
         if log and ((i + 1) % log_every == 0 or i + 1 == steps):
             log(f"adapter step {i + 1}/{steps} mean loss {float(jnp.mean(losses_t)):.3f} "
@@ -224,9 +213,9 @@ def train_adapters(cfg: ModelConfig, params: dict, lora_raw: dict, batches: Batc
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _per_task_losses(cfg: ModelConfig, params: dict, lora: dict, tokens_tns, targets_tns, weights_tns,
-                     attn_tns):
+def _per_task_losses(cfg: ModelConfig, params: Params, lora: Lora, data_tns: TokenBatch):
     """Loss and token accuracy [T] of one adapter on every task."""
+    tokens_tns, targets_tns, weights_tns, attn_tns = data_tns.tokens, data_tns.targets, data_tns.weights, data_tns.attn
     t, n, s = tokens_tns.shape
     logits = decoder.forward(params, cfg, tokens_tns.reshape(t * n, s), attn_tns.reshape(t * n, s), lora)
     logp_tnsv = jax.nn.log_softmax(logits, axis=-1).reshape(t, n, s, -1)
@@ -237,19 +226,19 @@ def _per_task_losses(cfg: ModelConfig, params: dict, lora: dict, tokens_tns, tar
             jnp.sum(hit_tns * weights_tns, axis=(1, 2)) / count_t)
 
 
-def cross_losses(cfg: ModelConfig, params: dict, lora_raw: dict, data: Batch, *,
+def cross_losses(cfg: ModelConfig, params: Params, lora_raw: Lora, data: TokenBatch, *,
                  scaling: float) -> tuple[np.ndarray, np.ndarray]:
     """Loss and teacher-forced token accuracy of every adapter (and of the bare base model) on
     every task's examples (data leaves [T, n, S]).
 
     Returns (loss [1 + A, T], accuracy [1 + A, T]); row 0 is zero-shot (the adapters' B set to
     zero, which is exactly the base model), row 1 + i adapter i."""
-    arrays = [jnp.asarray(x) for x in (data.tokens, data.targets, data.weights, data.attn)]
+    data = jax.tree.map(jnp.asarray, data)
     num = jax.tree_util.tree_leaves(lora_raw)[0].shape[0]
     first = jax.tree_util.tree_map(lambda x: x[0], lora_raw)
     rows = [_per_task_losses(cfg, params, {m: {"a": v["a"], "b": jnp.zeros_like(v["b"])}
-                                           for m, v in first.items()}, *arrays)]
+                                           for m, v in first.items()}, data)]
     for i in range(num):
         one = scaled(jax.tree_util.tree_map(lambda x: x[i], lora_raw), scaling)
-        rows.append(_per_task_losses(cfg, params, one, *arrays))
+        rows.append(_per_task_losses(cfg, params, one, data))
     return np.stack([np.asarray(r[0]) for r in rows]), np.stack([np.asarray(r[1]) for r in rows])

@@ -1,291 +1,47 @@
-"""Speed/memory benchmark of d2c_jax against the paper's way of working (torch + PEFT), and the
-random base model + PEFT adapters + task examples it runs on.
+"""The benchmark's sessions and the whole run: the torch + PEFT reference and d2c_jax side by side.
 
-Shapes: N adapters (= tasks), K clusters, L layers, R rank, D model dim, F mlp dim, V vocab,
-n examples per task, S sequence, P chains, M proposals, C requests.
+Shapes: N adapters (= tasks), K clusters, P chains, M proposals, C requests.
 
-Three parts, used by `launch/benchmark.py`:
-
-1. The fixture (`ensure_fixture`): a random Llama (`LlamaForCausalLM` built with transformers and
-   saved with save_pretrained, plus a word-level tokenizer whose vocabulary is exactly V), N PEFT
-   LoRA adapters (get_peft_model, lora_A and lora_B overwritten with random non-zero values,
-   save_pretrained) and n random-text examples per task. Adapters come in `families` (like the
-   paper's 5 task types x 8 languages): each factor is a family component plus an adapter's own,
-   so weight-space clustering has something to find. It is deterministic in its settings and
-   cached in `fixture_dir/<tag>/` (built in a temp dir, then renamed: never half-written).
-2. The sessions: `ReferenceSession` (D²C Algorithm 1, one evaluation at a time, each a PEFT
-   `add_weighted_adapter(..., "ties", density)` + `set_adapter` + forward loss + `delete_adapter`)
-   and `D2cJaxSession` (our engine's `search.search_step` over the batched `scoring.Scorer`), both
-   on the same proposals (the engine's random streams), so their losses and decisions can be
-   compared; a D2cJaxSession also measures the global objective every strategy reaches at an
-   equal budget of scorer evaluations.
-3. `run_benchmark`: each session in its own spawned process (its own peak RSS), loaded one after
-   the other, their timed iterations interleaved round by round so that every column sees the
-   same background load of a shared machine; then the tables (`report`).
-
-torch and peft are needed only here (the `test` extra); they are imported lazily.
+`ReferenceSession` runs D²C Algorithm 1, one evaluation at a time, each a PEFT
+`add_weighted_adapter(..., "ties", density)` + `set_adapter` + forward loss + `delete_adapter`;
+`D2cJaxSession` runs our engine's `search.search_step` over the batched `scoring.Scorer`. Both use
+the same proposals (the engine's random streams), so their losses and decisions can be compared;
+a D2cJaxSession also measures the global objective every strategy reaches at an equal budget of
+scorer evaluations. `run_benchmark` puts each session in its own spawned process (its own peak
+RSS), loads them one after the other and interleaves their timed iterations round by round, so
+that every column sees the same background load of a shared machine. torch and peft are
+imported lazily (the `test` extra).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
 import multiprocessing
 import os
 import resource
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from d2c_jax.atomic_io import write_dir_atomic
+import jax
+
+from d2c_jax.data import data_file, read_examples
+from d2c_jax.config_flags import setting
 from d2c_jax.errors import UserError
+from d2c_jax.inputs import load_inputs
+from d2c_jax.run_config import SearchSettings
+from d2c_jax.scoring import Scorer
+from d2c_jax.search import (LossCache, check_num_clusters, evaluate_partition, initial_state, objectives,
+                            partition_losses, search_step)
+from d2c_jax.strategies import d2c
+from d2c_jax.strategies.baselines import baseline_partition
+from d2c_jax.types import DTYPES
+from experiments.benchmark.fixture import (FixturePaths, FixtureSettings, adapter_param_count, param_count,
+                                           require_torch)
 
-FAMILIES = ("gec", "reply", "summ", "tone", "qa")
-LANGUAGES = ("en", "es", "fr", "de", "it", "zh", "ko", "ja")
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MANIFEST = "manifest.json"
-FIXTURE_VERSION = 1
 MERGED = "d2c_merged"  # the reference's temporary merged adapter
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. The fixture
-# ---------------------------------------------------------------------------------------------
-
-
-def default_heads(hidden: int) -> int:
-    """Llama-like head count: head dim 64, at least 2 heads."""
-    return max(2, hidden // 64)
-
-
-def default_intermediate(hidden: int) -> int:
-    """Llama's 8/3 * D, rounded up to a multiple of 32 (512 -> 1376)."""
-    return -(-(8 * hidden) // (3 * 32)) * 32
-
-
-@dataclasses.dataclass(frozen=True)
-class FixtureSettings:
-    """Everything the fixture depends on (its cache key)."""
-
-    num_adapters: int = 40
-    rank: int = 32
-    alpha: int = 128
-    hidden: int = 512
-    layers: int = 8
-    heads: int = 0  # 0: default_heads(hidden)
-    kv_heads: int = 0  # 0: heads // 2
-    intermediate: int = 0  # 0: default_intermediate(hidden)
-    vocab: int = 8000
-    seq_len: int = 64  # longest example in tokens (bos + prompt + response + eos)
-    examples_per_task: int = 10
-    families: int = 5
-    family_share: float = 0.5  # variance fraction of each factor shared within a family
-    b_scale: float = 0.01  # std of lora_B entries (trained adapters: small but not zero)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.heads == 0:
-            object.__setattr__(self, "heads", default_heads(self.hidden))
-        if self.kv_heads == 0:
-            object.__setattr__(self, "kv_heads", max(1, self.heads // 2))
-        if self.intermediate == 0:
-            object.__setattr__(self, "intermediate", default_intermediate(self.hidden))
-        checks = [
-            (self.num_adapters >= 2, "num_adapters", "must be >= 2"),
-            (self.rank >= 1, "rank", "must be >= 1"),
-            (self.layers >= 1, "layers", "must be >= 1"),
-            (self.hidden % self.heads == 0, "hidden", f"must be a multiple of the {self.heads} heads"),
-            (self.heads % self.kv_heads == 0, "kv_heads", f"must divide the {self.heads} heads"),
-            (self.vocab >= 16, "vocab", "must be >= 16"),
-            (self.seq_len >= 8, "seq_len", "must be >= 8"),
-            (self.examples_per_task >= 1, "examples_per_task", "must be >= 1"),
-            (self.families >= 1, "families", "must be >= 1"),
-        ]
-        for ok, flag, msg in checks:
-            if not ok:
-                raise UserError(None, f"--{flag}={getattr(self, flag)}: {msg}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    def tag(self) -> str:
-        """Directory name: readable settings + a hash of all of them."""
-        digest = hashlib.sha256(json.dumps(
-            {"version": FIXTURE_VERSION, **dataclasses.asdict(self)}, sort_keys=True).encode()).hexdigest()
-        return (f"n{self.num_adapters}-r{self.rank}-d{self.hidden}-l{self.layers}-v{self.vocab}"
-                f"-s{self.seq_len}-seed{self.seed}-{digest[:10]}")
-
-
-def tiny_settings(seed: int = 0) -> FixtureSettings:
-    """A seconds-long configuration (smoke tests)."""
-    return FixtureSettings(num_adapters=6, rank=4, alpha=16, hidden=32, layers=2, heads=4, kv_heads=2,
-                           intermediate=64, vocab=64, seq_len=16, examples_per_task=3, families=2,
-                           b_scale=0.05, seed=seed)
-
-
-def param_count(s: FixtureSettings) -> int:
-    """Parameters of the base model (tied embeddings, counted once)."""
-    d, f, dh = s.hidden, s.intermediate, s.head_dim
-    attn = d * s.heads * dh * 2 + d * s.kv_heads * dh * 2  # q, o + k, v
-    mlp = 3 * d * f
-    per_layer = attn + mlp + 2 * d  # + two RMSNorm scales
-    return s.vocab * d + s.layers * per_layer + d
-
-
-def adapter_param_count(s: FixtureSettings) -> int:
-    """LoRA parameters of one adapter (q, k, v, o in every layer)."""
-    d, kv = s.hidden, s.kv_heads * s.head_dim
-    per_layer = sum(s.rank * (d + d_out) for d_out in (s.heads * s.head_dim, kv, kv, d))
-    return s.layers * per_layer
-
-
-def task_names(num_adapters: int, families: int) -> list[str]:
-    """Adapter i is family i % F, language i // F: "gec_en", "reply_en", ... (paper-like)."""
-    out = []
-    for i in range(num_adapters):
-        f, j = i % families, i // families
-        fam = FAMILIES[f] if f < len(FAMILIES) else f"fam{f}"
-        lang = LANGUAGES[j] if j < len(LANGUAGES) else f"lang{j}"
-        out.append(f"{fam}_{lang}")
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class FixturePaths:
-    root: str
-    base_model: str
-    adapters_dir: str
-    data_dir: str
-    names: tuple[str, ...]  # sorted, as load_adapter_set orders them
-    settings: FixtureSettings
-
-
-def fixture_paths(fixture_dir: str | os.PathLike, s: FixtureSettings) -> FixturePaths:
-    root = os.path.join(os.path.abspath(str(fixture_dir)), s.tag())
-    return FixturePaths(root, os.path.join(root, "base"), os.path.join(root, "adapters"),
-                        os.path.join(root, "data"), tuple(sorted(task_names(s.num_adapters, s.families))), s)
-
-
-def ensure_fixture(fixture_dir: str | os.PathLike, s: FixtureSettings,
-                   log: Callable[[str], None] = print) -> FixturePaths:
-    """The cached fixture for `s`, built first if missing (or left incomplete by a crash)."""
-    paths = fixture_paths(fixture_dir, s)
-    manifest = os.path.join(paths.root, MANIFEST)
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest) as f:
-                if json.load(f).get("settings") == dataclasses.asdict(s):
-                    return paths
-        except (OSError, ValueError):
-            pass
-        raise UserError(manifest, "fixture manifest does not match its settings; delete the directory")
-    if os.path.exists(paths.root):
-        raise UserError(paths.root, f"exists without {MANIFEST} (incomplete fixture?); delete it")
-    parent = os.path.dirname(paths.root)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise UserError(parent, f"cannot create the fixture directory: {e.strerror}") from None
-    log(f"building fixture {paths.root} (one-off; cached for later runs)")
-    start = time.perf_counter()
-
-    def write(tmp: str) -> None:
-        build_fixture(tmp, s)
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({"settings": dataclasses.asdict(s), "param_count": param_count(s),
-                       "names": list(paths.names)}, f, indent=1)
-
-    write_dir_atomic(paths.root, write, what="fixture")
-    log(f"fixture built in {time.perf_counter() - start:.1f} s")
-    return paths
-
-
-def _require_torch():
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as e:
-        raise UserError(None, f"the benchmark needs torch and peft ({e}); install the test extra: "
-                        "pip install -e '.[test]'") from None
-
-
-def build_fixture(out_dir: str, s: FixtureSettings) -> None:
-    """Writes base/ (HF Llama + tokenizer), adapters/<task>/ (PEFT) and data/<task>.jsonl."""
-    _require_torch()
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from d2c_jax.suite import tokenizer as tok_lib
-
-    base_dir = os.path.join(out_dir, "base")
-    words = [f"w{i}" for i in range(s.vocab - len(tok_lib.SPECIALS))]
-    vocab = tok_lib.make_vocab(words)
-    tok_lib.save_tokenizer(vocab, base_dir)
-
-    config = LlamaConfig(
-        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-        head_dim=s.head_dim, max_position_embeddings=max(256, s.seq_len), rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=vocab.bos_id, eos_token_id=vocab.eos_id,
-        pad_token_id=vocab.pad_id, initializer_range=0.02,
-    )
-    torch.manual_seed(s.seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()  # HF init: N(0, 0.02²)
-    count = sum(p.numel() for p in model.parameters())
-    if count != param_count(s):
-        raise AssertionError(f"param_count {param_count(s)} != torch's {count}")
-    model.save_pretrained(base_dir)
-
-    # Adapters: one PeftModel; its LoRA factors are overwritten and saved once per task.
-    lcfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=list(TARGET_MODULES),
-                      lora_dropout=0.05, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lcfg)
-    lora_params = {n: p for n, p in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
-    rng = np.random.default_rng([s.seed, 1])
-    shared = {n: rng.standard_normal((s.families,) + tuple(p.shape)).astype(np.float32)
-              for n, p in lora_params.items()}
-    names = task_names(s.num_adapters, s.families)
-    adapters_dir = os.path.join(out_dir, "adapters")
-    for i, name in enumerate(names):
-        arng = np.random.default_rng([s.seed, 2, i])
-        with torch.no_grad():
-            for n, p in lora_params.items():
-                own = arng.standard_normal(tuple(p.shape)).astype(np.float32)
-                x = math.sqrt(s.family_share) * shared[n][i % s.families] + math.sqrt(1 - s.family_share) * own
-                # A: PEFT's kaiming-uniform init scale, 1/sqrt(3 d_in); B: b_scale.
-                std = 1.0 / math.sqrt(3 * p.shape[1]) if ".lora_A." in n else s.b_scale
-                p.copy_(torch.from_numpy(std * x))
-        peft_model.save_pretrained(os.path.join(adapters_dir, name))
-
-    # Task examples: random words; total length (bos + prompt + response + eos) in [3/4 S, S].
-    data_dir = os.path.join(out_dir, "data")
-    os.makedirs(data_dir)
-    meta = {}
-    for i, name in enumerate(names):
-        drng = np.random.default_rng([s.seed, 3, i])
-        with open(os.path.join(data_dir, f"{name}.jsonl"), "w") as f:
-            for _ in range(s.examples_per_task):
-                total = int(drng.integers((3 * s.seq_len) // 4, s.seq_len + 1))
-                n_resp = max(1, (total - 2) // 3)
-                n_prompt = max(1, total - 2 - n_resp)
-                ids = drng.integers(0, len(words), n_prompt + n_resp)
-                f.write(json.dumps({"prompt": " ".join(words[j] for j in ids[:n_prompt]),
-                                    "response": " ".join(words[j] for j in ids[n_prompt:])}) + "\n")
-        fam, lang = name.split("_", 1)
-        meta[name] = {"metric": "rouge_l", "tags": {"family": fam, "language": lang}}
-    with open(os.path.join(data_dir, "tasks.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. The runners
-# ---------------------------------------------------------------------------------------------
 
 NEVER = 10**9  # iterations / track_every for engine steps driven here (no built-in tracking)
 STALL_ITERATIONS = 200  # a budgeted search stops after this many iterations without a new evaluation
@@ -302,8 +58,6 @@ class ChainSpec:
     exchange_every: int = 0
 
     def settings(self, num_clusters: int, seed: int) -> Any:
-        from d2c_jax.run_config import SearchSettings
-
         return SearchSettings(num_clusters=num_clusters, iterations=NEVER, objective=self.objective,
                               population=self.population, proposals=self.proposals,
                               exchange_every=self.exchange_every, track_every=NEVER, seed=seed)
@@ -313,16 +67,16 @@ class ChainSpec:
 class BenchSettings:
     """What the benchmark runs (the fixture is separate: FixtureSettings)."""
 
-    num_clusters: int = 5
-    reference_iterations: int = 4
-    iterations: int = 4  # timed engine iterations of each d2c_jax column
-    population: int = 4
-    proposals: int = 4
-    batch_size: int = 8
-    strategy_budget: int = 64  # scorer evaluations given to every search strategy
-    density: float = 0.5
-    dtype: str = "float32"
-    seed: int = 0
+    num_clusters: int = setting(5, "K.")
+    reference_iterations: int = setting(4, "Iterations of the torch + PEFT reference timed.")
+    iterations: int = setting(4, "Engine iterations timed in each d2c_jax column.")
+    population: int = setting(4, "P of the third column (and of the population strategies).")
+    proposals: int = setting(4, "M of the third column.")
+    batch_size: int = setting(8, "Requests per scorer call (the paper column uses min(this, 2)).")
+    strategy_budget: int = setting(64, "Scorer evaluations given to every search strategy (0: skip).")
+    density: float = setting(0.5, "TIES density of both sides.")
+    dtype: str = setting("float32", "d2c_jax base weight dtype (reference: float32).", choices=DTYPES)
+    seed: int = setting(0, "Seed of the fixture and of the searches.")
 
     def __post_init__(self):
         for name in ("num_clusters", "reference_iterations", "iterations", "population", "proposals",
@@ -382,13 +136,11 @@ class ReferenceSession:
     it loads everything (timed as setup); `step()` runs one iteration; `finish()` the column."""
 
     def __init__(self, paths: FixturePaths, bench: BenchSettings):
-        _require_torch()
+        require_torch()
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from d2c_jax.data import data_file, read_examples
-        from d2c_jax.strategies import d2c
 
         torch.set_num_threads(os.cpu_count() or 1)
         start = time.perf_counter()
@@ -487,18 +239,11 @@ def _step_stats(step_s: Sequence[float], cpu_s: Sequence[float], evaluations: Se
     }
 
 
-def _load_scorer(paths: FixturePaths, bench: BenchSettings, batch_size: int):
-    from d2c_jax import data, hf_io, lora, merge
-    from d2c_jax.scoring import Scorer
-
-    cfg, params = hf_io.load_model(paths.base_model, bench.dtype)
-    adapters = lora.load_adapter_set(paths.adapters_dir, cfg)
-    tok = hf_io.load_tokenizer(paths.base_model)
-    task_data = data.load_task_data(paths.data_dir, adapters.names, tok, split="search",
-                                    examples_per_task=paths.settings.examples_per_task,
-                                    max_seq_len=paths.settings.seq_len)
-    prepared = merge.prepare_merge(adapters, "ties", bench.density)
-    return Scorer(params, cfg, prepared, task_data, batch_size=batch_size, mesh=None), adapters
+def _load_scorer(paths: FixturePaths, bench: BenchSettings, batch_size: int) -> tuple[Scorer, Any]:
+    inputs = load_inputs(paths.base_model, paths.adapters_dir, paths.data_dir, split="search",
+                         examples_per_task=paths.settings.examples_per_task, max_seq_len=paths.settings.seq_len,
+                         dtype=bench.dtype)
+    return inputs.scorer("ties", bench.density, batch_size=batch_size), inputs.adapters
 
 
 def _warm_up(scorer: Any, num_adapters: int, seed: int) -> tuple[float, float]:
@@ -517,8 +262,6 @@ def _warm_up(scorer: Any, num_adapters: int, seed: int) -> tuple[float, float]:
 
 
 def _device_memory() -> dict[str, Any] | None:
-    import jax
-
     try:
         stats = jax.devices()[0].memory_stats()
     except Exception:  # not every backend implements it
@@ -548,8 +291,6 @@ def _drive(scorer: Any, run: _ChainRun, bench: BenchSettings, *, min_iterations:
            tag: str) -> None:
     """Engine steps until at least `min_iterations` were run and `budget` evaluations were used
     (or the chains stopped asking for new evaluations: every neighbour of a local optimum cached)."""
-    from d2c_jax.search import search_step
-
     settings = run.spec.settings(bench.num_clusters, bench.seed)
     idle = 0
     while len(run.rows) < min_iterations or (run.evaluations < budget and idle < STALL_ITERATIONS):
@@ -565,8 +306,6 @@ def _drive(scorer: Any, run: _ChainRun, bench: BenchSettings, *, min_iterations:
 def _pooled_cache(runs: Sequence[_ChainRun], num_adapters: int) -> Any:
     """One loss cache holding every run's entries: the scorer is a pure function of (mask, task),
     so measuring final partitions through it only saves repeated evaluations."""
-    from d2c_jax.search import LossCache
-
     parts = [r.state.cache.to_arrays() for r in runs]
     if not parts:
         return LossCache(num_adapters)
@@ -576,8 +315,6 @@ def _pooled_cache(runs: Sequence[_ChainRun], num_adapters: int) -> Any:
 def _final_objective(scorer: Any, run: _ChainRun, num_clusters: int, cache: Any) -> dict[str, Any]:
     """Global objective of the partitions at the budget (best chain); the evaluations this needs
     are measurement, not search."""
-    from d2c_jax.search import objectives, partition_losses
-
     if run.snapshot is not None:
         partitions_pn, evaluations, iterations = run.snapshot
     else:
@@ -603,7 +340,6 @@ class D2cJaxSession:
 
     def __init__(self, paths: FixturePaths, bench: BenchSettings, *, column: str, timed: ChainSpec,
                  batch_size: int, more: Sequence[ChainSpec] = (), baselines: Sequence[str] = ()):
-        from d2c_jax.search import initial_state
 
         self.bench, self.column, self.more, self.baselines = bench, column, tuple(more), tuple(baselines)
         start = time.perf_counter()
@@ -626,8 +362,6 @@ class D2cJaxSession:
 
     def finish(self, strategies: bool = True,
                reference_pairs: Sequence[tuple[list[bool], int, float]] = ()) -> dict[str, Any]:
-        from d2c_jax.search import evaluate_partition, initial_state
-        from d2c_jax.strategies.baselines import baseline_partition
 
         rows, timed = list(self.run.rows), self.run.spec  # the step() rows (a copy: finish drives on)
         unique = sum(r["unique_requests"] for r in rows)
@@ -771,8 +505,6 @@ def machine_info() -> dict[str, Any]:
 
 def check_settings(fixture: FixtureSettings, bench: BenchSettings) -> None:
     """Cheap checks of the combination, before anything is built."""
-    from d2c_jax.search import check_num_clusters
-
     check_num_clusters(bench.num_clusters, fixture.num_adapters)
 
 
@@ -832,126 +564,3 @@ def run_benchmark(paths: FixturePaths, bench: BenchSettings, *, isolate: bool = 
         "parity": parity,
         "strategies": strategies,
     }
-
-
-def _fmt(x: Any, spec: str = ".3g", none: str = "-") -> str:
-    if x is None:
-        return none
-    if isinstance(x, str):
-        return x
-    return format(x, spec)
-
-
-def _minutes(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
-
-
-def _text_table(table: list[list[str]]) -> list[str]:
-    """Lines of a plain-text table: the first column left-aligned, the others right-aligned, a
-    dash line under the head row."""
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-             for r in table]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
-
-
-def speed_table(result: dict[str, Any]) -> str:
-    """The side-by-side table: reference | d2c_jax paper | d2c_jax P/M."""
-    cols = result["columns"]
-    ref_eps, ref_best = cols[0]["evals_per_s"], cols[0]["best_evals_per_s"]
-    ref_pps = cols[0]["proposals"] / cols[0]["seconds"] if cols[0]["seconds"] else None
-
-    def per_s(c: dict[str, Any], key: str) -> float | None:
-        return c[key] / c["seconds"] if c["seconds"] else None
-
-    def dev(c: dict[str, Any]) -> str:
-        m = c.get("device_memory")
-        if not m or "peak_bytes_in_use" not in m:
-            return "n/a (CPU)" if c["column"] != "reference" else "-"
-        return f"{m['peak_bytes_in_use'] / 2**20:.0f}"
-
-    rows = [
-        ("settings", [c["settings"] for c in cols]),
-        ("batch size (requests / call)", [str(c["batch_size"]) for c in cols]),
-        ("iterations timed", [str(c["iterations"]) for c in cols]),
-        ("proposals (moves) timed", [str(c["proposals"]) for c in cols]),
-        ("scorer evaluations", [str(c["evaluations"]) for c in cols]),
-        ("loss-cache hit rate", [_fmt(c["cache_hit_rate"], ".1%", "- (no cache)") for c in cols]),
-        ("seconds / iteration (mean)", [_fmt(c["seconds_per_iteration"], ".2f") for c in cols]),
-        ("seconds / iteration (median; best)", [f"{c['median_seconds_per_iteration']:.2f}; "
-                                                f"{c['best_seconds_per_iteration']:.2f}" for c in cols]),
-        ("CPU seconds / iteration (all threads)", [_fmt(c["cpu_seconds_per_iteration"], ".2f") for c in cols]),
-        ("evaluations / s", [_fmt(c["evals_per_s"], ".3f") for c in cols]),
-        ("speed-up, evaluations / s", [_fmt(c["evals_per_s"] / ref_eps if c["evals_per_s"] and ref_eps else None,
-                                            ".2f") + "x" for c in cols]),
-        ("best iteration: evaluations / s", [_fmt(c["best_evals_per_s"], ".3f") for c in cols]),
-        ("speed-up, best iteration", [_fmt(c["best_evals_per_s"] / ref_best if c["best_evals_per_s"] and ref_best
-                                           else None, ".2f") + "x" for c in cols]),
-        ("proposals / s", [_fmt(per_s(c, "proposals"), ".3f") for c in cols]),
-        ("speed-up, proposals / s", [_fmt(per_s(c, "proposals") / ref_pps if ref_pps else None, ".2f") + "x"
-                                     for c in cols]),
-        ("projected 200 iterations", [_minutes(200 * c["seconds_per_iteration"]) for c in cols]),
-        ("first-call compile (s)", [_fmt(c["compile_s"], ".1f") for c in cols]),
-        ("setup: load model+adapters+data (s)", [_fmt(c["setup_s"], ".1f") for c in cols]),
-        ("peak RSS (MB)", [_fmt(c["peak_rss_mb"], ".0f") for c in cols]),
-        ("device peak memory (MB)", [dev(c) for c in cols]),
-    ]
-    head = ["", "reference (torch+PEFT)"] + [c["column"] for c in cols[1:]]
-    lines = _text_table([head] + [[name] + vals for name, vals in rows])
-    b = cols[0]["per_eval_breakdown_s"]
-    p = result["parity"]
-    lines += [
-        "",
-        f"reference per evaluation: add_weighted_adapter(ties) {b['merge_s']:.2f} s + forward "
-        f"{b['forward_s']:.2f} s + delete_adapter {b['delete_s']:.2f} s; torch threads {cols[0]['torch_threads']}",
-        f"same (mask, task) pairs, reference vs d2c_jax paper: {p['pairs']} losses, max |diff| "
-        f"{_fmt(p['max_abs_loss_diff'], '.2e')}; accept/reject decisions agree "
-        f"{p['decisions_agree']}/{p['decisions_compared']}",
-        "timed iterations interleaved round by round across the three columns (same background load); "
-        "projections: 200 x the mean seconds / iteration (the cache hit rate grows over a real run, so "
-        "d2c_jax's are upper bounds); d2c_jax's run_search also scores the initial and final partitions "
-        f"(up to 2 x {result['fixture']['num_adapters']} x P evaluations), not included",
-    ]
-    return "\n".join(lines)
-
-
-def strategy_table(result: dict[str, Any]) -> str:
-    rows = result["strategies"]
-    if not rows:
-        return "(strategy comparison skipped: --strategy_budget=0)"
-    n = result["fixture"]["num_adapters"]
-    rand = next((r["objective"] for r in rows if r["strategy"] == "random"), None)
-    head = ["strategy", "search evals", "iterations", "global objective", "mean task loss", "vs random"]
-    table = [head]
-    for r in rows:
-        table.append([r["strategy"], str(r["search_evaluations"]), str(r["iterations"]), f"{r['objective']:.4f}",
-                      f"{r['objective'] / n:.5f}",
-                      f"{r['objective'] - rand:+.4f}" if rand is not None else "-"])
-    lines = _text_table(table)
-    lines.append(f"global objective = summed loss of the {n} tasks, each under its cluster's TIES merge "
-                 f"(lower is better); every search strategy stopped at the first iteration reaching "
-                 f"{result['bench']['strategy_budget']} scorer evaluations (or after {STALL_ITERATIONS} "
-                 f"iterations without a new one); the objective's own evaluations are not counted")
-    return "\n".join(lines)
-
-
-def header(result: dict[str, Any]) -> str:
-    f, m = result["fixture"], result["machine"]
-    return "\n".join([
-        f"fixture: random Llama, {f['param_count']:,} parameters (hidden {f['hidden']}, {f['layers']} layers, "
-        f"{f['heads']} heads / {f['kv_heads']} kv, mlp {f['intermediate']}, vocab {f['vocab']}, tied embeddings); "
-        f"{f['num_adapters']} PEFT LoRA adapters r={f['rank']} alpha={f['alpha']} on q/k/v/o "
-        f"({f['adapter_param_count']:,} parameters each); {f['examples_per_task']} examples per task, "
-        f"<= {f['seq_len']} tokens; K={result['bench']['num_clusters']}, TIES density {result['bench']['density']}, "
-        f"{result['bench']['dtype']}",
-        f"machine: {m['cpus']} CPU(s), {m['cpu_model']}; load average {m['loadavg_start'][0]:.1f} at start, "
-        f"{m['loadavg_end'][0]:.1f} at end (shared machine: timings are noisy); "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-    ])
-
-
-def report(result: dict[str, Any]) -> str:
-    return "\n\n".join([header(result), speed_table(result), strategy_table(result)])

@@ -1,0 +1,129 @@
+"""The one loading path: HF base directory + PEFT adapter directories + task data -> a Scorer.
+
+Shapes: N adapters (= T tasks; adapter i is the adapter of task i), n examples per task,
+S sequence.
+
+`load_inputs` reads, in this order, the model config, the adapters (sorted sub-directories of
+adapters_dir; without adapters_dir the task list comes from the data files), the tokenizer, one
+split of the task data and tasks.json. Everything there is cheap and checked, so a bad input
+fails in seconds. The base weights are read on first use of `Inputs.params`, after whatever
+further checks the caller makes; with a mesh they are read straight into their shardings
+(`sharding.PARAM_RULES`), never gathered on one device first. `Inputs.prepared` runs
+`merge.prepare_merge` once per (method, density, seed) and `Inputs.scorer` builds the
+`scoring.Scorer` that the search, the evaluation, the report and the benchmark all score with.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from d2c_jax import data, hf_io, lora, merge
+from d2c_jax import sharding as sharding_lib
+from d2c_jax.data import TaskData, TaskMeta
+from d2c_jax.errors import UserError
+from d2c_jax.lora import AdapterSet
+from d2c_jax.merge import Prepared
+from d2c_jax.models.config import ModelConfig, load_config
+from d2c_jax.scoring import Scorer
+from d2c_jax.types import Params
+
+
+class Inputs:
+    """Everything one run reads: model config, adapters, tokenizer, one split's task data, the
+    tasks.json entries, and (on first use) the base weights."""
+
+    def __init__(self, base_model: str, model_cfg: ModelConfig, names: tuple[str, ...],
+                 adapters: AdapterSet | None, tokenizer: Any, task_data: TaskData,
+                 meta: dict[str, TaskMeta], *, data_dir: str, dtype: str, chat_template: bool,
+                 mesh: jax.sharding.Mesh | None):
+        self.base_model, self.model_cfg, self.names = base_model, model_cfg, names
+        self.adapters, self.tokenizer, self.task_data, self.meta = adapters, tokenizer, task_data, meta
+        self.data_dir, self.dtype, self.chat_template, self.mesh = data_dir, dtype, chat_template, mesh
+        self._prepared: dict[tuple[str, float, int], Prepared] = {}
+
+    @property
+    def tags(self) -> dict[str, dict[str, str]]:
+        """Each task's tags from tasks.json (family, language, ...)."""
+        return {n: dict(self.meta[n].tags) for n in self.names}
+
+    @property
+    def task_metrics(self) -> list[str | None]:
+        """Each task's metric from tasks.json (None where it names none)."""
+        return [self.meta[n].metric for n in self.names]
+
+    @functools.cached_property
+    def params(self) -> Params:
+        """The base weights in `dtype`; with a mesh, each loaded straight into its sharding."""
+        shardings = None
+        if self.mesh is not None:
+            shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32)
+                      for path, shape in hf_io.param_shapes(self.model_cfg).items()}
+            shardings = sharding_lib.param_shardings(traverse_util.unflatten_dict(shapes), self.mesh)
+        return hf_io.load_params(self.base_model, self.model_cfg, self.dtype, shardings=shardings)
+
+    def load_split(self, split: str, examples_per_task: int | None, max_seq_len: int) -> TaskData:
+        """Another split (or size) of the same tasks' data, with the same tokenizer and template."""
+        return data.load_task_data(self.data_dir, self.names, self.tokenizer, split=split,
+                                   examples_per_task=examples_per_task, max_seq_len=max_seq_len,
+                                   chat_template=self.chat_template)
+
+    def prepared(self, method: str, density: float, seed: int = 0) -> Prepared:
+        """merge.prepare_merge of the adapters, once per (method, density, seed)."""
+        if self.adapters is None:
+            raise UserError(None, "merging needs --adapters_dir")
+        key = (method, float(density), int(seed))
+        if key not in self._prepared:
+            self._prepared[key] = merge.prepare_merge(self.adapters, method, density, seed=seed)
+        return self._prepared[key]
+
+    def scorer(self, method: str, density: float, *, seed: int = 0, batch_size: int = 8,
+               task_data: TaskData | None = None, example_chunk: int | None = None) -> Scorer:
+        """A Scorer of the merges of `method` on `task_data` (default: the loaded split)."""
+        return Scorer(self.params, self.model_cfg, self.prepared(method, density, seed),
+                      self.task_data if task_data is None else task_data, batch_size=batch_size,
+                      mesh=self.mesh, example_chunk=example_chunk)
+
+
+def load_inputs(
+    base_model: str,
+    adapters_dir: str | None,
+    data_dir: str,
+    *,
+    split: str = "search",
+    examples_per_task: int | None = 10,
+    max_seq_len: int = 1024,
+    chat_template: bool = False,
+    dtype: str = "bfloat16",
+    mesh: jax.sharding.Mesh | None = None,
+    model_cfg: ModelConfig | None = None,
+) -> Inputs:
+    """Reads and checks every input but the base weights (see the module docstring).
+
+    Args:
+      adapters_dir: one PEFT adapter per sub-directory (its name is the task name); None: no
+        adapters (zero-shot evaluation), the tasks are those with data files.
+      split: "search" (<task>.jsonl) or "eval" (<task>.eval.jsonl, else <task>.jsonl).
+      examples_per_task: the first n examples of each task (None: all).
+      model_cfg: the already loaded config of base_model (skips reading it again).
+    """
+    model_cfg = model_cfg or load_config(base_model)
+    adapters = None
+    if adapters_dir:
+        adapters = lora.load_adapter_set(adapters_dir, model_cfg)
+        names = tuple(adapters.names)
+    else:
+        names = data.data_tasks(data_dir)
+        if not names:
+            raise UserError(data_dir, "no <task>.jsonl files")
+    data.check_tasks_match(data_dir, names, split=split)
+    tokenizer = hf_io.load_tokenizer(base_model)
+    task_data = data.load_task_data(data_dir, names, tokenizer, split=split, examples_per_task=examples_per_task,
+                                    max_seq_len=max_seq_len, chat_template=chat_template)
+    meta = data.load_task_meta(data_dir, names)
+    return Inputs(str(base_model), model_cfg, names, adapters, tokenizer, task_data, meta, data_dir=data_dir,
+                  dtype=dtype, chat_template=chat_template, mesh=mesh)
