@@ -2,8 +2,11 @@
 
 Each writer builds its output in a temp name beside the target (same filesystem) and renames it
 over the target, so a crash, a SIGKILL or a full disk never leaves a half-written partition.json,
-report or PEFT adapter where a user (or a resumed run) would read it. Failures become a UserError
-naming the target.
+report or PEFT adapter where a user (or a resumed run) would read it. Every file is fsynced before
+its rename and the parent directory after it, so a power cut cannot leave a renamed but empty
+file either. Outputs get the ordinary permissions (0666 / 0777 less the umask), whatever the
+writer made. Failures (a full disk included) become a UserError naming the target; leftovers of a
+writer killed midway (`is_leftover`) are removed by the next run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,31 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+def is_leftover(name: str) -> bool:
+    """Whether a directory entry is the temp or moved-aside name of an interrupted atomic write."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (directories: so that the renames inside are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def finish_tree(root: str) -> None:
+    """fsync every file and directory under root (root last) and give them the usual modes."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, 0o666 & ~_UMASK)
+            fsync_path(path)
+        os.chmod(dirpath, 0o777 & ~_UMASK)
+        fsync_path(dirpath)
+
+
 def remove_path(path: str) -> None:
     """Removes a file, link or directory tree if it exists."""
     if os.path.isdir(path) and not os.path.islink(path):
@@ -45,8 +73,11 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
+        fsync_path(parent)
     except OSError as e:
         remove_path(tmp)
         raise UserError(path, f"cannot write: {e}") from None
@@ -84,6 +115,7 @@ def write_dir_atomic(out_dir: str, write_fn: Callable[[str], None], what: str = 
         raise UserError(out_dir, f"cannot create the {what} directory: {e}") from None
     try:
         write_fn(tmp)
+        finish_tree(tmp)
         old = None
         if os.path.lexists(out_dir):
             if not os.path.isdir(out_dir) or os.path.islink(out_dir):
@@ -97,6 +129,7 @@ def write_dir_atomic(out_dir: str, write_fn: Callable[[str], None], what: str = 
             if keep_existing is None or not keep_existing(out_dir):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # someone else's result is in place: keep it
+        fsync_path(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:

@@ -125,9 +125,11 @@ def load_task_meta(data_dir: str | os.PathLike, task_names: Sequence[str]) -> di
         return meta
     try:
         with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+            raw = json.load(f, object_pairs_hook=_unique_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(path, f"cannot read tasks.json: {e}") from None
+    except ValueError as e:  # a duplicate key
+        raise UserError(path, str(e)) from None
     if not isinstance(raw, dict):
         raise UserError(path, "expected a JSON object {task: {\"metric\": ..., \"tags\": {...}}}")
     unknown = sorted(set(raw) - set(task_names))
@@ -153,21 +155,34 @@ def load_task_meta(data_dir: str | os.PathLike, task_names: Sequence[str]) -> di
     return meta
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice (a task described twice) is an error, not "last wins"."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{key!r} is given twice")
+        out[key] = value
+    return out
+
+
 def read_examples(path: str, limit: int | None = None) -> list[tuple[int, str, str]]:
     """(line number, prompt, response) from the first `limit` non-blank lines of a jsonl file."""
     if not os.path.isfile(path):
         raise UserError(path, "task data file not found")
     out: list[tuple[int, str, str]] = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
                 if limit is not None and len(out) >= limit:
                     break
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(path, f"line {lineno}: not UTF-8 text (byte {e.start + 1} of the line is "
+                                    f"0x{raw[e.start]:02x})") from None
                 if not line.strip():
                     continue
                 out.append((lineno, *_parse_line(path, lineno, line)))
-    except UnicodeDecodeError as e:
-        raise UserError(path, f"not UTF-8 text: {e}") from None
     except OSError as e:
         raise UserError(path, f"cannot read: {e}") from None
     if not out:
@@ -212,7 +227,9 @@ def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[i
     """The prompt's ids exactly as HF makes them (special tokens / chat template included)."""
     if chat_template:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise UserError(None, "--chat_template is set but the tokenizer has no chat template")
+            where = os.path.join(getattr(tokenizer, "name_or_path", "") or ".", "tokenizer_config.json")
+            raise UserError(where, "--chat_template is set but the tokenizer has no chat template (no "
+                            "\"chat_template\" here and no chat_template.jinja beside it)")
         return _as_ids(
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True

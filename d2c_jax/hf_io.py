@@ -306,14 +306,25 @@ def load_model(model_dir: str | os.PathLike, dtype: Any = "float32", shardings: 
     return cfg, load_params(model_dir, cfg, dtype, shardings)
 
 
+# Files a transformers tokenizer is read from (any one of the vocabularies is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model's transformers tokenizer, from local files only (never the network)."""
     model_dir = str(model_dir)
     if not os.path.isdir(model_dir):
         raise UserError(model_dir, "model directory does not exist")
+    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _VOCAB_FILES):
+        raise UserError(model_dir, f"no tokenizer files (expected {' or '.join(_VOCAB_FILES)}); "
+                        "copy the base model's tokenizer into this directory")
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/... for missing files
-        raise UserError(model_dir, f"cannot load the tokenizer: {type(e).__name__}: {e}") from None
+        text = " ".join(str(e).split())
+        raise UserError(model_dir, f"cannot load the tokenizer: {type(e).__name__}: {text[:300]}") from None

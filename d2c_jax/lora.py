@@ -140,6 +140,10 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     for key, what in unsupported.items():
         if cfg.get(key):
             raise UserError(path, f"{key}={cfg[key]!r} is not supported ({what} cannot be merged as LoRA)")
+    bias = cfg.get("bias", "none")
+    if bias not in ("none", None):
+        raise UserError(path, f"bias={bias!r} is not supported (trained bias terms cannot be merged as LoRA); "
+                        "only bias=\"none\"")
     tm = cfg.get("target_modules")
     if not tm or not isinstance(tm, (str, list)):
         raise UserError(path, f"target_modules={tm!r} must be a non-empty list of module names or a regex string")
@@ -304,6 +308,9 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
         if not np.all(np.isfinite(t)):
             raise UserError(path, f"tensor {key} contains NaN or Inf")
         (a if f == "A" else b)[m][layer] = t
+    if not any(np.any(b[m]) for m in modules) or not any(np.any(a[m]) for m in modules):
+        raise UserError(path, "every lora_A or every lora_B weight is zero: the adapter changes nothing "
+                        "(an untrained adapter?)")
     return Adapter(
         name=name if name is not None else os.path.basename(os.path.normpath(adapter_dir)),
         path=adapter_dir,
@@ -315,10 +322,31 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
     )
 
 
+def _base_name(path: str) -> str:
+    """The model name a base_model_name_or_path ends with (a hub id and a local copy agree)."""
+    return os.path.basename(os.path.normpath(path)).lower()
+
+
+def check_same_base(adapters: Sequence[Adapter]) -> None:
+    """Adapters whose adapter_config.json names different base models (by their last path
+    component, so "org/Model" and "/models/Model" agree) are refused, naming two that differ;
+    same-shaped bases of other architectures would otherwise merge without a word."""
+    named = [ad for ad in adapters if ad.base_model_path]
+    names = {_base_name(ad.base_model_path) for ad in named}
+    if len(names) > 1:
+        first = named[0]
+        other = next(ad for ad in named if _base_name(ad.base_model_path) != _base_name(first.base_model_path))
+        raise UserError(os.path.join(other.path, CONFIG_NAME),
+                        f"base_model_name_or_path={other.base_model_path!r} differs from "
+                        f"{first.base_model_path!r} of {os.path.join(first.path, CONFIG_NAME)}; "
+                        "adapters of different base models cannot be merged")
+
+
 def stack_adapters(adapters: Sequence[Adapter]) -> AdapterSet:
     """Stacks adapters on a leading N axis, zero-padding to the max rank and the union of modules."""
     if not adapters:
         raise ValueError("no adapters to stack")
+    check_same_base(adapters)
     R = max(ad.rank for ad in adapters)
     modules = [m for m in LORA_MODULES if any(m in ad.a for ad in adapters)]
     a, b = {}, {}
@@ -493,7 +521,12 @@ def save_peft_adapter(
     def write(tmp: str) -> None:
         from safetensors.numpy import save_file
 
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        from safetensors import SafetensorError
+
+        try:
+            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        except SafetensorError as e:  # a full disk, for one: an OSError for write_dir_atomic
+            raise OSError(f"{WEIGHTS_NAME}: {' '.join(str(e).split())}") from None
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
 

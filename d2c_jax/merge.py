@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Sequence
 
 import chex
@@ -71,10 +72,8 @@ class Prepared:
 def _check(method: str, density: float, weights: Sequence[float] | None, n: int) -> np.ndarray:
     if method not in METHODS:
         raise UserError(None, f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    if not (isinstance(density, (int, float)) and math.isfinite(density) and density >= 0):
-        raise UserError(None, f"density={density!r} must be a number >= 0 (entries kept per tensor)")
-    if method == "dare_ties" and density == 0:
-        raise UserError(None, "density must be > 0 for dare_ties (it rescales by 1 / density)")
+    if not (isinstance(density, (int, float)) and math.isfinite(density) and 0 < density <= 1):
+        raise UserError(None, f"--density={density!r}: must be in (0, 1] (the fraction of entries kept per tensor)")
     w = np.ones(n, np.float64) if weights is None else np.asarray(weights, np.float64)
     if w.shape != (n,) or not np.all(np.isfinite(w)):
         raise UserError(None, f"weights must be {n} finite numbers (one per adapter); got {list(np.ravel(w))}")
@@ -296,10 +295,16 @@ def merge_adapter_dirs(
     adapter_dirs = [str(d) for d in adapter_dirs]
     if not adapter_dirs:
         raise UserError(None, "no adapters given")
+    if len({os.path.realpath(d) for d in adapter_dirs}) < len(adapter_dirs):
+        raise UserError(None, "--adapters names the same adapter directory twice")
     dims = load_config(base_model) if base_model else lora_lib.infer_dims(adapter_dirs)
     aset = lora_lib.load_adapter_dirs(adapter_dirs, dims)
     prepared = prepare_merge(aset, method, density, seed=seed, weights=weights)
     merged = jax.tree.map(np.asarray, jax.jit(merge_mask)(prepared, np.ones(aset.num_adapters, bool)))
+    if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(merged)):
+        raise UserError(output_dir, "the merge is not finite (NaN or Inf); nothing written")
+    if not any(np.any(x) for x in jax.tree.leaves(merged)):
+        raise UserError(output_dir, "the merge is all zeros (the adapters cancel out); nothing written")
     layers = lora_lib.covered_layers(aset)
     if base_model and layers == list(range(aset.num_layers)):
         layers = None
