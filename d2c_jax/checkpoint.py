@@ -1,90 +1,47 @@
-"""Search checkpoints (Orbax), resumption, run fingerprints and preemption.
+"""Search checkpoints (Orbax): commit, fallback to the newest usable step, run fingerprints.
 
-A checkpoint step s (= iterations completed) holds two Orbax items, committed atomically by
-Orbax (written to a temporary directory, then renamed):
+A checkpoint step s (= iterations completed) holds two Orbax items, written by Orbax into a
+temporary directory and renamed into place:
   state (StandardSave): partitions int32[P, N], iteration int64[], cache_size int64[],
       cache_masks uint8[Q', N] (0/1), cache_tasks int32[Q'], cache_losses float32[Q']
       (Q' = max(Q, 1): Orbax refuses zero-size arrays; the first `cache_size` rows are valid)
   meta (JsonSave): {"version", "iteration", "fingerprint", "metrics": [row, ...]}
-There is no random-generator state to save: the engine's streams are keyed by (seed, iteration).
+and then our commit marker `s/d2c_committed`: written (and fsynced, like every file and directory
+of the step before it) only after Orbax returned, so a step without it (a save cut by SIGKILL or
+a power cut after Orbax's rename) never counts. There is no random-generator state to save: the
+engine's streams are keyed by (seed, iteration).
 
-The fingerprint is {"base_model": sha256, "adapters": sha256, "data": sha256, "settings": {...}}
-(`fingerprint()`); a checkpoint made with another one is refused with a UserError naming what
-differs. SIGTERM (`PreemptionFlag`) asks the engine to checkpoint at the end of the current
-iteration and stop.
+Restoring walks back from the newest step to the newest one that is committed and reads back
+whole, warns once naming the steps it skipped (and removes them, so they are neither kept by
+keep-latest-N nor in the way of a new save), and refuses a readable step made by another run
+(`fingerprint.mismatch`: one line naming what changed). Steps whose save never completed (no
+marker) are no checkpoints: with only those the run starts afresh. Only when committed steps
+exist and none of them is usable is --overwrite needed.
 
 Shapes: P chains, N adapters, Q cache entries.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import signal
-import threading
-from typing import Any, Iterable, Mapping
+import sys
+from typing import Any, Mapping
 
 import numpy as np
 
+from d2c_jax.atomic_io import finish_tree, fsync_path, remove_path, write_bytes_atomic
 from d2c_jax.errors import UserError
+from d2c_jax.fingerprint import mismatch
 from d2c_jax.search import LossCache, SearchState
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ITEMS = ("state", "meta")
-_FINGERPRINT_NAMES = {"base_model": "base model", "adapters": "adapters", "data": "task data"}
+COMMITTED = "d2c_committed"
+_UNCOMMITTED = "not committed: its save was interrupted"
 
 
-def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
-    """sha256 over (base name, content) of each file, in the given order."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def fingerprint(
-    base_model: str | os.PathLike,
-    adapter_dirs: Iterable[str | os.PathLike],
-    data_files: Iterable[str | os.PathLike],
-    settings: Mapping[str, Any],
-) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it.
-
-    base_model: its config.json; adapters: each adapter's name, adapter_config.json and the size
-    of its weights file (hashing all weights would cost seconds per GB); data: every data file
-    (names and contents); settings: the result-relevant flags, verbatim.
-    """
-    adapter_h = hashlib.sha256()
-    for d in adapter_dirs:
-        d = os.fspath(d)
-        adapter_h.update(os.path.basename(os.path.normpath(d)).encode() + b"\0")
-        cfg = os.path.join(d, "adapter_config.json")
-        adapter_h.update(sha256_files([cfg]).encode() if os.path.exists(cfg) else b"-")
-        weights = os.path.join(d, "adapter_model.safetensors")
-        adapter_h.update(str(os.path.getsize(weights) if os.path.exists(weights) else -1).encode() + b"\0")
-    return {
-        "base_model": sha256_files([os.path.join(base_model, "config.json")]),
-        "adapters": adapter_h.hexdigest(),
-        "data": sha256_files(list(data_files)),
-        "settings": json.loads(json.dumps(dict(settings))),
-    }
-
-
-def _mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """Words for the first part of two fingerprints that differs, or None."""
-    for key, words in _FINGERPRINT_NAMES.items():
-        if saved.get(key) != current.get(key):
-            return words
-    s_saved, s_now = saved.get("settings", {}), current.get("settings", {})
-    for key in sorted(set(s_saved) | set(s_now)):
-        if s_saved.get(key) != s_now.get(key):
-            return f"--{key} ({s_saved.get(key)!r} in the checkpoint, {s_now.get(key)!r} now)"
-    return None
+class _NotCommitted(Exception):
+    pass
 
 
 def state_to_tree(state: SearchState) -> dict[str, np.ndarray]:
@@ -128,74 +85,101 @@ class Checkpointer:
         self._ocp = ocp
         self.directory = os.path.abspath(os.fspath(directory))
         self.fingerprint = dict(fingerprint)
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
             max_to_keep=keep,
-            enable_async_checkpointing=False,  # a step is committed when save() returns
+            enable_async_checkpointing=False,  # Orbax is done when save() returns
             cleanup_tmp_directories=True,  # leftovers of a save killed midway
             create=True,
         )
+        self._restored: SearchState | None = None
+        self._mngr = self._open()
+
+    def _open(self):
         try:
-            self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+            return self._ocp.CheckpointManager(self.directory, options=self._options, item_names=_ITEMS)
         except Exception as e:  # noqa: BLE001 - any failure here means an unreadable directory
             raise UserError(self.directory, f"cannot open the checkpoint directory ({_one_line(e)}); "
-                            "use --overwrite or another --workdir") from e
+                            "use --overwrite or another --workdir") from None
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
-    def _meta(self, step: int) -> dict[str, Any]:
+    def _read(self, step: int, num_adapters: int) -> tuple[dict[str, Any], SearchState]:
+        """(meta, state) of a step; ValueError (or Orbax's errors) when it is not usable."""
         ocp = self._ocp
-        try:
-            meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
-                raise ValueError(f"unknown checkpoint format {meta.get('version') if isinstance(meta, dict) else meta!r}")
-        except Exception as e:  # noqa: BLE001
-            raise self._corrupt(step, e) from e
-        return meta
-
-    def _corrupt(self, step: int, e: BaseException) -> UserError:
-        return UserError(os.path.join(self.directory, str(step)), f"cannot read the checkpoint ({_one_line(e)}); "
-                         "it may be corrupt: use --overwrite or another --workdir")
-
-    def _checked_meta(self) -> tuple[int, dict[str, Any]] | None:
-        """(latest step, its metadata) if that step was made by this run (same fingerprint), None
-        if there is none; UserError if it was made by a different run or cannot be read."""
-        step = self._mngr.latest_step()
-        if step is None:
-            return None
-        meta = self._meta(step)
-        diff = _mismatch(meta.get("fingerprint", {}), self.fingerprint)
-        if diff is not None:
-            raise UserError(None, f"checkpoint in {self.directory} was made with a different {diff}; "
+        if not os.path.isfile(os.path.join(self.directory, str(step), COMMITTED)):
+            raise _NotCommitted(_UNCOMMITTED)
+        meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unknown checkpoint format {meta.get('version') if isinstance(meta, dict) else meta!r}")
+        diff = mismatch(meta.get("fingerprint", {}), self.fingerprint)
+        if diff is not None:  # readable but another run's: refused, not skipped
+            raise UserError(None, f"the checkpoint in {self.directory} belongs to other inputs: {diff}; "
                             "use --overwrite or another --workdir")
-        return step, meta
-
-    def check(self) -> int | None:
-        """The latest step if it was made by this run (same fingerprint), None if there is none;
-        UserError if it was made by a different run or cannot be read. Reads only the metadata."""
-        checked = self._checked_meta()
-        return None if checked is None else checked[0]
+        tree = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        state = tree_to_state(tree, meta["metrics"], num_adapters)
+        if state.iteration != step:
+            raise ValueError(f"step {step} holds iteration {state.iteration}")
+        return meta, state
 
     def restore(self, num_adapters: int) -> SearchState | None:
-        """The latest checkpoint's state, or None when there is none; UserError when it was made
-        by a different run or cannot be read."""
-        checked = self._checked_meta()
-        if checked is None:
-            return None
-        step, meta = checked
-        ocp = self._ocp
-        try:
-            tree = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-            state = tree_to_state(tree, meta["metrics"], num_adapters)
-            if state.iteration != step:
-                raise ValueError(f"step {step} holds iteration {state.iteration}")
-        except Exception as e:  # noqa: BLE001
-            raise self._corrupt(step, e) from e
-        return state
+        """The newest usable checkpoint's state, or None when there is no checkpoint; UserError when
+        the newest readable one was made by another run or none can be read. Reads once (later
+        calls return the same state until the next save)."""
+        if self._restored is not None:
+            return self._restored
+        skipped: list[tuple[int, str]] = []
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            try:
+                _, state = self._read(step, num_adapters)
+            except UserError:
+                raise
+            except _NotCommitted:
+                skipped.append((step, _UNCOMMITTED))
+                continue
+            except Exception as e:  # noqa: BLE001 - any failure means this step is not usable
+                skipped.append((step, _one_line(e)))
+                continue
+            if skipped:
+                self._drop(skipped, f"resuming from step {step}")
+            self._restored = state
+            return state
+        corrupt = [(s, why) for s, why in skipped if why != _UNCOMMITTED]
+        if corrupt:
+            steps = ", ".join(str(s) for s, _ in corrupt)
+            raise UserError(self.directory, f"no usable checkpoint (step {steps}: {corrupt[0][1]}); "
+                            "use --overwrite to start afresh or another --workdir")
+        if skipped:  # only saves that never completed: as if there were no checkpoint
+            self._drop(skipped, "starting afresh")
+        return None
+
+    def _drop(self, skipped: list[tuple[int, str]], then: str) -> None:
+        """Warns once about the unusable steps and removes them (process 0), then re-opens Orbax."""
+        import jax
+
+        from d2c_jax.sharding import barrier
+
+        steps = ", ".join(str(s) for s, _ in skipped)
+        if jax.process_index() == 0:
+            print(f"warning: {self.directory}: skipping unusable checkpoint step {steps} "
+                  f"({skipped[0][1]}); {then}", file=sys.stderr, flush=True)
+            for step, _ in skipped:
+                remove_path(os.path.join(self.directory, str(step)))
+            fsync_path(self.directory)
+        barrier("d2c_drop_checkpoints")
+        self._mngr.close()
+        self._mngr = self._open()
+
+    def check(self, num_adapters: int) -> int | None:
+        """The step a restart resumes from (None: none); errors as `restore`."""
+        state = self.restore(num_adapters)
+        return None if state is None else state.iteration
 
     def save(self, state: SearchState, force: bool = False) -> bool:
-        """Saves when the interval says so (or `force`); True if a checkpoint was written."""
+        """Saves when the interval says so (or `force`); True if a checkpoint was committed."""
+        import jax
+
         step = state.iteration
         if not force and not self._mngr.should_save(step):
             return False
@@ -210,7 +194,15 @@ class Checkpointer:
             force=force,
         )
         self._mngr.wait_until_finished()
-        return bool(saved)
+        if not saved:
+            return False
+        if jax.process_index() == 0:
+            step_dir = os.path.join(self.directory, str(step))
+            finish_tree(step_dir)  # every file and directory of the step on disk ...
+            fsync_path(self.directory)  # ... and its name in the checkpoint directory
+            write_bytes_atomic(os.path.join(step_dir, COMMITTED), b"%d\n" % step)  # then the marker
+        self._restored = None
+        return True
 
     def reached_preemption(self, step: int) -> bool:
         """Orbax's multi-host preemption signal (False where JAX's preemption service is off)."""
@@ -227,33 +219,6 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class PreemptionFlag:
-    """Context manager: SIGTERM sets the flag (instead of killing the process); calling the object
-    returns whether it is set. The engine polls it at the end of each iteration."""
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
-        self.signals = signals
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def __enter__(self) -> PreemptionFlag:
-        if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
 
 
 def _one_line(e: BaseException) -> str:

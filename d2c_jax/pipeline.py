@@ -1,23 +1,27 @@
 """One search run, wired end to end: inputs → Scorer → search (or baseline) → outputs in workdir.
 
-Order of work (cheap checks first, so that a bad input fails in seconds, not after model loading):
-  1. workdir: a finished run (partition.json) is refused unless --overwrite;
-  2. adapters, task data, K, model config; the run fingerprint; the checkpoint (if any) must match
-     (--overwrite discards a finished run or a checkpoint of other inputs; a matching checkpoint of
-     an unfinished run is always resumed, so re-running the same command resumes);
-  3. adapters, tokenizer, examples, base weights → `inputs.load_inputs` → `scoring.Scorer`;
-  4. `search.find_partition`: the d2c search (SIGTERM → checkpoint and exit 0) or a baseline;
+Order of work (every check before anything is written, so a bad input leaves nothing behind):
+  1. workdir: a finished run (partition.json) with the same settings is reported (its location,
+     exit 0: a retrying scheduler sees success); with other settings it is refused unless
+     --overwrite;
+  2. adapters, task data, K, model config, tokenizer, examples, base weights: all read and
+     checked; the run fingerprint (content hashes, `fingerprint.py`); free disk space;
+  3. workdir created and locked (`workdir_lock`: one run per workdir), leftovers of interrupted
+     writes removed; the checkpoint (if any) is resumed from the newest usable step, or refused
+     when made from other inputs (--overwrite discards it);
+  4. `search.run_search` (d2c; SIGTERM / SIGINT → checkpoint at the end of the iteration, exit 0 /
+     130, see `signals`) or a baseline partition;
   5. outputs, each written atomically and by process 0 only: merged/cluster_<k>/ (PEFT),
      objective.png, assignment.png, metrics.jsonl, then partition.json last (its presence marks
-     a finished run). config.json (the resolved flags) is written at start-up.
+     a finished run). config.json (the resolved flags) is written once the checkpoint is checked.
 
 Multi-process (one process per host, `sharding.initialize_distributed` after the cheap checks):
 every process loads the inputs and runs the same search on the global mesh; the losses come back
 replicated, so every process takes the same decisions (checked at the end). --workdir must be on
 storage that every host sees (NFS, a mounted bucket). Checkpoints are saved and restored by all
 processes together (Orbax: process 0 writes). Every other file is written by process 0 alone;
-`_on_main` makes the other processes wait for it and fail with it. SIGTERM on any process stops
-all of them at the same iteration (`sharding.any_process`).
+`_on_main` makes the other processes wait for it and fail with it. SIGTERM or SIGINT on any process
+stops all of them at the same iteration (`sharding.any_process`).
 
 Shapes: N adapters (= tasks), K clusters, P chains.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, Mapping, Sequence
@@ -34,19 +39,22 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from d2c_jax import checkpoint, data, lora, merge, plots
+from d2c_jax import data, lora, merge, plots, signals
+from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
-from d2c_jax.atomic_io import write_bytes_atomic, write_dir_atomic, write_text_atomic
-from d2c_jax.checkpoint import Checkpointer, PreemptionFlag
+from d2c_jax.checkpoint import Checkpointer
 from d2c_jax.errors import UserError
-from d2c_jax.inputs import load_inputs
+from d2c_jax.fingerprint import run_fingerprint
+from d2c_jax.inputs import Inputs, load_inputs
 from d2c_jax.merge import Prepared
-from d2c_jax.models.config import ModelConfig, load_config
-from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig
+from d2c_jax.models.config import load_config
+from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig, default_cache_size
 from d2c_jax.search import SearchState, check_num_clusters, find_partition
 from d2c_jax.sharding import (any_process, barrier, check_same_on_all_processes, from_main, initialize_distributed,
                               make_mesh)
+from d2c_jax.signals import PreemptionFlag
 from d2c_jax.suite import ensure_preset
+from d2c_jax.workdir_lock import WorkdirLock
 
 PARTITION = "partition.json"
 CONFIG = "config.json"
@@ -65,36 +73,74 @@ def metrics_jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- workdir
 
 
-def check_workdir(workdir: str, overwrite: bool) -> None:
-    """Refuses a finished run unless --overwrite (no side effects)."""
+def finished_run(workdir: str, cfg: RunConfig) -> str | None:
+    """partition.json of a finished run of the same settings (None: not finished); a finished run
+    of other settings is refused unless --overwrite (no side effects)."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(workdir, "--workdir exists and is not a directory")
-    if os.path.exists(os.path.join(workdir, PARTITION)) and not overwrite:
-        raise UserError(workdir, f"holds a finished run ({PARTITION}); use --overwrite to replace it "
-                        "or choose another --workdir")
+    partition = os.path.join(workdir, PARTITION)
+    if cfg.overwrite or not os.path.exists(partition):
+        return None
+    try:
+        with open(os.path.join(workdir, CONFIG), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = {}
+    wanted = {**cfg.result_settings(), "base_model": cfg.base_model, "adapters_dir": cfg.adapters_dir,
+              "data_dir": cfg.data_dir}
+    for key, value in wanted.items():
+        if key in ("base_model", "adapters_dir", "data_dir") and value is None:
+            continue  # supplied by --suite
+        if saved.get(key) != value:
+            raise UserError(workdir, f"holds a finished run with --{key}={saved.get(key)!r} (not {value!r}); "
+                            "use --overwrite to replace it or choose another --workdir")
+    return partition
 
 
-def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> None:
-    """Creates the workdir; with --overwrite removes a finished run's outputs and checkpoints.
-    Every process calls it; process 0 writes, then all check that they see the directory."""
-    check_workdir(workdir, overwrite)
+def check_disk(workdir: str, need_bytes: int) -> None:
+    """Refuses a workdir on a file system without room for the outputs and checkpoints, or where
+    it cannot be created (checked on the nearest existing ancestor, before anything is written)."""
+    existing = workdir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(workdir, f"cannot create --workdir: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(workdir, f"cannot create or write --workdir: {existing} is not writable")
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise UserError(workdir, f"only {free / 2**20:.1f} MiB free on its file system; the outputs and "
+                        f"checkpoints need about {need_bytes / 2**20:.1f} MiB")
+
+
+def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> WorkdirLock | None:
+    """Creates and locks the workdir (process 0), then removes leftovers of interrupted writes and,
+    with --overwrite, a finished run's outputs and checkpoints. Returns the held lock (process 0)."""
+    lock = WorkdirLock(workdir) if is_main else None
 
     def prepare() -> None:
-        if os.path.exists(os.path.join(workdir, PARTITION)):  # a finished run, --overwrite
-            for name in OUTPUTS + (CHECKPOINTS,):
-                _remove(os.path.join(workdir, name))
         try:
             os.makedirs(workdir, exist_ok=True)
         except OSError as e:
-            raise UserError(workdir, f"cannot create --workdir: {e}") from None
+            raise UserError(workdir, f"cannot create --workdir: {e.strerror}") from None
+        lock.acquire()
+        if overwrite and os.path.exists(os.path.join(workdir, PARTITION)):  # a finished run
+            for name in OUTPUTS + (CHECKPOINTS,):
+                _remove(os.path.join(workdir, name))
         for name in os.listdir(workdir):  # leftovers of atomic writes killed midway
-            if name.startswith(".") and ".tmp-" in name:
+            if is_leftover(name):
                 _remove(os.path.join(workdir, name))
 
-    _on_main(prepare, "--workdir", is_main)
+    try:
+        _on_main(prepare, "--workdir", is_main)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if any_process(not os.path.isdir(workdir)):
         raise UserError(workdir, "--workdir, created by process 0, is not visible on every host; it must be "
                         "on storage that all hosts share (NFS, a mounted bucket)")
+    return lock
 
 
 def _is_main() -> bool:
@@ -150,25 +196,20 @@ def final_table(doc: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the run
 
 
-def _fingerprint(cfg: RunConfig, names: Sequence[str]) -> dict[str, Any]:
-    return checkpoint.fingerprint(
-        cfg.base_model,
-        [os.path.join(cfg.adapters_dir, n) for n in names],
-        [data.data_file(cfg.data_dir, n, "search") for n in names],
-        cfg.result_settings(),
-    )
+def _fingerprint(cfg: RunConfig, task_data: data.TaskData) -> dict[str, Any]:
+    examples = {name: list(zip(p, r)) for name, p, r in zip(task_data.names, task_data.prompts, task_data.responses)}
+    return run_fingerprint(cfg.base_model, {n: os.path.join(cfg.adapters_dir, n) for n in task_data.names},
+                           examples, cfg.result_settings())
 
 
-def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_main: bool):
-    """The Checkpointer, after checking any checkpoint there belongs to this run (--overwrite:
-    discard one that does not)."""
+def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_adapters: int, is_main: bool):
+    """The Checkpointer, after checking that the checkpoint there (if any) can be resumed by this run
+    (--overwrite: discard one that cannot)."""
     directory = os.path.join(workdir, CHECKPOINTS)
-    fp = _fingerprint(cfg, names)
     ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
     error = None
     try:
-        # With --overwrite read the whole state now, so that a corrupt one is discarded too.
-        ckpt.restore(len(names)) if cfg.overwrite else ckpt.check()
+        ckpt.restore(num_adapters)  # walks back to the newest usable step; kept for run_search
     except UserError as e:
         error = e
     if not any_process(error is not None):  # every process takes the same branch
@@ -181,6 +222,14 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_ma
         _remove(directory)
     barrier("d2c_discard_checkpoints")
     return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
+
+
+def _need_bytes(adapters: lora.AdapterSet, num_clusters: int, cfg: RunConfig) -> int:
+    """A generous estimate of what the run writes: K merged adapters (rank R, every adapted
+    module), the plots and metrics, and keep_checkpoints + 1 checkpoints of the loss cache."""
+    merged = sum(a.size + b.size for a, b in zip(adapters.a.values(), adapters.b.values())) // adapters.num_adapters
+    cache = 64 * cfg.search.iterations * cfg.search.population * cfg.search.proposals * (adapters.num_adapters + 16)
+    return 4 * merged * num_clusters + (cfg.keep_checkpoints + 1) * cache + (16 << 20)
 
 
 def _mesh(cfg: RunConfig):
@@ -207,43 +256,60 @@ def resolve_suite(cfg: RunConfig) -> RunConfig:
 
 
 def run(cfg: RunConfig) -> int:
-    """Runs (or resumes) the search described by `cfg`; returns the exit status (0 also when
-    preempted after saving a checkpoint)."""
+    """Runs (or resumes) the search described by `cfg`; returns the exit status (0, also for a
+    finished run found in the workdir and when SIGTERM stopped it after a checkpoint; 130 when
+    SIGINT did)."""
     start = time.perf_counter()
     workdir = os.path.abspath(cfg.workdir)
-    check_workdir(workdir, cfg.overwrite)  # before a possibly long suite build
     cfg = resolve_suite(cfg)
+    done = finished_run(workdir, cfg)
+    if done is not None:
+        print(f"already finished: {done} (use --overwrite to run again)")
+        return 0
     settings = cfg.engine_settings()
 
-    # 1.-2. Cheap checks, before anything is written (every process makes them on its own;
-    # prepare_workdir checks the workdir again right before creating it).
+    # 1.-2. Every check, before anything is written (every process makes them on its own).
     names = lora.adapter_subdirs(cfg.adapters_dir)
     check_num_clusters(settings.num_clusters, len(names))
     data.check_tasks_match(cfg.data_dir, names)
     model_cfg = load_config(cfg.base_model)
     # Before anything touches a device: a multi-process job (when asked or auto-detected).
     initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    is_main = _is_main()
-    prepare_workdir(workdir, cfg.overwrite, is_main)
-    ckpt = _open_checkpointer(cfg, workdir, names, is_main) if cfg.strategy in SEARCH_STRATEGIES else None
-    try:
-        # After the checkpoint check: config.json always describes the checkpoints.
-        _on_main(lambda: write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json()), CONFIG, is_main)
-        return _run(cfg, workdir, names, model_cfg, ckpt, start, is_main)
-    finally:
-        if ckpt is not None:
-            ckpt.close()
-
-
-def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelConfig, ckpt: Checkpointer | None,
-         start: float, is_main: bool) -> int:
-    settings = cfg.engine_settings()
-    # 3. Model, adapters, examples.
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
                          chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
     if inputs.names != tuple(names):
         raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
+    fp = _fingerprint(cfg, inputs.task_data) if cfg.strategy in SEARCH_STRATEGIES else None
+    check_disk(workdir, _need_bytes(inputs.adapters, settings.num_clusters, cfg))
+    inputs.params  # noqa: B018 - the base weights read and checked (shapes, NaN/Inf) before any write
+    is_main = _is_main()
+
+    # 3. The workdir, locked for the whole run; the checkpoint to resume.
+    lock = prepare_workdir(workdir, cfg.overwrite, is_main)
+    ckpt = None
+    try:
+        if fp is not None:
+            ckpt = _open_checkpointer(cfg, workdir, fp, len(names), is_main)
+            step = ckpt.latest_step()
+            if step is not None:
+                signals.set_note(f"the checkpoint of iteration {step} in {ckpt.directory} is kept; "
+                                 "re-run the same command to resume")
+        # After the checkpoint check: config.json always describes the checkpoints.
+        _on_main(lambda: write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json()), CONFIG, is_main)
+        return _run(cfg, workdir, inputs, ckpt, start, is_main)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None, start: float,
+         is_main: bool) -> int:
+    names = inputs.names
+    settings = dataclasses.replace(cfg.engine_settings(),
+                                   cache_size=cfg.search.cache_size or default_cache_size(len(names)))
     scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.batch_size)
 
     # 4. Search or baseline.
@@ -252,26 +318,29 @@ def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelCon
     def on_checkpoint(state: SearchState) -> None:
         rows = state.metrics
         _on_main(lambda: write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(rows)), METRICS, is_main)
+        signals.set_note(f"the checkpoint of iteration {state.iteration} in {ckpt.directory} is kept; "
+                         "re-run the same command to resume")
 
     if cfg.strategy in SEARCH_STRATEGIES:
         with PreemptionFlag() as flag:
-            # SIGTERM may reach the hosts at different iterations: they stop together at the first
+            # A signal may reach the hosts at different iterations: they stop together at the first
             # iteration end after any of them saw it (a tiny collective per iteration).
             result = find_partition(scorer, cfg.strategy, settings, checkpointer=ckpt,
                                     should_stop=lambda: any_process(flag()), on_checkpoint=on_checkpoint,
                                     progress=cfg.progress and is_main)
+        if result.preempted:
+            if is_main:
+                how = signals.name(flag.signum) if flag.signum else "preemption"
+                print(f"stopped by {how}: checkpoint of iteration {result.state.iteration}/{settings.iterations} "
+                      f"saved in {ckpt.directory}; re-run the same command to resume", flush=True)
+            return signals.exit_code(flag.signum)
     else:
         # Process 0's partition for all: library k-means need not be bit-identical across hosts.
         result = find_partition(scorer, cfg.strategy, settings, inputs.adapters, agree=from_main)
-    if result.preempted:
-        if is_main:
-            print(f"preempted: checkpoint of iteration {result.state.iteration}/{settings.iterations} saved "
-                  f"in {os.path.join(workdir, CHECKPOINTS)}; re-run the same command to resume")
-        return 0
     partition_n, objective, task_losses_n = result.partition_n, result.objective, result.task_losses_n
     metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
 
-    # 5. Outputs (process 0).
+    # 5. Outputs (process 0); a signal meanwhile waits until they are complete.
     partition_n = canonical(partition_n, k)
     check_same_on_all_processes((partition_n, np.float64(objective)), "the final partition")
     clusters = clusters_of(partition_n, names, k)
@@ -302,12 +371,13 @@ def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelCon
         "seconds": round(time.perf_counter() - start, 3),
     }
     prepared = inputs.prepared(cfg.merge, cfg.density, cfg.search.seed)
-    _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared, cfg.base_model),
-             "the outputs", is_main)
+    with PreemptionFlag() as flag:
+        _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
+                                       cfg.base_model), "the outputs", is_main)
     if is_main:
         print(final_table(doc))
         print(f"outputs in {workdir}")
-    return 0
+    return signals.exit_code(flag.signum)
 
 
 def write_outputs(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 from d2c_jax.config_flags import setting
@@ -21,8 +22,8 @@ SEARCH_STRATEGIES = ("d2c",)  # iterate with the engine; the others are one-shot
 OBJECTIVES = ("local", "global")
 
 # Settings that change the result of a run: a checkpoint made with other values is refused.
-# (batch_size, checkpoint_every, keep_checkpoints, track_every, overwrite, progress and the
-# multi-process settings do not change it.)
+# (batch_size, checkpoint_every, keep_checkpoints, track_every, cache_size, overwrite, progress
+# and the multi-process settings do not change it.)
 RESULT_SETTINGS = (
     "strategy", "objective", "num_clusters", "iterations", "population", "proposals",
     "exchange_every", "merge", "density", "examples_per_task", "max_seq_len", "chat_template",
@@ -46,6 +47,9 @@ class SearchSettings:
                                "and at the end; 1 is exact per iteration but costs extra evaluations with "
                                "--objective=local.")
     seed: int = setting(0, "Seed of every random choice.")
+    cache_size: int = setting(0, "Loss cache entries kept in memory and in checkpoints, least recently used "
+                              "evicted (an evicted one is scored again when needed); 0: 5% of the machine's "
+                              "memory (the engine alone: unbounded).")
 
     def __post_init__(self):
         _check(self.num_clusters >= 1, "num_clusters", self.num_clusters, "must be >= 1")
@@ -56,6 +60,7 @@ class SearchSettings:
         _check(self.exchange_every >= 0, "exchange_every", self.exchange_every, "must be >= 0")
         _check(self.track_every >= 1, "track_every", self.track_every, "must be >= 1")
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _check(self.cache_size >= 0, "cache_size", self.cache_size, "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,3 +161,13 @@ class RunConfig:
 def _check(ok: bool, flag: str, value: Any, message: str) -> None:
     if not ok:
         raise UserError(None, f"--{flag}={value}: {message}")
+
+
+def default_cache_size(num_adapters: int, memory_fraction: float = 0.05) -> int:
+    """Loss cache entries that fit in `memory_fraction` of the machine's memory (an entry costs
+    about 200 bytes of Python objects plus its packed mask), at least 100,000."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    return max(100_000, int(memory * memory_fraction) // (200 + (num_adapters + 7) // 8))

@@ -26,6 +26,7 @@ Shapes: P chains, N adapters (= tasks), K clusters, M proposals, C requests, Q c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -78,10 +79,16 @@ class ResolveStats:
 
 
 class LossCache:
-    """Loss per (mask, task), insertion-ordered (so that saving and restoring it is exact)."""
+    """Loss per (mask, task) in least-recently-used order, at most `max_size` entries (0: unbounded).
 
-    def __init__(self, num_adapters: int):
+    A hit moves the entry to the end; past max_size the oldest entries go. An evicted pair is just
+    scored again when asked for (the scorer is a pure function of (mask, task)). The order is what
+    a checkpoint saves and restores, so a resumed run evicts exactly what an uninterrupted one does.
+    """
+
+    def __init__(self, num_adapters: int, max_size: int = 0):
         self.num_adapters = num_adapters
+        self.max_size = max_size
         self._losses: dict[tuple[bytes, int], float] = {}
 
     def __len__(self) -> int:
@@ -111,7 +118,17 @@ class LossCache:
                 raise ValueError(f"scorer returned shape {losses_c.shape} for {len(missing)} requests")
             for k, loss in zip(missing, losses_c):
                 self._losses[k] = float(loss)
-        return np.array([self._losses[k] for k in keys], np.float64), stats
+        losses = np.array([self._losses[k] for k in keys], np.float64)
+        for k in dict.fromkeys(keys):  # most recently used last (hits and new entries alike)
+            self._losses[k] = self._losses.pop(k)
+        self.evict()
+        return losses, stats
+
+    def evict(self) -> None:
+        """Drops the least recently used entries beyond max_size."""
+        excess = len(self._losses) - self.max_size if self.max_size else 0
+        for k in list(itertools.islice(self._losses, max(excess, 0))):
+            del self._losses[k]
 
     def to_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(masks uint8[Q, N] of 0/1, tasks int32[Q], losses float32[Q]) in insertion order."""
@@ -164,7 +181,7 @@ def check_num_clusters(num_clusters: int, num_adapters: int) -> None:
 
 def initial_state(settings: SearchSettings, num_adapters: int) -> SearchState:
     partitions_pn = d2c.initial_partitions(num_adapters, settings.num_clusters, settings.population, settings.seed)
-    return SearchState(partitions_pn, 0, LossCache(num_adapters), [])
+    return SearchState(partitions_pn, 0, LossCache(num_adapters, settings.cache_size), [])
 
 
 def partition_losses(
@@ -321,6 +338,8 @@ def run_search(
         state.metrics.append(initial_row(scorer, state, settings))
     elif state.partitions_pn.shape != (settings.population, n) or state.iteration > settings.iterations:
         raise ValueError(f"checkpoint state {state.partitions_pn.shape} @ {state.iteration} does not fit {settings}")
+    state.cache.max_size = settings.cache_size  # a changed --cache_size applies from here on
+    state.cache.evict()
 
     bar = _progress(settings.iterations, state, progress, desc)
     preempted = False

@@ -22,9 +22,14 @@ from typing import Sequence
 
 from absl import app, flags
 
-from d2c_jax import config_flags
-from d2c_jax.errors import run_cli
-from d2c_jax.evaluation import EvalConfig
+from d2c_jax import cli
+
+if __name__ == "__main__":
+    cli.start()  # signals and quiet libraries, before jax is imported
+
+from d2c_jax import config_flags  # noqa: E402
+from d2c_jax.errors import run_cli  # noqa: E402
+from d2c_jax.evaluation import EvalConfig  # noqa: E402
 
 
 def define_flags() -> None:
@@ -62,4 +67,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

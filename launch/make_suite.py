@@ -19,7 +19,12 @@ from typing import Sequence
 
 from absl import app, flags
 
-from d2c_jax.errors import UserError, run_cli
+from d2c_jax import cli
+
+if __name__ == "__main__":
+    cli.start()  # signals and quiet libraries, before jax is imported
+
+from d2c_jax.errors import UserError, run_cli  # noqa: E402
 
 flags.DEFINE_string("output_dir", None, "Suite directory (default with --preset: runs/suites/<preset>).")
 flags.DEFINE_enum("preset", None, ["demo", "full"], "Named settings: demo = 3 x 4 tasks, full = 5 x 8.")
@@ -76,4 +81,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -13,8 +13,13 @@ from typing import Sequence
 
 from absl import app, flags
 
-from d2c_jax.errors import UserError, run_cli
-from d2c_jax.merge import METHODS
+from d2c_jax import cli
+
+if __name__ == "__main__":
+    cli.start()  # signals and quiet libraries, before jax is imported
+
+from d2c_jax.errors import UserError, run_cli  # noqa: E402
+from d2c_jax.merge import METHODS  # noqa: E402
 
 flags.DEFINE_list("adapters", None, "Comma-separated PEFT LoRA adapter directories.")
 flags.DEFINE_string("output_dir", None, "Where the merged PEFT adapter is written (replaced if it exists).")
@@ -54,4 +59,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -35,9 +35,14 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
-from d2c_jax import config_flags
-from d2c_jax.errors import run_cli
-from d2c_jax.run_config import RunConfig
+from d2c_jax import cli
+
+if __name__ == "__main__":
+    cli.start()  # signals and quiet libraries, before jax is imported
+
+from d2c_jax import config_flags  # noqa: E402
+from d2c_jax.errors import run_cli  # noqa: E402
+from d2c_jax.run_config import RunConfig  # noqa: E402
 
 config_flags.define_flags(RunConfig)  # one flag per RunConfig / SearchSettings field, same name
 
@@ -61,4 +66,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

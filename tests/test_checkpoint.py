@@ -1,11 +1,12 @@
 """Checkpoints: the state round-trips, resumed runs (SIGTERM, SIGKILL) end exactly like
-uninterrupted ones, other runs' and corrupt checkpoints are refused with one clear message."""
+uninterrupted ones, other runs' checkpoints are refused with one line naming what changed, and a
+restart walks back over unusable (corrupt, uncommitted) steps to the newest usable one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from d2c_jax.checkpoint import Checkpointer, PreemptionFlag, fingerprint
+from d2c_jax.checkpoint import COMMITTED, Checkpointer
+from d2c_jax.fingerprint import run_fingerprint
+from d2c_jax.signals import PreemptionFlag
 from d2c_jax.errors import UserError
 from d2c_jax.run_config import SearchSettings
 from d2c_jax.search import run_search
@@ -25,7 +28,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 N, F = 12, 3
 SETTINGS = SearchSettings(num_clusters=3, iterations=40, population=2, proposals=2, objective="global",
                           exchange_every=10, track_every=4, seed=5)
-FP = {"base_model": "b" * 64, "adapters": "a" * 64, "data": "d" * 64, "settings": {"num_clusters": 3}}
+FP = {"files": {"base_model/model.safetensors": "b" * 64, "adapters/t0/adapter_model.safetensors": "a" * 64},
+      "examples": {"t0": "d" * 64}, "settings": {"num_clusters": 3}}
 
 
 def _scorer(**kw):
@@ -73,76 +77,135 @@ def test_state_round_trips_and_resume_after_stop_equals_uninterrupted(tmp_path, 
     assert sum(scorer.calls) == sum(r["evaluations"] for r in resumed.state.metrics[12:])
 
 
-def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+def test_a_checkpoint_of_another_run_is_refused_naming_what_changed(tmp_path):
     with Checkpointer(tmp_path, every=2, keep=1, fingerprint=FP) as ck:
         run_search(_scorer(), SearchSettings(num_clusters=3, iterations=4), checkpointer=ck)
-    for key, words in [("base_model", "base model"), ("adapters", "adapters"), ("data", "task data")]:
-        with pytest.raises(UserError, match=f"made with a different {words}; use --overwrite"):
-            Checkpointer(tmp_path, every=2, keep=1, fingerprint={**FP, key: "0" * 64}).restore(N)
-    other = {**FP, "settings": {"num_clusters": 4}}
-    with pytest.raises(UserError, match=r"different --num_clusters \(3 in the checkpoint, 4 now\)"):
-        Checkpointer(tmp_path, every=2, keep=1, fingerprint=other).restore(N)
+    changes = [
+        ({**FP, "files": {**FP["files"], "base_model/model.safetensors": "0" * 64}},
+         r"base model file model.safetensors changed \(content hash\)"),
+        ({**FP, "files": {**FP["files"], "adapters/t0/adapter_model.safetensors": "0" * 64}},
+         r"adapter file t0/adapter_model.safetensors changed \(content hash\)"),
+        ({**FP, "files": {**FP["files"], "tokenizer/tokenizer.json": "0" * 64}}, "tokenizer file tokenizer.json is new"),
+        ({**FP, "examples": {"t0": "0" * 64}}, "the examples used for task t0 changed"),
+        ({**FP, "settings": {"num_clusters": 4}}, r"--num_clusters changed \(3 in the checkpoint, 4 now\)"),
+    ]
+    for fp, words in changes:
+        with pytest.raises(UserError, match=f"belongs to other inputs: {words}; use --overwrite") as e:
+            Checkpointer(tmp_path, every=2, keep=1, fingerprint=fp).restore(N)
+        assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("damage", ["meta", "state"])
-def test_a_corrupt_checkpoint_is_a_clear_user_error(tmp_path, damage):
-    with Checkpointer(tmp_path, every=2, keep=1, fingerprint=FP) as ck:
-        run_search(_scorer(), SearchSettings(num_clusters=3, iterations=4), checkpointer=ck)
-    step_dir = tmp_path / "4"
+def _truncate_state(step_dir):
+    for root, _, files in os.walk(step_dir / "state"):
+        for f in files:
+            if os.path.getsize(os.path.join(root, f)) > 16:
+                with open(os.path.join(root, f), "r+b") as fh:
+                    fh.truncate(5)
+
+
+@pytest.mark.parametrize("damage", ["meta", "state", "uncommitted", "metadata_file"])
+def test_a_restart_walks_back_to_the_newest_usable_checkpoint(tmp_path, reference, damage, capsys):
+    ck_dir = tmp_path / "ck"
+    with Checkpointer(ck_dir, every=4, keep=3, fingerprint=FP) as ck:
+        run_search(_scorer(), SETTINGS, checkpointer=ck, should_stop=_StopAt(12))
+    assert _steps(ck_dir) == [4, 8, 12]
+    newest = ck_dir / "12"
     if damage == "meta":
-        (step_dir / "meta" / "metadata").write_text("{not json")
+        (newest / "meta" / "metadata").write_text("{not json")
+    elif damage == "state":
+        _truncate_state(newest)
+    elif damage == "uncommitted":  # a save cut after Orbax's rename, before our marker
+        (newest / COMMITTED).unlink()
+    else:  # an empty _CHECKPOINT_METADATA: Orbax still reads the step, so it is resumed
+        (newest / "_CHECKPOINT_METADATA").write_text("")
+    with Checkpointer(ck_dir, every=4, keep=3, fingerprint=FP) as ck:
+        resumed = run_search(_scorer(), SETTINGS, checkpointer=ck)
+    assert (resumed.partition_n.tolist(), resumed.objective) == reference
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    if damage == "metadata_file":
+        assert warnings == []
     else:
-        shutil.rmtree(step_dir / "state" / "d")
-        for root, _, files in os.walk(step_dir / "state"):
+        assert len(warnings) == 1 and "skipping unusable checkpoint step 12" in warnings[0]
+        assert warnings[0].endswith("resuming from step 8")
+
+
+def test_no_usable_checkpoint_is_one_clear_error(tmp_path):
+    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP) as ck:
+        run_search(_scorer(), SearchSettings(num_clusters=3, iterations=4), checkpointer=ck)
+    for step in _steps(tmp_path):
+        (tmp_path / str(step) / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(UserError, match=r"no usable checkpoint \(step 4, 2: .*\); use --overwrite") as e:
+        Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP).restore(N)
+    assert "\n" not in str(e.value)
+
+
+def test_committed_steps_carry_the_marker_and_ordinary_modes(tmp_path):
+    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP) as ck:
+        run_search(_scorer(), SearchSettings(num_clusters=3, iterations=4), checkpointer=ck)
+    umask = os.umask(0)
+    os.umask(umask)
+    for step in _steps(tmp_path):
+        assert (tmp_path / str(step) / COMMITTED).read_text() == f"{step}\n"
+        for root, _, files in os.walk(tmp_path / str(step)):
             for f in files:
-                if not f.endswith(".txt"):
-                    with open(os.path.join(root, f), "wb") as fh:
-                        fh.write(b"\0garbage")
-    with pytest.raises(UserError, match="cannot read the checkpoint.*corrupt.*--overwrite") as e:
-        Checkpointer(tmp_path, every=2, keep=1, fingerprint=FP).restore(N)
-    assert str(step_dir) in str(e.value) and "\n" not in str(e.value)
+                assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_fingerprint_changes_with_each_input(tmp_path):
-    base, ad, data = tmp_path / "base", tmp_path / "ad" / "t0", tmp_path / "data"
-    for d in (base, ad, data):
+def test_fingerprint_is_the_content_of_each_input(tmp_path, monkeypatch):
+    monkeypatch.setenv("D2C_CACHE_DIR", str(tmp_path / "cache"))
+    base, ad = tmp_path / "base", tmp_path / "ad" / "t0"
+    for d in (base, ad):
         d.mkdir(parents=True)
     (base / "config.json").write_text('{"a": 1}')
+    (base / "model.safetensors").write_bytes(b"w" * 100)
+    (base / "tokenizer.json").write_text("{}")
+    (base / "README.md").write_text("not an input")
     (ad / "adapter_config.json").write_text('{"r": 4}')
     (ad / "adapter_model.safetensors").write_bytes(b"x" * 10)
-    (data / "t0.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    examples = {"t0": [("p", "r")]}
 
-    def fp(settings={"k": 1}):
-        return fingerprint(base, [ad], [data / "t0.jsonl"], settings)
+    def fp(settings={"k": 1}, ex=examples):
+        return run_fingerprint(str(base), {"t0": str(ad)}, ex, settings)
 
     ref = fp()
+    assert sorted(ref["files"]) == ["adapters/t0/adapter_config.json", "adapters/t0/adapter_model.safetensors",
+                                   "base_model/config.json", "base_model/model.safetensors", "tokenizer/tokenizer.json"]
+    assert ref["files"]["base_model/model.safetensors"] == hashlib.sha256(b"w" * 100).hexdigest()
     assert fp() == ref and fp({"k": 2})["settings"] != ref["settings"]
-    for path, text, key in [(base / "config.json", '{"a": 2}', "base_model"),
-                            (ad / "adapter_config.json", '{"r": 8}', "adapters"),
-                            (data / "t0.jsonl", '{"prompt": "q", "response": "r"}\n', "data")]:
-        old = path.read_text()
-        path.write_text(text)
-        assert fp()[key] != ref[key]
-        path.write_text(old)
+    assert fp(ex={"t0": [("p", "r2")]})["examples"] != ref["examples"]
+    (base / "README.md").write_text("changed")
     assert fp() == ref
+    # Same size, new content (an adapter retrained in place): the hash sees it, through the cache.
+    for path, key in [(base / "model.safetensors", "base_model/model.safetensors"),
+                      (ad / "adapter_model.safetensors", "adapters/t0/adapter_model.safetensors"),
+                      (base / "tokenizer.json", "tokenizer/tokenizer.json")]:
+        old = path.read_bytes()
+        path.write_bytes(b"y" * len(old))
+        assert fp()["files"][key] == hashlib.sha256(b"y" * len(old)).hexdigest() != ref["files"][key]
+        path.write_bytes(old)
+    assert fp() == ref
+    cache = json.loads((tmp_path / "cache" / "file_hashes.json").read_text())
+    assert cache[str(base / "model.safetensors")][-1] == ref["files"]["base_model/model.safetensors"]
 
 
-def test_preemption_flag_turns_sigterm_into_a_flag():
-    previous = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_flag_turns_a_signal_into_a_flag(sig):
+    previous = signal.getsignal(sig)
     with PreemptionFlag() as flag:
         assert not flag()
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
         time.sleep(0.05)
-        assert flag()
-    assert signal.getsignal(signal.SIGTERM) == previous
+        assert flag() and flag.signum == sig
+    assert signal.getsignal(sig) == previous
 
 
 _WORKER = textwrap.dedent("""
     import json, sys
     from fixtures_search_fakes import FakeScorer, families
     from test_checkpoint import SETTINGS, FP, N, F
-    from d2c_jax.checkpoint import Checkpointer, PreemptionFlag
+    from d2c_jax.checkpoint import Checkpointer
     from d2c_jax.search import run_search
+    from d2c_jax.signals import PreemptionFlag
     ck_dir, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
     with PreemptionFlag() as flag, Checkpointer(ck_dir, every=3, keep=2, fingerprint=FP) as ck:
         print("start", ck.latest_step(), flush=True)
@@ -204,3 +267,17 @@ def test_sigterm_then_sigkill_then_resume_ends_like_the_uninterrupted_run(tmp_pa
     assert int(done.stdout.split()[1]) >= stopped_at + 3  # resumed, not restarted
     result = json.loads((tmp_path / "out.json").read_text())
     assert (result["partition"], result["objective"]) == reference
+
+
+def test_only_interrupted_saves_mean_no_checkpoint(tmp_path, capsys):
+    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP) as ck:
+        run_search(_scorer(), SearchSettings(num_clusters=3, iterations=2), checkpointer=ck)
+    steps = _steps(tmp_path)
+    for step in steps:
+        (tmp_path / str(step) / COMMITTED).unlink()
+    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP) as ck:
+        assert ck.restore(N) is None
+    assert _steps(tmp_path) == []
+    listed = ", ".join(str(s) for s in reversed(steps))
+    assert f"skipping unusable checkpoint step {listed} (not committed: its save was interrupted); starting afresh" \
+        in capsys.readouterr().err

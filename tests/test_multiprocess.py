@@ -62,7 +62,7 @@ def hook(event, args):
 sys.addaudithook(hook)
 at = int(os.environ.get("D2C_TEST_SIGTERM_AT") or 0)
 if at:
-    from d2c_jax.checkpoint import PreemptionFlag
+    from d2c_jax.signals import PreemptionFlag
     polls = []
     def poll(self):
         polls.append(1)
@@ -195,7 +195,7 @@ def test_two_processes_preempted_and_resumed_match_one_process_and_only_process_
         ref.wait()
         _skip_unless_distributed_works()
     assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])
-    assert "preempted: checkpoint of iteration 3/6 saved" in out0, out0
+    assert "stopped by preemption: checkpoint of iteration 3/6 saved" in out0, out0  # process 1 had the SIGTERM
     assert "preempted" not in out1  # process 1 prints nothing of its own
     assert not (wd / "partition.json").exists() and not (wd / "merged").exists()
     assert sorted(os.listdir(wd / "checkpoints")) == ["2", "3"]

@@ -1,0 +1,72 @@
+"""The loss cache under --cache_size: least-recently-used eviction, never above the bound, the
+same search result as an unbounded cache (an evicted pair is scored again), and a resumed run
+identical to an uninterrupted one, metrics included (the LRU order is what checkpoints save)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from d2c_jax.checkpoint import Checkpointer
+from d2c_jax.run_config import SearchSettings, default_cache_size
+from d2c_jax.search import LossCache, run_search
+from fixtures_search_fakes import FakeScorer, TableScorer, families
+
+N = 12
+SETTINGS = SearchSettings(num_clusters=3, iterations=40, population=2, proposals=2, objective="global",
+                          track_every=4, seed=3, cache_size=25)
+FP = {"files": {}, "examples": {}, "settings": {}}
+
+
+def _mask(*members):
+    m = np.zeros(4, bool)
+    m[list(members)] = True
+    return m
+
+
+def test_least_recently_used_entries_go_first():
+    scorer = TableScorer(4, lambda members, task: float(sum(members) + task))
+    cache = LossCache(4, max_size=2)
+    cache.resolve(scorer, [(_mask(0), 0), (_mask(1), 1)])
+    cache.resolve(scorer, [(_mask(0), 0)])  # a hit: (0, 0) is now the most recent
+    cache.resolve(scorer, [(_mask(2), 2)])  # evicts (1, 1)
+    assert len(cache) == 2 and scorer.calls == [2, 1]
+    losses, stats = cache.resolve(scorer, [(_mask(1), 1), (_mask(0), 0)])  # (1, 1) scored again
+    assert losses.tolist() == [2.0, 0.0] and stats.evaluations == 1 and stats.hits == 1
+    masks, tasks, _ = cache.to_arrays()
+    assert tasks.tolist() == [1, 0]  # oldest first: (2, 2) was evicted
+
+
+def test_a_bounded_cache_stays_bounded_and_finds_the_same_partition():
+    unbounded = run_search(FakeScorer(families(N, 3)), dataclasses.replace(SETTINGS, cache_size=0))
+    bounded_scorer = FakeScorer(families(N, 3))
+    bounded = run_search(bounded_scorer, SETTINGS)
+    assert max(r["cache_size"] for r in bounded.state.metrics) <= SETTINGS.cache_size < len(unbounded.state.cache)
+    assert bounded.partition_n.tolist() == unbounded.partition_n.tolist()
+    assert bounded.objective == unbounded.objective
+    assert bounded.evaluations > unbounded.evaluations  # evicted pairs were scored again
+
+
+def test_resume_with_eviction_is_exact(tmp_path):
+    reference = run_search(FakeScorer(families(N, 3)), SETTINGS)
+    calls = [0]
+
+    def stop_at_13():
+        calls[0] += 1
+        return calls[0] == 13
+
+    with Checkpointer(tmp_path, every=5, keep=2, fingerprint=FP) as ck:
+        first = run_search(FakeScorer(families(N, 3)), SETTINGS, checkpointer=ck, should_stop=stop_at_13)
+    assert first.preempted
+    with Checkpointer(tmp_path, every=5, keep=2, fingerprint=FP) as ck:
+        resumed = run_search(FakeScorer(families(N, 3)), SETTINGS, checkpointer=ck)
+    assert resumed.partition_n.tolist() == reference.partition_n.tolist()
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "evals_per_s")} for r in rows]  # noqa: E731
+    assert strip(json.loads(json.dumps(resumed.state.metrics))) == strip(json.loads(json.dumps(reference.state.metrics)))
+
+
+def test_default_cache_size_is_sized_from_memory():
+    assert default_cache_size(12) >= 100_000
+    assert default_cache_size(12, memory_fraction=1.0) > default_cache_size(4096, memory_fraction=1.0)
