@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -36,14 +35,11 @@ def _file_hashes(root: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite") / "tiny"
-    start = time.time()
-    paths = ensure_suite(root, log=lambda m: None, **TINY)
-    return paths, time.time() - start
+    return ensure_suite(root, log=lambda m: None, **TINY)
 
 
-def test_builds_a_complete_suite_quickly(suite):
-    paths, seconds = suite
-    assert seconds < 60, f"tiny suite took {seconds:.1f}s"
+def test_builds_a_complete_suite(suite):
+    paths = suite
     names = ["reverse_l0", "reverse_l1", "sort_l0", "sort_l1"]
     assert sorted(os.listdir(paths.adapters_dir)) == names
     for n in names:
@@ -71,18 +67,22 @@ def test_builds_a_complete_suite_quickly(suite):
 
 
 def test_adapters_beat_zero_shot_on_their_own_task(suite):
-    q = read_manifest(suite[0].root)["quality"]["summary"]
+    q = read_manifest(suite.root)["quality"]["summary"]
     assert q["own_adapter_loss"] < q["zero_shot_loss"]
     assert q["own_adapter_loss"] < q["other_family_loss"]
 
 
-def test_second_call_is_a_cache_hit(suite):
-    paths, _ = suite
+def test_second_call_is_a_cache_hit(suite, monkeypatch):
+    """Proven by what happens, not by how long it takes: no build is started, no file changes."""
+    from d2c_jax.suite import build
+
+    paths = suite
     before = _file_hashes(paths.root)
     mtime = os.path.getmtime(os.path.join(paths.root, "suite.json"))
-    start = time.time()
+    builds = []
+    monkeypatch.setattr(build, "build_suite", lambda *a, **k: builds.append(a) or pytest.fail("rebuilt"))
     again = ensure_suite(paths.root, **TINY)
-    assert time.time() - start < 2.0
+    assert builds == []
     assert again == paths
     assert os.path.getmtime(os.path.join(paths.root, "suite.json")) == mtime
     assert _file_hashes(paths.root) == before
@@ -91,7 +91,7 @@ def test_second_call_is_a_cache_hit(suite):
 
 
 def test_same_seed_rebuilds_identical_files(suite, tmp_path):
-    paths, _ = suite
+    paths = suite
     other = ensure_suite(tmp_path / "again", log=lambda m: None, **TINY)
     a, b = _file_hashes(paths.root), _file_hashes(other.root)
     assert set(a) == set(b)
@@ -183,7 +183,7 @@ def test_loads_in_transformers_and_peft_with_our_logits(suite):
     from d2c_jax import lora as lora_lib
     from d2c_jax.models import decoder
 
-    paths, _ = suite
+    paths = suite
     tok = AutoTokenizer.from_pretrained(paths.base_model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(paths.base_model, dtype=torch.float32).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
