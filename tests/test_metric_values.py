@@ -1,7 +1,7 @@
 """Generation metric VALUES: exact_match, squad_f1, rouge_l and chrf equal rouge-score, sacrebleu
 and the official SQuAD v1.1 definitions on pairs of unequal length and reordered tokens in Latin,
 Cyrillic and CJK script, both as functions and as reported by launch/evaluate.py and by the
-report's evaluation (d2c_jax.report), where the predictions are greedy generations computed here
+report's evaluation (experiments/report), where the predictions are greedy generations computed here
 independently with transformers + PEFT and scored against the references of the eval files.
 
 Every comparison is set up so that the likely mistakes give other numbers, and the test checks
@@ -288,7 +288,7 @@ def test_launch_evaluate_reports_the_reference_metric_values(generated, tmp_path
 
 
 def test_report_evaluation_reports_the_reference_metric_values(generated):
-    from d2c_jax import report
+    from experiments.report import run as report
 
     cfg = report.ReportConfig(suite=generated["root"], output_dir=generated["root"], seeds=1,
                               max_new_tokens=NEW_TOKENS, dtype="float32")
