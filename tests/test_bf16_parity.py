@@ -160,9 +160,9 @@ def test_bf16_task_loss_matches_peft_bf16(built, arch, tmp_path):
     td = data.load_task_data(tmp_path / "data", ["t"], tok, max_seq_len=64)
     aset = lora_lib.load_adapter_set(tmp_path / "ads", b["cfg"])
     fn = jax.jit(loss.task_loss, static_argnums=1)
-    arrays = (td.tokens_tns[0], td.targets_tns[0], td.weights_tns[0], td.attn_tns[0])
-    ours = float(fn(b["params"], b["cfg"], lora_lib.effective_lora(aset, 0), *arrays))
-    base_loss = float(fn(b["params"], b["cfg"], None, *arrays))
+    first_task = jax.tree.map(lambda x: x[0], td.batch)
+    ours = float(fn(b["params"], b["cfg"], lora_lib.effective_lora(aset, 0), first_task))
+    base_loss = float(fn(b["params"], b["cfg"], None, first_task))
 
     base = AutoModelForCausalLM.from_pretrained(b["dir"], dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(base, ad_dir).eval()
