@@ -102,7 +102,7 @@ def peft_lora_tree(peft_model: Any, cfg: Any, scaling: float, adapter_name: str 
 
     from d2c_jax.models.config import LORA_MODULES
 
-    state = {k: v.detach().numpy() for k, v in peft_model.state_dict().items()}
+    state = {k: v.detach().float().numpy() for k, v in peft_model.state_dict().items()}
     tree = {}
     for m in LORA_MODULES:
         sub = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"

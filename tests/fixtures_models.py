@@ -131,6 +131,7 @@ def make_tiny_model(
     arch: str = "llama",
     seed: int = 0,
     max_shard_size: str | int | None = None,
+    tokenizer: Any = None,
     **config_overrides: Any,
 ) -> str:
     """Builds a tiny random float32 HF causal LM + tokenizer and saves both into `out_dir`.
@@ -138,13 +139,14 @@ def make_tiny_model(
     `config_overrides` go to the transformers config (e.g. tie_word_embeddings=True,
     rope_parameters={...}, partial_rotary_factor=0.5, use_qkv_bias=False). `max_shard_size`
     (e.g. "20KB") makes save_pretrained write sharded safetensors with an index file.
+    `tokenizer(out_dir) -> tokenizer` replaces make_tokenizer (it must save what it returns).
     Returns `str(out_dir)`.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     out_dir = str(out_dir)
-    tok = make_tokenizer(out_dir)
+    tok = (tokenizer or make_tokenizer)(out_dir)
     cfg = _config(arch, len(tok), tok, dict(config_overrides))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -10,7 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from d2c_jax.generate import generate_texts, greedy_generate, pad_prompts, strip_generated  # noqa: E402
+from d2c_jax.generate import generate_texts, greedy_generate, pad_prompts, resolve_eos_pad, strip_generated  # noqa: E402
 from d2c_jax.hf_io import load_model, load_tokenizer  # noqa: E402
 from d2c_jax.models.config import LORA_MODULES  # noqa: E402
 from fixtures_adapters import peft_lora_tree  # noqa: E402
@@ -19,6 +19,9 @@ from fixtures_models import make_tiny_model  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 PROMPTS = ["the quick brown fox", "hello", "what is the capital of the country"]
 NEW = 10
+# name -> (arch, config overrides). qwen2: q/k/v biases (also on the cached decode steps).
+VARIANTS = {"llama": ("llama", {}), "stablelm": ("stablelm", {}), "qwen2": ("qwen2", {}),
+            "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True))}
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +29,22 @@ def built(tmp_path_factory):
     """Builds each architecture once per module, lazily."""
     cache = {}
 
-    def get(arch):
-        if arch not in cache:
-            d = make_tiny_model(tmp_path_factory.mktemp(arch), arch, seed=4)
+    def get(name):
+        arch, overrides = VARIANTS[name]
+        if name not in cache:
+            d = make_tiny_model(tmp_path_factory.mktemp(name), arch, seed=4, **overrides)
             model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
             model.generation_config.eos_token_id = None  # the tests pick EOS themselves
             cfg, params = load_model(d)
             tok = load_tokenizer(d)
             prompts = [tok(p)["input_ids"] for p in PROMPTS]
-            cache[arch] = (d, model, cfg, params, tok, prompts)
-        return cache[arch]
+            cache[name] = (d, model, cfg, params, tok, prompts)
+        return cache[name]
 
     return get
 
 
-@pytest.fixture(params=["llama", "stablelm"])
+@pytest.fixture(params=["llama", "qwen2", "stablelm"])
 def tiny(request, built):
     return built(request.param)
 
@@ -126,3 +130,46 @@ def test_generate_texts_decodes_like_hf(built):
     want = [tok.decode([t for t in row if t != tok.pad_token_id], skip_special_tokens=True) for row in ref.tolist()]
     got = generate_texts(params, cfg, tok, None, prompts, max_new_tokens=NEW, batch_size=2)
     assert got == want and all(got)
+
+
+def test_tied_embedding_qwen2_greedy_matches_hf(built):
+    _, model, cfg, params, tok, prompts = built("qwen2_tied")
+    assert cfg.tie_embeddings and "lm_head" not in params
+    ref = _hf_generate(model, prompts, tok.pad_token_id, None)
+    np.testing.assert_array_equal(_ours(params, cfg, prompts, tok.pad_token_id, None, "left"), ref)
+
+
+def test_a_list_of_eos_ids_in_config_stops_rows_like_hf(tmp_path):
+    """Llama 3 instruct configs list several EOS ids (eos_token_id: [128001, 128008, 128009]);
+    HF's generate stops a row at any of them, and so does generate_texts (config EOS ids plus the
+    tokenizer's) — each row at a different one of the listed ids."""
+    from transformers import GenerationConfig
+
+    probe_dir = make_tiny_model(tmp_path / "probe", "llama", seed=4)
+    probe = AutoModelForCausalLM.from_pretrained(probe_dir, dtype=torch.float32).eval()
+    tok = load_tokenizer(probe_dir)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    free = _hf_generate(probe, prompts, tok.pad_token_id, None)
+    eos_list = sorted({int(free[0, 2]), int(free[1, 4])} - {tok.eos_token_id}) + [tok.eos_token_id]
+    assert len(eos_list) == 3
+    d = make_tiny_model(tmp_path / "llama3", "llama", seed=4, eos_token_id=eos_list)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    assert list(GenerationConfig.from_pretrained(d).eos_token_id) == eos_list
+    cfg, params = load_model(d)
+    assert cfg.eos_token_ids == tuple(eos_list)
+    with torch.no_grad():
+        tokens, mask = pad_prompts(prompts, tok.pad_token_id, side="left")
+        ref = model.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
+                             attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=NEW,
+                             do_sample=False, pad_token_id=tok.pad_token_id).numpy()[:, tokens.shape[1]:]
+    full = np.full((len(prompts), NEW), tok.pad_token_id, np.int64)
+    full[:, :ref.shape[1]] = ref
+    assert (full == tok.pad_token_id).any()  # some rows stopped early
+    eos_ids, pad_id = resolve_eos_pad(cfg, tok)
+    assert set(eos_ids) == set(eos_list)
+    ours = greedy_generate(params, cfg, tokens, mask, NEW, eos_ids, pad_token_id=pad_id)
+    np.testing.assert_array_equal(np.asarray(ours), full)
+    want = [tok.decode(ids, skip_special_tokens=True) for ids in strip_generated(full, eos_list)]
+    assert generate_texts(params, cfg, tok, None, prompts, max_new_tokens=NEW, batch_size=4) == want
+    stops = strip_generated(free, eos_list)
+    assert len(stops[0]) == 2 and len(stops[1]) <= 4  # rows end at different ids of the list

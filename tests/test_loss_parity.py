@@ -20,9 +20,9 @@ from fixtures_models import make_tiny_model  # noqa: E402
 
 RTOL = 1e-4
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# (arch, adapter target modules): MLP adapters too for llama and stablelm.
-CASES = {"llama": ALL_MODULES, "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj"),
-         "stablelm": ("q_proj", "v_proj", "down_proj", "up_proj")}
+# (arch, adapter target modules): MLP adapters (gate/up/down) on every architecture.
+CASES = {"llama": ALL_MODULES, "qwen2": ALL_MODULES,
+         "stablelm": ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}
 EXAMPLES = [  # different prompt and response lengths
     {"prompt": "translate the sentence into french", "response": "the quick brown fox"},
     {"prompt": "one two", "response": "three four five six seven eight nine ten"},

@@ -129,3 +129,62 @@ def test_ties_with_different_ranks_matches_peft_primitives(tmp_path):
             want = ref["b"].astype(np.float64) @ ref["a"].astype(np.float64)
             got = np.asarray(ours[m]["b"][layer], np.float64) @ np.asarray(ours[m]["a"][layer], np.float64)
             assert np.abs(got - want).max() <= RTOL * np.abs(want).max()
+
+
+@pytest.mark.parametrize(
+    "method,peft_type", [("ties", "ties"), ("magnitude_prune", "magnitude_prune"), ("ties_delta", "ties_svd")])
+def test_trimming_methods_match_peft_at_density_0_3(setup, method, peft_type):
+    """At density 0.3 seven in ten entries of every factor (or delta) are trimmed."""
+    prepared = merge.prepare_merge(setup["aset"], method, 0.3)
+    f = jax.jit(merge.merge_mask)
+    for mask in MASKS[:3]:
+        ours = lora_lib.lora_delta(f(prepared, np.array(mask, bool)))
+        ref = _peft_merge(setup, mask, [1.0] * 4, peft_type, 0.3)
+        err = _rel_err(ours, ref)
+        assert err <= RTOL, f"{method} mask={mask}: relative error {err:.2e}"
+    trimmed = lora_lib.lora_delta(f(merge.prepare_merge(setup["aset"], method, 0.5), np.ones(4, bool)))
+    assert _rel_err(trimmed, ref) > 100 * RTOL  # density matters: 0.5 is visibly another merge
+
+
+def test_dare_keeps_each_entry_with_probability_density_and_rescales(setup):
+    """DARE (Yu et al., 2024; PEFT random_pruning(rescale=True)): each entry is kept independently
+    with probability `density` and divided by `density`. Checked on ~20k entries: the kept fraction
+    is within 5 binomial standard deviations of density (density**2 would be 30 sigmas off) and
+    every kept entry is exactly the original / density."""
+    aset = setup["aset"]
+    for density in (0.3, 0.7):
+        prepared = merge.prepare_merge(aset, "dare_ties", density, seed=3)
+        kept, total = 0, 0
+        for m in aset.a:
+            for key, orig in (("a", aset.a[m]), ("b", aset.b[m])):
+                got = np.asarray(prepared.task[m][key])
+                real = orig != 0  # true-rank entries of adapted layers
+                keep = (got != 0) & real
+                assert not (got != 0)[~real].any()
+                np.testing.assert_allclose(got[keep], orig[keep] / np.float32(density), rtol=1e-6)
+                kept, total = kept + int(keep.sum()), total + int(real.sum())
+        sigma = np.sqrt(density * (1 - density) / total)
+        assert total > 10_000 and abs(kept / total - density) < 5 * sigma, (density, kept / total, sigma)
+        assert abs(kept / total - density ** 2) > 30 * sigma
+        other = merge.prepare_merge(aset, "dare_ties", density, seed=4)
+        assert any(not np.array_equal(np.asarray(prepared.task[m]["a"]), np.asarray(other.task[m]["a"]))
+                   for m in aset.a)  # the seed draws the drop mask
+
+
+def test_dare_ties_after_the_drop_is_peft_sign_election_and_disjoint_mean(setup):
+    """Given our drop (random, so it cannot be PEFT's draw), the rest of dare_ties at density 0.3 is
+    PEFT's: weighted by sqrt(scaling), majority sign of the dropped tensors, disjoint mean."""
+    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
+
+    aset = setup["aset"]
+    prepared = merge.prepare_merge(aset, "dare_ties", 0.3, seed=0)
+    ours = merge.merge_mask(prepared, np.ones(4, bool))
+    w = np.sqrt(np.abs(aset.scaling))
+    for m in aset.a:
+        for key in ("a", "b"):
+            t = torch.from_numpy(np.asarray(prepared.task[m][key]).copy())  # [N, L, ...]
+            for layer in range(aset.num_layers):
+                tl = t[:, layer]
+                sign = calculate_majority_sign_mask(tl)
+                want = disjoint_merge(tl * torch.from_numpy(w.astype(np.float32)).view(-1, 1, 1), sign).numpy()
+                np.testing.assert_allclose(np.asarray(ours[m][key][layer]), want, rtol=1e-5, atol=1e-7)

@@ -170,14 +170,23 @@ def inputs(tmp_path_factory):
 
 def _skip_unless_distributed_works() -> None:
     """Called when a 2-process run failed: skips (with the reason) if a bare 2-process
-    jax.distributed + CPU allgather cannot run here either; otherwise the failure is ours."""
+    jax.distributed + CPU allgather cannot run here either; otherwise the failure is ours.
+    Under CI (CI or D2C_REQUIRE_MULTIPROCESS set and not "0", as .ci/run sets) it fails instead:
+    there the multi-host promise must be tested, not silently skipped."""
     address = f"127.0.0.1:{_free_port()}"
     probe = _finish([subprocess.Popen([sys.executable, "-c", _PROBE, address, str(i)], env=_env(2),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                      for i in range(2)])
     if any(rc != 0 or so.split()[-1:] != ["3"] for rc, so, _ in probe):
         tail = " | ".join(se.strip().splitlines()[-1] for _, _, se in probe if se.strip())
-        pytest.skip(f"jax.distributed with cross-process CPU collectives (gloo) cannot start here: {tail}")
+        reason = f"jax.distributed with cross-process CPU collectives (gloo) cannot start here: {tail}"
+        if multiprocess_required():
+            pytest.fail(f"{reason} (required: CI / D2C_REQUIRE_MULTIPROCESS is set)")
+        pytest.skip(reason)
+
+
+def multiprocess_required(environ=os.environ) -> bool:
+    return any(environ.get(name, "0") not in ("", "0", "false") for name in ("CI", "D2C_REQUIRE_MULTIPROCESS"))
 
 
 def test_two_processes_preempted_and_resumed_match_one_process_and_only_process_0_writes(inputs, tmp_path):
@@ -275,3 +284,18 @@ def test_single_process_collectives_are_no_ops():
     assert sharding.from_main(x) is x
     sharding.check_same_on_all_processes(x, "x")
     sharding.barrier("test")
+
+
+def test_ci_requires_the_multiprocess_test(monkeypatch):
+    """Where gloo cannot start, the probe fails the test under CI instead of skipping it."""
+    assert not multiprocess_required({})
+    assert not multiprocess_required({"CI": "0", "D2C_REQUIRE_MULTIPROCESS": ""})
+    assert multiprocess_required({"CI": "true"}) and multiprocess_required({"D2C_REQUIRE_MULTIPROCESS": "1"})
+    monkeypatch.setattr(sys.modules[__name__], "_PROBE", "raise SystemExit(3)")  # a probe that cannot start
+    monkeypatch.setenv("D2C_REQUIRE_MULTIPROCESS", "1")
+    with pytest.raises(pytest.fail.Exception, match="required: CI"):
+        _skip_unless_distributed_works()
+    monkeypatch.setenv("D2C_REQUIRE_MULTIPROCESS", "0")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        _skip_unless_distributed_works()

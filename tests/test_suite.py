@@ -72,11 +72,17 @@ def test_adapters_beat_zero_shot_on_their_own_task(suite):
     assert q["own_adapter_loss"] < q["other_family_loss"]
 
 
-def test_second_call_is_a_cache_hit(suite):
+def test_second_call_is_a_cache_hit(suite, monkeypatch):
+    """Proven by what happens, not by how long it takes: no build is started, no file changes."""
+    from d2c_jax.suite import build
+
     paths = suite
     before = _file_hashes(paths.root)
     mtime = os.path.getmtime(os.path.join(paths.root, "suite.json"))
-    again = ensure_suite(paths.root, **TINY)  # returns at once: nothing rewritten
+    builds = []
+    monkeypatch.setattr(build, "build_suite", lambda *a, **k: builds.append(a) or pytest.fail("rebuilt"))
+    again = ensure_suite(paths.root, **TINY)
+    assert builds == []
     assert again == paths
     assert os.path.getmtime(os.path.join(paths.root, "suite.json")) == mtime
     assert _file_hashes(paths.root) == before

@@ -91,13 +91,19 @@ def apply_rotary(x_bshd: jax.Array, cos_bsr: jax.Array, sin_bsr: jax.Array) -> j
 
 
 def linear(p: dict, x_bsi: jax.Array, lora_m: dict | None = None) -> jax.Array:
-    """x @ kernel (+ bias) (+ (x @ a.T) @ b.T); a [R, in], b [out, R] for this layer."""
-    y = x_bsi @ p["kernel"]
+    """x @ kernel (+ bias) (+ (x @ a.T) @ b.T); a [R, in], b [out, R] for this layer.
+
+    Rounds like torch + PEFT in low precision: x @ kernel + bias accumulated in float32 and
+    rounded once (torch's addmm); the LoRA path in float32 (PEFT keeps adapter weights in float32
+    and casts x up), added to the rounded base output in float32, then cast to x's dtype."""
+    y = jnp.matmul(x_bsi, p["kernel"], preferred_element_type=jnp.float32)
     if "bias" in p:
-        y = y + p["bias"]
+        y = y + p["bias"].astype(jnp.float32)
+    y = y.astype(x_bsi.dtype)
     if lora_m is not None:
-        a_ri, b_or = lora_m["a"].astype(x_bsi.dtype), lora_m["b"].astype(x_bsi.dtype)
-        y = y + (x_bsi @ a_ri.T) @ b_or.T
+        a_ri, b_or = lora_m["a"].astype(jnp.float32), lora_m["b"].astype(jnp.float32)
+        delta = (x_bsi.astype(jnp.float32) @ a_ri.T) @ b_or.T
+        y = (y.astype(jnp.float32) + delta).astype(x_bsi.dtype)
     return y
 
 

@@ -1,0 +1,176 @@
+"""Mutation check: does the test suite catch deliberate one-line bugs?
+
+  python tools/mutation_check.py [--only NAME,NAME] [--list]
+
+For each mutation below: copy the repository (without .git, virtual environments and run outputs)
+into a temporary directory, apply the edit (the original text must occur exactly once), run the
+named tests there with pytest (PYTHONPATH = the copy, so the copy's d2c_jax is imported), and
+report CAUGHT (the tests fail) or MISSED (they pass). The unmutated copy is run first on every
+selected test, so a test that fails anyway cannot count as a catch. Exit status 1 if any
+mutation is missed. Not collected by pytest (tools/ is outside tests/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache", "docs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # file to edit, relative to the repository root
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids / -k expressions: "file::test" or "file -k expr"
+
+
+MUTATIONS = (
+    Mutation("ties sign election picks the minority sign", "d2c_jax/merge.py",
+             "majority_pos = _masked_sum(m_n, x_n) >= 0", "majority_pos = _masked_sum(m_n, x_n) < 0",
+             ("tests/test_merge_parity.py -k matches_peft_add_weighted_adapter and ties-ties",)),
+    Mutation("loss mask covers the prompt too", "d2c_jax/data.py",
+             "weights[ti, ei, max(len(p_ids) - 1, 0) : m] = 1.0", "weights[ti, ei, :m] = 1.0",
+             ("tests/test_chat_templates.py -k token_arrays",)),
+    Mutation("prompt truncated from the right", "d2c_jax/data.py",
+             "p_ids = p_ids[len(p_ids) + len(r_ids) - max_seq_len :]", "p_ids = p_ids[: max_seq_len - len(r_ids)]",
+             ("tests/test_chat_templates.py -k long_prompt",)),
+    Mutation("RMSNorm statistics in bf16 (no float32 upcast)", "d2c_jax/models/decoder.py",
+             "x32 = x_bsd.astype(jnp.float32)\n    y = x32 * jax.lax.rsqrt", "x32 = x_bsd\n    y = x32 * jax.lax.rsqrt",
+             ("tests/test_bf16_parity.py -k norms and llama",)),
+    Mutation("LayerNorm statistics in bf16 (no float32 upcast)", "d2c_jax/models/decoder.py",
+             "x32 = x_bsd.astype(jnp.float32)\n    mu =", "x32 = x_bsd\n    mu =",
+             ("tests/test_bf16_parity.py -k norms and stablelm",)),
+    Mutation("LoRA delta dropped for bf16 activations", "d2c_jax/models/decoder.py",
+             "    if lora_m is not None:\n", "    if lora_m is not None and x_bsi.dtype == jnp.float32:\n",
+             ("tests/test_bf16_parity.py -k lora_logits and llama",)),
+    Mutation("ROUGE-1 reported as ROUGE-L", "d2c_jax/metrics.py",
+             'return 100.0 * _ROUGE.score(reference, prediction)["rougeL"].fmeasure',
+             'return 100.0 * rouge_scorer.RougeScorer(["rouge1"], tokenizer=_UnicodeTokenizer())'
+             '.score(reference, prediction)["rouge1"].fmeasure',
+             ("tests/test_metric_values.py -k rouge_l_is",)),
+    Mutation("ROUGE-L recall reported as F", "d2c_jax/metrics.py",
+             '["rougeL"].fmeasure', '["rougeL"].recall',
+             ("tests/test_metric_values.py -k rouge_l_is",)),
+    Mutation("SQuAD recall reported as F1", "d2c_jax/metrics.py",
+             "return 100.0 * 2 * precision * recall / (precision + recall)", "return 100.0 * recall",
+             ("tests/test_metric_values.py -k squad",)),
+    Mutation("generations scored against the prompts", "d2c_jax/evaluation.py",
+             "zip(self.metrics, preds, self.task_data.responses)", "zip(self.metrics, preds, self.task_data.prompts)",
+             ("tests/test_metric_values.py -k report_evaluation",)),
+    Mutation("DARE keeps with probability density**2", "d2c_jax/merge.py",
+             "keep = rng.random(x.shape) < density", "keep = rng.random(x.shape) < density * density",
+             ("tests/test_merge_parity.py -k dare_keeps",)),
+    Mutation("DARE does not rescale by 1/density", "d2c_jax/merge.py",
+             "np.where(keep, x / np.float32(density), np.zeros((), x.dtype))", "np.where(keep, x, np.zeros((), x.dtype))",
+             ("tests/test_merge_parity.py -k dare_keeps",)),
+    Mutation("magnitude trim keeps density**2 of the entries", "d2c_jax/merge.py",
+             "k = int(density * flat.shape[1])  # PEFT", "k = int(density * density * flat.shape[1])  # PEFT",
+             ("tests/test_merge_parity.py -k density_0_3 and magnitude_prune",)),
+    # (A constant shift of every position is invisible: rotary attention depends on differences.)
+    Mutation("decode-step position ids ignore left padding", "d2c_jax/generate.py",
+             "pos_b1 = (n_real_b + j)[:, None]", "pos_b1 = (p + j)[:, None]",
+             ("tests/test_generate.py -k without_eos and llama-left",)),
+    Mutation("prompt position ids ignore padding", "d2c_jax/models/decoder.py",
+             "return jnp.maximum(jnp.cumsum(attn_mask_bs.astype(jnp.int32), axis=-1) - 1, 0)",
+             "return jnp.broadcast_to(jnp.arange(attn_mask_bs.shape[-1]), attn_mask_bs.shape)",
+             ("tests/test_generate.py -k without_eos and llama-left",)),
+    Mutation("rslora scaling alpha / r", "d2c_jax/lora.py",
+             "scaling=alpha / math.sqrt(r) if rslora else alpha / r", "scaling=alpha / r",
+             ("tests/test_merge_parity.py -k matches_peft_add_weighted_adapter and linear",)),
+    Mutation("llama3 rope scaling ignored for low frequencies", "d2c_jax/models/decoder.py",
+             "scaled = np.where(wavelen > low_wl, inv / factor, inv)", "scaled = inv",
+             ("tests/test_model_parity.py -k logits_match and llama_tied_rope_llama3",)),
+    Mutation("qkv bias skipped on cached decode steps", "d2c_jax/models/decoder.py",
+             '    if "bias" in p:\n        y = y + p["bias"].astype(jnp.float32)',
+             '    if "bias" in p and x_bsi.shape[1] > 1:\n        y = y + p["bias"].astype(jnp.float32)',
+             ("tests/test_generate.py -k without_eos and qwen2-left",)),
+    Mutation("only the first of several EOS ids stops a row", "d2c_jax/generate.py",
+             "done_b = done_b | jnp.isin(tok_b, eos_arr)", "done_b = done_b | (tok_b == eos_arr[0])",
+             ("tests/test_generate.py -k eos_ids",)),
+)
+
+
+def _pytest_args(spec: str) -> list[str]:
+    if " -k " in spec:
+        path, expr = spec.split(" -k ", 1)
+        return [path, "-k", expr]
+    return [spec]
+
+
+def _run_tests(root: str, specs, timeout: int) -> tuple[bool, str]:
+    """True if every selected test passes (and at least one ran) in the tree at `root`."""
+    env = dict(os.environ, PYTHONPATH=root)
+    for spec in specs:
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *_pytest_args(spec)]
+        try:
+            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False, f"{spec}: timed out"
+        tail = proc.stdout.strip().splitlines()[-1:] or [""]
+        if proc.returncode == 5:
+            raise SystemExit(f"no test selected by {spec!r}")
+        if proc.returncode != 0:
+            return False, f"{spec}: {tail[0]}"
+    return True, "passed"
+
+
+def _copy(dest: str) -> str:
+    root = os.path.join(dest, "repo")
+    shutil.copytree(REPO, root, ignore=_IGNORE)
+    return root
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated substrings of mutation names")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+    args = parser.parse_args()
+    selected = [m for m in MUTATIONS if not args.only or any(s in m.name for s in args.only.split(","))]
+    if args.list:
+        for m in selected:
+            print(f"{m.name}  [{m.path}]  tests: {'; '.join(m.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="d2c_mutation_") as tmp:
+        clean = _copy(tmp)
+        specs = sorted({s for m in selected for s in m.tests})
+        ok, why = _run_tests(clean, specs, args.timeout)
+        if not ok:
+            print(f"the unmutated tests fail ({why}); fix them first", file=sys.stderr)
+            return 2
+        missed = []
+        for m in selected:
+            with open(os.path.join(clean, m.path), encoding="utf-8") as f:
+                text = f.read()
+            if text.count(m.old) != 1:
+                print(f"ERROR {m.name}: the original text occurs {text.count(m.old)} times in {m.path}")
+                missed.append(m.name)
+                continue
+            start = time.time()
+            with open(os.path.join(clean, m.path), "w", encoding="utf-8") as f:
+                f.write(text.replace(m.old, m.new))
+            try:
+                passed, why = _run_tests(clean, m.tests, args.timeout)
+            finally:
+                with open(os.path.join(clean, m.path), "w", encoding="utf-8") as f:
+                    f.write(text)
+            verdict = "MISSED" if passed else "CAUGHT"
+            if passed:
+                missed.append(m.name)
+            print(f"{verdict:6s} {m.name} ({time.time() - start:.0f} s; {why})", flush=True)
+    print(f"{len(selected) - len(missed)}/{len(selected)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
