@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from d2c_jax import checkpoint, data, lora, merge, plots
+from d2c_jax import checkpoint, compilation_cache, data, lora, merge, plots
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.atomic_io import write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.checkpoint import Checkpointer, PreemptionFlag
@@ -142,7 +142,8 @@ def final_table(doc: Mapping[str, Any]) -> str:
         lines.append(f"{k:>7}  {len(tasks):>4}  {loss:>10.4f}  {shown}")
     lines.append(
         f"objective {doc['objective']:.4f} (summed loss of {sum(len(c) for c in doc['clusters'])} tasks), "
-        f"strategy {doc['strategy']}, {doc['evaluations']} evaluations, {doc['seconds']:.1f} s"
+        f"strategy {doc['strategy']}, {doc['evaluations']} evaluations "
+        f"({doc.get('evaluations_per_iteration', 0):.2f} per iteration), {doc['seconds']:.1f} s"
     )
     return "\n".join(lines)
 
@@ -238,13 +239,14 @@ def run(cfg: RunConfig) -> int:
 def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelConfig, ckpt: Checkpointer | None,
          start: float, is_main: bool) -> int:
     settings = cfg.engine_settings()
+    compilation_cache.enable(cfg.compilation_cache)  # before the first compilation
     # 3. Model, adapters, examples.
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
                          chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
     if inputs.names != tuple(names):
         raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
-    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.batch_size)
+    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.scorer_batch_size)
 
     # 4. Search or baseline.
     k = settings.num_clusters
@@ -292,6 +294,8 @@ def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelCon
         "exchange_every": settings.exchange_every,
         "best_chain": int(chain),
         "evaluations": int(evaluations),
+        "evaluations_per_iteration": round(evaluations / max(settings.iterations, 1), 3),
+        "compile": compilation_cache.counts(),
         "examples_per_task": cfg.examples_per_task,
         "max_seq_len": cfg.max_seq_len,
         "chat_template": cfg.chat_template,
