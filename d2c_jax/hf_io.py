@@ -17,6 +17,7 @@ import re
 import struct
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -212,6 +213,12 @@ def _np_dtype(dtype: Any) -> np.dtype:
     if dt not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
         raise UserError(None, f"unsupported dtype {dt}; use one of {', '.join(DTYPES)}")
     return dt
+
+
+def param_shape_tree(cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:
+    """The params pytree as ShapeDtypeStructs (for sharding rules and memory; no weights read)."""
+    return traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, dtype)
+                                         for path, shape in param_shapes(cfg).items()})
 
 
 def _sharding_of(shardings: Any) -> Callable[[tuple[str, ...]], Any]:

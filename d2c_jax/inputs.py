@@ -61,9 +61,7 @@ class Inputs:
         """The base weights in `dtype`; with a mesh, each loaded straight into its sharding."""
         shardings = None
         if self.mesh is not None:
-            shapes = {path: jax.ShapeDtypeStruct(shape, jnp.float32)
-                      for path, shape in hf_io.param_shapes(self.model_cfg).items()}
-            shardings = sharding_lib.param_shardings(traverse_util.unflatten_dict(shapes), self.mesh)
+            shardings = sharding_lib.param_shardings(hf_io.param_shape_tree(self.model_cfg), self.mesh)
         return hf_io.load_params(self.base_model, self.model_cfg, self.dtype, shardings=shardings)
 
     def load_split(self, split: str, examples_per_task: int | None, max_seq_len: int) -> TaskData:
@@ -78,10 +76,14 @@ class Inputs:
             raise UserError(None, "merging needs --adapters_dir")
         key = (method, float(density), int(seed))
         if key not in self._prepared:
-            self._prepared[key] = merge.prepare_merge(self.adapters, method, density, seed=seed)
+            # With a mesh: built in host memory (never whole on one accelerator), then sharded
+            # over "model" by the Scorer.
+            host = jax.local_devices(backend="cpu")[0] if self.mesh is not None else None
+            with jax.default_device(host):
+                self._prepared[key] = merge.prepare_merge(self.adapters, method, density, seed=seed)
         return self._prepared[key]
 
-    def scorer(self, method: str, density: float, *, seed: int = 0, batch_size: int = 8,
+    def scorer(self, method: str, density: float, *, seed: int = 0, batch_size: int | str = "auto",
                task_data: TaskData | None = None, example_chunk: int | None = None) -> Scorer:
         """A Scorer of the merges of `method` on `task_data` (default: the loaded split)."""
         return Scorer(self.params, self.model_cfg, self.prepared(method, density, seed),

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from d2c_jax import data, lora, merge, plots, signals
+from d2c_jax import compilation_cache, data, lora, merge, plots, signals
 from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.checkpoint import Checkpointer
@@ -188,7 +188,8 @@ def final_table(doc: Mapping[str, Any]) -> str:
         lines.append(f"{k:>7}  {len(tasks):>4}  {loss:>10.4f}  {shown}")
     lines.append(
         f"objective {doc['objective']:.4f} (summed loss of {sum(len(c) for c in doc['clusters'])} tasks), "
-        f"strategy {doc['strategy']}, {doc['evaluations']} evaluations, {doc['seconds']:.1f} s"
+        f"strategy {doc['strategy']}, {doc['evaluations']} evaluations "
+        f"({doc.get('evaluations_per_iteration', 0):.2f} per iteration), {doc['seconds']:.1f} s"
     )
     return "\n".join(lines)
 
@@ -275,6 +276,7 @@ def run(cfg: RunConfig) -> int:
     model_cfg = load_config(cfg.base_model)
     # Before anything touches a device: a multi-process job (when asked or auto-detected).
     initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    compilation_cache.enable(cfg.compilation_cache)  # before the first compilation (user cache dir)
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
                          chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
@@ -310,7 +312,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
     names = inputs.names
     settings = dataclasses.replace(cfg.engine_settings(),
                                    cache_size=cfg.search.cache_size or default_cache_size(len(names)))
-    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.batch_size)
+    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.scorer_batch_size)
 
     # 4. Search or baseline.
     k = settings.num_clusters
@@ -361,6 +363,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "exchange_every": settings.exchange_every,
         "best_chain": int(chain),
         "evaluations": int(evaluations),
+        "evaluations_per_iteration": round(evaluations / max(settings.iterations, 1), 3),
+        "compile": compilation_cache.counts(),
         "examples_per_task": cfg.examples_per_task,
         "max_seq_len": cfg.max_seq_len,
         "chat_template": cfg.chat_template,

@@ -22,8 +22,8 @@ SEARCH_STRATEGIES = ("d2c",)  # iterate with the engine; the others are one-shot
 OBJECTIVES = ("local", "global")
 
 # Settings that change the result of a run: a checkpoint made with other values is refused.
-# (batch_size, checkpoint_every, keep_checkpoints, track_every, cache_size, overwrite, progress
-# and the multi-process settings do not change it.)
+# (batch_size, speculate, compilation_cache, checkpoint_every, keep_checkpoints, track_every,
+# cache_size, overwrite, progress and the multi-process settings do not change it.)
 RESULT_SETTINGS = (
     "strategy", "objective", "num_clusters", "iterations", "population", "proposals",
     "exchange_every", "merge", "density", "examples_per_task", "max_seq_len", "chat_template",
@@ -43,10 +43,14 @@ class SearchSettings:
     proposals: int = setting(1, "M: candidate moves per chain per iteration (best improving kept).")
     exchange_every: int = setting(0, "Every k iterations copy the best quarter of the chains over the worst "
                                   "(0: never).")
-    track_every: int = setting(10, "Compute every chain's global objective (metrics, plot) every k iterations "
-                               "and at the end; 1 is exact per iteration but costs extra evaluations with "
-                               "--objective=local.")
+    track_every: int = setting(0, "Compute every chain's global objective (metrics, plot) every k iterations, at "
+                               "exchanges and at the end (0: at the end only). Only clusters changed since they "
+                               "were last scored cost evaluations, but with --objective=local those are extra.")
     seed: int = setting(0, "Seed of every random choice.")
+    speculate: int = setting(0, "Exact speculation: score up to J iterations ahead in one call, assuming "
+                             "rejections, and replay them in order (same result for any J; J follows the "
+                             "acceptance rate). 0: auto (the largest request bucket's worth on accelerators, "
+                             "1 on CPU).")
     cache_size: int = setting(0, "Loss cache entries kept in memory and in checkpoints, least recently used "
                               "evicted (an evicted one is scored again when needed); 0: 5% of the machine's "
                               "memory (the engine alone: unbounded).")
@@ -58,7 +62,8 @@ class SearchSettings:
         _check(self.population >= 1, "population", self.population, "must be >= 1")
         _check(self.proposals >= 1, "proposals", self.proposals, "must be >= 1")
         _check(self.exchange_every >= 0, "exchange_every", self.exchange_every, "must be >= 0")
-        _check(self.track_every >= 1, "track_every", self.track_every, "must be >= 1")
+        _check(self.track_every >= 0, "track_every", self.track_every, "must be >= 0")
+        _check(self.speculate >= 0, "speculate", self.speculate, "must be >= 0")
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _check(self.cache_size >= 0, "cache_size", self.cache_size, "must be >= 0")
 
@@ -80,7 +85,12 @@ class RunConfig:
     max_seq_len: int = setting(1024, "Longest example in tokens (prompts cut from the left).")
     chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
     dtype: str = setting("bfloat16", "Base weight dtype.", choices=DTYPES)
-    batch_size: int = setting(8, "Evaluation requests per accelerator call (does not change results).")
+    batch_size: str = setting("auto", "Largest number of evaluation requests per accelerator call; calls use "
+                              "power-of-two buckets up to it (auto: the largest that fits device memory; does "
+                              "not change results).")
+    compilation_cache: str = setting("", "Persistent XLA compilation cache directory, so that a second run "
+                                     "compiles nothing ('': $XDG_CACHE_HOME/d2c_jax/xla or ~/.cache/d2c_jax/xla; "
+                                     "'none': off).")
     model_shards: int = setting(1, "Devices per model replica (tensor parallel); the rest score candidates.")
     checkpoint_every: int = setting(10, "Save a checkpoint every k iterations.")
     keep_checkpoints: int = setting(2, "Checkpoints kept.")
@@ -102,6 +112,8 @@ class RunConfig:
     suite_root: str = setting("runs/suites", "Where built-in suites are built and cached.")
 
     def __post_init__(self):
+        if isinstance(self.batch_size, str) and self.batch_size.strip().isdigit():
+            object.__setattr__(self, "batch_size", int(self.batch_size))
         _check(bool(self.workdir), "workdir", self.workdir, "must be set")
         if not self.suite:
             for name in ("base_model", "adapters_dir", "data_dir"):
@@ -111,7 +123,8 @@ class RunConfig:
         _check(0.0 < self.density <= 1.0, "density", self.density, "must be in (0, 1]")
         _check(self.examples_per_task >= 1, "examples_per_task", self.examples_per_task, "must be >= 1")
         _check(self.max_seq_len >= 2, "max_seq_len", self.max_seq_len, "must be >= 2")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.batch_size == "auto" or (str(self.batch_size).isdigit() and int(self.batch_size) >= 1),
+               "batch_size", self.batch_size, "must be auto or an integer >= 1")
         _check(self.model_shards >= 1, "model_shards", self.model_shards, "must be >= 1")
         _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be >= 1")
@@ -134,6 +147,11 @@ class RunConfig:
         names = {f.name for f in dataclasses.fields(SearchSettings)}
         search = SearchSettings(**{k: v for k, v in settings.items() if k in names})
         return cls(search=search, **{k: v for k, v in settings.items() if k not in names})
+
+    @property
+    def scorer_batch_size(self) -> int | str:
+        """--batch_size as the Scorer takes it: "auto" or an int."""
+        return "auto" if self.batch_size == "auto" else int(self.batch_size)
 
     def engine_settings(self) -> SearchSettings:
         """The engine's settings: all_in_one is K = 1 whatever --num_clusters says, a one-shot

@@ -1,23 +1,29 @@
-"""Scores evaluation requests (membership mask, task) in fixed-shape batches on the accelerator.
+"""Scores evaluation requests (membership mask, task) in bucketed batches on the accelerator.
 
-Shapes: C requests, N adapters, M distinct masks, B batch (requests or masks per call), T tasks,
-n examples per task, S sequence.
+Shapes: C requests, N adapters, M distinct masks, R requests per call (a bucket), G members per
+merged mask (a bucket), T tasks, n examples per task, S sequence (a bucket), V vocab.
 
 `Scorer.losses(masks_cn, tasks_c)` is what the search engine calls. It
-  1. dedupes (mask, task) pairs and the masks among them,
-  2. merges each distinct mask once, B masks per call of one jitted merge function,
-  3. scores the requests of each merged block B at a time with one jitted score function that
-     gathers each request's merged adapter and task arrays on device,
-padding the last blocks with dummy entries whose results are dropped. Every call has the same
-shapes, so nothing recompiles after the first call (`trace_counts` proves it in tests). With a
-mesh the request/mask batch is split over the "cand" axis and the base weights over "model";
-the mesh may span several processes (every process calls `losses` with the same requests, and
-the losses come back fully replicated, identical on every process).
+  1. dedupes (mask, task) pairs,
+  2. groups them by their task's sequence bucket (a task is scored at the length of its own
+     longest example rounded up to {8, 12, 16, 24, ...} * 2^k, not at the longest of all tasks),
+  3. splits each group into calls of a bucket size R from a small fixed set (`request_buckets`:
+     powers of two times the mesh's "cand" size, up to `batch_size`): on CPU exactly (7 = 4+2+1:
+     no padding, batching buys no throughput there), on accelerators rounded up to one bucket,
+  4. in each call, merges each distinct mask once from its members only (the mask's adapters
+     gathered from every leaf of the merge.Prepared pytree, padded to a power-of-two G: cost
+     O(cluster size), not O(N)), then scores the R requests with one vmapped loss.
+Each (R, G, S) bucket is traced and compiled once (`trace_counts` proves it in tests); with the
+persistent compilation cache (`compilation_cache.enable`) a second run compiles nothing.
+With a mesh the request batch is split over the "cand" axis, the base weights and the prepared
+merge inputs over "model"; the mesh may span several processes (every process calls `losses`
+with the same requests, and the losses come back fully replicated, identical on every process).
 """
 
 from __future__ import annotations
 
 import collections
+import os
 from typing import Any
 
 import jax
@@ -33,6 +39,80 @@ from d2c_jax.merge import Prepared
 from d2c_jax.models.config import ModelConfig
 from d2c_jax.types import Lora, Params, TokenBatch
 
+MAX_AUTO_BATCH = 256  # --batch_size=auto never goes above this many requests per call
+MIN_MEMBER_BUCKET = 8  # merged masks gather at least this many member slots (fewer compilations)
+
+
+def pow2_buckets(largest: int, multiple: int = 1) -> tuple[int, ...]:
+    """multiple * 2^k below `largest` (rounded up to a multiple), then `largest` itself."""
+    largest = -(-max(int(largest), 1) // multiple) * multiple
+    out, b = [], multiple
+    while b < largest:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (largest,)
+
+
+def split_into_buckets(count: int, buckets: tuple[int, ...], exact: bool) -> list[tuple[int, int]]:
+    """(bucket, real rows) per call for `count` rows. exact: the largest bucket that is not
+    bigger than what is left (padding only below the smallest bucket); else the smallest
+    bucket that holds what is left (at most the largest)."""
+    out, left = [], int(count)
+    while left > 0:
+        if exact:
+            fitting = [b for b in buckets if b <= left]
+            b = fitting[-1] if fitting else buckets[0]
+        else:
+            b = next((b for b in buckets if b >= left), buckets[-1])
+        out.append((b, min(b, left)))
+        left -= out[-1][1]
+    return out
+
+
+def seq_buckets(longest: int, smallest: int = 8) -> tuple[int, ...]:
+    """{1, 1.5} * 2^k from `smallest` below `longest`, then `longest` (padding waste < 1/3)."""
+    out, b = [], smallest
+    while b < longest:
+        out.append(b)
+        if b * 3 // 2 < longest and (b * 3) % 2 == 0:
+            out.append(b * 3 // 2)
+        b *= 2
+    return tuple(out) + (longest,)
+
+
+def task_lengths(task_data: TaskData) -> np.ndarray:
+    """int[T]: the number of positions each task's longest example needs (right padding)."""
+    attn_tns = np.asarray(task_data.attn_tns)
+    last_tn = np.where(attn_tns.any(-1), attn_tns.shape[-1] - np.argmax(attn_tns[..., ::-1] != 0, -1), 1)
+    return last_tn.max(axis=1)
+
+
+def memory_per_request(cfg: Any, examples: int, seq: int, lora_bytes: int) -> int:
+    """Rough peak bytes of one scored request: float32 logits and their softmax temporaries, the
+    residual stream and MLP activations of the examples in flight, and its merged adapter."""
+    tokens = examples * seq
+    return int(tokens * (3 * cfg.vocab_size + 4 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
+               + 3 * lora_bytes)
+
+
+def device_memory_bytes() -> int:
+    """What one device may hold: its allocator's limit, or half the host's RAM on CPU."""
+    dev = jax.local_devices()[0]
+    try:
+        limit = (dev.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        limit = None
+    if limit:
+        return int(limit)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
 
 class Scorer:
     """Losses of merged adapters on tasks; `num_tasks` and `losses` are the engine's interface."""
@@ -44,31 +124,31 @@ class Scorer:
         prepared_merge: Prepared | None,
         task_data: TaskData,
         *,
-        batch_size: int = 8,
+        batch_size: int | str = "auto",
         mesh: jax.sharding.Mesh | None = None,
         example_chunk: int | None = None,
         logits_budget_bytes: int = 2 << 30,
+        exact_split: bool | None = None,
     ):
         """`prepared_merge` from merge.prepare_merge (None: only `loss_of_lora` is available).
-        `batch_size` is rounded up to a multiple of the mesh's "cand" size. `example_chunk`
-        bounds how many examples go through the model at once (memory; see loss.py); None picks
-        the largest that keeps one device's float32 logits within `logits_budget_bytes`."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        `batch_size`: the largest request bucket ("auto": the largest that fits device memory,
+        estimated from shapes, at most MAX_AUTO_BATCH); rounded up to a multiple of the mesh's
+        "cand" size. `example_chunk` bounds how many examples go through the model at once
+        (memory; see loss.py); None picks the largest that keeps one device's float32 logits
+        within `logits_budget_bytes`. `exact_split` (default: on CPU) splits calls into
+        buckets without padding instead of rounding up to one bucket."""
         self.cfg = cfg
         self.mesh = mesh
         self.num_tasks = task_data.num_tasks
         self.task_names = task_data.names
-        cand = 1 if mesh is None else mesh.shape[sharding_lib.CAND]
-        self.batch_size = -(-int(batch_size) // cand) * cand
+        self.cand = 1 if mesh is None else mesh.shape[sharding_lib.CAND]
+        self.exact_split = jax.default_backend() == "cpu" if exact_split is None else bool(exact_split)
         n, seq = task_data.tokens_tns.shape[1:]
-        if example_chunk is None:
-            per_example = (self.batch_size // cand) * seq * cfg.vocab_size * 4
-            example_chunk = max(1, min(n, int(logits_budget_bytes) // per_example))
-            example_chunk = -(-n // -(-n // example_chunk))  # same chunk count, least padding
-        self.example_chunk = int(example_chunk)
+        self.num_examples_max = int(n)
+        self._logits_budget = int(logits_budget_bytes)
+        self._example_chunk = example_chunk
         self.trace_counts: collections.Counter[str] = collections.Counter()
-        # Work done: merge/score calls, masks merged and requests scored (padding excluded).
+        # Work done: score calls, masks merged and requests scored (padding excluded), padding.
         self.stats: collections.Counter[str] = collections.Counter()
         self.num_adapters = None if prepared_merge is None else _num_adapters(prepared_merge)
 
@@ -77,28 +157,76 @@ class Scorer:
         if top >= cfg.vocab_size:  # jnp.take would clamp silently
             raise UserError(None, f"the tokenizer produced token id {top}, but the model's "
                             f"vocabulary has {cfg.vocab_size} entries (wrong tokenizer?)")
+
+        # Sequence buckets: task t is scored at seq_bucket_of[t] positions, with the other tasks
+        # of that bucket (their arrays sliced once, indexed by local_task[t]).
+        lengths_t = task_lengths(task_data)
+        sbuckets = seq_buckets(int(seq))
+        self.seq_bucket_of = np.array([next(b for b in sbuckets if b >= l) for l in lengths_t], np.int64)
+        self.local_task = np.zeros(self.num_tasks, np.int64)
+        by_bucket: dict[int, np.ndarray] = {}
+        for sb in sorted(set(self.seq_bucket_of.tolist())):
+            tasks = np.flatnonzero(self.seq_bucket_of == sb)
+            self.local_task[tasks] = np.arange(len(tasks))
+            by_bucket[sb] = tasks
+
+        lora_bytes = 0 if prepared_merge is None else _tree_bytes(
+            jax.eval_shape(merge_lib.merge_mask, prepared_merge,
+                           jax.ShapeDtypeStruct((self.num_adapters,), jnp.bool_)))
+        self._lora_bytes = lora_bytes
+        if batch_size == "auto":
+            batch_size = self.auto_batch_size(params, prepared_merge, data, int(seq))
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.request_buckets = pow2_buckets(batch_size, self.cand)
+        self.batch_size = self.request_buckets[-1]
+
+        rep = None if mesh is None else sharding_lib.replicated(mesh)
         if mesh is None:
             self._params = params
-            self._data = jax.tree.map(jnp.asarray, data)
             self._prepared = prepared_merge
-            self._merge = jax.jit(self._merge_impl)
-            self._score = jax.jit(self._score_impl)
-            self._single = jax.jit(self._single_impl)
         else:
-            rep = sharding_lib.replicated(mesh)
             self._params = sharding_lib.shard_params(params, mesh)
-            # put_global: host copies -> global arrays, valid when the mesh spans several hosts.
-            self._data = sharding_lib.put_global(data, rep)
             self._prepared = (None if prepared_merge is None
-                              else sharding_lib.put_global(prepared_merge, rep))
-            # Outputs replicated: every host can read the losses (multi-host safe).
-            self._merge = jax.jit(self._merge_impl)
-            self._score = jax.jit(self._score_impl, out_shardings=rep)
-            self._single = jax.jit(self._single_impl, out_shardings=rep)
+                              else sharding_lib.shard_prepared(prepared_merge, mesh))
+        # put_global: host copies -> global arrays, valid when the mesh spans several hosts.
+        put = ((lambda b: jax.tree.map(jnp.asarray, b)) if mesh is None
+               else (lambda b: sharding_lib.put_global(jax.tree.map(np.asarray, b), rep)))
+        self._data = put(data)  # full length: loss_of_lora
+        self._data_by_seq = {sb: put(jax.tree.map(lambda x: np.asarray(x)[tasks][:, :, :sb], data))
+                             for sb, tasks in by_bucket.items()}
+        out = {} if mesh is None else {"out_shardings": rep}  # every host can read the losses
+        self._score = jax.jit(self._score_impl, static_argnames=("example_chunk",), **out)
+        self._single = jax.jit(self._single_impl, static_argnames=("example_chunk",), **out)
+
+    def auto_batch_size(self, params: Params, prepared: Prepared | None, data: TokenBatch, seq: int) -> int:
+        """The largest power-of-two request batch whose estimated memory fits one device next to
+        the resident weights, prepared merge inputs and examples (at most MAX_AUTO_BATCH)."""
+        resident = _tree_bytes(params) + _tree_bytes(data) + (0 if prepared is None else _tree_bytes(prepared))
+        if self.mesh is not None:  # sharded over "model"
+            resident = resident // self.mesh.shape[sharding_lib.MODEL]
+        free = device_memory_bytes() - resident
+        per_request = memory_per_request(self.cfg, self.example_chunk(1, seq), seq, self._lora_bytes)
+        fit = max(1, free // max(per_request, 1)) * self.cand
+        b = self.cand
+        while b * 2 <= min(fit, MAX_AUTO_BATCH):
+            b *= 2
+        return b
+
+    def example_chunk(self, requests: int, seq: int) -> int:
+        """Examples per forward pass: the most that keep one device's float32 logits of a call of
+        `requests` within the logits budget (same chunk count, least padding)."""
+        n = self.num_examples_max
+        if self._example_chunk is not None:
+            return max(1, min(int(self._example_chunk), n))
+        per_example = max(1, requests // self.cand) * seq * self.cfg.vocab_size * 4
+        chunk = max(1, min(n, self._logits_budget // per_example))
+        return -(-n // -(-n // chunk))
 
     @property
     def compile_count(self) -> int:
-        """How many times any of the jitted functions was traced (tests: stays constant)."""
+        """How many times any of the jitted functions was traced (tests: one per bucket)."""
         return sum(self.trace_counts.values())
 
     # -- traced bodies ------------------------------------------------------------------------
@@ -111,24 +239,24 @@ class Scorer:
             lambda x: jax.lax.with_sharding_constraint(
                 x, sharding_lib.batch_sharding(self.mesh, x.ndim)), tree)
 
-    def _merge_impl(self, prepared: Any, masks_bn: jax.Array) -> Any:
-        self.trace_counts["merge"] += 1
-        masks_bn = self._constrain(masks_bn)
-        return self._constrain(jax.vmap(merge_lib.merge_mask, in_axes=(None, 0))(prepared, masks_bn))
+    def _score_impl(self, params: Params, data_tns: TokenBatch, prepared: Prepared, members_mg: jax.Array,
+                    valid_mg: jax.Array, live_m: jax.Array, mask_of_r: jax.Array,
+                    tasks_r: jax.Array, *, example_chunk: int) -> jax.Array:
+        r, g, s = tasks_r.shape[0], members_mg.shape[1], data_tns.shape[-1]
+        self.trace_counts[f"score r{r} g{g} s{s}"] += 1
+        lora_m = merge_members(prepared, members_mg, valid_mg, live_m)
+        lora_r = self._constrain(jax.tree.map(lambda x: jnp.take(x, mask_of_r, axis=0), lora_m))
+        batch_rns = self._constrain(jax.tree.map(lambda x: jnp.take(x, tasks_r, axis=0), data_tns))
+        if r == 1:  # no vmap: XLA:CPU runs the unbatched dots faster than batch-1 ones
+            lora, batch_ns = jax.tree.map(lambda x: x[0], (lora_r, batch_rns))
+            return loss_lib.task_loss(params, self.cfg, lora, batch_ns, example_chunk=example_chunk)[None]
+        return loss_lib.candidate_losses(params, self.cfg, lora_r, batch_rns, example_chunk=example_chunk)
 
-    def _score_impl(self, params: Params, data_tns: TokenBatch, lora_m: Lora, idx_b: jax.Array,
-                    tasks_b: jax.Array) -> jax.Array:
-        self.trace_counts["score"] += 1
-        lora_b = self._constrain(jax.tree.map(lambda x: jnp.take(x, idx_b, axis=0), lora_m))
-        batch_bns = self._constrain(jax.tree.map(lambda x: jnp.take(x, tasks_b, axis=0), data_tns))
-        return loss_lib.candidate_losses(params, self.cfg, lora_b, batch_bns,
-                                         example_chunk=self.example_chunk)
-
-    def _single_impl(self, params: Params, data_tns: TokenBatch, lora: Lora | None,
-                     task: jax.Array) -> jax.Array:
+    def _single_impl(self, params: Params, data_tns: TokenBatch, lora: Lora | None, task: jax.Array, *,
+                     example_chunk: int) -> jax.Array:
         self.trace_counts["single"] += 1
         batch_ns = jax.tree.map(lambda x: jnp.take(x, task, axis=0), data_tns)
-        return loss_lib.task_loss(params, self.cfg, lora, batch_ns, example_chunk=self.example_chunk)
+        return loss_lib.task_loss(params, self.cfg, lora, batch_ns, example_chunk=example_chunk)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -148,37 +276,49 @@ class Scorer:
         if not masks_cn.any(axis=1).all():
             raise ValueError("every mask needs at least one member")
 
-        # Distinct (mask, task) requests, sorted by mask so a mask's requests are contiguous.
+        # Distinct (mask, task) requests, ordered by (sequence bucket, mask) so that a call's
+        # requests share as few masks as possible.
         keys = np.concatenate([masks_cn.astype(np.int64), tasks_c[:, None]], axis=1)
         uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
         umasks, mask_of_req = np.unique(uniq[:, :-1].astype(bool), axis=0, return_inverse=True)
         mask_of_req = mask_of_req.reshape(-1)
-        req_tasks = uniq[:, -1].astype(np.int32)
+        req_tasks = uniq[:, -1]
+        order = np.lexsort((mask_of_req, self.seq_bucket_of[req_tasks]))
 
-        b = self.batch_size
         out = np.empty(len(uniq), np.float32)
-        pending: list = []  # (request rows, device losses) of the blocks still in flight
-        for m0 in range(0, len(umasks), b):
-            block = pad_rows(umasks[m0:m0 + b], b)
-            lora_m = self._merge(self._prepared, self._put(block))
-            self.stats.update(merge_calls=1, masks_merged=min(b, len(umasks) - m0))
-            reqs = np.nonzero((mask_of_req >= m0) & (mask_of_req < m0 + b))[0]
-            block_pending = []
-            for r0 in range(0, len(reqs), b):
-                rr = reqs[r0:r0 + b]
-                idx = pad_rows((mask_of_req[rr] - m0).astype(np.int32), b)
-                tasks = pad_rows(req_tasks[rr], b)
-                self.stats.update(score_calls=1, requests_scored=len(rr))
-                block_pending.append((rr, self._score(self._params, self._data, lora_m,
-                                                      self._put(idx), self._put(tasks))))
-            # Reading the previous block's losses keeps at most two merged blocks alive on device
-            # while the accelerator stays busy with this one.
-            for rr, losses_b in pending:
-                out[rr] = np.asarray(losses_b)[: len(rr)]
-            pending = block_pending
-        for rr, losses_b in pending:
-            out[rr] = np.asarray(losses_b)[: len(rr)]
+        pending = []  # (request rows, device losses): every call is dispatched before any is read
+        for sb in np.unique(self.seq_bucket_of[req_tasks]):
+            rows = order[self.seq_bucket_of[req_tasks[order]] == sb]
+            r0 = 0
+            for bucket, real in split_into_buckets(len(rows), self.request_buckets, self.exact_split):
+                rr = rows[r0:r0 + real]
+                r0 += real
+                pending.append((rr, self._call(umasks, mask_of_req[rr], req_tasks[rr], int(sb), bucket)))
+        for rr, losses_r in pending:
+            out[rr] = np.asarray(losses_r)[: len(rr)]
         return out[inverse.reshape(-1)]
+
+    def _call(self, umasks: np.ndarray, mask_ids: np.ndarray, tasks: np.ndarray, sb: int, bucket: int):
+        """One jitted call for `bucket` request slots (the first len(tasks) real)."""
+        distinct, mask_of_r = np.unique(mask_ids, return_inverse=True)
+        masks_mn = umasks[distinct]
+        counts = masks_mn.sum(axis=1)
+        g = min(max(MIN_MEMBER_BUCKET, 1 << (int(counts.max()) - 1).bit_length()), self.num_adapters)
+        members_mg = np.zeros((bucket, g), np.int32)
+        valid_mg = np.zeros((bucket, g), bool)
+        for i, mask_n in enumerate(masks_mn):
+            idx = np.flatnonzero(mask_n)
+            members_mg[i, :len(idx)] = idx
+            valid_mg[i, :len(idx)] = True
+        live_m = np.arange(bucket) < len(masks_mn)
+        self.stats.update(score_calls=1, masks_merged=len(masks_mn), requests_scored=len(tasks),
+                          padded_requests=bucket - len(tasks))
+        mask_of_r = pad_rows(mask_of_r.astype(np.int32).reshape(-1), bucket)
+        tasks_r = pad_rows(self.local_task[tasks].astype(np.int32), bucket)
+        return self._score(self._params, self._data_by_seq[sb], self._prepared,
+                           *(self._put(x, batch=False) for x in (members_mg, valid_mg, live_m)),
+                           *(self._put(x) for x in (mask_of_r, tasks_r)),
+                           example_chunk=self.example_chunk(bucket, sb))
 
     def loss_of_lora(self, lora: Lora | None, task: int | str) -> float:
         """Loss of any adapter (lora pytree, scaling folded in; None = the base model) on a task."""
@@ -190,12 +330,40 @@ class Scorer:
             rep = sharding_lib.replicated(self.mesh)
             lora = None if lora is None else sharding_lib.put_global(lora, rep)
             task = sharding_lib.put_global(task, rep)
-        return float(self._single(self._params, self._data, lora, task))
+        seq = int(self._data.shape[-1])
+        return float(self._single(self._params, self._data, lora, task,
+                                  example_chunk=self.example_chunk(1, seq)))
 
-    def _put(self, x: np.ndarray) -> Any:
+    def _put(self, x: np.ndarray, batch: bool = True) -> Any:
+        """Host array -> the call's input: leading axis over "cand" (batch) or replicated."""
         if self.mesh is None:
             return x
-        return sharding_lib.put_global(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
+        if batch:
+            return sharding_lib.put_global(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
+        return sharding_lib.put_global(x, sharding_lib.replicated(self.mesh))
+
+
+def merge_members(prepared: Prepared, members_mg: jax.Array, valid_mg: jax.Array, live_m: jax.Array) -> Lora:
+    """Merges M masks given as member lists: mask m is the adapters members_mg[m, valid_mg[m]].
+
+    Generic over the Prepared pytree (every leaf is stacked on the leading adapter axis): each
+    mask gathers its G member slots from every leaf and merges them with `merge_mask` on the
+    G-slot mask valid_mg[m], so a merge costs O(G), not O(N). Slots past the members (index 0,
+    not valid) are masked out, which is merge_mask's contract for any method. Masks are merged
+    one after the other (lax.map: one [G, ...] gather alive at a time); rows with live_m False
+    are padding and skip the merge (zeros).
+    """
+    def one(args):
+        members_g, valid_g, live = args
+        sub = jax.tree.map(lambda x: jnp.take(x, members_g, axis=0), prepared)
+
+        def skip(sub, valid_g):
+            shapes = jax.eval_shape(merge_lib.merge_mask, sub, valid_g)
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        return jax.lax.cond(live, merge_lib.merge_mask, skip, sub, valid_g)
+
+    return jax.lax.map(one, (members_mg, valid_mg, live_m))
 
 
 def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

@@ -98,6 +98,10 @@ class LossCache:
     def key(mask_n: np.ndarray, task: int) -> tuple[bytes, int]:
         return np.packbits(np.asarray(mask_n, bool)).tobytes(), int(task)
 
+    def missing(self, requests: Sequence[d2c.Request]) -> bool:
+        """Whether any request is not cached."""
+        return any(self.key(mask_n, task) not in self._losses for mask_n, task in requests)
+
     def resolve(self, scorer: Scorer, requests: Sequence[d2c.Request]) -> tuple[np.ndarray, ResolveStats]:
         """float64[C] losses of the requests; the missing distinct ones in ONE scorer call."""
         keys = [self.key(mask_n, task) for mask_n, task in requests]
@@ -222,6 +226,7 @@ def _row(iteration: int, stats: ResolveStats, seconds: float, cache_size: int, *
         "evaluations": stats.evaluations,
         "cache_size": cache_size,
         "seconds": round(seconds, 6),
+        "scorer_seconds": round(stats.seconds, 6),  # inside scorer.losses (the scoring step)
         "evals_per_s": round(stats.evaluations / seconds, 3) if seconds > 0 else None,
     }
 
@@ -238,7 +243,10 @@ def _objective_fields(objectives_p: np.ndarray | None) -> dict[str, Any]:
 
 
 def initial_row(scorer: Scorer, state: SearchState, settings: SearchSettings) -> dict[str, Any]:
-    """Metrics row 0: the objectives of the initial partitions."""
+    """Metrics row 0: the objectives of the initial partitions (only with --track_every > 0:
+    the search itself needs them only where it exchanges chains or ends)."""
+    if settings.track_every == 0:
+        return _row(0, ResolveStats(), 0.0, len(state.cache), accepted=0, moves=[], **_objective_fields(None))
     start = time.perf_counter()
     losses_pn, stats = partition_losses(scorer, state.cache, state.partitions_pn, settings.num_clusters)
     fields = _objective_fields(objectives(losses_pn))
@@ -252,21 +260,19 @@ def baseline_row(stats: ResolveStats, seconds: float, objective: float) -> dict[
                 **_objective_fields(np.array([objective], np.float64)))
 
 
-def search_step(scorer: Scorer, state: SearchState, settings: SearchSettings) -> dict[str, Any]:
-    """Runs one iteration in place on `state`; returns its metrics row."""
-    start = time.perf_counter()
-    it = state.iteration + 1
-    k = settings.num_clusters
-    partitions_pn = state.partitions_pn
-
-    # 1. Proposals, drawn before any scoring.
-    proposals: list[list[d2c.Move]] = []
+def _proposals(settings: SearchSettings, it: int, partitions_pn: np.ndarray) -> list[list[d2c.Move]]:
+    """Every chain's M proposals of iteration `it` from its stream (seed, PROPOSE, it, p)."""
+    out = []
     for p in range(len(partitions_pn)):
         rng = d2c.stream(settings.seed, d2c.STREAM_PROPOSE, it, p)
-        moves = [d2c.sample_move(rng, partitions_pn[p], k) for _ in range(settings.proposals)]
-        proposals.append([m for m in moves if m is not None])
+        moves = [d2c.sample_move(rng, partitions_pn[p], settings.num_clusters) for _ in range(settings.proposals)]
+        out.append([m for m in moves if m is not None])
+    return out
 
-    # 2. All requests of all chains and proposals, resolved in one scorer call.
+
+def _move_requests(settings: SearchSettings, partitions_pn: np.ndarray, proposals: list[list[d2c.Move]]):
+    """(requests, spans): the before/after requests of every proposal, and per chain the
+    (move, before slice, after slice) of each."""
     requests: list[d2c.Request] = []
     spans: list[list[tuple[d2c.Move, slice, slice]]] = []
     for p, moves in enumerate(proposals):
@@ -277,7 +283,91 @@ def search_step(scorer: Scorer, state: SearchState, settings: SearchSettings) ->
             requests += before + after
             chain_spans.append((move, slice(b0, b0 + len(before)), slice(b0 + len(before), len(requests))))
         spans.append(chain_spans)
+    return requests, spans
+
+
+def _exchanges_at(settings: SearchSettings, it: int, population_size: int) -> bool:
+    return settings.exchange_every > 0 and it % settings.exchange_every == 0 and population_size > 1
+
+
+def _tracks_at(settings: SearchSettings, it: int, population_size: int) -> bool:
+    """Objective tracking after iteration `it`: every track_every (0: never), at exchanges and at
+    the last iteration (the result's objective)."""
+    return (_exchanges_at(settings, it, population_size) or it == settings.iterations
+            or (settings.track_every > 0 and it % settings.track_every == 0))
+
+
+class Speculator:
+    """Exact speculation: how many iterations ahead (J) to draw proposals assuming every chain
+    rejects, so that their requests are scored in one call.
+
+    The decisions are replayed in order by `search_step` from the cache, and an iteration whose
+    chain accepted a move redraws from the new partition (its own stream, keyed by iteration),
+    so the result is identical for any J. J = round(1 / recent acceptance rate) (a chain's
+    expected run of rejections), clipped to [1, j_max]; `adaptive=False` always uses j_max.
+    """
+
+    WINDOW = 32  # iterations of acceptance history
+
+    def __init__(self, j_max: int, adaptive: bool = True):
+        self.j_max = max(1, int(j_max))
+        self.adaptive = adaptive
+        self._history: list[tuple[int, int]] = []  # (chains, accepted) per iteration
+
+    def record(self, chains: int, accepted: int) -> None:
+        self._history = (self._history + [(chains, accepted)])[-self.WINDOW:]
+
+    def depth(self) -> int:
+        if not self.adaptive:
+            return self.j_max
+        chains = sum(c for c, _ in self._history)
+        accepted = sum(a for _, a in self._history)
+        rate = (accepted + 1) / (chains + 2)  # Laplace prior: 1/2 before any evidence
+        return int(min(self.j_max, max(1, round(1 / rate))))
+
+
+def speculative_requests(state: SearchState, settings: SearchSettings, depth: int) -> list[d2c.Request]:
+    """The requests of iterations state.iteration+1 ... +depth (never past an exchange or the
+    last iteration) if no chain accepts any move meanwhile, tracking requests included."""
+    requests: list[d2c.Request] = []
+    partitions_pn = state.partitions_pn
+    tracked = False
+    for it in range(state.iteration + 1, min(state.iteration + depth, settings.iterations) + 1):
+        requests += _move_requests(settings, partitions_pn, _proposals(settings, it, partitions_pn))[0]
+        if not tracked and _tracks_at(settings, it, len(partitions_pn)):
+            tracked = True
+            for partition_n in partitions_pn:
+                requests += d2c.partition_requests(partition_n, settings.num_clusters)
+        if _exchanges_at(settings, it, len(partitions_pn)):
+            break
+    return requests
+
+
+def search_step(scorer: Scorer, state: SearchState, settings: SearchSettings,
+                speculator: Speculator | None = None) -> dict[str, Any]:
+    """Runs one iteration in place on `state`; returns its metrics row. With a `speculator`, an
+    iteration whose requests are not all cached first scores the next J iterations' requests
+    (see Speculator); the decisions are the same as without."""
+    start = time.perf_counter()
+    it = state.iteration + 1
+    k = settings.num_clusters
+    partitions_pn = state.partitions_pn
+
+    # 1. Proposals, drawn before any scoring.
+    proposals = _proposals(settings, it, partitions_pn)
+
+    # 2. All requests of all chains and proposals, resolved in one scorer call (with speculation:
+    # together with the next iterations' requests).
+    requests, spans = _move_requests(settings, partitions_pn, proposals)
+    ahead = 0
+    spec_stats = ResolveStats()
+    if speculator is not None and state.cache.missing(requests):
+        ahead = speculator.depth()
+        if ahead > 1:
+            _, spec_stats = state.cache.resolve(scorer, speculative_requests(state, settings, ahead))
     losses_c, stats = state.cache.resolve(scorer, requests)
+    stats.evaluations += spec_stats.evaluations
+    stats.seconds += spec_stats.seconds
 
     # 3. Per chain: the best improving proposal (first on ties), or none.
     accepted = []
@@ -293,10 +383,13 @@ def search_step(scorer: Scorer, state: SearchState, settings: SearchSettings) ->
             accepted.append([p, best_move.task, best_move.src, best_move.dst, best_gain])
     state.partitions_pn = new_pn
     state.iteration = it
+    if speculator is not None:
+        speculator.record(len(new_pn), len(accepted))
 
-    # 4./5. Exchange and objective tracking.
-    exchange = settings.exchange_every > 0 and it % settings.exchange_every == 0 and len(new_pn) > 1
-    track = exchange or it % settings.track_every == 0 or it == settings.iterations
+    # 4./5. Exchange and objective tracking (only the pairs not cached: the clusters changed
+    # since they were last scored).
+    exchange = _exchanges_at(settings, it, len(new_pn))
+    track = _tracks_at(settings, it, len(new_pn))
     objectives_p, pairs = None, []
     if track:
         losses_pn, track_stats = partition_losses(scorer, state.cache, new_pn, k)
@@ -310,8 +403,21 @@ def search_step(scorer: Scorer, state: SearchState, settings: SearchSettings) ->
     return _row(
         it, stats, time.perf_counter() - start, len(state.cache),
         accepted=len(accepted), moves=accepted, proposals=sum(len(m) for m in proposals),
+        speculated=ahead if ahead > 1 else 0,
         exchanges=[list(x) for x in pairs], **_objective_fields(objectives_p),
     )
+
+
+def speculation_depth(settings: SearchSettings, scorer: Scorer) -> int:
+    """j_max: --speculate when given; else as many iterations as fill the scorer's largest
+    request bucket on an accelerator (a batch costs about as much as one request there) and 1
+    on CPU (a batch costs its requests' sum: speculation would only add wasted evaluations)."""
+    if settings.speculate > 0:
+        return settings.speculate
+    if getattr(scorer, "exact_split", True):
+        return 1
+    per_iteration = settings.population * settings.proposals * (2 if settings.objective == "local" else 16)
+    return max(1, int(getattr(scorer, "batch_size", 1)) // per_iteration)
 
 
 def run_search(
@@ -340,12 +446,13 @@ def run_search(
         raise ValueError(f"checkpoint state {state.partitions_pn.shape} @ {state.iteration} does not fit {settings}")
     state.cache.max_size = settings.cache_size  # a changed --cache_size applies from here on
     state.cache.evict()
+    speculator = Speculator(speculation_depth(settings, scorer))
 
     bar = _progress(settings.iterations, state, progress, desc)
     preempted = False
     try:
         while state.iteration < settings.iterations:
-            row = search_step(scorer, state, settings)
+            row = search_step(scorer, state, settings, speculator)
             state.metrics.append(row)
             stop = bool(should_stop and should_stop())
             if checkpointer is not None:

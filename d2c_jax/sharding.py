@@ -94,6 +94,36 @@ def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAM
     return put_global(params, shardings)
 
 
+def prepared_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+    """A prepared-merge leaf [N, ...]: its largest non-adapter axis that the "model" axis divides
+    goes over "model" (merges are elementwise there); [N] vectors and the rest are replicated."""
+    size = mesh.shape[MODEL]
+    axes = [i for i in range(1, len(shape)) if size > 1 and shape[i] % size == 0]
+    if not axes:
+        return P()
+    best = max(axes, key=lambda i: (shape[i], i))
+    return P(*[MODEL if i == best else None for i in range(len(shape))])
+
+
+def prepared_shardings(prepared: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of a merge.Prepared pytree (arrays or ShapeDtypeStructs)."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, prepared_spec(tuple(x.shape), mesh)), prepared)
+
+
+def shard_prepared(prepared: Any, mesh: Mesh) -> Any:
+    """Places the prepared merge inputs over "model" (not replicated: N adapters of a large
+    model are as big as the model)."""
+    return put_global(prepared, prepared_shardings(prepared, mesh))
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `shardings`
+    (a matching pytree of NamedShardings): from shapes alone, no arrays needed."""
+    leaves, shards = jax.tree.leaves(tree), jax.tree.leaves(shardings)
+    return sum(int(np.prod(s.shard_shape(tuple(x.shape)))) * np.dtype(x.dtype).itemsize
+               for x, s in zip(leaves, shards))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -115,7 +145,10 @@ def put_global(tree: Any, shardings: Any) -> Any:
     """
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
-    return assemble_from_host(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    placed = lambda x, s: isinstance(x, jax.Array) and x.sharding == s  # noqa: E731 - already global
+    return jax.tree.map(lambda x, s: x if placed(x, s) else assemble_from_host(x, s), tree, shardings)
 
 
 def assemble_from_host(tree: Any, shardings: Any) -> Any:

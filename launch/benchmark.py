@@ -1,14 +1,16 @@
-"""Benchmarks d2c_jax against the paper's way of working (torch + PEFT, one merge at a time).
+"""Benchmarks whole commands: the plain transformers + PEFT loop vs launch/search.py (see
+experiments/benchmark/commands.py for what each column runs and measures).
 
-  python launch/benchmark.py [--fixture_dir=runs/bench_fixture] [--output=bench.json] [--tiny]
+  python launch/benchmark.py [--iterations=40,200] [--fixture_dir=runs/bench_fixture]
+      [--out_dir=runs/benchmark] [--output=bench.json] [--scaling] [--tiny]
 
-Builds (once, cached in --fixture_dir) a random ~25M-parameter Llama with --num_adapters PEFT LoRA
-adapters and random task examples, then prints one table side by side: the reference (D²C
-Algorithm 1 with PEFT add_weighted_adapter(ties) + forward per evaluation), d2c_jax with the
-paper's settings and d2c_jax with --population / --proposals; then the global objective every
-strategy reaches with --strategy_budget scorer evaluations. Each column runs in its own process
-(its peak RSS is its own) and their timed iterations are interleaved, so that all see the same
-background load (same machine, same run). --tiny: a seconds-long configuration.
+Builds (once, cached in --fixture_dir) a random ~25M-parameter Llama (D 512, 8 layers, 8 heads /
+4 KV heads, F 1408, V 8000) with --num_adapters random rank-32 q/k/v/o PEFT adapters (alpha 128)
+and 10 random examples of 84-112 tokens per task, then runs, for each T, the torch + PEFT loop,
+launch/search.py with the paper's flags and every other flag at its default (cold compilation
+cache), and our best settings (warm cache), one after the other in this process tree, and prints
+one table. --scaling also measures seconds per evaluation at N = 40 vs N = 200 adapters (K chosen
+so that clusters have about 8 members). --tiny: a seconds-long configuration (smoke tests).
 """
 
 from __future__ import annotations
@@ -20,56 +22,71 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
-from d2c_jax.atomic_io import write_json_atomic
-from d2c_jax import config_flags
-from d2c_jax.errors import run_cli
-from experiments.benchmark import fixture, sessions, tables
+from d2c_jax.errors import UserError, run_cli
 
-flags.DEFINE_string("fixture_dir", os.path.join("runs", "bench_fixture"),
-                    "Where the random model, adapters and examples are cached (one sub-directory per setting).")
+flags.DEFINE_string("fixture_dir", os.path.join("runs", "bench_fixture"), "Where the random fixtures are cached.")
+flags.DEFINE_string("out_dir", os.path.join("runs", "benchmark"), "Work directories and logs of the commands.")
 flags.DEFINE_string("output", None, "Also write every figure to this JSON file.")
-flags.DEFINE_bool("tiny", False, "A seconds-long configuration (smoke tests); flags given explicitly still apply.")
-FIXTURE_FLAGS = ("num_adapters", "rank", "alpha", "hidden", "layers", "vocab", "seq_len", "examples_per_task", "seed")
-BENCH_FLAGS = tuple(f.name for f in dataclasses.fields(sessions.BenchSettings) if f.name != "density")
-# One flag per setting, defaults and help from the dataclasses (seed: one flag for both).
-config_flags.define_flags(fixture.FixtureSettings,
-                          skip=[f.name for f in dataclasses.fields(fixture.FixtureSettings) if f.name not in FIXTURE_FLAGS])
-config_flags.define_flags(sessions.BenchSettings, skip=("density", "seed"))
-flags.DEFINE_bool("isolate", True, "Run each column in its own process (separate peak RSS).")
-TINY_BENCH = dict(num_clusters=2, reference_iterations=2, iterations=2, population=2, proposals=2, batch_size=4,
-                  strategy_budget=8)
+flags.DEFINE_list("iterations", ["40", "200"], "T values; each runs every column.")
+flags.DEFINE_list("columns", ["torch", "default", "best"], "Columns to run (torch, default, best).")
+flags.DEFINE_bool("scaling", False, "Also measure seconds per evaluation at N=40 vs N=200.")
+flags.DEFINE_bool("tiny", False, "A seconds-long configuration (smoke tests).")
+flags.DEFINE_integer("num_adapters", 40, "N: adapters (= tasks).")
+flags.DEFINE_integer("num_clusters", 5, "K.")
+flags.DEFINE_integer("seq_len", 112, "Longest example in tokens (examples are 3/4 to all of it).")
+flags.DEFINE_integer("seed", 0, "Seed of the fixture and of the searches.")
 
 
-def settings_from_flags(f: flags.FlagValues):
-    """(FixtureSettings, BenchSettings); with --tiny the tiny values replace the defaults, and flags
-    given explicitly still win (an explicit --hidden re-derives heads and mlp width)."""
+def fixture_settings(f: flags.FlagValues, num_adapters: int | None = None):
+    from experiments.benchmark import fixture as bf
+
+    n = num_adapters or f.num_adapters
     if f.tiny:
-        over = {name: f[name].value for name in FIXTURE_FLAGS if f[name].present}
-        if "hidden" in over:
-            over.update(heads=0, kv_heads=0, intermediate=0)
-        fixture_settings = dataclasses.replace(fixture.tiny_settings(f.seed), **over)
-    else:
-        fixture_settings = fixture.FixtureSettings(**{name: f[name].value for name in FIXTURE_FLAGS})
-    values = {name: f[name].value for name in BENCH_FLAGS}
-    if f.tiny:
-        values.update({k: v for k, v in TINY_BENCH.items() if not f[k].present})
-    return fixture_settings, sessions.BenchSettings(**values)
+        return dataclasses.replace(bf.tiny_settings(f.seed), num_adapters=n if num_adapters else 6)
+    return bf.FixtureSettings(num_adapters=n, hidden=512, layers=8, intermediate=1408, seq_len=f.seq_len,
+                              seed=f.seed)
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
 
     def body() -> int:
-        fixture_settings, bench = settings_from_flags(flags.FLAGS)
-        sessions.check_settings(fixture_settings, bench)
+        import json
+
+        from d2c_jax.atomic_io import write_json_atomic
+        from experiments.benchmark import commands as bench
+        from experiments.benchmark import fixture as bf
+
         log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-        paths = fixture.ensure_fixture(flags.FLAGS.fixture_dir, fixture_settings, log=log)
-        result = sessions.run_benchmark(paths, bench, isolate=flags.FLAGS.isolate)
-        print(tables.report(result), flush=True)
-        if flags.FLAGS.output:
-            write_json_atomic(os.path.abspath(flags.FLAGS.output), result, indent=1)
+        iterations = [int(t) for t in f.iterations]
+        if any(t < 1 for t in iterations) or f.num_clusters < 2:
+            raise UserError(None, "--iterations must be >= 1 and --num_clusters >= 2")
+        unknown = set(f.columns) - set(bench.COLUMNS)
+        if unknown:
+            raise UserError(None, f"--columns: unknown {sorted(unknown)}; choose from {bench.COLUMNS}")
+        k = 2 if f.tiny else f.num_clusters
+
+        def fixture(n: int | None = None, clusters: int = k) -> bench.Fixture:
+            paths = bf.ensure_fixture(f.fixture_dir, fixture_settings(f, n), log=log)
+            return bench.Fixture(paths.base_model, paths.adapters_dir, paths.data_dir, num_clusters=clusters,
+                                 examples_per_task=paths.settings.examples_per_task, seed=f.seed)
+
+        result = bench.run_benchmark(fixture(), iterations, os.path.abspath(f.out_dir), f.columns, log=log)
+        print(bench.table(result), flush=True)
+        if f.scaling:
+            small, large = (6, 12) if f.tiny else (40, 200)
+            members = 3 if f.tiny else 8
+            s = bench.seconds_per_evaluation([fixture(small, small // members), fixture(large, large // members)],
+                                             members=members)
+            result["scaling"] = {"num_adapters": [small, large], "members": members, "seconds_per_evaluation": s,
+                                 "ratio": s[1] / s[0]}
+            print(f"\nseconds per evaluation, clusters of {members}: N={small} {s[0]:.3f}, N={large} {s[1]:.3f} "
+                  f"(ratio {s[1] / s[0]:.2f})", flush=True)
+        if f.output:
+            write_json_atomic(os.path.abspath(f.output), json.loads(json.dumps(result)), indent=1)
         return 0
 
     sys.exit(run_cli(body))

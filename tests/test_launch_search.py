@@ -216,3 +216,20 @@ def test_flag_errors_and_flagfiles(tmp_path):
     for cfg, model in zip(cfgs, ("Llama-3.2-3B-Instruct", "Qwen2.5-1.5B-Instruct", "stablelm-2-1_6b-chat")):
         assert {k: cfg[k] for k in expect} == expect
         assert cfg["base_model"] == f"/path/to/{model}"
+
+
+def test_a_second_run_compiles_nothing_and_reports_evaluations_per_iteration(inputs, tmp_path):
+    """Persistent compilation cache: the same command in a new workdir finds every executable
+    in --compilation_cache (counted from JAX's monitoring events, in partition.json)."""
+    cache = tmp_path / "xla"
+    runs = []
+    for name in ("first", "second"):
+        proc = _launch(_argv(inputs, tmp_path / name, compilation_cache=cache) + ["--noprogress"])
+        assert proc.returncode == 0, proc.stderr
+        runs.append(read_partition(tmp_path / name))
+    assert runs[0]["compile"]["compilations"] > 0 and runs[0]["compile"]["cache_hits"] == 0
+    assert runs[1]["compile"]["compilations"] == 0 and runs[1]["compile"]["cache_hits"] > 0
+    assert runs[0]["clusters"] == runs[1]["clusters"]
+    doc = runs[1]
+    assert doc["evaluations_per_iteration"] == pytest.approx(doc["evaluations"] / SEARCH["iterations"], abs=1e-3)
+    assert "per iteration" in proc.stdout

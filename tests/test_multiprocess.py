@@ -159,7 +159,8 @@ def _tree(workdir) -> list[str]:
 
 def _doc(workdir) -> dict:
     doc = read_partition(workdir)
-    doc.pop("seconds")  # wall time, the only field that may differ
+    doc.pop("seconds")  # wall time
+    doc.pop("compile")  # how many executables this process compiled or found in the cache
     return doc
 
 

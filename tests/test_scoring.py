@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 from d2c_jax import data, hf_io, loss, lora as lora_lib, merge  # noqa: E402
 from d2c_jax.models.config import load_config  # noqa: E402
-from d2c_jax.scoring import Scorer  # noqa: E402
+from d2c_jax.scoring import Scorer, pow2_buckets, seq_buckets, split_into_buckets, task_lengths  # noqa: E402
 from fixtures_adapters import make_peft_adapters  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402
 
@@ -105,9 +105,12 @@ def test_batched_losses_equal_one_request_at_a_time(scorers, direct):
     want = np.array([direct(m, t) for m, t in zip(masks, tasks)])
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert got[0] == got[7]  # duplicate request
-    # 7 distinct (mask, task) pairs over 5 distinct masks: each mask merged once.
+    # 7 distinct (mask, task) pairs over 5 distinct masks, split exactly into buckets 2+2+2+1
+    # (CPU) of the bucket set (1, 2, 3): no padded request, no mask merged twice within a call.
     done = scorer.stats - before
-    assert done["masks_merged"] == 5 and done["requests_scored"] == 7
+    assert scorer.request_buckets == (1, 2, 3)
+    assert done["requests_scored"] == 7 and done["padded_requests"] == 0
+    assert 5 <= done["masks_merged"] <= 7
 
 
 def test_losses_do_not_depend_on_batch_size(scorers):
@@ -117,14 +120,27 @@ def test_losses_do_not_depend_on_batch_size(scorers):
         np.testing.assert_allclose(r, results[0], rtol=1e-6)
 
 
-def test_no_recompilation_after_first_call(scorers):
+def test_each_bucket_compiles_once_and_calls_compute_only_real_requests(scorers):
     masks, tasks = requests()
     scorer = scorers(8)
-    scorer.losses(masks, tasks)
+    assert scorer.request_buckets == (1, 2, 4, 8)
+    more_m = np.concatenate([masks, ~masks[:3]])
+    more_t = np.concatenate([tasks, tasks[:3]])
+    before = scorer.stats.copy()
+    scorer.losses(masks, tasks)  # 7 distinct: 4 + 2 + 1
+    scorer.losses(masks[:1], tasks[:1])  # 1
+    scorer.losses(more_m, more_t)  # 10 distinct: 8 + 2
+    done = scorer.stats - before
+    assert done["requests_scored"] == 7 + 1 + 10 and done["padded_requests"] == 0
+    # Requests are split per sequence bucket of their task, then into request buckets.
+    groups = [np.bincount(scorer.seq_bucket_of[np.unique(np.c_[m, t], axis=0)[:, -1]])
+              for m, t in ((masks, tasks), (masks[:1], tasks[:1]), (more_m, more_t))]
+    want_calls = sum(len(split_into_buckets(c, scorer.request_buckets, True)) for g in groups for c in g if c)
+    assert done["score_calls"] == want_calls
     first = dict(scorer.trace_counts)
-    assert first["merge"] == 1 and first["score"] == 1
-    scorer.losses(masks[:1], tasks[:1])
-    scorer.losses(np.concatenate([masks, ~masks[:3]]), np.concatenate([tasks, tasks[:3]]))
+    assert all(v == 1 for v in first.values()), first
+    scorer.losses(masks, tasks)  # the same shapes again (cache aside): nothing new traced
+    scorer.losses(more_m[::-1], more_t[::-1])
     assert dict(scorer.trace_counts) == first
     scorer.loss_of_lora(None, 0)
     scorer.loss_of_lora(None, "t3")
@@ -148,7 +164,7 @@ def test_example_chunk_is_picked_to_fit_the_logits_budget(setup):
     n, seq = s["task_data"].tokens_tns.shape[1:]
     per_example = 2 * seq * s["cfg"].vocab_size * 4  # batch 2, float32 logits
     make = lambda budget: Scorer(s["params"], s["cfg"], s["prepared"], s["task_data"],  # noqa: E731
-                                 batch_size=2, logits_budget_bytes=budget).example_chunk
+                                 batch_size=2, logits_budget_bytes=budget).example_chunk(2, seq)
     assert n == 4
     assert make(1) == 1 and make(2 * per_example) == 2 and make(3 * per_example) == 2
     assert make(100 * per_example) == 4
@@ -163,3 +179,25 @@ def test_bad_requests_are_rejected(scorers):
     with pytest.raises(ValueError, match="at least one member"):
         scorer.losses(np.zeros((1, 4), bool), np.array([0]))
     assert scorer.losses(np.zeros((0, 4), bool), np.zeros(0)).shape == (0,)
+
+
+def test_bucket_sets_and_splits():
+    assert pow2_buckets(8) == (1, 2, 4, 8) and pow2_buckets(6) == (1, 2, 4, 6)
+    assert pow2_buckets(8, multiple=4) == (4, 8) and pow2_buckets(6, multiple=4) == (4, 8)
+    assert split_into_buckets(7, (1, 2, 4, 8), exact=True) == [(4, 4), (2, 2), (1, 1)]
+    assert split_into_buckets(19, (1, 2, 4, 8), exact=True) == [(8, 8), (8, 8), (2, 2), (1, 1)]
+    assert split_into_buckets(2, (4, 8), exact=True) == [(4, 2)]  # below the smallest: padded
+    assert split_into_buckets(7, (1, 2, 4, 8), exact=False) == [(8, 7)]
+    assert split_into_buckets(19, (1, 2, 4, 8), exact=False) == [(8, 8), (8, 8), (4, 3)]
+    assert seq_buckets(100) == (8, 12, 16, 24, 32, 48, 64, 96, 100)
+    assert seq_buckets(8) == (8,)
+
+
+def test_tasks_are_scored_at_their_own_length(setup):
+    td = setup["task_data"]
+    want = [max(int(np.flatnonzero(row).max()) + 1 for row in attn_ns) for attn_ns in td.attn_tns]
+    np.testing.assert_array_equal(task_lengths(td), want)
+    scorer = Scorer(setup["params"], setup["cfg"], setup["prepared"], td, batch_size=1)
+    for t, sb in enumerate(scorer.seq_bucket_of):
+        assert want[t] <= sb and sb in seq_buckets(td.tokens_tns.shape[-1])
+        assert scorer._data_by_seq[sb].shape[-1] == sb

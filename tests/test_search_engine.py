@@ -32,7 +32,7 @@ def _trajectory(scorer, settings):
 
 
 def _strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "evals_per_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "scorer_seconds", "evals_per_s")} for r in rows]
 
 
 def test_sample_move_follows_algorithm1_and_never_picks_a_singleton_source():
@@ -223,3 +223,149 @@ def test_k_out_of_range_is_a_user_error():
 def test_one_cluster_makes_no_moves():
     r = run_search(FakeScorer(families(N, F)), _settings(num_clusters=1, iterations=5))
     assert (r.partition_n == 0).all() and r.state.metrics[-1]["proposals"] == 0
+
+
+# --------------------------------------------------------------------------- speculation
+
+
+def _run_with(settings, depth=None, adaptive=True, scorer=None):
+    """run_search, or with a forced Speculator(depth, adaptive) when depth is given."""
+    from d2c_jax import search
+
+    scorer = scorer or FakeScorer(families(N, F))
+    if depth is None:
+        return run_search(scorer, settings), scorer
+    orig = search.Speculator
+    try:
+        search.Speculator = lambda j_max: orig(depth, adaptive=adaptive)
+        return run_search(scorer, settings), scorer
+    finally:
+        search.Speculator = orig
+
+
+def _decisions(result):
+    return [(r["iteration"], r["moves"], r.get("exchanges")) for r in result.state.metrics]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("depth,adaptive", [(2, False), (3, False), (5, True), (16, False), (16, True)])
+def test_speculative_algorithm1_equals_the_sequential_run(seed, depth, adaptive):
+    """P=1, M=1, local: Algorithm 1 exactly; every decision and the final partition identical."""
+    settings = _settings(seed=seed, iterations=60, track_every=0)
+    seq, seq_scorer = _run_with(settings, 1)
+    spec, spec_scorer = _run_with(settings, depth, adaptive)
+    assert spec.partition_n.tolist() == seq.partition_n.tolist() and spec.objective == seq.objective
+    assert _decisions(spec) == _decisions(seq)
+    assert 0 < sum(r["accepted"] for r in seq.state.metrics) < settings.iterations
+    # Fewer scorer calls: several iterations' requests go in one call.
+    assert len(spec_scorer.calls) < len(seq_scorer.calls)
+    assert any(r.get("speculated", 0) > 1 for r in spec.state.metrics)
+
+
+@pytest.mark.parametrize("kw", [dict(population=3, proposals=2, objective="local"),
+                                dict(population=2, proposals=3, objective="global", exchange_every=7,
+                                     track_every=5)])
+@pytest.mark.parametrize("depth", [2, 6])
+def test_speculation_with_chains_proposals_and_exchanges_is_exact(kw, depth):
+    settings = _settings(seed=3, iterations=30, **kw)
+    seq, _ = _run_with(settings, 1)
+    spec, _ = _run_with(settings, depth, adaptive=False)
+    assert spec.partition_n.tolist() == seq.partition_n.tolist() and spec.objective == seq.objective
+    assert _decisions(spec) == _decisions(seq)
+    assert [r["objectives"] for r in spec.state.metrics] == [r["objectives"] for r in seq.state.metrics]
+
+
+def test_speculation_depth_follows_the_acceptance_rate():
+    from d2c_jax.search import Speculator
+
+    s = Speculator(8)
+    assert s.depth() == 2  # no evidence: rate 1/2
+    for _ in range(32):
+        s.record(1, 0)
+    assert s.depth() == 8  # nothing accepted lately: as deep as allowed
+    for _ in range(32):
+        s.record(1, 1)
+    assert s.depth() == 1  # everything accepted: speculation would be wasted
+    for i in range(32):
+        s.record(1, int(i % 4 == 0))
+    assert s.depth() == 4  # one in four accepted: about four iterations ahead
+    assert Speculator(8, adaptive=False).depth() == 8
+
+
+def test_resume_in_the_middle_of_a_speculative_window_is_exact(tmp_path):
+    from d2c_jax import search
+    from d2c_jax.checkpoint import Checkpointer
+
+    fp = {"settings": {"k": 3}}
+    settings = _settings(seed=2, iterations=40, track_every=0)
+    seq, _ = _run_with(settings, 1)
+    orig = search.Speculator
+    search.Speculator = lambda j_max: orig(6, adaptive=False)
+    try:
+        stops = iter(range(1, 100))
+        with Checkpointer(tmp_path / "ck", every=100, keep=1, fingerprint=fp) as ck:
+            # Stop after iteration 9: inside a window drawn at an earlier iteration.
+            first = run_search(FakeScorer(families(N, F)), settings, checkpointer=ck,
+                               should_stop=lambda: next(stops) == 9)
+        assert first.preempted and first.state.iteration == 9
+        assert any(r.get("speculated", 0) for r in first.state.metrics)
+        with Checkpointer(tmp_path / "ck", every=100, keep=1, fingerprint=fp) as ck:
+            resumed = run_search(FakeScorer(families(N, F)), settings, checkpointer=ck)
+    finally:
+        search.Speculator = orig
+    assert resumed.partition_n.tolist() == seq.partition_n.tolist() and resumed.objective == seq.objective
+    assert _decisions(resumed) == _decisions(seq)
+
+
+def test_cpu_scorers_do_not_speculate_by_default_accelerators_fill_a_bucket():
+    from d2c_jax.search import speculation_depth
+
+    class Acc:
+        exact_split, batch_size = False, 64
+
+    class Cpu:
+        exact_split, batch_size = True, 64
+
+    settings = _settings()
+    assert speculation_depth(settings, Cpu()) == 1
+    assert speculation_depth(settings, Acc()) == 32  # 2 requests per iteration
+    assert speculation_depth(_settings(speculate=5), Cpu()) == 5
+
+
+# --------------------------------------------------------------------------- evaluate only what changed
+
+
+def test_tracking_rescores_only_the_clusters_changed_since_the_last_tracking_point():
+    settings = _settings(iterations=40, track_every=5)
+    scorer = FakeScorer(families(N, F))
+    parts, state = _trajectory(scorer, settings)
+    rows = state.metrics
+    assert rows[0]["evaluations"] == N  # the initial partition: every task once
+    for it in range(5, 41, 5):
+        changed = {int(k) for k in np.unique(np.r_[parts[it - 5][0][parts[it - 5][0] != parts[it][0]],
+                                                   parts[it][0][parts[it - 5][0] != parts[it][0]]])}
+        touched = sum(int(np.sum(parts[it][0] == k)) for k in changed)
+        # Tracking at `it` asks at most for the members of the changed clusters (some of them may
+        # already be cached as the "before" requests of the iterations since).
+        track_calls = rows[it]["evaluations"]
+        assert track_calls <= touched + 2 * 5
+        if not changed:
+            assert rows[it]["cache_hits"] >= N
+
+
+def test_before_losses_are_cache_hits_when_known():
+    settings = _settings(iterations=60, track_every=1)  # every partition's losses are known
+    _, state = _trajectory(FakeScorer(families(N, F)), settings)
+    for r in state.metrics[1:]:
+        # 1 after-request per iteration, plus the members of the two clusters a move changed.
+        assert r["evaluations"] <= 1 + (N if r["accepted"] else 0)
+        if not r["accepted"]:
+            assert r["evaluations"] <= 1
+
+
+def test_default_tracking_is_at_the_end_only():
+    settings = _settings(iterations=20, track_every=0)
+    r = run_search(FakeScorer(families(N, F)), settings)
+    tracked = [row["iteration"] for row in r.state.metrics if row["tracked"]]
+    assert tracked == [20] and r.state.metrics[0]["evaluations"] == 0
+    assert SearchSettings(num_clusters=2).track_every == 0

@@ -82,3 +82,40 @@ def test_host_copies_assemble_into_the_same_global_arrays(mesh):
     assert got.sharding.spec == P("cand", None) and len(got.addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(got), batch_bn)
     assert sharding.put_global(batch_bn, sharding.replicated(mesh)).sharding.is_fully_replicated
+
+
+def test_prepared_inputs_shard_over_model_and_memory_from_shapes_matches_placement(mesh, tmp_path_factory):
+    """The Scorer's resident base weights and prepared merge inputs, placed on the 8-device mesh:
+    each device holds exactly what per_device_bytes computes from shapes alone, and the prepared
+    factors are split over "model" (not replicated)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from d2c_jax.scoring import Scorer
+    from test_scoring import shared_setup
+
+    s = shared_setup(tmp_path_factory)
+    scorer = Scorer(s["params"], s["cfg"], s["prepared"], s["task_data"], batch_size=8, mesh=mesh)
+    for tree, rules in ((scorer._params, sharding.param_shardings), (scorer._prepared, sharding.prepared_shardings)):
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+        want = sharding.per_device_bytes(shapes, rules(shapes, mesh))
+        for dev in mesh.devices.flat:
+            held = sum(sh.data.nbytes for x in jax.tree.leaves(tree) for sh in x.addressable_shards
+                       if sh.device == dev)
+            assert held == want
+    a = scorer._prepared.task["q_proj"]["a"]  # [N, L, R, d_in]
+    assert a.sharding.spec == P(None, None, None, "model")
+    total = sum(x.nbytes for x in jax.tree.leaves(scorer._prepared))
+    assert sharding.per_device_bytes(scorer._prepared, sharding.prepared_shardings(scorer._prepared, mesh)) < total
+
+
+def test_memory_report_llama_3b_shapes():
+    """experiments/memory_report.py: 8 devices on "model" hold about 1/8 of the resident bytes."""
+    from experiments import memory_report
+
+    one, eight = memory_report.report(8, 40, 32)
+    # Base: 3.2B bfloat16 parameters ~ 6 GiB. Prepared: adapters as they are + trimmed factors (2x),
+    # 40 adapters x 28 layers x rank 32 x (d_in of q,k,v,o for A + d_out of q,k,v,o for B), float32.
+    dims = 3072 * 4 + (3072 + 1024 + 1024 + 3072)  # a: d_in of q,k,v,o; b: d_out of q,k,v,o
+    assert one["prepared_gib"] == pytest.approx(2 * 40 * 28 * 32 * dims * 4 / 2**30)
+    assert 5.5 < one["params_gib"] < 6.5
+    assert eight["total_gib"] < one["total_gib"] / 7

@@ -1,0 +1,79 @@
+"""Per-device memory of the scorer's resident inputs, from shapes alone (no weights needed).
+
+  python experiments/memory_report.py [--devices=8] [--adapters=40] [--rank=32]
+
+A Llama-3.2-3B-shaped model (28 layers, D 3072, F 8192, 24 heads / 8 KV heads, V 128256, tied
+embeddings) in bfloat16 and N rank-r q/k/v/o adapters prepared for TIES (float32: the adapters as
+they are plus their trimmed factors), laid out as `scoring.Scorer` lays them out on a mesh of 1
+device and of --devices devices all on the "model" axis (the base weights by
+sharding.PARAM_RULES, the prepared merge inputs by sharding.prepared_spec). Host CPU devices stand
+in for the accelerators (only the shapes and the shardings matter).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from d2c_jax import hf_io, merge, sharding  # noqa: E402
+from d2c_jax.models.config import ModelConfig, module_shapes  # noqa: E402
+
+LLAMA_3B = dict(arch="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
+                num_heads=24, num_kv_heads=8, head_dim=128, norm="rms", norm_eps=1e-5, rope_theta=500000.0,
+                rotary_dim=128, rope_scaling=None, qkv_bias=False, tie_embeddings=True, bos_token_id=0,
+                eos_token_id=1, pad_token_id=None)
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def llama_3b_config() -> ModelConfig:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in LLAMA_3B.items() if k in names})
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.bfloat16):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), hf_io.param_shape_tree(cfg))
+
+
+def prepared_shapes(cfg: ModelConfig, n: int, rank: int) -> merge.Prepared:
+    """The shapes of merge.prepare_merge(..., "ties") for n adapters of `rank` on MODULES."""
+    dims = module_shapes(cfg)
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    factors = {m: {"a": f32(n, cfg.num_layers, rank, dims[m][0]), "b": f32(n, cfg.num_layers, dims[m][1], rank)}
+               for m in MODULES}
+    return merge.Prepared(single=factors, task=factors, weight_a=f32(n), weight_b=f32(n), method="ties", rank=rank)
+
+
+def report(devices: int, n: int, rank: int) -> list[dict]:
+    cfg = llama_3b_config()
+    params, prepared = param_shapes(cfg), prepared_shapes(cfg, n, rank)
+    rows = []
+    for d in (1, devices):
+        mesh = sharding.make_mesh(num_candidate_shards=1, devices=jax.devices()[:d])
+        p = sharding.per_device_bytes(params, sharding.param_shardings(params, mesh))
+        q = sharding.per_device_bytes(prepared, sharding.prepared_shardings(prepared, mesh))
+        rows.append({"devices": d, "params_gib": p / 2**30, "prepared_gib": q / 2**30, "total_gib": (p + q) / 2**30})
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    opts = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
+    devices, n, rank = int(opts.get("devices", 8)), int(opts.get("adapters", 40)), int(opts.get("rank", 32))
+    print(f"Llama-3.2-3B shape, bfloat16 base, {n} rank-{rank} q/k/v/o adapters prepared for TIES (float32)")
+    print(f"{'devices':>7}  {'base GiB/dev':>12}  {'prepared GiB/dev':>16}  {'total GiB/dev':>13}")
+    for r in report(devices, n, rank):
+        print(f"{r['devices']:>7}  {r['params_gib']:>12.2f}  {r['prepared_gib']:>16.2f}  {r['total_gib']:>13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
