@@ -49,7 +49,9 @@ from d2c_jax.inputs import Inputs, load_inputs
 from d2c_jax.merge import Prepared
 from d2c_jax.models.config import load_config
 from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig, default_cache_size
-from d2c_jax.search import SearchState, check_num_clusters, find_partition
+from d2c_jax.search import (LossCache, Scorer, SearchState, check_num_clusters, evaluate_partition,
+                            find_partition)
+from d2c_jax.strategies.baselines import random_baseline
 from d2c_jax.sharding import (any_process, barrier, check_same_on_all_processes, from_main, initialize_distributed,
                               make_mesh)
 from d2c_jax.signals import PreemptionFlag
@@ -179,7 +181,7 @@ def clusters_of(partition_n: np.ndarray, names: Sequence[str], num_clusters: int
 
 
 def final_table(doc: Mapping[str, Any]) -> str:
-    """A short summary for the terminal."""
+    """A short summary for the terminal, ending with what the search bought in one line."""
     lines = [f"{'cluster':>7}  {'size':>4}  {'loss sum':>10}  tasks"]
     for k, (tasks, loss) in enumerate(zip(doc["clusters"], doc["cluster_objectives"])):
         shown = ", ".join(tasks)
@@ -191,7 +193,38 @@ def final_table(doc: Mapping[str, Any]) -> str:
         f"strategy {doc['strategy']}, {doc['evaluations']} evaluations "
         f"({doc.get('evaluations_per_iteration', 0):.2f} per iteration), {doc['seconds']:.1f} s"
     )
+    lines.append(gain_line(doc))
     return "\n".join(lines)
+
+
+def gain_line(doc: Mapping[str, Any]) -> str:
+    """'found X | random start Y (-d, -p %) | all-in-one Z (...)': the objective (lower is better)
+    of the found partition next to the references in partition.json."""
+    found = float(doc["objective"])
+    parts = [f"found {found:.4f}"]
+    for label, key in (("random start", "random_start_objective"), ("all-in-one", "all_in_one_objective")):
+        ref = doc.get(key)
+        if ref is not None:
+            change = f", {100.0 * (found - ref) / ref:+.1f} %" if ref else ""
+            parts.append(f"{label} {ref:.4f} ({found - ref:+.4f}{change})")
+    return " | ".join(parts) + "   (summed loss, lower is better)"
+
+
+def reference_objectives(scorer: Scorer, cache: LossCache, num_adapters: int, num_clusters: int,
+                         seed: int, all_in_one: bool) -> tuple[float, float | None, int]:
+    """(random start's objective, all-in-one merge's objective or None, evaluations they cost).
+
+    The random start is the partition the first D²C chain starts from (= --strategy=random with
+    the same seed); after a d2c run its losses are already in `cache`. The all-in-one merge costs
+    N evaluations of one merged mask, in one scorer call."""
+    start, _, stats = evaluate_partition(scorer, random_baseline(num_adapters, num_clusters, seed),
+                                         num_clusters, cache)
+    evaluations = stats.evaluations
+    merged_all = None
+    if all_in_one:
+        merged_all, _, stats = evaluate_partition(scorer, np.zeros(num_adapters, np.int32), 1, cache)
+        evaluations += stats.evaluations
+    return start, merged_all, evaluations
 
 
 # ----------------------------------------------------------------------------- the run
@@ -341,6 +374,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         result = find_partition(scorer, cfg.strategy, settings, inputs.adapters, agree=from_main)
     partition_n, objective, task_losses_n = result.partition_n, result.objective, result.task_losses_n
     metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
+    random_start, all_in_one, reference_evaluations = reference_objectives(
+        scorer, result.state.cache, len(names), k, settings.seed, cfg.all_in_one_reference)
 
     # 5. Outputs (process 0); a signal meanwhile waits until they are complete.
     partition_n = canonical(partition_n, k)
@@ -351,6 +386,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "num_clusters": k,
         "clusters": clusters,
         "objective": float(objective),
+        "random_start_objective": float(random_start),
+        "all_in_one_objective": None if all_in_one is None else float(all_in_one),
         "cluster_objectives": [float(sum(task_losses_n[i] for i in np.flatnonzero(partition_n == c))) for c in range(k)],
         "task_losses": {n: float(x) for n, x in zip(names, task_losses_n)},
         "search_objective": cfg.search.objective,
@@ -365,6 +402,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "evaluations": int(evaluations),
         "evaluations_per_iteration": round(evaluations / max(settings.iterations, 1), 3),
         "compile": compilation_cache.counts(),
+        "reference_evaluations": int(reference_evaluations),
         "examples_per_task": cfg.examples_per_task,
         "max_seq_len": cfg.max_seq_len,
         "chat_template": cfg.chat_template,

@@ -23,7 +23,8 @@ OBJECTIVES = ("local", "global")
 
 # Settings that change the result of a run: a checkpoint made with other values is refused.
 # (batch_size, speculate, compilation_cache, checkpoint_every, keep_checkpoints, track_every,
-# cache_size, overwrite, progress and the multi-process settings do not change it.)
+# cache_size, overwrite, progress, all_in_one_reference and the multi-process settings do not
+# change it.)
 RESULT_SETTINGS = (
     "strategy", "objective", "num_clusters", "iterations", "population", "proposals",
     "exchange_every", "merge", "density", "examples_per_task", "max_seq_len", "chat_template",
@@ -96,6 +97,9 @@ class RunConfig:
     keep_checkpoints: int = setting(2, "Checkpoints kept.")
     overwrite: bool = setting(False, "Replace a finished run, or a checkpoint of other inputs, in --workdir.")
     progress: bool = setting(True, "Show a progress bar.")
+    all_in_one_reference: bool = setting(
+        True, "Also score the merge of all N adapters (N evaluations in one batch) and show its objective "
+        "next to the found partition's and the random start's (--noall_in_one_reference: skip).")
     # Multi-process (one process per host; unset: auto-detected, or a single process).
     coordinator_address: str | None = setting(
         None, "Multi-host: host:port of process 0, the same on every host (default: auto-detected on TPU VMs, "

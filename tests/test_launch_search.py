@@ -52,11 +52,39 @@ def finished(inputs, tmp_path_factory):
 def _hf_task_losses(base_model, adapter_dir, data_dir, tasks):
     """Reference: transformers + peft loss (response tokens, summed over examples / their count)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    return _peft_losses(PeftModel.from_pretrained(model, adapter_dir).eval(), base_model, data_dir, tasks)
+
+
+def _peft_ties_objective(base_model, adapters_dir, data_dir, clusters):
+    """Reference objective of a partition: each cluster merged by PEFT's add_weighted_adapter
+    (TIES, unit weights, density 0.5; a one-adapter cluster is that adapter), the loss of each
+    task under its cluster's merge by transformers + peft, summed over the tasks."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, os.path.join(adapters_dir, NAMES[0]), adapter_name=NAMES[0])
+    for name in NAMES[1:]:
+        model.load_adapter(os.path.join(adapters_dir, name), adapter_name=name)
+    total = 0.0
+    for k, members in enumerate(clusters):
+        name = members[0]
+        if len(members) > 1:
+            name = f"cluster_{k}"
+            model.add_weighted_adapter(list(members), [1.0] * len(members), name, combination_type="ties",
+                                       density=0.5)
+        model.set_adapter(name)
+        total += sum(_peft_losses(model.eval(), base_model, data_dir, members).values())
+    return total
+
+
+def _peft_losses(model, base_model, data_dir, tasks):
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter_dir).eval()
     out = {}
     for task in tasks:
         total, count = 0.0, 0
@@ -101,6 +129,30 @@ def test_search_end_to_end_writes_every_output(inputs, finished):
             assert doc["task_losses"][t] == pytest.approx(ref[t], rel=1e-5), (k, t)
 
 
+def test_the_final_table_shows_the_random_start_and_the_all_in_one_merge(inputs, finished):
+    """partition.json and the last table line put the found objective next to the random start's
+    (chain 0's initial partition, = --strategy=random) and the all-in-one merge's, both recomputed
+    here with PEFT's TIES merges and transformers."""
+    from d2c_jax.strategies.baselines import random_baseline
+
+    workdir, proc = finished
+    doc = read_partition(workdir)
+    start_n = random_baseline(len(NAMES), 2, SEARCH["seed"])
+    start_clusters = [[NAMES[i] for i in range(len(NAMES)) if start_n[i] == k] for k in range(2)]
+    ref_start = _peft_ties_objective(inputs["base_model"], inputs["adapters_dir"], inputs["data_dir"],
+                                     start_clusters)
+    ref_all = _peft_ties_objective(inputs["base_model"], inputs["adapters_dir"], inputs["data_dir"], [NAMES])
+    assert doc["random_start_objective"] == pytest.approx(ref_start, rel=1e-5)
+    assert doc["all_in_one_objective"] == pytest.approx(ref_all, rel=1e-5)
+    # The start's losses are in the search's cache; the all-in-one merge costs one evaluation per task.
+    assert doc["reference_evaluations"] == len(NAMES)
+    last = [line for line in proc.stdout.splitlines() if line.startswith("found ")][-1]
+    found, start, merged_all = doc["objective"], doc["random_start_objective"], doc["all_in_one_objective"]
+    assert f"found {found:.4f}" in last
+    assert f"random start {start:.4f} ({found - start:+.4f}, {100 * (found - start) / start:+.1f} %)" in last
+    assert f"all-in-one {merged_all:.4f} ({found - merged_all:+.4f}" in last
+
+
 def test_rerunning_a_finished_run_reports_its_location_and_exits_0(inputs, finished):
     workdir, _ = finished
     before = (workdir / "partition.json").read_bytes()
@@ -143,10 +195,15 @@ def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inp
     assert doc["objective"] == pytest.approx(reference["objective"], rel=1e-5)
 
     # --overwrite replaces the finished run; a changed setting is a fresh run, not a resume.
-    cfg2 = _config(inputs, tmp_path / "wd", batch_size=16, strategy="kmeans", overwrite=True)
+    # (--noall_in_one_reference: the all-in-one merge is not scored.)
+    capsys.readouterr()
+    cfg2 = _config(inputs, tmp_path / "wd", batch_size=16, strategy="kmeans", overwrite=True,
+                   all_in_one_reference=False)
     assert pipeline.run(cfg2) == 0
     doc2 = read_partition(tmp_path / "wd")
     assert doc2["strategy"] == "kmeans" and doc2["iterations"] == 0
+    assert doc2["all_in_one_objective"] is None and "all-in-one" not in capsys.readouterr().out
+    assert doc2["random_start_objective"] == pytest.approx(reference["random_start_objective"], rel=1e-5)
     assert sorted(os.listdir(tmp_path / "wd" / "merged")) == ["cluster_0", "cluster_1"]
 
 

@@ -52,6 +52,8 @@ def make_tiny_suite(root: str) -> str:
                           "tags": {"family": fam, "language": lang}}
     with open(os.path.join(data_dir, "tasks.json"), "w") as f:
         json.dump(meta, f)
+    with open(os.path.join(root, "suite.json"), "w") as f:  # the hashes a built suite records
+        json.dump({"settings_hash": "5e" * 32, "weights_hash": "3a" * 32}, f)
     return root
 
 
@@ -96,6 +98,14 @@ def test_table1_has_every_row_with_storage(tiny_report):
     for role in ("table", "clusters", "assignment"):
         with open(written[role], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_setup_names_the_suites_settings_and_weights_hashes(tiny_report):
+    """Two reports are comparable when they name the same weights (suite.json's weights_hash)."""
+    _, written, md = tiny_report
+    assert f"(suite.json settings hash {'5e' * 6}, weights hash {'3a' * 6})" in _section(md, "## Setup")
+    with open(written["json"], encoding="utf-8") as f:
+        assert json.load(f)["suite_weights_hash"] == "3a" * 6
 
 
 def test_cluster_counts_and_ari_sections(tiny_report):

@@ -47,6 +47,23 @@ def test_sample_move_follows_algorithm1_and_never_picks_a_singleton_source():
     assert d2c.sample_move(rng, np.zeros(5, np.int32), 1) is None
 
 
+def test_sample_move_draws_every_movable_task_and_other_cluster_equally_often():
+    """t uniform over the tasks of clusters with >= 2 members (src = its cluster, so big clusters
+    are drawn in proportion to their size), dst uniform over the other K - 1 clusters."""
+    part = np.array([0, 0, 0, 0, 1, 1, 2])  # sizes 4, 2, 1: task 6 alone in cluster 2 never moves
+    draws = 12000
+    counts = {}
+    rng = np.random.default_rng(0)
+    for _ in range(draws):
+        move = d2c.sample_move(rng, part, 3)
+        counts[move.task, move.dst] = counts.get((move.task, move.dst), 0) + 1
+    expected_pairs = {(t, c) for t in range(6) for c in range(3) if c != part[t]}
+    assert set(counts) == expected_pairs
+    p = 1 / len(expected_pairs)  # 6 movable tasks x 2 other clusters
+    sigma = np.sqrt(draws * p * (1 - p))
+    assert max(abs(c - draws * p) for c in counts.values()) < 5 * sigma, counts
+
+
 def test_d2c_local_is_algorithm1_exactly():
     """Replay: each iteration draws (t, c, c') and keeps the move iff loss(c' ∪ t, t) < loss(c, t)."""
     scorer = FakeScorer(families(N, F))

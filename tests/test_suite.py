@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from d2c_jax import cached_dir
 from d2c_jax.suite import SuiteSettings, ensure_suite, is_complete, make_settings, read_manifest
+from d2c_jax.suite.build import BUILD_XLA_FLAGS
 
 # 2 families x 2 languages, a 2-layer width-32 model, a few dozen optimiser steps.
 TINY = dict(
@@ -107,6 +110,43 @@ def test_same_seed_rebuilds_identical_files(suite, tmp_path):
             assert ja == jb
 
 
+def _weight_files_hash(root: str) -> str:
+    """The definition of suite.json's weights_hash, from the files: sha256 of the JSON object
+    {relative path: sha256} of every .safetensors file, keys sorted."""
+    weights = {k.replace(os.sep, "/"): v for k, v in _file_hashes(root).items() if k.endswith(".safetensors")}
+    assert len(weights) == 1 + 4  # the base model and the 4 adapters
+    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
+
+
+def test_the_manifest_records_the_weights_hash_and_the_build_settings(suite):
+    paths = suite
+    manifest = read_manifest(paths.root)
+    assert manifest["weights_hash"] == _weight_files_hash(paths.root)
+    assert manifest["build"]["xla_flags"] == " ".join(BUILD_XLA_FLAGS)
+
+
+def test_the_weights_do_not_depend_on_the_callers_cpus_or_xla_settings(suite, tmp_path):
+    """Another machine, emulated: the caller runs on one CPU (another intra-op thread count) with
+    other XLA flags and JAX settings; the build runs in its own process with fixed XLA flags and
+    trains bit-identical weights."""
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    paths = suite
+    out = tmp_path / "other"
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from d2c_jax.suite import ensure_suite; "
+            f"ensure_suite(sys.argv[1], log=lambda m: None, **{TINY!r})")
+    env = {**os.environ,
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true --xla_force_host_platform_device_count=3",
+           "JAX_DEFAULT_MATMUL_PRECISION": "bfloat16", "JAX_ENABLE_X64": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    other = read_manifest(out)
+    assert other["build"]["cpus"] == 1
+    assert _weight_files_hash(str(out)) == _weight_files_hash(paths.root) == other["weights_hash"]
+
+
 def test_an_old_suite_of_other_settings_is_replaced_atomically(tmp_path, monkeypatch):
     """What build_suite does once its temp dir is complete: swap it in, drop the old suite."""
     from d2c_jax.suite import build
@@ -120,7 +160,7 @@ def test_an_old_suite_of_other_settings_is_replaced_atomically(tmp_path, monkeyp
         with open(os.path.join(tmp, "suite.json"), "w") as f:
             f.write(json.dumps({"settings_hash": "new"}))
 
-    monkeypatch.setattr(build, "_build_into", fake_build_into)
+    monkeypatch.setattr(build, "_build_in_child", fake_build_into)
     assert cached_dir.replaceable(str(target), build.MANIFEST, build.PARTS)
     build.build_suite(target, make_settings(**TINY), log=lambda m: None)
     assert sorted(os.listdir(tmp_path)) == ["s"]
@@ -153,7 +193,7 @@ def test_a_suite_installed_concurrently_is_kept(tmp_path, monkeypatch):
                 f.write(json.dumps(theirs))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(build, "_build_into", fake_build_into)
+    monkeypatch.setattr(build, "_build_in_child", fake_build_into)
     monkeypatch.setattr(os, "replace", racing_replace)
     build.build_suite(target, settings, log=lambda m: None)
     assert sorted(os.listdir(tmp_path)) == ["s"]

@@ -4,10 +4,16 @@ A partition is int32[N] with values in [0, K): adapter i (= task i) is in cluste
 A move takes task t out of cluster `src` into cluster `dst`. A request is (mask bool[N], task):
 "the loss on `task` of the merge of the adapters in `mask`".
 
-Sampling, exactly (Algorithm 1, with the "never empty a cluster" rule made concrete): `src` is drawn
-uniformly from the clusters with at least 2 members (a cluster holding only t would be emptied by
-the move, so it is never drawn; since K < N at least one cluster has 2 members), `dst` uniformly
-from the other K - 1 clusters, t uniformly from the members of `src`. With K = 1 there is no move.
+Sampling, exactly (Algorithm 1, with the "never empty a cluster" rule made concrete): t is drawn
+uniformly from the tasks whose cluster has at least 2 members (moving the only member would empty
+its cluster; since K < N there is always one), `src` is t's cluster, `dst` is drawn uniformly from
+the other K - 1 clusters. So `src` is drawn with probability proportional to its size and t
+uniformly within it: every movable task is reconsidered equally often. (Drawing `src` uniformly
+over the clusters instead revisits the members of small clusters far more often than those of a
+big mixed one; on the full built-in suite, K = 5, T = 200, seeds 0-4, it ended 0.026 higher in
+search loss (in 4 of 5 seeds) and 0.018 in held-out loss, with the same score; equal-sized random
+starts made no consistent difference. Issue 12, item 6.)
+With K = 1 there is no move.
 
 Decision: objective "local" (the paper): l = loss(merge(src), t), l' = loss(merge(dst ∪ {t}), t),
 keep the move iff l' < l. Objective "global": the summed loss of every task of both clusters under
@@ -67,12 +73,11 @@ def sample_move(rng: np.random.Generator, partition_n: np.ndarray, num_clusters:
     if num_clusters < 2:
         return None
     sizes_k = np.bincount(partition_n, minlength=num_clusters)
-    movable_k = np.flatnonzero(sizes_k >= 2)
-    src = int(movable_k[rng.integers(len(movable_k))])
+    movable_n = np.flatnonzero(sizes_k[partition_n] >= 2)  # tasks whose cluster has another member
+    task = int(movable_n[rng.integers(len(movable_n))])
+    src = int(partition_n[task])
     dst = int(rng.integers(num_clusters - 1))
     dst += dst >= src  # uniform over the K - 1 clusters other than src
-    members = np.flatnonzero(partition_n == src)
-    task = int(members[rng.integers(len(members))])
     return Move(task, src, dst)
 
 

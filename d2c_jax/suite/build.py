@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -28,7 +30,7 @@ from d2c_jax.suite import checkpoint, tasks, train
 from d2c_jax.suite import tokenizer as tok_lib
 from d2c_jax.types import TokenBatch
 
-SUITE_VERSION = 2
+SUITE_VERSION = 3  # 3: trained in a pinned child process with BUILD_XLA_FLAGS (other weights than 2)
 MANIFEST = "suite.json"
 PARTS = ("base", "adapters", "data")  # a leftover of only these may be replaced
 Log = Callable[[str], None]
@@ -204,9 +206,47 @@ def _ensure(output_dir: str | os.PathLike, settings: SuiteSettings, log: Log | N
     log = log or _default_log
     settings.validate()
     final = suite_paths(output_dir)
-    cached_dir.ensure_dir(final.root, lambda tmp: _build_into(tmp, final, settings, log), manifest=MANIFEST,
+    cached_dir.ensure_dir(final.root, lambda tmp: _build_in_child(tmp, final, settings, log), manifest=MANIFEST,
                           parts=PARTS, is_complete=lambda d: is_complete(d, settings), what="suite", force=force)
     return final
+
+
+# XLA CPU settings of every suite build, whatever the caller's environment. Measured (docs/results.md,
+# "Across machines"): with XLA's defaults the weights change with the number of CPUs the process may
+# use (the intra-op thread count); these make the build single-threaded inside each op and keep
+# every dot on XLA's own (Eigen) kernels instead of a library that picks kernels per CPU.
+BUILD_XLA_FLAGS = (
+    "--xla_cpu_multi_thread_eigen=false",
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_dot",
+)
+
+
+def build_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: the caller's without any XLA_* / JAX_* variable (device counts,
+    matmul precision, x64, platforms...), then CPU only, BUILD_XLA_FLAGS, and this d2c_jax first
+    on PYTHONPATH."""
+    env = {k: v for k, v in (os.environ if environ is None else environ).items()
+           if not k.startswith(("XLA_", "JAX_"))}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(BUILD_XLA_FLAGS))
+    return env
+
+
+def _build_in_child(tmp: str, final: SuitePaths, s: SuiteSettings, log: Log) -> None:
+    """Builds into `tmp` in a fresh Python process (`d2c_jax.suite.worker`) whose XLA runs with
+    build_env(): XLA reads its flags once per process, so the caller's own (maybe already
+    initialised) JAX cannot fix them. The child's output lines are passed to `log`."""
+    cmd = [sys.executable, "-m", "d2c_jax.suite.worker", tmp, final.base_model,
+           json.dumps(dataclasses.asdict(s))]
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=build_env()) as proc:
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-20:]
+            log(line.rstrip())
+    if proc.returncode != 0:
+        raise RuntimeError(f"suite build process failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +273,9 @@ def _make_world(s: SuiteSettings) -> _World:
     return _World(world, vocab, task_list, splits)
 
 
-def _build_into(tmp: str, final: SuitePaths, s: SuiteSettings, log: Log) -> None:
+def build_into(tmp: str, base_model: str, s: SuiteSettings, log: Log) -> None:
+    """Writes the whole suite into `tmp` (the adapters name `base_model` as their base), in this
+    process: `d2c_jax.suite.worker` runs it under build_env()."""
     t_start = time.time()
     w = _make_world(s)
     paths = suite_paths(tmp)
@@ -254,7 +296,7 @@ def _build_into(tmp: str, final: SuitePaths, s: SuiteSettings, log: Log) -> None
     lora, ad_losses = train.train_adapters(cfg, params, lora, _adapter_batches(s, w), scaling=scaling,
                                            lr=s.adapter_lr, log=log)
     t_ad = time.time() - t0
-    _save_adapters(paths.adapters_dir, lora, w.names, s, final.base_model)
+    _save_adapters(paths.adapters_dir, lora, w.names, s, base_model)
 
     # How good is it: zero-shot vs own adapter vs the others, on the held-out split.
     ev = train.stack_batches([_task_batch(w.vocab, w.splits[n]["eval"], s.seq_len) for n in w.names])
@@ -313,6 +355,14 @@ def _save_adapters(adapters_dir: str, lora: dict, names: list[str], s: SuiteSett
                                    rank=s.rank, alpha=s.alpha, base_model_path=base_model)
 
 
+def weights_hash(files: dict[str, dict[str, Any]]) -> str:
+    """sha256 of the sorted {path: sha256} of the weight files (base model and adapters, the
+    `*.safetensors` of the manifest's `files`): two builds trained the same weights iff it is equal
+    (their other files hold absolute paths)."""
+    weights = {rel: info["sha256"] for rel, info in files.items() if rel.endswith(".safetensors")}
+    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
+
+
 def _write_manifest(tmp: str, s: SuiteSettings, names: list[str], quality: dict) -> None:
     """suite.json, written last (the temp dir is swapped in whole): settings, hashes of every
     file, quality."""
@@ -322,6 +372,9 @@ def _write_manifest(tmp: str, s: SuiteSettings, names: list[str], quality: dict)
         "settings": settings_dict(s),
         "settings_hash": settings_hash(s),
         "content_hash": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+        "weights_hash": weights_hash(files),
+        "build": {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                  "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()},
         "paths": {"base_model": "base", "adapters_dir": "adapters", "data_dir": "data"},
         "tasks": names,
         "quality": quality,

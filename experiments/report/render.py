@@ -57,6 +57,23 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str |
     return "\n".join(lines)
 
 
+# Measured with reduced builds of the suite (issue 12, item 8); see d2c_jax/suite/build.py.
+ACROSS_MACHINES = (
+    "- Across machines: the suite is trained in a child process pinned to one CPU with fixed XLA CPU "
+    "flags (`BUILD_XLA_FLAGS`, `d2c_jax/suite/build.py`), and the weights hash above names the weights "
+    "it trained: reports that show the same weights hash were computed from bit-identical weights. "
+    "Measured on reduced builds: the weights no longer change with the machine's CPU count, the "
+    "caller's XLA flags or XLA's code capped at AVX2 instead of this machine's AVX-512 (capped at AVX, "
+    "i.e. a CPU without AVX2/FMA, they do; CPUs with other cache sizes could not be emulated). Before "
+    "(XLA's defaults: multi-threaded ops, a dot library that picks its kernels per CPU) the weights "
+    "changed with the CPU count, and two 2-core machines' reports of this command differed by 0.1–1.7 "
+    "points of score per Table 1 row (zero-shot 0.12, all-in-one 1.59, random 1.72, K-means 1.06, SVD "
+    "K-means 0.38, D²C paper 0.94, D²C ours 0.93), as much as the spread over seeds. With the same "
+    "weights the report itself did not depend on the CPU count: D²C (paper setting, seed 0) on 1 and "
+    "on 2 CPUs found the same partition with bit-identical search loss, eval loss and score."
+)
+
+
 def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) -> str:
     """docs/results.md. `images`: {role: file name} of the PNGs written beside it."""
     images = images or {}
@@ -73,9 +90,10 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
             f"({', '.join(f'{k_}: {v:.0f}s' for k_, v in res.stage_seconds.items())}), in one process "
             "on this machine's CPU (JAX)."]
     out += ["", "## Setup", ""]
+    hashes = [f"{what} hash {h}" for what, h in (("settings", res.suite_hash), ("weights", res.weights_hash)) if h]
     out += [
         f"- Suite: `{_rel(res.suite.root)}`"
-        + (f" (suite.json settings hash {res.suite_hash})" if res.suite_hash else "")
+        + (f" (suite.json {', '.join(hashes)})" if hashes else "")
         + f": {len(fams)} task families × {len(langs)} languages = "
         f"{n} tasks, one LoRA adapter per task (rank {res.adapters['rank']}, scaling "
         f"{res.adapters['scaling']:g}, modules {', '.join(res.adapters['modules'])}); base model "
@@ -101,6 +119,8 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
                 f"own adapter {q.get('own_adapter_loss')}, adapter of the same family in another "
                 f"language {q.get('same_family_other_language_loss')}, same language other family "
                 f"{q.get('same_language_other_family_loss')}, other family {q.get('other_family_loss')}."]
+    if res.weights_hash:
+        out += [ACROSS_MACHINES]
 
     out += ["", f"## Table 1 (K = {k}, storage {_storage(k, n)} %)", ""]
     header = ["Method", "K", "Storage %", "Avg score ↑", "Eval loss ↓", "Search loss ↓",
@@ -316,6 +336,7 @@ def result_json(res: ReportResult) -> dict[str, Any]:
         "command": res.cfg.command,
         "suite": res.suite.root,
         "suite_settings_hash": res.suite_hash,
+        "suite_weights_hash": res.weights_hash,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(res.cfg).items()},
         "seconds": res.seconds,
         "stage_seconds": res.stage_seconds,

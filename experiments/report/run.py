@@ -294,6 +294,7 @@ class ReportResult:
     stage_seconds: dict[str, float]
     manifest_quality: dict[str, Any] | None
     suite_hash: str | None = None  # suite.json's settings hash (which suite build this was)
+    weights_hash: str | None = None  # suite.json's weights hash (which weights that build trained)
     seconds: float = 0.0
     started: str = ""
 
@@ -407,6 +408,7 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
         runs=runs, stage_seconds=stage,
         manifest_quality=(manifest or {}).get("quality", {}).get("summary"),
         suite_hash=str((manifest or {}).get("settings_hash", ""))[:12] or None,
+        weights_hash=str((manifest or {}).get("weights_hash", ""))[:12] or None,
         started=started,
     )
     result.seconds = time.perf_counter() - t_start
