@@ -83,8 +83,8 @@ def test_second_call_is_a_cache_hit(suite, monkeypatch):
     before = _file_hashes(paths.root)
     mtime = os.path.getmtime(os.path.join(paths.root, "suite.json"))
     builds = []
-    monkeypatch.setattr(build, "build_suite", lambda *a, **k: builds.append(a) or pytest.fail("rebuilt"))
-    again = ensure_suite(paths.root, **TINY)
+    monkeypatch.setattr(build, "_build_in_child", lambda *a, **k: builds.append(a) or pytest.fail("rebuilt"))
+    again = ensure_suite(paths.root, **TINY)  # returns at once: nothing rewritten
     assert builds == []
     assert again == paths
     assert os.path.getmtime(os.path.join(paths.root, "suite.json")) == mtime
