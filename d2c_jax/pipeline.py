@@ -34,7 +34,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from d2c_jax import checkpoint, data, lora, merge, plots
+from d2c_jax import budget as budget_lib
+from d2c_jax import checkpoint, data, lora, merge, plots, tune
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.atomic_io import write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.checkpoint import Checkpointer, PreemptionFlag
@@ -43,7 +44,7 @@ from d2c_jax.inputs import load_inputs
 from d2c_jax.merge import Prepared
 from d2c_jax.models.config import ModelConfig, load_config
 from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig
-from d2c_jax.search import SearchState, check_num_clusters, find_partition
+from d2c_jax.search import SearchState, check_num_clusters, evaluate_partition, find_partition
 from d2c_jax.sharding import (any_process, barrier, check_same_on_all_processes, from_main, initialize_distributed,
                               make_mesh)
 from d2c_jax.suite import ensure_preset
@@ -159,10 +160,10 @@ def _fingerprint(cfg: RunConfig, names: Sequence[str]) -> dict[str, Any]:
     )
 
 
-def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_main: bool):
+def _open_checkpointer(cfg: RunConfig, workdir: str, names: Sequence[str], is_main: bool, subdir: str = ""):
     """The Checkpointer, after checking any checkpoint there belongs to this run (--overwrite:
-    discard one that does not)."""
-    directory = os.path.join(workdir, CHECKPOINTS)
+    discard one that does not). `subdir`: one directory per (K, rank) of the budget mode."""
+    directory = os.path.join(workdir, CHECKPOINTS, subdir) if subdir else os.path.join(workdir, CHECKPOINTS)
     fp = _fingerprint(cfg, names)
     ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
     error = None
@@ -225,7 +226,8 @@ def run(cfg: RunConfig) -> int:
     initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     is_main = _is_main()
     prepare_workdir(workdir, cfg.overwrite, is_main)
-    ckpt = _open_checkpointer(cfg, workdir, names, is_main) if cfg.strategy in SEARCH_STRATEGIES else None
+    ckpt = (_open_checkpointer(cfg, workdir, names, is_main)
+            if cfg.strategy in SEARCH_STRATEGIES and not cfg.budget_mode else None)
     try:
         # After the checkpoint check: config.json always describes the checkpoints.
         _on_main(lambda: write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json()), CONFIG, is_main)
@@ -235,19 +237,19 @@ def run(cfg: RunConfig) -> int:
             ckpt.close()
 
 
-def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelConfig, ckpt: Checkpointer | None,
-         start: float, is_main: bool) -> int:
-    settings = cfg.engine_settings()
-    # 3. Model, adapters, examples.
-    inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
-                         examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
-                         chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
-    if inputs.names != tuple(names):
-        raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
-    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.batch_size)
+def canonical_with(partition_n: np.ndarray, num_clusters: int, weights_k: Any) -> tuple[np.ndarray, Any]:
+    """`canonical`, with per-cluster weights [K, ...] (None: none) relabelled alike."""
+    out = canonical(partition_n, num_clusters)
+    order = [int(partition_n[np.flatnonzero(out == c)[0]]) for c in range(num_clusters)]
+    return out, None if weights_k is None else np.asarray(weights_k)[order]
 
-    # 4. Search or baseline.
-    k = settings.num_clusters
+
+def _find(cfg: RunConfig, inputs: Any, ckpt: Checkpointer | None, workdir: str, is_main: bool):
+    """(scorer, SearchResult, cfg) of the search (or baseline) at cfg's K and output rank; None
+    when preempted (a checkpoint was saved)."""
+    settings = cfg.engine_settings()
+    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.batch_size,
+                           rank=cfg.output_rank or None)
 
     def on_checkpoint(state: SearchState) -> None:
         rows = state.metrics
@@ -266,13 +268,75 @@ def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelCon
     if result.preempted:
         if is_main:
             print(f"preempted: checkpoint of iteration {result.state.iteration}/{settings.iterations} saved "
-                  f"in {os.path.join(workdir, CHECKPOINTS)}; re-run the same command to resume")
-        return 0
+                  f"in {ckpt.directory}; re-run the same command to resume")
+        return None
+    return scorer, result, cfg
+
+
+def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelConfig, ckpt: Checkpointer | None,
+         start: float, is_main: bool) -> int:
+    settings = cfg.engine_settings()
+    # 3. Model, adapters, examples.
+    inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
+                         examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
+                         chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
+    if inputs.names != tuple(names):
+        raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
+
+    # 4. Search or baseline: once, or once per (K, rank) way of filling the storage budget.
+    if cfg.budget_mode:
+        limit = budget_lib.budget_bytes(inputs.adapters, cfg.budget, cfg.budget_mb)
+        ranks = cfg.budget_rank_list or budget_lib.default_ranks(inputs.adapters.rank,
+                                                                 cfg.merge in merge.DELTA_METHODS)
+        ways = budget_lib.candidates(inputs.adapters, limit, ranks)
+    else:
+        ways = [(settings.num_clusters, cfg.output_rank or inputs.adapters.rank)]
+    found, budget_rows = None, []
+    for k_way, r_way in ways:
+        cfg_way = cfg if not cfg.budget_mode else dataclasses.replace(
+            cfg, search=dataclasses.replace(cfg.search, num_clusters=k_way), output_rank=r_way, budget=None,
+            budget_mb=None, budget_ranks="")
+        if is_main and cfg.budget_mode:
+            print(f"budget: K = {k_way} at rank {r_way}", flush=True)
+        if cfg.budget_mode and cfg.strategy in SEARCH_STRATEGIES:
+            ckpt = _open_checkpointer(cfg_way, workdir, names, is_main, subdir=f"k{k_way}_r{r_way}")
+        try:
+            outcome = _find(cfg_way, inputs, ckpt, workdir, is_main)
+        finally:
+            if cfg.budget_mode and ckpt is not None:
+                ckpt.close()
+        if outcome is None:  # preempted after saving a checkpoint
+            return 0
+        if cfg.budget_mode:
+            budget_rows.append({"num_clusters": k_way, "rank": r_way, "objective": outcome[1].objective,
+                                "bytes": budget_lib.storage_bytes(inputs.adapters, k_way, r_way),
+                                "evaluations": outcome[1].evaluations})
+        if found is None or outcome[1].objective < found[1].objective:
+            found = outcome
+    scorer, result, cfg_best = found
+    settings = cfg_best.engine_settings()
+    k = settings.num_clusters
+    prepared = inputs.prepared(cfg_best.merge, cfg_best.density, cfg_best.search.seed, cfg_best.output_rank or None)
     partition_n, objective, task_losses_n = result.partition_n, result.objective, result.task_losses_n
     metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
 
+    # Learned merge weights (after the search; --tune_during_search: of every chain's partition).
+    tuning, weights_k = None, None
+    if cfg.tune_weights or cfg.tune_during_search:
+        chains = result.state.partitions_pn if cfg.tune_during_search else partition_n[None]
+        res = tune.tune_partitions(inputs.params, model_cfg, prepared, inputs.task_data, chains, k, cfg.tune,
+                                   example_chunk=scorer.example_chunk)
+        best = int(np.argmin(res.chain_totals())) if cfg.tune_during_search else 0
+        if cfg.tune_during_search and best != chain:  # tuning changed which chain is best
+            partition_n, chain = chains[best], best
+            objective, task_losses_n, _ = evaluate_partition(scorer, partition_n, k)
+        tuning = res.chain(best).summary()
+        tuning.update(granularity=cfg.tune_granularity, during_search=cfg.tune_during_search,
+                      chain_totals=[float(x) for x in res.chain_totals()])
+        weights_k = res.chain(best).weights
+
     # 5. Outputs (process 0).
-    partition_n = canonical(partition_n, k)
+    partition_n, weights_k = canonical_with(partition_n, k, weights_k)
     check_same_on_all_processes((partition_n, np.float64(objective)), "the final partition")
     clusters = clusters_of(partition_n, names, k)
     doc = {
@@ -285,6 +349,7 @@ def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelCon
         "search_objective": cfg.search.objective,
         "merge": cfg.merge,
         "density": cfg.density,
+        "output_rank": int(prepared.rank),
         "seed": cfg.search.seed,
         "iterations": settings.iterations,
         "population": settings.population,
@@ -301,9 +366,13 @@ def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelCon
         "data_dir": cfg.data_dir,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    prepared = inputs.prepared(cfg.merge, cfg.density, cfg.search.seed)
-    _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared, cfg.base_model),
-             "the outputs", is_main)
+    if budget_rows:
+        doc["budget"] = {"percent": cfg.budget, "mb": cfg.budget_mb, "ways": budget_rows,
+                         "chosen": {"num_clusters": k, "rank": int(prepared.rank)}}
+    if tuning is not None:
+        doc["tuning"] = tuning
+    _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared, cfg.base_model,
+                                   weights_k), "the outputs", is_main)
     if is_main:
         print(final_table(doc))
         print(f"outputs in {workdir}")
@@ -319,9 +388,11 @@ def write_outputs(
     metrics: Sequence[Mapping[str, Any]],
     prepared: Prepared,
     base_model: str,
+    weights_k: Any = None,
 ) -> None:
     """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
-    write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model)
+    write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model,
+                 weights_k)
     write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(metrics, f"{doc['strategy']} search"))
     write_bytes_atomic(
         os.path.join(workdir, ASSIGNMENT_PNG),
@@ -332,16 +403,15 @@ def write_outputs(
 
 
 def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepared: Prepared,
-                 base_model: str) -> None:
-    """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter; the whole directory is built
-    beside out_dir and renamed into place, so no half-written merged/ is ever left."""
-
-
-    merge_fn = jax.jit(merge.merge_mask)
+                 base_model: str, weights_k: Any = None) -> None:
+    """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter (with weights_k[k] when
+    given: tuned merge weights); the whole directory is built beside out_dir and renamed into
+    place, so no half-written merged/ is ever left."""
+    loras = jax.tree.map(np.asarray, tune.merged_clusters(prepared, partition_n, num_clusters, weights_k))
 
     def write(tmp: str) -> None:
         for k in range(num_clusters):
-            lora_k = jax.tree.map(np.asarray, merge_fn(prepared, np.asarray(partition_n == k)))
+            lora_k = jax.tree.map(lambda x: x[k], loras)
             lora.save_peft_adapter(os.path.join(tmp, f"cluster_{k}"), lora_k, rank=prepared.rank,
                                    alpha=prepared.rank, base_model_path=base_model)
 

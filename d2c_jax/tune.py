@@ -80,6 +80,24 @@ class TuneResult:
     seconds: float
     num_fit: int  # examples per task fitted
     num_heldout: int  # examples per task held out
+    num_chains: int = 1  # P partitions tuned together: the cluster axis is P * K, chain-major
+
+    def chain(self, p: int) -> TuneResult:
+        """The result of partition p alone (cluster axis K)."""
+        k = len(self.kept_k) // self.num_chains
+        sl = slice(p * k, (p + 1) * k)
+        return dataclasses.replace(
+            self, weights=self.weights[sl], tuned=self.tuned[sl], kept_k=self.kept_k[sl],
+            unit_fit_k=self.unit_fit_k[sl], tuned_fit_k=self.tuned_fit_k[sl],
+            unit_heldout_k=self.unit_heldout_k[sl], tuned_heldout_k=self.tuned_heldout_k[sl],
+            best_step_k=self.best_step_k[sl], num_chains=1)
+
+    def chain_totals(self) -> np.ndarray:
+        """float64 [P]: each partition's summed loss (fitted + held-out examples) with its kept
+        weights, the criterion --tune_during_search picks a chain by."""
+        kept = self.kept_k
+        per_c = np.where(kept, self.tuned_fit_k + self.tuned_heldout_k, self.unit_fit_k + self.unit_heldout_k)
+        return per_c.reshape(self.num_chains, -1).sum(axis=1)
 
     def summary(self) -> dict[str, Any]:
         """The numbers partition.json and the report show."""
@@ -145,48 +163,52 @@ def _split(task_data: Any, holdout: float) -> tuple[tuple, tuple, int, int]:
     return fit, held, n_fit, n_held
 
 
-def tune_partition(
+def tune_partitions(
     params: Any,
     cfg: Any,
     prepared: Any,
     task_data: Any,
-    partition_n: Any,
+    partitions_pn: Any,
     num_clusters: int,
     settings: TuneSettings = TuneSettings(),
     *,
     example_chunk: int | None = None,
     log: Any = None,
 ) -> TuneResult:
-    """Tunes every cluster's merge weights at once (see the module docstring)."""
+    """Tunes the merge weights of every cluster of P partitions [P, N] at once (the module
+    docstring); the result's cluster axis is P * K (chain-major), see `TuneResult.chain`."""
     import optax
 
     start = time.perf_counter()
-    partition_n = np.asarray(partition_n, np.int32)
-    n, k = len(partition_n), int(num_clusters)
+    partitions_pn = np.asarray(partitions_pn, np.int32).reshape(-1, np.shape(partitions_pn)[-1])
+    p, n = partitions_pn.shape
+    k = int(num_clusters)
     num_layers = next(iter(prepared.single.values()))["a"].shape[1]
-    masks_kn = jnp.asarray(partition_n[None, :] == np.arange(k)[:, None])
-    cluster_t = jnp.asarray(partition_n)
+    masks_cn = jnp.asarray((partitions_pn[:, None, :] == np.arange(k)[None, :, None]).reshape(p * k, n))
+    cluster_q = jnp.asarray((partitions_pn + k * np.arange(p)[:, None]).reshape(-1))  # (chain, task) -> cluster
+    task_q = jnp.asarray(np.tile(np.arange(n), p))
     fit, held, n_fit, n_held = _split(task_data, settings.holdout)
     fit, held = tuple(jnp.asarray(x) for x in fit), tuple(jnp.asarray(x) for x in held)
-    shape = (k, n) if settings.granularity == "adapter" else (k, n, num_layers)
+    shape = (p * k, n) if settings.granularity == "adapter" else (p * k, n, num_layers)
 
-    def cluster_losses(w_k, arrays):
-        lora_k = jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_k, masks_kn)
-        lora_t = jax.tree.map(lambda x: jnp.take(x, cluster_t, axis=0), lora_k)
-        loss_t = loss_lib.candidate_losses(params, cfg, lora_t, *arrays, example_chunk=example_chunk)
-        return jax.ops.segment_sum(loss_t, cluster_t, num_segments=k)
+    def cluster_losses(w_c, arrays):
+        lora_c = jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_c, masks_cn)
+        lora_q = jax.tree.map(lambda x: jnp.take(x, cluster_q, axis=0), lora_c)
+        arrays_q = tuple(jnp.take(x, task_q, axis=0) for x in arrays)
+        loss_q = loss_lib.candidate_losses(params, cfg, lora_q, *arrays_q, example_chunk=example_chunk)
+        return jax.ops.segment_sum(loss_q, cluster_q, num_segments=p * k)
 
     opt = optax.adam(settings.learning_rate)
 
-    def train_step(w_k, opt_state):
+    def train_step(w_c, opt_state):
         def total(w):
-            per_k = cluster_losses(w, fit)
-            return jnp.sum(per_k), per_k
+            per_c = cluster_losses(w, fit)
+            return jnp.sum(per_c), per_c
 
-        (_, fit_k), grad = jax.value_and_grad(total, has_aux=True)(w_k)
-        updates, opt_state = opt.update(grad, opt_state, w_k)
-        w_new = jnp.clip(optax.apply_updates(w_k, updates), settings.min_weight, settings.max_weight)
-        return w_new, opt_state, fit_k, cluster_losses(w_new, held)
+        (_, fit_c), grad = jax.value_and_grad(total, has_aux=True)(w_c)
+        updates, opt_state = opt.update(grad, opt_state, w_c)
+        w_new = jnp.clip(optax.apply_updates(w_c, updates), settings.min_weight, settings.max_weight)
+        return w_new, opt_state, fit_c, cluster_losses(w_new, held)
 
     train_step = jax.jit(train_step)
     eval_held = jax.jit(lambda w: cluster_losses(w, held))
@@ -196,32 +218,39 @@ def tune_partition(
     unit_held = np.asarray(eval_held(w), np.float64)
     unit_fit = np.asarray(eval_fit(w), np.float64)
     best_held, best_w = unit_held.copy(), np.ones(shape, np.float32)
-    best_step = np.zeros(k, np.int32)
+    best_step = np.zeros(p * k, np.int32)
     opt_state = opt.init(w)
     since, steps = 0, 0
     for it in range(1, settings.steps + 1):
-        w, opt_state, _, held_k = train_step(w, opt_state)
-        held_k = np.asarray(held_k, np.float64)
+        w, opt_state, _, held_c = train_step(w, opt_state)
+        held_c = np.asarray(held_c, np.float64)
         steps = it
-        better = held_k < best_held
+        better = held_c < best_held
         if better.any():
-            w_np = np.asarray(w)
-            best_w[better] = w_np[better]
-            best_held[better] = held_k[better]
+            best_w[better] = np.asarray(w)[better]
+            best_held[better] = held_c[better]
             best_step[better] = it
             since = 0
         else:
             since += 1
         if log is not None and (it == 1 or it % 10 == 0):
-            log(f"tune step {it}: held-out {held_k.sum():.4f} (unit {unit_held.sum():.4f}, best {best_held.sum():.4f})")
+            log(f"tune step {it}: held-out {held_c.sum():.4f} (unit {unit_held.sum():.4f}, best {best_held.sum():.4f})")
         if since >= settings.patience:
             break
     tuned_fit = np.asarray(eval_fit(jnp.asarray(best_w)), np.float64)
     kept = best_step > 0  # strictly better than the unit weights on the held-out part
-    weights = np.where(kept.reshape((k,) + (1,) * (len(shape) - 1)), best_w, 1.0).astype(np.float32)
+    weights = np.where(kept.reshape((p * k,) + (1,) * (len(shape) - 1)), best_w, 1.0).astype(np.float32)
     return TuneResult(weights=weights, tuned=best_w, kept_k=kept, unit_fit_k=unit_fit, tuned_fit_k=tuned_fit,
                       unit_heldout_k=unit_held, tuned_heldout_k=best_held, best_step_k=best_step,
-                      steps=steps, seconds=time.perf_counter() - start, num_fit=n_fit, num_heldout=n_held)
+                      steps=steps, seconds=time.perf_counter() - start, num_fit=n_fit, num_heldout=n_held,
+                      num_chains=p)
+
+
+def tune_partition(params: Any, cfg: Any, prepared: Any, task_data: Any, partition_n: Any, num_clusters: int,
+                   settings: TuneSettings = TuneSettings(), **kwargs: Any) -> TuneResult:
+    """tune_partitions for one partition [N]: the result's cluster axis is K."""
+    return tune_partitions(params, cfg, prepared, task_data, np.asarray(partition_n)[None], num_clusters,
+                           settings, **kwargs)
 
 
 def merged_clusters(prepared: Any, partition_n: Any, num_clusters: int, weights: Any | None = None) -> Any:
