@@ -63,7 +63,7 @@ def tiny_report(tmp_path_factory):
         suite=root, output_dir=out_dir, seeds=1, num_clusters=2, iterations=3,
         cluster_counts=(1, 2), count_strategies=("d2c", "random"), count_seeds=1, population=2,
         proposals=2, compare_merges=("linear",), long_iterations=6, max_new_tokens=3, batch_size=8,
-        generation_batch_size=16, operators=("ties", "iso_c"), tune_steps=2,
+        generation_batch_size=16, operators=("ties", "iso_c"), tune_steps=2, tune_operators=("ties", "iso_c"),
         command="python launch/report.py --suite=TINY",
     )
     res = report.run_report(cfg)

@@ -105,15 +105,18 @@ def _run(script, args):
 
 def test_search_with_tuned_weights_and_budget_writes_what_it_reports(setup, tmp_path):
     wd = tmp_path / "wd"
-    _run("search.py", search_argv(setup["paths"], wd, tune_weights=True, tune_steps=4, budget=50,
-                                  budget_ranks="2,4", iterations=2, checkpoint_every=1) + ["--noprogress"])
+    _run("search.py", search_argv(setup["paths"], wd, tune_weights=True, tune_during_search=True, tune_steps=4,
+                                  budget=50, budget_ranks="2,4", iterations=2, checkpoint_every=1) + ["--noprogress"])
     doc = read_partition(wd)
+    totals = doc["tuning"]["chain_totals"]  # --tune_during_search: both chains tuned, the lowest kept
+    assert len(totals) == 2 and doc["best_chain"] == int(np.argmin(totals))
     ways = doc["budget"]["ways"]
     # 50 % of 5 rank-4 adapters = 10 rank units: K = 4 at rank 2 (K < N), K = 2 at rank 4.
     assert [(w["num_clusters"], w["rank"]) for w in ways] == [(4, 2), (2, 4)]
     best = min(ways, key=lambda w: w["objective"])
     assert (doc["num_clusters"], doc["output_rank"]) == (best["num_clusters"], best["rank"])
-    assert doc["objective"] == pytest.approx(best["objective"])
+    # the way's best chain by unit objective; tuning may pick another chain of that way
+    assert doc["objective"] >= best["objective"] - 1e-6
     k, r = doc["num_clusters"], doc["output_rank"]
     weights = np.asarray(doc["tuning"]["weights"], np.float32)
     assert weights.shape == (k, 5)

@@ -115,16 +115,17 @@ def run_merging(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any], 
         for r in _tuned_runs(bench, cfg, best_op, base_parts, k, log):
             record(r)
 
-    # D²C (ours) searched with the best operator.
+    # D²C searched with the best operator (the paper's setting: P = M = 1, local objective, which
+    # costs ~3 % of our setting's evaluations; SVD operators make every evaluation dearer).
     methods = {m.key: m for m in cfg.methods()}
     searched = []
     if cfg.operator_search:
         for s in seeds:
-            part, secs, evals, sl = report.find_partition(bench, methods["d2c_ours"], k, s, best_op)
-            run = report.evaluate_run(bench, "d2c_ours", part, k, s, best_op, secs, evals, sl)
+            part, secs, evals, sl = report.find_partition(bench, methods["d2c"], k, s, best_op)
+            run = report.evaluate_run(bench, "d2c", part, k, s, best_op, secs, evals, sl)
             searched.append(record(dataclasses.replace(run, variant="searched")))
         if best_variant == "tuned" and searched:
-            for r in _tuned_runs(bench, cfg, best_op, [("d2c_ours", r.seed, np.asarray(r.partition)) for r in searched],
+            for r in _tuned_runs(bench, cfg, best_op, [("d2c", r.seed, np.asarray(r.partition)) for r in searched],
                                  k, log, variant="searched_tuned"):
                 record(r)
 
@@ -142,7 +143,7 @@ def run_merging(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any], 
                     x = same[0]
                     part, secs, evals, sl = np.asarray(x.partition, np.int32), x.seconds, x.evaluations, x.search_loss
                 else:
-                    part, secs, evals, sl = report.find_partition(bench, methods["d2c_ours"], kk, s, best_op,
+                    part, secs, evals, sl = report.find_partition(bench, methods["d2c"], kk, s, best_op,
                                                                   rank=rank)
                 found.append((sl, kk, rank, part, secs, evals))
                 log(f"budget seed {s}: K={kk} rank {r}: search loss {sl:.4f}")
@@ -216,8 +217,9 @@ def render_merging(res: Any) -> list[str]:
             runs = sel(key, op, variant, k)
             if runs:
                 rows2.append([label, f"{op}, {wl}"] + cells(runs))
-        for v, label in (("searched", f"D²C ours searched with {op}"), ("searched_tuned", f"D²C ours searched with {op}")):
-            runs = sel("d2c_ours", op, v, k)
+        for v, label in (("searched", f"D²C (paper setting) searched with {op}"),
+                         ("searched_tuned", f"D²C (paper setting) searched with {op}")):
+            runs = sel("d2c", op, v, k)
             if runs:
                 rows2.append([label, f"{op}, {'tuned' if 'tuned' in v else 'unit'}"] + cells(runs))
         for v in ("budget", "budget_tuned"):
@@ -232,7 +234,7 @@ def render_merging(res: Any) -> list[str]:
         if budget_runs and budget_runs[0].extra:
             ways = budget_runs[0].extra.get("ways", [])
             out += ["", "Budget mode: the ways to fill the storage of K = "
-                    f"{k} rank-{res.adapters['rank']} adapters, each searched (D²C ours, {op}) and judged by its "
+                    f"{k} rank-{res.adapters['rank']} adapters, each searched (D²C paper setting, {op}) and judged by its "
                     "search loss (mean per task): " + "; ".join(
                         f"seed {r.seed}: " + ", ".join(f"K={w['num_clusters']} r={w['rank']}: {w['search_loss']:.4f}"
                                                       for w in r.extra["ways"]) for r in budget_runs) + "."]
@@ -262,6 +264,8 @@ def _best(res: Any, seeds: list[int]) -> tuple[str, str] | None:
 
 def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[str]:
     """The section's outcome against the issue's three targets, computed from the numbers."""
+    from d2c_jax import report
+
     k = res.cfg.num_clusters
     out = []
 
@@ -277,7 +281,7 @@ def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[s
     b, _ = mean("d2c_ours", op, variant)
     target = lo + 0.5 * (hi - lo)
     out.append(f"Gap target (≥ 50 %, score ≥ {target:.2f}): the best method ({op}, {variant or 'unit'} weights, on the "
-               f"D²C-ours partitions) scores {b:.2f} = {100 * (b - lo) / (hi - lo):.0f} % of the gap: "
+               f"D²C-ours partitions) scores {b:.2f} = {report._gap(b, lo, hi)} of the gap: "
                + ("met." if b >= target else "not met."))
     base_op = res.cfg.merge
     u, _ = mean("d2c_ours", base_op, "")
@@ -292,13 +296,13 @@ def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[s
                 " — does not help." if tt <= uu else "."))
     budget = [r for r in res.runs if r.key == "budget" and r.variant == "budget" and r.seed in seeds]
     if budget:
-        fixed, _ = mean("d2c_ours", op, "searched")
+        fixed, _ = mean("d2c", op, "searched")
         bs = float(np.mean([r.score for r in budget]))
         ref = fixed if fixed is not None else mean("d2c_ours", op, "")[0]
         out.append(f"Budget target (≥ fixed K = {k} at rank {res.adapters['rank']}, same bytes, {op} unit weights): "
                    f"budget mode {bs:.2f} vs fixed {ref:.2f}: " + ("met." if bs >= ref - 1e-9 else "not met."))
     svd, _ = mean("svd_kmeans", op, variant)
-    data_driven = mean("d2c_ours", op, "searched_tuned" if variant == "tuned" else "searched")[0]
+    data_driven = mean("d2c", op, "searched_tuned" if variant == "tuned" else "searched")[0]
     dd = max(x for x in (b, data_driven) if x is not None)
     if svd is not None:
         out.append(f"Clustering target (data-driven + {op} beats SVD K-means + {op}): {dd:.2f} vs {svd:.2f}: "
