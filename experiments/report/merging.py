@@ -264,8 +264,6 @@ def _best(res: Any, seeds: list[int]) -> tuple[str, str] | None:
 
 def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[str]:
     """The section's outcome against the issue's three targets, computed from the numbers."""
-    from d2c_jax import report
-
     k = res.cfg.num_clusters
     out = []
 
@@ -281,7 +279,7 @@ def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[s
     b, _ = mean("d2c_ours", op, variant)
     target = lo + 0.5 * (hi - lo)
     out.append(f"Gap target (≥ 50 %, score ≥ {target:.2f}): the best method ({op}, {variant or 'unit'} weights, on the "
-               f"D²C-ours partitions) scores {b:.2f} = {report._gap(b, lo, hi)} of the gap: "
+               f"D²C-ours partitions) scores {b:.2f} = {_gap(b, lo, hi)} of the gap: "
                + ("met." if b >= target else "not met."))
     base_op = res.cfg.merge
     u, _ = mean("d2c_ours", base_op, "")
