@@ -237,11 +237,10 @@ def run(cfg: RunConfig) -> int:
             ckpt.close()
 
 
-def canonical_with(partition_n: np.ndarray, num_clusters: int, weights_k: Any) -> tuple[np.ndarray, Any]:
-    """`canonical`, with per-cluster weights [K, ...] (None: none) relabelled alike."""
+def canonical_order(partition_n: np.ndarray, num_clusters: int) -> np.ndarray:
+    """int[K]: the label in `partition_n` of each cluster of `canonical(partition_n)`."""
     out = canonical(partition_n, num_clusters)
-    order = [int(partition_n[np.flatnonzero(out == c)[0]]) for c in range(num_clusters)]
-    return out, None if weights_k is None else np.asarray(weights_k)[order]
+    return np.array([int(partition_n[np.flatnonzero(out == c)[0]]) for c in range(num_clusters)])
 
 
 def _find(cfg: RunConfig, inputs: Any, ckpt: Checkpointer | None, workdir: str, is_main: bool):
@@ -330,13 +329,15 @@ def _run(cfg: RunConfig, workdir: str, names: Sequence[str], model_cfg: ModelCon
         if cfg.tune_during_search and best != chain:  # tuning changed which chain is best
             partition_n, chain = chains[best], best
             objective, task_losses_n, _ = evaluate_partition(scorer, partition_n, k)
-        tuning = res.chain(best).summary()
+        # Clusters in the order of the written partition (canonical labels).
+        kept = res.chain(best).clusters(canonical_order(partition_n, k))
+        tuning = kept.summary()
         tuning.update(granularity=cfg.tune_granularity, during_search=cfg.tune_during_search,
                       chain_totals=[float(x) for x in res.chain_totals()])
-        weights_k = res.chain(best).weights
+        weights_k = kept.weights
 
     # 5. Outputs (process 0).
-    partition_n, weights_k = canonical_with(partition_n, k, weights_k)
+    partition_n = canonical(partition_n, k)
     check_same_on_all_processes((partition_n, np.float64(objective)), "the final partition")
     clusters = clusters_of(partition_n, names, k)
     doc = {

@@ -85,12 +85,16 @@ class TuneResult:
     def chain(self, p: int) -> TuneResult:
         """The result of partition p alone (cluster axis K)."""
         k = len(self.kept_k) // self.num_chains
-        sl = slice(p * k, (p + 1) * k)
+        return self.clusters(np.arange(p * k, (p + 1) * k))
+
+    def clusters(self, idx: Any) -> TuneResult:
+        """The result restricted to (and ordered as) the clusters `idx` of one partition."""
+        idx = np.asarray(idx)
         return dataclasses.replace(
-            self, weights=self.weights[sl], tuned=self.tuned[sl], kept_k=self.kept_k[sl],
-            unit_fit_k=self.unit_fit_k[sl], tuned_fit_k=self.tuned_fit_k[sl],
-            unit_heldout_k=self.unit_heldout_k[sl], tuned_heldout_k=self.tuned_heldout_k[sl],
-            best_step_k=self.best_step_k[sl], num_chains=1)
+            self, weights=self.weights[idx], tuned=self.tuned[idx], kept_k=self.kept_k[idx],
+            unit_fit_k=self.unit_fit_k[idx], tuned_fit_k=self.tuned_fit_k[idx],
+            unit_heldout_k=self.unit_heldout_k[idx], tuned_heldout_k=self.tuned_heldout_k[idx],
+            best_step_k=self.best_step_k[idx], num_chains=1)
 
     def chain_totals(self) -> np.ndarray:
         """float64 [P]: each partition's summed loss (fitted + held-out examples) with its kept
