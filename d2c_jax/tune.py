@@ -151,19 +151,18 @@ def check_weights(w: Any, num_adapters: int, num_layers: int) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def _split(task_data: Any, holdout: float) -> tuple[tuple, tuple, int, int]:
-    """(fit arrays, held-out arrays) [T, n_part, S] each: the last ceil(holdout * n) examples
-    (at least one, at most n - 1) of every task are held out."""
-    arrays = (task_data.tokens_tns, task_data.targets_tns, task_data.weights_tns, task_data.attn_tns)
+def _split(task_data: Any, holdout: float) -> tuple[Any, Any, int, int]:
+    """(fit, held-out) TokenBatches [T, n_part, S]: the last ceil(holdout * n) examples (at least
+    one, at most n - 1) of every task are held out."""
     counts = np.asarray(task_data.num_examples)
     if counts.min() < 2:
         raise UserError(None, "weight tuning needs at least 2 search examples per task (one is held out)")
     n_held = min(max(1, math.ceil(holdout * counts.min())), int(counts.min()) - 1)
     n_fit = int(counts.min()) - n_held
-    # Every task's real examples come first (padding rows after them): fit = the first n_fit,
+    # Every task's real examples come first (dummy rows after them): fit = the first n_fit,
     # held out = the n_held after them, the same count for every task.
-    fit = tuple(x[:, :n_fit] for x in arrays)
-    held = tuple(x[:, n_fit:n_fit + n_held] for x in arrays)
+    fit = jax.tree.map(lambda x: jnp.asarray(x[:, :n_fit]), task_data.batch)
+    held = jax.tree.map(lambda x: jnp.asarray(x[:, n_fit:n_fit + n_held]), task_data.batch)
     return fit, held, n_fit, n_held
 
 
@@ -192,14 +191,13 @@ def tune_partitions(
     cluster_q = jnp.asarray((partitions_pn + k * np.arange(p)[:, None]).reshape(-1))  # (chain, task) -> cluster
     task_q = jnp.asarray(np.tile(np.arange(n), p))
     fit, held, n_fit, n_held = _split(task_data, settings.holdout)
-    fit, held = tuple(jnp.asarray(x) for x in fit), tuple(jnp.asarray(x) for x in held)
     shape = (p * k, n) if settings.granularity == "adapter" else (p * k, n, num_layers)
 
     def cluster_losses(w_c, arrays):
         lora_c = jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_c, masks_cn)
         lora_q = jax.tree.map(lambda x: jnp.take(x, cluster_q, axis=0), lora_c)
-        arrays_q = tuple(jnp.take(x, task_q, axis=0) for x in arrays)
-        loss_q = loss_lib.candidate_losses(params, cfg, lora_q, *arrays_q, example_chunk=example_chunk)
+        batch_q = jax.tree.map(lambda x: jnp.take(x, task_q, axis=0), arrays)
+        loss_q = loss_lib.candidate_losses(params, cfg, lora_q, batch_q, example_chunk=example_chunk)
         return jax.ops.segment_sum(loss_q, cluster_q, num_segments=p * k)
 
     opt = optax.adam(settings.learning_rate)

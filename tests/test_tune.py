@@ -41,8 +41,8 @@ def setup(tmp_path_factory):
 
 
 def _part(td, lo, hi):
-    f = ("tokens_tns", "targets_tns", "weights_tns", "attn_tns")
-    return dataclasses.replace(td, **{k: getattr(td, k)[:, lo:hi] for k in f})
+    return dataclasses.replace(td, batch=jax.tree.map(lambda x: x[:, lo:hi], td.batch),
+                               num_examples=np.full(td.num_tasks, hi - lo, np.int32))
 
 
 def _cluster_losses(setup, prepared, weights_k, td):
