@@ -253,6 +253,23 @@ class Evaluator:
             scores, preds = self._generation(table, partition_n)
         return self._result(losses, scores, preds)
 
+    def clusters(self, lora_k: Any, partition_n: Sequence[int], *, generation: bool = True) -> TaskScores:
+        """Each task with its cluster's given adapter (`lora_k`: lora leaves with a leading K
+        axis, e.g. merges with tuned weights, tune.merged_clusters)."""
+        import jax
+        import jax.numpy as jnp
+
+        partition_n = np.asarray(partition_n, np.int32)
+        k = int(jax.tree.leaves(lora_k)[0].shape[0])
+        losses = [self.scorer.loss_of_lora(jax.tree.map(lambda x: x[c], lora_k), t)
+                  for t, c in enumerate(partition_n)]
+        scores = preds = None
+        if generation:
+            size = max(self.table_size, k)
+            table = jax.tree.map(lambda x: jnp.pad(x, [(0, size - k)] + [(0, 0)] * (x.ndim - 1)), lora_k)
+            scores, preds = self._generation(table, partition_n)
+        return self._result(losses, scores, preds)
+
     def single(self, *, generation: bool = True) -> TaskScores:
         """Each task with its own adapter (a one-member merge is the adapter unchanged)."""
         n = self.num_tasks

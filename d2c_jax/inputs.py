@@ -70,23 +70,25 @@ class Inputs:
                                    examples_per_task=examples_per_task, max_seq_len=max_seq_len,
                                    chat_template=self.chat_template)
 
-    def prepared(self, method: str, density: float, seed: int = 0) -> Prepared:
-        """merge.prepare_merge of the adapters, once per (method, density, seed)."""
+    def prepared(self, method: str, density: float, seed: int = 0, rank: int | None = None) -> Prepared:
+        """merge.prepare_merge of the adapters, once per (method, density, seed, output rank)."""
         if self.adapters is None:
             raise UserError(None, "merging needs --adapters_dir")
-        key = (method, float(density), int(seed))
+        key = (method, float(density), int(seed), rank or None)
         if key not in self._prepared:
             # With a mesh: built in host memory (never whole on one accelerator), then sharded
             # over "model" by the Scorer.
             host = jax.local_devices(backend="cpu")[0] if self.mesh is not None else None
             with jax.default_device(host):
-                self._prepared[key] = merge.prepare_merge(self.adapters, method, density, seed=seed)
+                self._prepared[key] = merge.prepare_merge(self.adapters, method, density, seed=seed,
+                                                          rank=rank or None)
         return self._prepared[key]
 
     def scorer(self, method: str, density: float, *, seed: int = 0, batch_size: int | str = "auto",
-               task_data: TaskData | None = None, example_chunk: int | None = None) -> Scorer:
+               task_data: TaskData | None = None, example_chunk: int | None = None,
+               rank: int | None = None) -> Scorer:
         """A Scorer of the merges of `method` on `task_data` (default: the loaded split)."""
-        return Scorer(self.params, self.model_cfg, self.prepared(method, density, seed),
+        return Scorer(self.params, self.model_cfg, self.prepared(method, density, seed, rank),
                       self.task_data if task_data is None else task_data, batch_size=batch_size,
                       mesh=self.mesh, example_chunk=example_chunk)
 

@@ -20,8 +20,12 @@ Methods (weights w_i default 1; s_i = the adapter's scaling):
                   election and disjoint mean.
   ties_delta      PEFT "ties_svd": TIES on delta_i = s_i B_i @ A_i (weights w_i), then truncated
                   SVD back to rank R: b = U_R S_R, a = V_R^T.
+  knots_ties, knots_linear, iso_c: SVD operators, see merge_svd.py (prepare_merge / merge_mask
+                  dispatch there).
 A mask with exactly one member returns that adapter unchanged (a = A_i, b = w_i s_i B_i, no
-trimming), like PEFT, which falls back to "linear" for a single adapter.
+trimming), like PEFT, which falls back to "linear" for a single adapter. `rank` (default: the
+adapters' R) is the output rank: every output, the one-member case included, goes through
+merge_svd.fit_rank (zero-padding, or truncated SVD of b @ a when smaller than R).
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ from d2c_jax import lora as lora_lib
 from d2c_jax.lora import AdapterSet
 from d2c_jax.types import Lora
 
-METHODS = ("ties", "linear", "magnitude_prune", "dare_ties", "ties_delta")
+SVD_METHODS = ("knots_ties", "knots_linear", "iso_c")  # d2c_jax/merge_svd.py
+METHODS = ("ties", "linear", "magnitude_prune", "dare_ties", "ties_delta") + SVD_METHODS
+DELTA_METHODS = ("ties_delta",) + SVD_METHODS  # weights multiply delta_i (not sqrt on A and B)
 _SIGN_ELECTED = ("ties", "dare_ties", "ties_delta")
 
 
@@ -128,10 +134,19 @@ def prepare_merge(
     density: float = 0.5,
     seed: int = 0,
     weights: Sequence[float] | None = None,
+    rank: int | None = None,
 ) -> Prepared:
-    """Precomputes the mask-independent part of `method` (trimming is per adapter, done once)."""
+    """Precomputes the mask-independent part of `method` (trimming is per adapter, done once).
+    `rank`: the output rank r (None: the adapters' rank R)."""
     n = adapter_set.num_adapters
     w = _check(method, density, weights, n)
+    rank = adapter_set.rank if rank is None else int(rank)
+    if rank < 1:
+        raise UserError(None, f"output rank {rank} must be >= 1")
+    if method in SVD_METHODS:
+        from d2c_jax import merge_svd
+
+        return merge_svd.prepare(adapter_set, method, density, w, rank)
     ws = w * adapter_set.scaling  # float64, like PEFT's python floats
     if method == "ties_delta":
         weight_a = weight_b = w.astype(np.float32)
@@ -170,12 +185,13 @@ def prepare_merge(
         weight_a=jnp.asarray(weight_a),
         weight_b=jnp.asarray(weight_b),
         method=method,
-        rank=adapter_set.rank,
+        rank=rank,
     )
 
 
 def _expand(v_n: jax.Array, x: jax.Array) -> jax.Array:
-    return v_n.reshape(v_n.shape + (1,) * (x.ndim - 1))
+    """Per-adapter [N] (or per-adapter-and-layer [N, L]) values broadcast against x [N, L, ...]."""
+    return v_n.reshape(v_n.shape + (1,) * (x.ndim - v_n.ndim))
 
 
 def _masked_sum(m_n: jax.Array, x_n: jax.Array) -> jax.Array:
@@ -231,40 +247,33 @@ def _svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return f(x)
 
 
-def _svd_factors(delta_loi: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-    """Truncated SVD: b = U_R S_R [L, d_out, R], a = V_R^T [L, R, d_in] (zero-padded if R > min dim)."""
-    u, s, vh = _svd(delta_loi)
-    k = min(rank, s.shape[-1])
-    b = u[..., :k] * s[..., None, :k]
-    a = vh[..., :k, :]
-    if k < rank:
-        b = jnp.pad(b, [(0, 0), (0, 0), (0, rank - k)])
-        a = jnp.pad(a, [(0, 0), (0, rank - k), (0, 0)])
-    return a, b
-
-
 def merge_mask(prepared: Prepared, mask_n: Any) -> Lora:
     """Merges the adapters selected by mask_n (bool/0-1 [N]) into one lora with scaling 1.
 
     Pure and jit/vmap-able over mask_n. An empty mask gives zeros.
     """
+    from d2c_jax import merge_svd
+
     chex.assert_shape(mask_n, (prepared.num_adapters,))
+    if prepared.method in SVD_METHODS:
+        return merge_svd.merge_mask(prepared, mask_n)
     m_n = (jnp.asarray(mask_n) != 0).astype(jnp.float32)
     single = jnp.sum(m_n) == 1
     out = {}
     for mod, sv in prepared.single.items():
-        a1 = _masked_sum(m_n, sv["a"])
-        b1 = _masked_sum(m_n, sv["b"])
+        a1, b1 = merge_svd.fit_rank(_masked_sum(m_n, sv["a"]), _masked_sum(m_n, sv["b"]), prepared.rank)
         tv = prepared.task[mod]
         if prepared.method == "ties_delta":
             delta = _ties(tv["delta"], prepared.weight_a, m_n)
-            a, b = _svd_factors(delta, prepared.rank)
+            a, b = merge_svd.factors(delta, prepared.rank)
         elif prepared.method in _SIGN_ELECTED:
             a = _ties(tv["a"], prepared.weight_a, m_n)
             b = _ties(tv["b"], prepared.weight_b, m_n)
+            a, b = merge_svd.fit_rank(a, b, prepared.rank)
         else:
             a = _weighted_sum(tv["a"], prepared.weight_a, m_n)
             b = _weighted_sum(tv["b"], prepared.weight_b, m_n)
+            a, b = merge_svd.fit_rank(a, b, prepared.rank)
         out[mod] = {"a": jnp.where(single, a1, a), "b": jnp.where(single, b1, b)}
     return out
 
@@ -283,10 +292,12 @@ def merge_adapter_dirs(
     weights: Sequence[float] | None = None,
     seed: int = 0,
     base_model: str | None = None,
+    rank: int | None = None,
 ) -> str:
     """Merges the given PEFT adapters into one PEFT adapter at output_dir (written atomically).
 
-    Without base_model the base dims are read off the adapters' tensors and the output lists the
+    `weights`: one per adapter, or [N, L] (one per adapter and layer, e.g. tuned ones); `rank`:
+    the output rank (default: the adapters'). Without base_model the base dims are read off the adapters' tensors and the output lists the
     adapted layers explicitly (layers_to_transform), so it also fits a deeper base model; with
     base_model the adapters are checked against it. Returns output_dir.
     """
@@ -299,7 +310,14 @@ def merge_adapter_dirs(
         raise UserError(None, "--adapters names the same adapter directory twice")
     dims = load_config(base_model) if base_model else lora_lib.infer_dims(adapter_dirs)
     aset = lora_lib.load_adapter_dirs(adapter_dirs, dims)
-    prepared = prepare_merge(aset, method, density, seed=seed, weights=weights)
+    per_layer = weights is not None and np.ndim(weights) == 2
+    prepared = prepare_merge(aset, method, density, seed=seed, weights=None if per_layer else weights,
+                             rank=rank)
+    if per_layer:
+        from d2c_jax import tune
+
+        prepared = tune.with_weights(prepared, tune.check_weights(weights, aset.num_adapters,
+                                                                  aset.num_layers))
     merged = jax.tree.map(np.asarray, jax.jit(merge_mask)(prepared, np.ones(aset.num_adapters, bool)))
     if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(merged)):
         raise UserError(output_dir, "the merge is not finite (NaN or Inf); nothing written")
@@ -313,5 +331,6 @@ def merge_adapter_dirs(
     else:
         base_path = next((p for p in aset.base_model_paths if p), None)
     return lora_lib.save_peft_adapter(
-        output_dir, merged, rank=aset.rank, alpha=aset.rank, base_model_path=base_path, layers_to_transform=layers
+        output_dir, merged, rank=prepared.rank, alpha=prepared.rank, base_model_path=base_path,
+        layers_to_transform=layers
     )

@@ -39,7 +39,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from d2c_jax import compilation_cache, data, lora, merge, plots, signals
+from d2c_jax import budget as budget_lib
+from d2c_jax import compilation_cache, data, lora, merge, plots, signals, tune
 from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.checkpoint import Checkpointer
@@ -236,10 +237,11 @@ def _fingerprint(cfg: RunConfig, task_data: data.TaskData) -> dict[str, Any]:
                            examples, cfg.result_settings())
 
 
-def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_adapters: int, is_main: bool):
+def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_adapters: int, is_main: bool,
+                       subdir: str = ""):
     """The Checkpointer, after checking that the checkpoint there (if any) can be resumed by this run
-    (--overwrite: discard one that cannot)."""
-    directory = os.path.join(workdir, CHECKPOINTS)
+    (--overwrite: discard one that cannot). `subdir`: one directory per (K, rank) of the budget mode."""
+    directory = os.path.join(workdir, CHECKPOINTS, subdir) if subdir else os.path.join(workdir, CHECKPOINTS)
     ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
     error = None
     try:
@@ -315,7 +317,9 @@ def run(cfg: RunConfig) -> int:
                          chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
     if inputs.names != tuple(names):
         raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
-    fp = _fingerprint(cfg, inputs.task_data) if cfg.strategy in SEARCH_STRATEGIES else None
+    # The budget mode has one checkpoint directory (and fingerprint) per way of filling the budget.
+    fp = (_fingerprint(cfg, inputs.task_data)
+          if cfg.strategy in SEARCH_STRATEGIES and not cfg.budget_mode else None)
     check_disk(workdir, _need_bytes(inputs.adapters, settings.num_clusters, cfg))
     inputs.params  # noqa: B018 - the base weights read and checked (shapes, NaN/Inf) before any write
     is_main = _is_main()
@@ -340,15 +344,19 @@ def run(cfg: RunConfig) -> int:
             lock.release()
 
 
-def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None, start: float,
-         is_main: bool) -> int:
-    names = inputs.names
-    settings = dataclasses.replace(cfg.engine_settings(),
-                                   cache_size=cfg.search.cache_size or default_cache_size(len(names)))
-    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.scorer_batch_size)
+def canonical_order(partition_n: np.ndarray, num_clusters: int) -> np.ndarray:
+    """int[K]: the label in `partition_n` of each cluster of `canonical(partition_n)`."""
+    out = canonical(partition_n, num_clusters)
+    return np.array([int(partition_n[np.flatnonzero(out == c)[0]]) for c in range(num_clusters)])
 
-    # 4. Search or baseline.
-    k = settings.num_clusters
+
+def _find(cfg: RunConfig, inputs: Inputs, ckpt: Checkpointer | None, workdir: str, is_main: bool):
+    """(scorer, SearchResult, cfg) of the search (or baseline) at cfg's K and output rank, or the
+    exit status (an int) when a signal stopped it after a checkpoint was saved."""
+    settings = dataclasses.replace(cfg.engine_settings(),
+                                   cache_size=cfg.search.cache_size or default_cache_size(len(inputs.names)))
+    scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.scorer_batch_size,
+                           rank=cfg.output_rank or None)
 
     def on_checkpoint(state: SearchState) -> None:
         rows = state.metrics
@@ -372,10 +380,70 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
     else:
         # Process 0's partition for all: library k-means need not be bit-identical across hosts.
         result = find_partition(scorer, cfg.strategy, settings, inputs.adapters, agree=from_main)
+    return scorer, result, cfg
+
+
+def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None, start: float,
+         is_main: bool) -> int:
+    names = inputs.names
+    settings = cfg.engine_settings()
+
+    # 4. Search or baseline: once, or once per (K, rank) way of filling the storage budget.
+    if cfg.budget_mode:
+        limit = budget_lib.budget_bytes(inputs.adapters, cfg.budget, cfg.budget_mb)
+        ranks = cfg.budget_rank_list or budget_lib.default_ranks(inputs.adapters.rank,
+                                                                 cfg.merge in merge.DELTA_METHODS)
+        ways = budget_lib.candidates(inputs.adapters, limit, ranks)
+    else:
+        ways = [(settings.num_clusters, cfg.output_rank or inputs.adapters.rank)]
+    found, budget_rows = None, []
+    for k_way, r_way in ways:
+        cfg_way = cfg if not cfg.budget_mode else dataclasses.replace(
+            cfg, search=dataclasses.replace(cfg.search, num_clusters=k_way), output_rank=r_way, budget=None,
+            budget_mb=None, budget_ranks="")
+        if is_main and cfg.budget_mode:
+            print(f"budget: K = {k_way} at rank {r_way}", flush=True)
+        if cfg.budget_mode and cfg.strategy in SEARCH_STRATEGIES:
+            ckpt = _open_checkpointer(cfg_way, workdir, _fingerprint(cfg_way, inputs.task_data), len(names),
+                                      is_main, subdir=f"k{k_way}_r{r_way}")
+        try:
+            outcome = _find(cfg_way, inputs, ckpt, workdir, is_main)
+        finally:
+            if cfg.budget_mode and ckpt is not None:
+                ckpt.close()
+        if isinstance(outcome, int):  # stopped by a signal after saving a checkpoint
+            return outcome
+        if cfg.budget_mode:
+            budget_rows.append({"num_clusters": k_way, "rank": r_way, "objective": outcome[1].objective,
+                                "bytes": budget_lib.storage_bytes(inputs.adapters, k_way, r_way),
+                                "evaluations": outcome[1].evaluations})
+        if found is None or outcome[1].objective < found[1].objective:
+            found = outcome
+    scorer, result, cfg_best = found
+    settings = cfg_best.engine_settings()
+    k = settings.num_clusters
+    prepared = inputs.prepared(cfg_best.merge, cfg_best.density, cfg_best.search.seed, cfg_best.output_rank or None)
     partition_n, objective, task_losses_n = result.partition_n, result.objective, result.task_losses_n
     metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
     random_start, all_in_one, reference_evaluations = reference_objectives(
         scorer, result.state.cache, len(names), k, settings.seed, cfg.all_in_one_reference)
+
+    # Learned merge weights (after the search; --tune_during_search: of every chain's partition).
+    tuning, weights_k = None, None
+    if cfg.tune_weights or cfg.tune_during_search:
+        chains = result.state.partitions_pn if cfg.tune_during_search else partition_n[None]
+        res = tune.tune_partitions(inputs.params, inputs.model_cfg, prepared, inputs.task_data, chains, k, cfg.tune,
+                                   example_chunk=scorer.example_chunk)
+        best = int(np.argmin(res.chain_totals())) if cfg.tune_during_search else 0
+        if cfg.tune_during_search and best != chain:  # tuning changed which chain is best
+            partition_n, chain = chains[best], best
+            objective, task_losses_n, _ = evaluate_partition(scorer, partition_n, k)
+        # Clusters in the order of the written partition (canonical labels).
+        kept = res.chain(best).clusters(canonical_order(partition_n, k))
+        tuning = kept.summary()
+        tuning.update(granularity=cfg.tune_granularity, during_search=cfg.tune_during_search,
+                      chain_totals=[float(x) for x in res.chain_totals()])
+        weights_k = kept.weights
 
     # 5. Outputs (process 0); a signal meanwhile waits until they are complete.
     partition_n = canonical(partition_n, k)
@@ -393,6 +461,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "search_objective": cfg.search.objective,
         "merge": cfg.merge,
         "density": cfg.density,
+        "output_rank": int(prepared.rank),
         "seed": cfg.search.seed,
         "iterations": settings.iterations,
         "population": settings.population,
@@ -412,10 +481,14 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "data_dir": cfg.data_dir,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    prepared = inputs.prepared(cfg.merge, cfg.density, cfg.search.seed)
+    if budget_rows:
+        doc["budget"] = {"percent": cfg.budget, "mb": cfg.budget_mb, "ways": budget_rows,
+                         "chosen": {"num_clusters": k, "rank": int(prepared.rank)}}
+    if tuning is not None:
+        doc["tuning"] = tuning
     with PreemptionFlag() as flag:
         _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
-                                       cfg.base_model), "the outputs", is_main)
+                                       cfg.base_model, weights_k), "the outputs", is_main)
     if is_main:
         print(final_table(doc))
         print(f"outputs in {workdir}")
@@ -431,9 +504,11 @@ def write_outputs(
     metrics: Sequence[Mapping[str, Any]],
     prepared: Prepared,
     base_model: str,
+    weights_k: Any = None,
 ) -> None:
     """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
-    write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model)
+    write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model,
+                 weights_k)
     write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(metrics, f"{doc['strategy']} search"))
     write_bytes_atomic(
         os.path.join(workdir, ASSIGNMENT_PNG),
@@ -444,16 +519,15 @@ def write_outputs(
 
 
 def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepared: Prepared,
-                 base_model: str) -> None:
-    """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter; the whole directory is built
-    beside out_dir and renamed into place, so no half-written merged/ is ever left."""
-
-
-    merge_fn = jax.jit(merge.merge_mask)
+                 base_model: str, weights_k: Any = None) -> None:
+    """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter (with weights_k[k] when
+    given: tuned merge weights); the whole directory is built beside out_dir and renamed into
+    place, so no half-written merged/ is ever left."""
+    loras = jax.tree.map(np.asarray, tune.merged_clusters(prepared, partition_n, num_clusters, weights_k))
 
     def write(tmp: str) -> None:
         for k in range(num_clusters):
-            lora_k = jax.tree.map(np.asarray, merge_fn(prepared, np.asarray(partition_n == k)))
+            lora_k = jax.tree.map(lambda x: x[k], loras)
             lora.save_peft_adapter(os.path.join(tmp, f"cluster_{k}"), lora_k, rank=prepared.rank,
                                    alpha=prepared.rank, base_model_path=base_model)
 

@@ -28,7 +28,7 @@ OBJECTIVES = ("local", "global")
 RESULT_SETTINGS = (
     "strategy", "objective", "num_clusters", "iterations", "population", "proposals",
     "exchange_every", "merge", "density", "examples_per_task", "max_seq_len", "chat_template",
-    "dtype", "seed",
+    "dtype", "seed", "output_rank", "budget", "budget_mb", "budget_ranks",
 )
 
 
@@ -114,6 +114,23 @@ class RunConfig:
                                 "--suite_root/<name>; it supplies --base_model/--adapters_dir/--data_dir when "
                                 "they are unset.")
     suite_root: str = setting("runs/suites", "Where built-in suites are built and cached.")
+    # Beyond the paper's merge (issue 12).
+    output_rank: int = setting(0, "Rank of the merged adapters (0: the adapters' rank).")
+    budget: float | None = setting(None, "Storage budget in percent of storing all N adapters, instead of "
+                                   "--num_clusters: every (K, rank) way to fill it is searched, the lowest "
+                                   "objective kept.")
+    budget_mb: float | None = setting(None, "Storage budget in MB (10^6 bytes, float32 factors), instead of --budget.")
+    budget_ranks: str = setting("", "Candidate ranks of the budget mode, comma-separated (default: R/4, R/2, R, "
+                                "and 2R for delta-space merges).")
+    tune_weights: bool = setting(False, "After the search, tune each cluster's merge weights on its tasks' search "
+                                 "examples (part held out; kept only where they beat unit weights).")
+    tune_granularity: str = setting("adapter", "One weight per adapter, or per adapter and layer.",
+                                    choices=("adapter", "layer"))
+    tune_steps: int = setting(60, "Most optimiser steps of the weight tuning (Adam).")
+    tune_holdout: float = setting(0.3, "Fraction of each task's search examples held out for early stopping.")
+    tune_learning_rate: float = setting(0.05, "Adam learning rate of the weight tuning.")
+    tune_during_search: bool = setting(False, "Tune the final partition of every chain and keep the chain with "
+                                       "the lowest tuned loss (instead of the lowest unit-weight objective).")
 
     def __post_init__(self):
         if isinstance(self.batch_size, str) and self.batch_size.strip().isdigit():
@@ -142,7 +159,38 @@ class RunConfig:
             limit = "" if self.num_processes is None else f" and < --num_processes={self.num_processes}"
             _check(0 <= self.process_id < (self.num_processes or self.process_id + 1), "process_id",
                    self.process_id, f"must be >= 0{limit}")
+        _check(self.output_rank >= 0, "output_rank", self.output_rank, "must be >= 0 (0: the adapters' rank)")
+        _check(self.budget is None or self.budget_mb is None, "budget_mb", self.budget_mb,
+               "give --budget (percent) or --budget_mb, not both")
+        _check(self.budget is None or 0 < self.budget <= 100, "budget", self.budget, "must be in (0, 100]")
+        _check(self.budget_mb is None or self.budget_mb > 0, "budget_mb", self.budget_mb, "must be > 0")
+        _check(not self.budget_mode or not self.output_rank, "output_rank", self.output_rank,
+               "is chosen by the budget mode; leave it 0 with --budget/--budget_mb")
+        self.budget_rank_list  # validates --budget_ranks
+        if self.tune_weights or self.tune_during_search:
+            self.tune  # validates the tuning settings
         self.engine_settings()  # validates the engine's part too
+
+    @property
+    def budget_mode(self) -> bool:
+        return self.budget is not None or self.budget_mb is not None
+
+    @property
+    def budget_rank_list(self) -> tuple[int, ...]:
+        try:
+            ranks = tuple(int(x) for x in self.budget_ranks.split(",") if x.strip())
+        except ValueError:
+            raise UserError(None, f"--budget_ranks={self.budget_ranks}: must be comma-separated integers") from None
+        _check(all(r >= 1 for r in ranks), "budget_ranks", self.budget_ranks, "each must be >= 1")
+        return ranks
+
+    @property
+    def tune(self):
+        """The weight-tuning settings (d2c_jax.tune.TuneSettings)."""
+        from d2c_jax.tune import TuneSettings
+
+        return TuneSettings(granularity=self.tune_granularity, steps=self.tune_steps,
+                            learning_rate=self.tune_learning_rate, holdout=self.tune_holdout)
 
     @classmethod
     def from_flat(cls, **settings: Any) -> RunConfig:

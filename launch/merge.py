@@ -1,9 +1,13 @@
 """Merges PEFT LoRA adapters into one PEFT adapter (TIES by default, like PEFT's add_weighted_adapter).
 
   python launch/merge.py --adapters=DIR1,DIR2,... --method=ties --density=0.5 --output_dir=OUT \\
-      [--weights=1,1,...] [--seed=0] [--base_model=DIR]
+      [--weights=1,1,...] [--seed=0] [--base_model=DIR] [--output_rank=R]
+  python launch/merge.py --adapters=... --output_dir=OUT --base_model=DIR --tune_on=DATA_DIR \\
+      [--tune_granularity=adapter|layer]
 
 No base model is needed: its dims are read off the adapters (--base_model only checks the fit).
+--tune_on tunes the merge weights (d2c_jax/tune.py) on DATA_DIR/<task>.jsonl, task = each adapter
+directory's name (part held out; kept only if they beat unit weights there); needs --base_model.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ flags.DEFINE_float("density", 0.5, "Fraction of entries kept per tensor when tri
 flags.DEFINE_list("weights", None, "One weight per adapter (default: all 1).")
 flags.DEFINE_integer("seed", 0, "Seed of dare_ties' random drop mask.")
 flags.DEFINE_string("base_model", None, "Optional base model directory, to check the adapters fit it.")
+flags.DEFINE_integer("output_rank", 0, "Rank of the merged adapter (0: the adapters' rank).")
+flags.DEFINE_string("tune_on", None, "Tune the merge weights on this data directory's search examples "
+                    "(<task>.jsonl per adapter directory name); needs --base_model.")
+flags.DEFINE_enum("tune_granularity", "adapter", ["adapter", "layer"], "One weight per adapter, or per adapter and layer.")
+flags.DEFINE_integer("tune_steps", 60, "Most optimiser steps of the weight tuning.")
+flags.DEFINE_integer("examples_per_task", 10, "Search examples per task used by --tune_on.")
+flags.DEFINE_integer("max_seq_len", 1024, "Longest example in tokens (--tune_on).")
+flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Base weight dtype (--tune_on).")
 flags.mark_flags_as_required(["adapters", "output_dir"])
 FLAGS = flags.FLAGS
 
@@ -41,6 +53,29 @@ def _weights(raw: list[str] | None) -> list[float] | None:
         raise UserError(None, f"--weights must be comma-separated numbers; got {','.join(raw)!r}") from None
 
 
+def _tuned_weights():
+    """Weights [N] or [N, L] tuned on --tune_on (one cluster holding every adapter)."""
+    import numpy as np
+
+    from d2c_jax import data, hf_io, lora, merge, tune
+    from d2c_jax.models.config import load_config
+
+    cfg = load_config(FLAGS.base_model)
+    dirs = [str(d) for d in FLAGS.adapters]
+    aset = lora.load_adapter_dirs(dirs, cfg)
+    names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+    task_data = data.load_task_data(FLAGS.tune_on, names, hf_io.load_tokenizer(FLAGS.base_model), split="search",
+                                    examples_per_task=FLAGS.examples_per_task, max_seq_len=FLAGS.max_seq_len)
+    params = hf_io.load_params(FLAGS.base_model, cfg, FLAGS.dtype)
+    prepared = merge.prepare_merge(aset, FLAGS.method, FLAGS.density, seed=FLAGS.seed, rank=FLAGS.output_rank or None)
+    settings = tune.TuneSettings(granularity=FLAGS.tune_granularity, steps=FLAGS.tune_steps)
+    res = tune.tune_partition(params, cfg, prepared, task_data, np.zeros(len(dirs), np.int32), 1, settings)
+    s = res.summary()
+    print(f"held-out loss (summed over {len(dirs)} tasks): unit weights {s['heldout_unit_total']:.4f}, "
+          f"tuned {s['tuned_heldout'][0]:.4f} -> {'tuned' if s['kept'][0] else 'unit'} weights kept")
+    return res.weights[0]
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -48,9 +83,16 @@ def main(argv: Sequence[str]) -> None:
     def body() -> int:
         from d2c_jax.merge import merge_adapter_dirs
 
+        weights = _weights(FLAGS.weights)
+        if FLAGS.tune_on:
+            if not FLAGS.base_model:
+                raise UserError(None, "--tune_on needs --base_model (the losses are the base model's)")
+            if weights is not None:
+                raise UserError(None, "--tune_on starts from unit weights; leave --weights unset")
+            weights = _tuned_weights()
         out = merge_adapter_dirs(
             FLAGS.adapters, FLAGS.output_dir, method=FLAGS.method, density=FLAGS.density,
-            weights=_weights(FLAGS.weights), seed=FLAGS.seed, base_model=FLAGS.base_model,
+            weights=weights, seed=FLAGS.seed, base_model=FLAGS.base_model, rank=FLAGS.output_rank or None,
         )
         print(f"wrote {out}")
         return 0

@@ -188,3 +188,40 @@ def test_dare_ties_after_the_drop_is_peft_sign_election_and_disjoint_mean(setup)
                 sign = calculate_majority_sign_mask(tl)
                 want = disjoint_merge(tl * torch.from_numpy(w.astype(np.float32)).view(-1, 1, 1), sign).numpy()
                 np.testing.assert_allclose(np.asarray(ours[m][key][layer]), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,peft_type", [("ties", "ties"), ("linear", "linear"), ("ties_delta", "ties_svd")])
+def test_tuning_weights_on_a_unit_merge_matches_peft_weighted_merge(setup, method, peft_type):
+    """tune.with_weights (how tuned weights enter a merge): the unit-weight Prepared with
+    non-unit weights multiplied in == PEFT's add_weighted_adapter with those weights; w = 1
+    gives the unit merge exactly."""
+    from d2c_jax import tune
+
+    weights = np.array([0.5, 1.5, -0.8, 2.0])
+    unit = merge.prepare_merge(setup["aset"], method, 0.5)
+    f = jax.jit(lambda p, w, m: merge.merge_mask(tune.with_weights(p, w), m))
+    for mask in MASKS[:4]:
+        ours = lora_lib.lora_delta(f(unit, weights, np.array(mask, bool)))
+        ref = _peft_merge(setup, mask, weights, peft_type, 0.5)
+        assert _rel_err(ours, ref) <= RTOL, f"{method} mask={mask}"
+        same = f(unit, np.ones(4), np.array(mask, bool))
+        plain = merge.merge_mask(unit, np.array(mask, bool))
+        for x, y in zip(jax.tree.leaves(same), jax.tree.leaves(plain)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_per_layer_weights_merge_each_layer_with_its_own_weights(setup):
+    """Weights [N, L]: layer l of the merge == the merge with the per-adapter weights w[:, l]."""
+    from d2c_jax import tune
+
+    aset = setup["aset"]
+    num_layers = aset.num_layers
+    w_nl = np.linspace(0.3, 2.0, 4 * num_layers).reshape(4, num_layers)
+    unit = merge.prepare_merge(aset, "ties", 0.5)
+    got = merge.merge_mask(tune.with_weights(unit, w_nl), np.ones(4, bool))
+    for layer in range(num_layers):
+        ref = merge.merge_mask(merge.prepare_merge(aset, "ties", 0.5, weights=w_nl[:, layer]), np.ones(4, bool))
+        for m in ref:
+            for f in "ab":
+                np.testing.assert_allclose(np.asarray(got[m][f][layer]), np.asarray(ref[m][f][layer]),
+                                           rtol=1e-6, atol=1e-7)

@@ -65,7 +65,7 @@ def tiny_report(tmp_path_factory):
         suite=root, output_dir=out_dir, seeds=1, num_clusters=2, iterations=3,
         cluster_counts=(1, 2), count_strategies=("d2c", "random"), count_seeds=1, population=2,
         proposals=2, compare_merges=("linear",), long_iterations=6, max_new_tokens=3, batch_size=8,
-        generation_batch_size=16,
+        generation_batch_size=16, operators=("ties", "iso_c"), tune_steps=2, tune_operators=("ties", "iso_c"),
         command="python launch/report.py --suite=TINY",
     )
     res = report.run_report(cfg)
@@ -155,3 +155,21 @@ def test_bad_suite_is_a_user_error(tmp_path):
         report.resolve_suite(str(tmp_path), str(tmp_path))
     with pytest.raises(UserError, match="neither a suite directory nor a preset"):
         report.resolve_suite(str(tmp_path / "nope"), str(tmp_path))
+
+
+def test_merging_section_has_operators_tuned_weights_budget_and_targets(tiny_report):
+    res, _, md = tiny_report
+    sec = _section(md, "## Beyond the paper")
+    for op in ("ties", "iso_c"):
+        for weights in ("unit", "tuned"):
+            assert f"| D²C ours | {op} | {weights} |" in sec and f"| Family oracle | {op} | {weights} |" in sec
+    assert "Budget mode" in sec and "K-means (SVD, cosine)" in sec
+    for target in ("Gap target", "Budget target", "Clustering target"):
+        assert target in sec
+    # tuned rows: scored on the held-out split with the kept weights; the unit rows are the plain merges
+    tuned = [r for r in res.runs if r.variant == "tuned"]
+    assert tuned and all(r.extra["heldout_kept"] <= r.extra["heldout_unit"] + 1e-9 for r in tuned)
+    budget = [r for r in res.runs if r.key == "budget" and r.variant == "budget"]
+    assert budget and {(w["num_clusters"], w["rank"]) for w in budget[0].extra["ways"]} == {(2, 4), (4, 2)}
+    chosen = min(budget[0].extra["ways"], key=lambda w: w["search_loss"])
+    assert (budget[0].num_clusters, budget[0].rank or 4) == (chosen["num_clusters"], chosen["rank"])

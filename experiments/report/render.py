@@ -229,6 +229,9 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
     why = explanations(res)
     if why:
         out += ["", "### What explains the outcome", ""] + [f"- {line}" for line in why]
+    from experiments.report.merging import render_merging
+
+    out += render_merging(res)
     out.append("")
     return "\n".join(out)
 

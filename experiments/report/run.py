@@ -84,6 +84,17 @@ class ReportConfig:
     small_batch_size: int = setting(2, "The same for D²C with one chain and one proposal.")
     generation_batch_size: int = setting(128, "Prompts decoded per call.")
     command: str = ""  # the command line, recorded in the markdown
+    # Beyond the paper (merging.py): operators x {unit, tuned} weights, budget mode.
+    operators: tuple[str, ...] = setting(("ties", "ties_delta", "knots_ties", "knots_linear", "iso_c"),
+                                         "Merge operators applied to the D²C-ours and family-oracle partitions "
+                                         "(empty: skip the section).")
+    operator_seeds: int = setting(3, "Seeds of the operator section (at most --seeds).")
+    tune_steps: int = setting(30, "Most steps of the merge-weight tuning (0: no tuned rows).")
+    tune_operators: tuple[str, ...] = setting(("ties", "ties_delta"), "Operators that also get tuned-weight rows.")
+    tune_granularity: str = setting("adapter", "Tuned weights per adapter or per layer.", choices=("adapter", "layer"))
+    operator_search: bool = setting(True, "Also run D²C (paper setting) with the best operator.")
+    budget: bool = setting(True, "Budget mode at the storage of K rank-R adapters (operator section).")
+    budget_ranks: tuple[int, ...] = setting((), "The budget mode's candidate ranks (default: R/2 and R).")
 
     def __post_init__(self):
         def bad(flag: str, msg: str):
@@ -111,7 +122,7 @@ class ReportConfig:
             bad("objective", "must be local or global")
         if self.population < 1 or self.proposals < 1:
             raise UserError(None, "--population and --proposals must be >= 1")
-        for m in (self.merge, *self.compare_merges):
+        for m in (self.merge, *self.compare_merges, *self.operators):
             if m not in METHODS:
                 raise UserError(None, f"unknown merge method {m!r}; choose from {', '.join(METHODS)}")
         if not 0.0 < self.density <= 1.0:
@@ -184,33 +195,34 @@ class Bench:
         self.max_new_tokens = cfg.max_new_tokens or (
             evaluation.longest_response_tokens(self.eval_data, self.tokenizer) + 4)
         self._scorers: dict[tuple[str, int], Scorer] = {}
-        self._evaluators: dict[str, evaluation.Evaluator] = {}
+        self._evaluators: dict[tuple[str, int], evaluation.Evaluator] = {}
 
     @property
     def num_tasks(self) -> int:
         return len(self.names)
 
-    def prepared(self, merge: str) -> Prepared:
-        return self.inputs.prepared(merge, self.cfg.density, seed=0)
+    def prepared(self, merge: str, rank: int = 0) -> Prepared:
+        """The prepared merge of a method at an output rank (0: the adapters' rank)."""
+        return self.inputs.prepared(merge, self.cfg.density, seed=0, rank=rank or None)
 
-    def scorer(self, merge: str, batch_size: int | None = None) -> Scorer:
+    def scorer(self, merge: str, batch_size: int | None = None, rank: int = 0) -> Scorer:
         """The search-split Scorer of a merge method. Small batches suit one chain with one
         proposal (each call merges `batch_size` masks, padding included); see ReportConfig."""
-        key = (merge, batch_size or self.cfg.batch_size)
+        key = (merge, batch_size or self.cfg.batch_size, rank)
         if key not in self._scorers:
             self._scorers[key] = self.inputs.scorer(merge, self.cfg.density, batch_size=key[1],
-                                                    task_data=self.search_data)
+                                                    task_data=self.search_data, rank=rank or None)
         return self._scorers[key]
 
-    def evaluator(self, merge: str) -> evaluation.Evaluator:
+    def evaluator(self, merge: str, rank: int = 0) -> evaluation.Evaluator:
         """The eval-split Evaluator of a merge method (loss + generation metrics)."""
-        if merge not in self._evaluators:
-            self._evaluators[merge] = evaluation.Evaluator(
+        if (merge, rank) not in self._evaluators:
+            self._evaluators[(merge, rank)] = evaluation.Evaluator(
                 self.params, self.model_cfg, self.tokenizer, self.eval_data, self.task_metrics,
-                prepared=self.prepared(merge), batch_size=self.cfg.batch_size, example_chunk=None,
+                prepared=self.prepared(merge, rank), batch_size=self.cfg.batch_size, example_chunk=None,
                 max_new_tokens=self.max_new_tokens,
                 generation_batch_size=self.cfg.generation_batch_size)
-        return self._evaluators[merge]
+        return self._evaluators[(merge, rank)]
 
 
 def _tight(td: TaskData) -> TaskData:
@@ -246,10 +258,13 @@ class Run:
     evaluations: int  # scorer evaluations spent finding it
     task_scores: tuple[float, ...]
     task_losses: tuple[float, ...]
+    variant: str = ""  # "" unit weights; merging.py: "tuned", "searched", "budget", ...
+    rank: int = 0  # output rank of the merges (0: the adapters' rank)
+    extra: dict[str, Any] | None = None
 
 
 def find_partition(bench: Bench, method: Method, k: int, seed: int, merge: str,
-                   iterations: int | None = None):
+                   iterations: int | None = None, rank: int = 0):
     """(partition int32[N], seconds, evaluations, mean search-split loss); D²C runs
     `iterations` (default: the config's) iterations; K = 1 is the all-in-one merge. A baseline
     spends no evaluations finding its partition (its one scoring measures it)."""
@@ -260,7 +275,7 @@ def find_partition(bench: Bench, method: Method, k: int, seed: int, merge: str,
                               objective=method.objective, population=method.population,
                               proposals=method.proposals, exchange_every=method.exchange_every, seed=seed)
     start = time.perf_counter()
-    result = search.find_partition(bench.scorer(merge, batch), strategy, settings, bench.adapters)
+    result = search.find_partition(bench.scorer(merge, batch, rank), strategy, settings, bench.adapters)
     seconds = time.perf_counter() - start
     evaluations = int(result.evaluations) if strategy in SEARCH_STRATEGIES else 0
     return np.asarray(result.partition_n, np.int32), seconds, evaluations, result.objective / bench.num_tasks
@@ -268,15 +283,15 @@ def find_partition(bench: Bench, method: Method, k: int, seed: int, merge: str,
 
 def evaluate_run(bench: Bench, key: str, partition_n: np.ndarray | None, k: int, seed: int | None,
                  merge: str, seconds: float = 0.0, evaluations: int = 0,
-                 search_loss: float | None = None, single: bool = False) -> Run:
-    ev = bench.evaluator(merge)
+                 search_loss: float | None = None, single: bool = False, rank: int = 0) -> Run:
+    ev = bench.evaluator(merge, rank)
     if partition_n is None:
         res = ev.single() if single else ev.zero_shot()
     else:
         res = ev.partition(partition_n, k)
     return Run(key, k, seed, merge, None if partition_n is None else tuple(int(x) for x in partition_n),
                float(res.mean_score), float(res.mean_loss), search_loss, seconds, evaluations,
-               tuple(float(x) for x in res.scores_t), tuple(float(x) for x in res.losses_t))
+               tuple(float(x) for x in res.scores_t), tuple(float(x) for x in res.losses_t), rank=rank)
 
 
 @dataclasses.dataclass
@@ -299,9 +314,9 @@ class ReportResult:
     started: str = ""
 
     def select(self, key: str, k: int | None = None, merge: str | None = None,
-               seeds: Sequence[int] | None = None) -> list[Run]:
+               seeds: Sequence[int] | None = None, variant: str = "") -> list[Run]:
         merge = merge or self.cfg.merge
-        return [r for r in self.runs if r.key == key and r.merge == merge
+        return [r for r in self.runs if r.key == key and r.merge == merge and r.variant == variant
                 and (k is None or r.num_clusters == k) and (seeds is None or r.seed in seeds)]
 
 
@@ -329,7 +344,8 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
 
     def record(run: Run) -> Run:
         runs.append(run)
-        done[(run.key, run.num_clusters, run.seed, run.merge)] = run
+        if not run.variant and not run.rank:  # the unit-weight, rank-R run of (key, K, seed, merge)
+            done[(run.key, run.num_clusters, run.seed, run.merge)] = run
         log(f"{run.key:>10} K={run.num_clusters:<2} seed={run.seed} merge={run.merge}: score "
             f"{run.score:6.2f}  eval loss {run.loss:.4f}"
             + (f"  search loss {run.search_loss:.4f}" if run.search_loss is not None else "")
@@ -395,6 +411,14 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
                                 search_loss=_search_loss(bench, part, kk, merge)))
     stage["investigation"] = time.perf_counter() - t0
 
+    # Beyond the paper: merge operators, learned weights, the budget mode (merging.py).
+    t0 = time.perf_counter()
+    if cfg.operators:
+        from experiments.report.merging import run_merging
+
+        run_merging(bench, cfg, done, record, log)
+    stage["merging"] = time.perf_counter() - t0
+
     a = bench.adapters
     manifest = read_manifest(paths.root)
     result = ReportResult(
@@ -416,7 +440,7 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
 
 
 def _search_loss(bench: Bench, partition_n: np.ndarray, k: int, merge: str,
-                 batch_size: int | None = None) -> float:
+                 batch_size: int | None = None, rank: int = 0) -> float:
     """Mean loss per task on the search split (what D²C minimises) of a partition."""
-    scorer = bench.scorer(merge, batch_size)
+    scorer = bench.scorer(merge, batch_size, rank)
     return evaluate_partition(scorer, partition_n, k, LossCache(bench.num_tasks))[0] / bench.num_tasks

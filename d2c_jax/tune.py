@@ -1,0 +1,266 @@
+"""Learned merge weights: every cluster's per-adapter (or per-adapter-and-layer) merge weights tuned
+with optax on its tasks' search examples, all clusters at once in one jitted, vmapped loop.
+
+Shapes: K clusters, N adapters (= T tasks; adapter i is the adapter of task i), L layers,
+n examples per task (n_fit fitted + n_held held out), S sequence.
+
+The weights enter the merge as DESIGN.md pins them (`with_weights`): for the factor-wise methods
+A_i is weighted by sign(w_i s_i) sqrt|w_i s_i| and B_i by sqrt|w_i s_i|, for the delta-space
+methods (ties_delta, knots_*, iso_c) delta_i = s_i B_i A_i by w_i; the one-member case by w_i s_i
+B_i. The sign election does not depend on the weights, so the merge is differentiable in them and
+equal to the unit-weight merge at w = 1.
+
+Guard against fitting 10 examples per task: the last `holdout` fraction of each task's search
+examples is held out. Training minimises the summed loss of every cluster's tasks on the other
+examples, from w = 1 (the paper's unit weights); after every step the held-out loss of each cluster
+is measured, each cluster keeps the weights of its best held-out step, the loop stops when no
+cluster improved for `patience` steps, and a cluster keeps its tuned weights only where they beat
+the unit weights on the held-out part (else it keeps w = 1). The held-out examples are search
+examples: the `.eval.jsonl` split is never read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d2c_jax import loss as loss_lib
+from d2c_jax import merge as merge_lib
+from d2c_jax.errors import UserError
+
+GRANULARITIES = ("adapter", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    granularity: str = "adapter"  # one weight per adapter, or per adapter and layer
+    steps: int = 60  # at most this many optimiser steps
+    learning_rate: float = 0.05  # Adam
+    holdout: float = 0.3  # fraction of each task's search examples held out (at least one)
+    patience: int = 15  # stop when no cluster's held-out loss improved for this many steps
+    min_weight: float = 0.01  # weights are kept in [min_weight, max_weight] (sqrt|w| at 0 has no gradient)
+    max_weight: float = 8.0
+
+    def __post_init__(self):
+        def bad(flag: str, msg: str):
+            raise UserError(None, f"--{flag}={getattr(self, flag.replace('tune_', ''))}: {msg}")
+
+        if self.granularity not in GRANULARITIES:
+            raise UserError(None, f"--tune_granularity={self.granularity}: must be one of {', '.join(GRANULARITIES)}")
+        if self.steps < 1:
+            bad("tune_steps", "must be >= 1")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            bad("tune_learning_rate", "must be > 0")
+        if not 0 < self.holdout < 1:
+            bad("tune_holdout", "must be in (0, 1)")
+        if self.patience < 1:
+            bad("tune_patience", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """Per cluster: weights [K, N] (or [K, N, L]) kept (tuned where they won, else 1), the tuned
+    ones, and the summed loss of the cluster's tasks with unit / tuned weights on both parts."""
+
+    weights: np.ndarray
+    tuned: np.ndarray
+    kept_k: np.ndarray  # bool [K]: the tuned weights beat the unit ones on the held-out part
+    unit_fit_k: np.ndarray
+    tuned_fit_k: np.ndarray
+    unit_heldout_k: np.ndarray
+    tuned_heldout_k: np.ndarray
+    best_step_k: np.ndarray  # int [K]: the step of the kept tuned weights (0: the unit weights)
+    steps: int
+    seconds: float
+    num_fit: int  # examples per task fitted
+    num_heldout: int  # examples per task held out
+    num_chains: int = 1  # P partitions tuned together: the cluster axis is P * K, chain-major
+
+    def chain(self, p: int) -> TuneResult:
+        """The result of partition p alone (cluster axis K)."""
+        k = len(self.kept_k) // self.num_chains
+        return self.clusters(np.arange(p * k, (p + 1) * k))
+
+    def clusters(self, idx: Any) -> TuneResult:
+        """The result restricted to (and ordered as) the clusters `idx` of one partition."""
+        idx = np.asarray(idx)
+        return dataclasses.replace(
+            self, weights=self.weights[idx], tuned=self.tuned[idx], kept_k=self.kept_k[idx],
+            unit_fit_k=self.unit_fit_k[idx], tuned_fit_k=self.tuned_fit_k[idx],
+            unit_heldout_k=self.unit_heldout_k[idx], tuned_heldout_k=self.tuned_heldout_k[idx],
+            best_step_k=self.best_step_k[idx], num_chains=1)
+
+    def chain_totals(self) -> np.ndarray:
+        """float64 [P]: each partition's summed loss (fitted + held-out examples) with its kept
+        weights, the criterion --tune_during_search picks a chain by."""
+        kept = self.kept_k
+        per_c = np.where(kept, self.tuned_fit_k + self.tuned_heldout_k, self.unit_fit_k + self.unit_heldout_k)
+        return per_c.reshape(self.num_chains, -1).sum(axis=1)
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers partition.json and the report show."""
+        kept_heldout = np.where(self.kept_k, self.tuned_heldout_k, self.unit_heldout_k)
+        return {
+            "kept": [bool(x) for x in self.kept_k],
+            "unit_heldout": [float(x) for x in self.unit_heldout_k],
+            "tuned_heldout": [float(x) for x in self.tuned_heldout_k],
+            "unit_fit": [float(x) for x in self.unit_fit_k],
+            "tuned_fit": [float(x) for x in self.tuned_fit_k],
+            "heldout_unit_total": float(self.unit_heldout_k.sum()),
+            "heldout_kept_total": float(kept_heldout.sum()),
+            "best_step": [int(x) for x in self.best_step_k],
+            "steps": int(self.steps),
+            "seconds": round(float(self.seconds), 3),
+            "examples_fit": self.num_fit,
+            "examples_heldout": self.num_heldout,
+            "weights": np.round(self.weights, 6).tolist(),
+        }
+
+
+def _broadcast(v: jax.Array, w: jax.Array) -> jax.Array:
+    """A [N] weight leaf against weights w [N] or [N, L]."""
+    return v.reshape(v.shape + (1,) * (w.ndim - v.ndim))
+
+
+def with_weights(prepared: Any, w: Any) -> Any:
+    """`prepared` (built with unit weights) with merge weights w [N] or [N, L] multiplied in, as the
+    module docstring says; pure and differentiable in w (so it can be vmapped per cluster)."""
+    w = jnp.asarray(w, jnp.float32)
+    if prepared.method in merge_lib.DELTA_METHODS:
+        fa = fb = w
+    else:
+        fa, fb = jnp.sign(w) * jnp.sqrt(jnp.abs(w)), jnp.sqrt(jnp.abs(w))
+    single = {m: {"a": sv["a"], "b": sv["b"] * merge_lib._expand(w, sv["b"])}
+              for m, sv in prepared.single.items()}
+    return dataclasses.replace(prepared, single=single, weight_a=_broadcast(prepared.weight_a, w) * fa,
+                               weight_b=_broadcast(prepared.weight_b, w) * fb)
+
+
+def check_weights(w: Any, num_adapters: int, num_layers: int) -> np.ndarray:
+    """Validated weights [N] or [N, L] (float32)."""
+    arr = np.asarray(w, np.float64)
+    if arr.shape not in ((num_adapters,), (num_adapters, num_layers)) or not np.all(np.isfinite(arr)):
+        raise UserError(None, f"weights must be finite, of shape ({num_adapters},) or ({num_adapters}, "
+                        f"{num_layers}); got shape {arr.shape}")
+    return arr.astype(np.float32)
+
+
+def _split(task_data: Any, holdout: float) -> tuple[Any, Any, int, int]:
+    """(fit, held-out) TokenBatches [T, n_part, S]: the last ceil(holdout * n) examples (at least
+    one, at most n - 1) of every task are held out."""
+    counts = np.asarray(task_data.num_examples)
+    if counts.min() < 2:
+        raise UserError(None, "weight tuning needs at least 2 search examples per task (one is held out)")
+    n_held = min(max(1, math.ceil(holdout * counts.min())), int(counts.min()) - 1)
+    n_fit = int(counts.min()) - n_held
+    # Every task's real examples come first (dummy rows after them): fit = the first n_fit,
+    # held out = the n_held after them, the same count for every task.
+    fit = jax.tree.map(lambda x: jnp.asarray(x[:, :n_fit]), task_data.batch)
+    held = jax.tree.map(lambda x: jnp.asarray(x[:, n_fit:n_fit + n_held]), task_data.batch)
+    return fit, held, n_fit, n_held
+
+
+def tune_partitions(
+    params: Any,
+    cfg: Any,
+    prepared: Any,
+    task_data: Any,
+    partitions_pn: Any,
+    num_clusters: int,
+    settings: TuneSettings = TuneSettings(),
+    *,
+    example_chunk: int | None = None,
+    log: Any = None,
+) -> TuneResult:
+    """Tunes the merge weights of every cluster of P partitions [P, N] at once (the module
+    docstring); the result's cluster axis is P * K (chain-major), see `TuneResult.chain`."""
+    import optax
+
+    start = time.perf_counter()
+    partitions_pn = np.asarray(partitions_pn, np.int32).reshape(-1, np.shape(partitions_pn)[-1])
+    p, n = partitions_pn.shape
+    k = int(num_clusters)
+    num_layers = next(iter(prepared.single.values()))["a"].shape[1]
+    masks_cn = jnp.asarray((partitions_pn[:, None, :] == np.arange(k)[None, :, None]).reshape(p * k, n))
+    cluster_q = jnp.asarray((partitions_pn + k * np.arange(p)[:, None]).reshape(-1))  # (chain, task) -> cluster
+    task_q = jnp.asarray(np.tile(np.arange(n), p))
+    fit, held, n_fit, n_held = _split(task_data, settings.holdout)
+    shape = (p * k, n) if settings.granularity == "adapter" else (p * k, n, num_layers)
+
+    def cluster_losses(w_c, arrays):
+        lora_c = jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_c, masks_cn)
+        lora_q = jax.tree.map(lambda x: jnp.take(x, cluster_q, axis=0), lora_c)
+        batch_q = jax.tree.map(lambda x: jnp.take(x, task_q, axis=0), arrays)
+        loss_q = loss_lib.candidate_losses(params, cfg, lora_q, batch_q, example_chunk=example_chunk)
+        return jax.ops.segment_sum(loss_q, cluster_q, num_segments=p * k)
+
+    opt = optax.adam(settings.learning_rate)
+
+    def train_step(w_c, opt_state):
+        def total(w):
+            per_c = cluster_losses(w, fit)
+            return jnp.sum(per_c), per_c
+
+        (_, fit_c), grad = jax.value_and_grad(total, has_aux=True)(w_c)
+        updates, opt_state = opt.update(grad, opt_state, w_c)
+        w_new = jnp.clip(optax.apply_updates(w_c, updates), settings.min_weight, settings.max_weight)
+        return w_new, opt_state, fit_c, cluster_losses(w_new, held)
+
+    train_step = jax.jit(train_step)
+    eval_held = jax.jit(lambda w: cluster_losses(w, held))
+    eval_fit = jax.jit(lambda w: cluster_losses(w, fit))
+
+    w = jnp.ones(shape, jnp.float32)
+    unit_held = np.asarray(eval_held(w), np.float64)
+    unit_fit = np.asarray(eval_fit(w), np.float64)
+    best_held, best_w = unit_held.copy(), np.ones(shape, np.float32)
+    best_step = np.zeros(p * k, np.int32)
+    opt_state = opt.init(w)
+    since, steps = 0, 0
+    for it in range(1, settings.steps + 1):
+        w, opt_state, _, held_c = train_step(w, opt_state)
+        held_c = np.asarray(held_c, np.float64)
+        steps = it
+        better = held_c < best_held
+        if better.any():
+            best_w[better] = np.asarray(w)[better]
+            best_held[better] = held_c[better]
+            best_step[better] = it
+            since = 0
+        else:
+            since += 1
+        if log is not None and (it == 1 or it % 10 == 0):
+            log(f"tune step {it}: held-out {held_c.sum():.4f} (unit {unit_held.sum():.4f}, best {best_held.sum():.4f})")
+        if since >= settings.patience:
+            break
+    tuned_fit = np.asarray(eval_fit(jnp.asarray(best_w)), np.float64)
+    kept = best_step > 0  # strictly better than the unit weights on the held-out part
+    weights = np.where(kept.reshape((p * k,) + (1,) * (len(shape) - 1)), best_w, 1.0).astype(np.float32)
+    return TuneResult(weights=weights, tuned=best_w, kept_k=kept, unit_fit_k=unit_fit, tuned_fit_k=tuned_fit,
+                      unit_heldout_k=unit_held, tuned_heldout_k=best_held, best_step_k=best_step,
+                      steps=steps, seconds=time.perf_counter() - start, num_fit=n_fit, num_heldout=n_held,
+                      num_chains=p)
+
+
+def tune_partition(params: Any, cfg: Any, prepared: Any, task_data: Any, partition_n: Any, num_clusters: int,
+                   settings: TuneSettings = TuneSettings(), **kwargs: Any) -> TuneResult:
+    """tune_partitions for one partition [N]: the result's cluster axis is K."""
+    return tune_partitions(params, cfg, prepared, task_data, np.asarray(partition_n)[None], num_clusters,
+                           settings, **kwargs)
+
+
+def merged_clusters(prepared: Any, partition_n: Any, num_clusters: int, weights: Any | None = None) -> Any:
+    """The K merges of a partition (lora leaves with a leading K axis), with per-cluster weights
+    [K, N] / [K, N, L] (None: unit weights)."""
+    partition_n = np.asarray(partition_n, np.int32)
+    masks_kn = partition_n[None, :] == np.arange(num_clusters)[:, None]
+    if weights is None:
+        return jax.jit(merge_lib.merge_masks)(prepared, masks_kn)
+    return jax.jit(jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m)))(
+        jnp.asarray(weights, jnp.float32), jnp.asarray(masks_kn))

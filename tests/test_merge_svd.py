@@ -1,0 +1,178 @@
+"""The SVD operators (merge_svd.py) == plain numpy (float64) written from the published definitions:
+Iso-C (Marczak et al., ICML 2025), KnOTS-TIES / KnOTS-linear (Stoica et al., ICLR 2025); the
+rank fitting == numpy's truncated SVD; the SVD's JVP == finite differences where jnp's is NaN.
+Compared on the effective update b @ a (SVD factors are unique only up to sign)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d2c_jax import lora as lora_lib
+from d2c_jax import merge, merge_svd
+
+L, D, F, R = 2, 12, 20, 3
+N = 5
+
+
+def _adapter_set() -> lora_lib.AdapterSet:
+    rng = np.random.default_rng(0)
+    shapes = {"q_proj": (D, D), "down_proj": (F, D)}  # (d_in, d_out): one square, one tall
+    a = {m: rng.normal(size=(N, L, R, di)).astype(np.float32) for m, (di, do) in shapes.items()}
+    b = {m: rng.normal(size=(N, L, do, R)).astype(np.float32) for m, (di, do) in shapes.items()}
+    return lora_lib.AdapterSet(names=tuple(f"t{i}" for i in range(N)), a=a, b=b,
+                               scaling=np.array([2.0, 0.5, 1.0, 1.5, 3.0]), ranks=np.full(N, R),
+                               paths=tuple(f"/x/t{i}" for i in range(N)))
+
+
+MASKS = [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0], [1, 0, 0, 1, 1]]
+WEIGHTS = np.array([1.0, 0.7, 1.3, 0.4, 2.0])
+
+
+@pytest.fixture(scope="module")
+def aset():
+    return _adapter_set()
+
+
+def _deltas(aset, m):
+    """[N, L, d_out, d_in] float64: s_i B_i A_i."""
+    return np.einsum("nlor,nlri->nloi", aset.b[m].astype(np.float64) * aset.scaling[:, None, None, None],
+                     aset.a[m].astype(np.float64))
+
+
+def _truncate(x, r):
+    u, s, vh = np.linalg.svd(x, full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
+def ref_iso_c(aset, m, mask, w, r):
+    """Iso-C: M = sum_i w_i delta_i; SVD; all singular values -> their mean; keep the top r."""
+    d = _deltas(aset, m)
+    sel = np.flatnonzero(mask)
+    out = []
+    for layer in range(L):
+        mat = sum(w[i] * d[i, layer] for i in sel)
+        u, s, vh = np.linalg.svd(mat, full_matrices=False)
+        out.append(s.mean() * u[:, :r] @ vh[:r])
+    return np.stack(out)
+
+
+def _ties_np(vectors, density):
+    """TIES on a list of same-shape arrays (rows: tasks): per task keep the top int(density*numel),
+    elect the sign of the sum of the trimmed (>= 0 -> +1), mean of the agreeing over their count.
+    `vectors` are (unweighted, weighted) pairs: election on the first, mean of the second."""
+    trimmed, weighted = [], []
+    for x, wx, numel in vectors:
+        flat = np.abs(x).ravel()
+        k = int(density * numel) if density < 1 else flat.size
+        keep = np.zeros(flat.size, bool)
+        if k > 0:
+            keep[np.argsort(-flat, kind="stable")[:k]] = True
+        keep = keep.reshape(x.shape) & (x != 0)
+        trimmed.append(np.where(keep, x, 0.0))
+        weighted.append(np.where(keep, wx, 0.0))
+    t, wt = np.stack(trimmed), np.stack(weighted)
+    sign = np.where(t.sum(0) >= 0, 1.0, -1.0)
+    agree = (np.sign(t) == sign) & (t != 0)
+    return np.where(agree, wt, 0.0).sum(0) / np.maximum(agree.sum(0), 1)
+
+
+def ref_knots(aset, m, mask, w, r, density, ties=True):
+    """KnOTS: X = [delta_1 ... delta_n] (d_out x n d_in), SVD, keep S > 1e-5 S_max, C_i = S V_i^T,
+    merge the C_i (TIES, or the weighted sum), merged = U C, truncated to rank r."""
+    d = _deltas(aset, m)
+    sel = np.flatnonzero(mask)
+    out = []
+    for layer in range(L):
+        x = np.concatenate([d[i, layer] for i in sel], axis=1)
+        u, s, vh = np.linalg.svd(x, full_matrices=False)
+        keep = s > 1e-5 * s.max()
+        u, s, vh = u[:, keep], s[keep], vh[keep]
+        d_in = d.shape[-1]
+        cs = [s[:, None] * vh[:, j * d_in:(j + 1) * d_in] for j in range(len(sel))]
+        if ties:
+            merged_c = _ties_np([(c, w[i] * c, c.size) for c, i in zip(cs, sel)], density)
+        else:
+            merged_c = sum(w[i] * c for c, i in zip(cs, sel))
+        out.append(_truncate(u @ merged_c, r))
+    return np.stack(out)
+
+
+def _ours(aset, method, mask, density=0.5, weights=None, rank=None):
+    prep = merge.prepare_merge(aset, method, density, weights=weights, rank=rank)
+    return lora_lib.lora_delta(jax.jit(merge.merge_mask)(prep, np.array(mask, bool)))
+
+
+def _close(got, want, tol=2e-4):
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_iso_c_matches_numpy_definition(aset, weighted):
+    w = WEIGHTS if weighted else np.ones(N)
+    for r in (R, 2):
+        for mask in MASKS[:1] + MASKS[2:]:
+            got = _ours(aset, "iso_c", mask, weights=w, rank=r)
+            for m in aset.a:
+                _close(got[m], ref_iso_c(aset, m, mask, w, r))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.3])
+def test_knots_ties_matches_numpy_definition(aset, density):
+    for mask in MASKS:
+        for w in (np.ones(N), WEIGHTS):
+            got = _ours(aset, "knots_ties", mask, density=density, weights=w)
+            for m in aset.a:
+                _close(got[m], ref_knots(aset, m, mask, w, R, density))
+
+
+def test_knots_linear_matches_numpy_definition(aset):
+    for mask in MASKS:
+        got = _ours(aset, "knots_linear", mask, weights=WEIGHTS, rank=4)
+        for m in aset.a:
+            _close(got[m], ref_knots(aset, m, mask, WEIGHTS, 4, 1.0, ties=False))
+
+
+@pytest.mark.parametrize("method", ["ties", "linear", "ties_delta", "knots_ties"])
+def test_output_rank_is_the_truncated_svd_of_the_full_rank_merge(aset, method):
+    full = _ours(aset, method, MASKS[1], rank=R)
+    for r in (1, 2):
+        got = _ours(aset, method, MASKS[1], rank=r)
+        for m in aset.a:
+            assert np.linalg.matrix_rank(got[m][0], tol=1e-4 * np.abs(got[m][0]).max()) <= r
+            _close(got[m], np.stack([_truncate(x.astype(np.float64), r) for x in full[m]]))
+    if method in merge.DELTA_METHODS:
+        return  # a delta-space merge has more than R directions: a larger rank keeps more of it
+    wide = merge.prepare_merge(aset, method, 0.5, rank=R + 2)  # factor-wise: zero-padded
+    out = jax.jit(merge.merge_mask)(wide, np.array(MASKS[1], bool))
+    assert out["q_proj"]["a"].shape == (L, R + 2, D)
+    for m in aset.a:
+        _close(lora_lib.lora_delta(out)[m], full[m], 1e-5)
+
+
+def test_single_member_fits_the_output_rank(aset):
+    for method in ("ties", "iso_c"):
+        got = _ours(aset, method, [0, 0, 1, 0, 0], rank=2)
+        for m in aset.a:
+            want = _deltas(aset, m)[2]
+            _close(got[m], np.stack([_truncate(x, 2) for x in want]))
+
+
+def test_svd_jvp_matches_finite_differences_with_repeated_zero_singular_values():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(8, 2)) @ rng.normal(size=(2, 8))  # rank 2: six zero singular values
+    direction = rng.normal(size=(8, 8))
+
+    def f(t):
+        a, b = merge_svd.factors(jnp.asarray(base + t * direction, jnp.float32)[None], 2)
+        return jnp.sum((b @ a) ** 2 * jnp.arange(64.0).reshape(8, 8))
+
+    g = jax.grad(f)(0.0)
+    assert np.isfinite(g)
+
+    def f64(t):
+        return float(np.sum(_truncate(base + t * direction, 2) ** 2 * np.arange(64.0).reshape(8, 8)))
+
+    eps = 1e-5
+    fd = (f64(eps) - f64(-eps)) / (2 * eps)
+    np.testing.assert_allclose(float(g), fd, rtol=2e-3)

@@ -1,0 +1,148 @@
+"""Weight tuning (tune.py) on a tiny Llama with real PEFT adapters: the unit and tuned losses it
+reports are the Scorer's losses (parity-tested against transformers + peft) of those merges on the
+fitted / held-out examples; tuned weights are kept only where they beat unit ones on the held-out
+part; several partitions tune at once exactly as each alone; launch/search.py --tune_weights and
+--budget, and launch/merge.py --tune_on, write what they report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from d2c_jax import data, hf_io, lora, merge, tune  # noqa: E402
+from d2c_jax.models.config import load_config  # noqa: E402
+from d2c_jax.scoring import Scorer  # noqa: E402
+from fixtures_search_inputs import NAMES, child_env, make_search_inputs, read_partition, search_argv  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTITION = np.array([0, 1, 0, 1, 1], np.int32)
+SETTINGS = tune.TuneSettings(steps=6, learning_rate=0.2, holdout=0.3, patience=6)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    paths = make_search_inputs(tmp_path_factory.mktemp("tune"))
+    cfg = load_config(paths["base_model"])
+    aset = lora.load_adapter_set(paths["adapters_dir"], cfg)
+    td = data.load_task_data(paths["data_dir"], aset.names, hf_io.load_tokenizer(paths["base_model"]),
+                             examples_per_task=3, max_seq_len=64)
+    params = hf_io.load_params(paths["base_model"], cfg, "float32")
+    return dict(paths=paths, cfg=cfg, aset=aset, td=td, params=params)
+
+
+def _part(td, lo, hi):
+    return dataclasses.replace(td, batch=jax.tree.map(lambda x: x[:, lo:hi], td.batch),
+                               num_examples=np.full(td.num_tasks, hi - lo, np.int32))
+
+
+def _cluster_losses(setup, prepared, weights_k, td):
+    """Reference: each task's Scorer loss under its cluster's merge, summed per cluster."""
+    scorer = Scorer(setup["params"], setup["cfg"], prepared, td, batch_size=2)
+    loras = tune.merged_clusters(prepared, PARTITION, 2, weights_k)
+    out = np.zeros(2)
+    for t, c in enumerate(PARTITION):
+        out[c] += scorer.loss_of_lora(jax.tree.map(lambda x: x[c], loras), t)
+    return out
+
+
+@pytest.mark.parametrize("method,granularity", [("ties", "adapter"), ("ties_delta", "layer")])
+def test_reported_losses_are_the_scorer_losses_of_the_weighted_merges(setup, method, granularity):
+    prepared = merge.prepare_merge(setup["aset"], method, 0.5)
+    res = tune.tune_partition(setup["params"], setup["cfg"], prepared, setup["td"], PARTITION, 2,
+                              dataclasses.replace(SETTINGS, granularity=granularity))
+    assert (res.num_fit, res.num_heldout) == (2, 1)
+    fit, held = _part(setup["td"], 0, 2), _part(setup["td"], 2, 3)
+    np.testing.assert_allclose(res.unit_heldout_k, _cluster_losses(setup, prepared, None, held), rtol=1e-4)
+    np.testing.assert_allclose(res.unit_fit_k, _cluster_losses(setup, prepared, None, fit), rtol=1e-4)
+    np.testing.assert_allclose(res.tuned_heldout_k, _cluster_losses(setup, prepared, res.tuned, held), rtol=1e-4)
+    np.testing.assert_allclose(res.tuned_fit_k, _cluster_losses(setup, prepared, res.tuned, fit), rtol=1e-4)
+    assert res.weights.shape == ((2, 5) if granularity == "adapter" else (2, 5, setup["aset"].num_layers))
+    for c in range(2):
+        if res.kept_k[c]:
+            assert res.tuned_heldout_k[c] < res.unit_heldout_k[c]
+            np.testing.assert_array_equal(res.weights[c], res.tuned[c])
+        else:
+            assert np.all(res.weights[c] == 1.0)
+    assert res.kept_k.any(), "6 Adam steps at lr 0.2 should beat unit weights on some held-out cluster"
+
+
+def test_partitions_tuned_together_equal_each_alone(setup):
+    """One Adam step (w = 1 - lr * sign(gradient)): the same gradients, losses and choices."""
+    prepared = merge.prepare_merge(setup["aset"], "ties", 0.5)
+    other = np.array([1, 0, 0, 0, 1], np.int32)
+    one = dataclasses.replace(SETTINGS, steps=1, patience=1)
+    both = tune.tune_partitions(setup["params"], setup["cfg"], prepared, setup["td"], np.stack([PARTITION, other]),
+                                2, one)
+    for p, part in enumerate((PARTITION, other)):
+        alone = tune.tune_partition(setup["params"], setup["cfg"], prepared, setup["td"], part, 2, one)
+        np.testing.assert_allclose(both.chain(p).tuned, alone.tuned, rtol=1e-6)
+        for f in ("unit_heldout_k", "unit_fit_k", "tuned_heldout_k", "tuned_fit_k"):
+            np.testing.assert_allclose(getattr(both.chain(p), f), getattr(alone, f), rtol=1e-5)
+        np.testing.assert_array_equal(both.chain(p).kept_k, alone.kept_k)
+    totals = both.chain_totals()
+    for p in range(2):
+        c = both.chain(p)
+        want = np.where(c.kept_k, c.tuned_fit_k + c.tuned_heldout_k, c.unit_fit_k + c.unit_heldout_k).sum()
+        assert totals[p] == pytest.approx(want)
+
+
+def _run(script, args):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
+                          text=True, env=child_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_search_with_tuned_weights_and_budget_writes_what_it_reports(setup, tmp_path):
+    wd = tmp_path / "wd"
+    _run("search.py", search_argv(setup["paths"], wd, tune_weights=True, tune_during_search=True, tune_steps=4,
+                                  budget=50, budget_ranks="2,4", iterations=2, checkpoint_every=1) + ["--noprogress"])
+    doc = read_partition(wd)
+    totals = doc["tuning"]["chain_totals"]  # --tune_during_search: both chains tuned, the lowest kept
+    assert len(totals) == 2 and doc["best_chain"] == int(np.argmin(totals))
+    ways = doc["budget"]["ways"]
+    # 50 % of 5 rank-4 adapters = 10 rank units: K = 4 at rank 2 (K < N), K = 2 at rank 4.
+    assert [(w["num_clusters"], w["rank"]) for w in ways] == [(4, 2), (2, 4)]
+    best = min(ways, key=lambda w: w["objective"])
+    assert (doc["num_clusters"], doc["output_rank"]) == (best["num_clusters"], best["rank"])
+    # the way's best chain by unit objective; tuning may pick another chain of that way
+    assert doc["objective"] >= best["objective"] - 1e-6
+    k, r = doc["num_clusters"], doc["output_rank"]
+    weights = np.asarray(doc["tuning"]["weights"], np.float32)
+    assert weights.shape == (k, 5)
+    part = np.array([next(c for c, ts in enumerate(doc["clusters"]) if n in ts) for n in NAMES])
+    prepared = merge.prepare_merge(setup["aset"], "ties", 0.5, rank=r)
+    want = tune.merged_clusters(prepared, part, k, weights)
+    for c in range(k):
+        d = os.path.join(wd, "merged", f"cluster_{c}")
+        with open(os.path.join(d, "adapter_config.json")) as f:
+            assert json.load(f)["r"] == r
+        got = lora.lora_delta(lora.effective_lora(lora.load_adapter_dirs([d], setup["cfg"]), 0))
+        ref = lora.lora_delta(jax.tree.map(lambda x: np.asarray(x[c]), want))
+        for m in ref:
+            np.testing.assert_allclose(got[m], ref[m], rtol=1e-5, atol=1e-6 * np.abs(ref[m]).max())
+
+
+def test_merge_cli_tune_on_writes_the_merge_with_the_kept_weights(setup, tmp_path):
+    dirs = [os.path.join(setup["paths"]["adapters_dir"], n) for n in NAMES[:3]]
+    out = tmp_path / "merged"
+    proc = _run("merge.py", [f"--adapters={','.join(dirs)}", f"--output_dir={out}", "--method=ties",
+                             f"--base_model={setup['paths']['base_model']}",
+                             f"--tune_on={setup['paths']['data_dir']}", "--tune_steps=3", "--examples_per_task=3"])
+    assert "held-out loss" in proc.stdout and "weights kept" in proc.stdout
+    assert (out / "adapter_model.safetensors").exists()
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "merge.py"), f"--adapters={dirs[0]}",
+                          f"--output_dir={tmp_path / 'x'}", f"--tune_on={setup['paths']['data_dir']}"],
+                         capture_output=True, text=True, env=child_env(), timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")
+    assert not (tmp_path / "x").exists()
