@@ -159,7 +159,17 @@ def test_gathered_member_merges_equal_full_masks(method):
         if m.sum() > g:
             continue
         want = jax.jit(merge.merge_mask)(prepared, m)
-        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(jax.tree.map(lambda v: v[i], got))):
+        got_i = jax.tree.map(lambda v: v[i], got)
+        if method in merge.DELTA_METHODS:
+            # Written through a truncated float32 SVD: the factors are unique only up to signs and
+            # rotations, the delta B @ A is the merge. Its error is eps * |delta| (backward
+            # stability), so it is compared against the largest entry.
+            for m_name in want:
+                x = np.asarray(lora_lib.lora_delta(want)[m_name])
+                y = np.asarray(lora_lib.lora_delta(got_i)[m_name])
+                assert np.abs(y - x).max() <= 2e-5 * np.abs(x).max(), (method, m_name)
+            continue
+        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got_i)):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-5, atol=1e-6)
     for x in jax.tree.leaves(jax.tree.map(lambda v: v[-1], got)):
         assert not np.asarray(x).any()  # padding row: skipped, zeros
