@@ -119,7 +119,7 @@ class TuneResult:
             "seconds": round(float(self.seconds), 3),
             "examples_fit": self.num_fit,
             "examples_heldout": self.num_heldout,
-            "weights": np.round(self.weights, 6).tolist(),
+            "weights": self.weights.tolist(),  # float32 values, exactly (the written merges use them)
         }
 
 
