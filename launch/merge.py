@@ -12,6 +12,7 @@ directory's name (part held out; kept only if they beat unit weights there); nee
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
