@@ -134,7 +134,7 @@ def test_search_with_tuned_weights_and_budget_writes_what_it_reports(setup, tmp_
 
 
 def test_merge_cli_tune_on_writes_the_merge_with_the_kept_weights(setup, tmp_path):
-    dirs = [os.path.join(setup["paths"]["adapters_dir"], n) for n in NAMES[:3]]
+    dirs = [os.path.join(setup["paths"]["adapters_dir"], n) for n in NAMES]  # the data dir's tasks, all
     out = tmp_path / "merged"
     proc = _run("merge.py", [f"--adapters={','.join(dirs)}", f"--output_dir={out}", "--method=ties",
                              f"--base_model={setup['paths']['base_model']}",
