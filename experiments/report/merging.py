@@ -44,7 +44,8 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
     t0 = time.perf_counter()
     res = tune.tune_partitions(bench.params, bench.model_cfg, prepared, bench.search_data,
                                np.stack([p for _, _, p in parts]), k, settings,
-                               example_chunk=bench.scorer(op, rank=rank).example_chunk)
+                               example_chunk=bench.scorer(op, rank=rank).example_chunk(
+                                   len(bench.search_data.names), bench.search_data.tokens_tns.shape[-1]))
     secs = time.perf_counter() - t0
     log(f"tuned {op} on {len(parts)} partitions: {res.steps} steps, {secs:.0f}s, held-out "
         f"{res.unit_heldout_k.sum():.4f} -> {np.where(res.kept_k, res.tuned_heldout_k, res.unit_heldout_k).sum():.4f}")
