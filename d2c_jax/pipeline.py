@@ -240,7 +240,8 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_
     """The Checkpointer, after checking that the checkpoint there (if any) can be resumed by this run
     (--overwrite: discard one that cannot)."""
     directory = os.path.join(workdir, CHECKPOINTS)
-    ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
+    ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp,
+                        metrics_path=os.path.join(workdir, METRICS))
     error = None
     try:
         ckpt.restore(num_adapters)  # walks back to the newest usable step; kept for run_search
@@ -255,7 +256,8 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_
         print(f"--overwrite: discarding the checkpoints in {directory}", file=sys.stderr)
         _remove(directory)
     barrier("d2c_discard_checkpoints")
-    return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
+    return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp,
+                        metrics_path=os.path.join(workdir, METRICS))
 
 
 def _need_bytes(adapters: lora.AdapterSet, num_clusters: int, cfg: RunConfig) -> int:
@@ -350,9 +352,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
     # 4. Search or baseline.
     k = settings.num_clusters
 
-    def on_checkpoint(state: SearchState) -> None:
-        rows = state.metrics
-        _on_main(lambda: write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(rows)), METRICS, is_main)
+    def on_checkpoint(state: SearchState) -> None:  # metrics.jsonl: appended by the Checkpointer
         signals.set_note(f"the checkpoint of iteration {state.iteration} in {ckpt.directory} is kept; "
                          "re-run the same command to resume")
 
