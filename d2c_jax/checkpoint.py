@@ -5,7 +5,8 @@ temporary directory and renamed into place:
   state (StandardSave): partitions int32[P, N], iteration int64[], cache_size int64[],
       cache_masks uint8[Q', N] (0/1), cache_tasks int32[Q'], cache_losses float32[Q']
       (Q' = max(Q, 1): Orbax refuses zero-size arrays; the first `cache_size` rows are valid)
-  meta (JsonSave): {"version", "iteration", "fingerprint", "metrics": [row, ...]}
+  meta (JsonSave): {"version", "iteration", "fingerprint", "metrics_rows": how many rows of the
+      run's metrics log (`metrics_log.MetricsLog`, outside the checkpoints) belong to this step}
 and then our commit marker `s/d2c_committed`: written (and fsynced, like every file and directory
 of the step before it) only after Orbax returned, so a step without it (a save cut by SIGKILL or
 a power cut after Orbax's rename) never counts. There is no random-generator state to save: the
@@ -32,9 +33,11 @@ import numpy as np
 from d2c_jax.atomic_io import finish_tree, fsync_path, remove_path, write_bytes_atomic
 from d2c_jax.errors import UserError
 from d2c_jax.fingerprint import mismatch
+from d2c_jax.metrics_log import MetricsLog
 from d2c_jax.search import LossCache, SearchState
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 2: the metrics rows inside meta (still read)
+_READABLE = (2, 3)
 _ITEMS = ("state", "meta")
 COMMITTED = "d2c_committed"
 _UNCOMMITTED = "not committed: its save was interrupted"
@@ -79,11 +82,14 @@ class Checkpointer:
     latest `keep`. Every process must call `save` (Orbax coordinates hosts; process 0 writes).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, fingerprint: Mapping[str, Any]):
+    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, fingerprint: Mapping[str, Any],
+                 metrics_path: str | os.PathLike):
+        import jax
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = os.path.abspath(os.fspath(directory))
+        self.metrics_log = MetricsLog(metrics_path, writer=jax.process_index() == 0)
         self.fingerprint = dict(fingerprint)
         self._options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
@@ -111,16 +117,18 @@ class Checkpointer:
         if not os.path.isfile(os.path.join(self.directory, str(step), COMMITTED)):
             raise _NotCommitted(_UNCOMMITTED)
         meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        if not isinstance(meta, dict) or meta.get("version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("version") not in _READABLE:
             raise ValueError(f"unknown checkpoint format {meta.get('version') if isinstance(meta, dict) else meta!r}")
         diff = mismatch(meta.get("fingerprint", {}), self.fingerprint)
         if diff is not None:  # readable but another run's: refused, not skipped
             raise UserError(None, f"the checkpoint in {self.directory} belongs to other inputs: {diff}; "
                             "use --overwrite or another --workdir")
         tree = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-        state = tree_to_state(tree, meta["metrics"], num_adapters)
+        state = tree_to_state(tree, meta.get("metrics", []), num_adapters)
         if state.iteration != step:
             raise ValueError(f"step {step} holds iteration {state.iteration}")
+        if not isinstance(meta.get("metrics_rows", 0), int):
+            raise ValueError(f"metrics_rows {meta['metrics_rows']!r}")
         return meta, state
 
     def restore(self, num_adapters: int) -> SearchState | None:
@@ -132,7 +140,7 @@ class Checkpointer:
         skipped: list[tuple[int, str]] = []
         for step in sorted(self._mngr.all_steps(), reverse=True):
             try:
-                _, state = self._read(step, num_adapters)
+                meta, state = self._read(step, num_adapters)
             except UserError:
                 raise
             except _NotCommitted:
@@ -143,6 +151,8 @@ class Checkpointer:
                 continue
             if skipped:
                 self._drop(skipped, f"resuming from step {step}")
+            if "metrics_rows" in meta:  # format 3: the rows are in the metrics log
+                state.metrics = self.metrics_log.restore(meta["metrics_rows"], step)
             self._restored = state
             return state
         corrupt = [(s, why) for s, why in skipped if why != _UNCOMMITTED]
@@ -187,7 +197,8 @@ class Checkpointer:
             return False
         ocp = self._ocp
         meta = {"version": FORMAT_VERSION, "iteration": step, "fingerprint": self.fingerprint,
-                "metrics": state.metrics}
+                "metrics_rows": len(state.metrics)}
+        self.metrics_log.sync(state.metrics)  # the step's rows are durable before it can be committed
         saved = self._mngr.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state_to_tree(state)), meta=ocp.args.JsonSave(meta)),

@@ -240,9 +240,12 @@ def _fingerprint(cfg: RunConfig, task_data: data.TaskData) -> dict[str, Any]:
 def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_adapters: int, is_main: bool,
                        subdir: str = ""):
     """The Checkpointer, after checking that the checkpoint there (if any) can be resumed by this run
-    (--overwrite: discard one that cannot). `subdir`: one directory per (K, rank) of the budget mode."""
+    (--overwrite: discard one that cannot). `subdir`: one directory per (K, rank) of the budget mode,
+    each with its own metrics log beside it."""
     directory = os.path.join(workdir, CHECKPOINTS, subdir) if subdir else os.path.join(workdir, CHECKPOINTS)
-    ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
+    metrics_path = os.path.join(workdir, CHECKPOINTS, f"{subdir}.{METRICS}") if subdir else os.path.join(workdir, METRICS)
+    ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp,
+                        metrics_path=metrics_path)
     error = None
     try:
         ckpt.restore(num_adapters)  # walks back to the newest usable step; kept for run_search
@@ -257,7 +260,8 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_
         print(f"--overwrite: discarding the checkpoints in {directory}", file=sys.stderr)
         _remove(directory)
     barrier("d2c_discard_checkpoints")
-    return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp)
+    return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp,
+                        metrics_path=metrics_path)
 
 
 def _need_bytes(adapters: lora.AdapterSet, num_clusters: int, cfg: RunConfig) -> int:
@@ -358,9 +362,7 @@ def _find(cfg: RunConfig, inputs: Inputs, ckpt: Checkpointer | None, workdir: st
     scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.scorer_batch_size,
                            rank=cfg.output_rank or None)
 
-    def on_checkpoint(state: SearchState) -> None:
-        rows = state.metrics
-        _on_main(lambda: write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(rows)), METRICS, is_main)
+    def on_checkpoint(state: SearchState) -> None:  # metrics.jsonl: appended by the Checkpointer
         signals.set_note(f"the checkpoint of iteration {state.iteration} in {ckpt.directory} is kept; "
                          "re-run the same command to resume")
 

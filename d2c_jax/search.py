@@ -434,7 +434,7 @@ def run_search(
 
     `should_stop` is polled at the end of every iteration (e.g. a SIGTERM flag): the engine then
     saves a checkpoint and returns with `preempted=True`. `on_checkpoint(state)` is called after
-    every checkpoint saved (e.g. to rewrite metrics.jsonl).
+    every checkpoint saved (e.g. to say where it is on a signal).
     """
     n = scorer.num_tasks
     check_num_clusters(settings.num_clusters, n)

@@ -59,6 +59,15 @@ def _step(path: str) -> int | None:
     return max(steps) if steps else None
 
 
+def _slope(samples: list[dict], key: str) -> float:
+    """Least-squares slope of samples[key] against the checkpoint step, per 1000 iterations."""
+    xs, ys = [s["step"] for s in samples], [s[key] for s in samples]
+    if len(xs) < 2 or max(xs) == min(xs):
+        return 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
@@ -88,14 +97,19 @@ def main() -> int:
     print(f"exit {proc.returncode} after {time.time() - start:.0f} s; {len(searching)} samples while searching")
     if not searching:
         return 1
-    first, last = searching[0], searching[-1]
+    # Growth is judged on the second half: the first iterations still compile new request buckets
+    # and fill the loss cache (bounded by --cache_size); a leak keeps growing after that.
+    half = [s for s in searching if s["step"] >= searching[-1]["step"] / 2]
     for key in ("rss_mib", "fds", "ckpt_mib"):
-        values = [s[key] for s in searching]
-        print(f"{key:>9}: at step {first['step']}: {first[key]}, at step {last['step']}: {last[key]}, "
-              f"max {max(values)}")
+        marks = [searching[min(len(searching) - 1, int(q * (len(searching) - 1)))] for q in (0, 0.25, 0.5, 0.75, 1)]
+        at = ", ".join(f"step {m['step']}: {m[key]}" for m in marks)
+        print(f"{key:>9}: {at}; max {max(s[key] for s in searching)}; "
+              f"second-half slope {_slope(half, key):+.3f} per 1000 iterations")
     with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
         sizes = [json.loads(line)["cache_size"] for line in f]
     print(f"loss cache entries: max {max(sizes)} over {len(sizes)} rows (--cache_size={args.cache_size})")
+    log_mib = os.path.getsize(os.path.join(args.workdir, "metrics.jsonl")) / 2**20
+    print(f"metrics.jsonl (the run's history, one row per iteration, kept outside the checkpoints): {log_mib:.3f} MiB")
     return proc.returncode
 
 

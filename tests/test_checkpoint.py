@@ -57,19 +57,19 @@ class _StopAt:
 
 def test_state_round_trips_and_resume_after_stop_equals_uninterrupted(tmp_path, reference):
     ck_dir = tmp_path / "ck"
-    with Checkpointer(ck_dir, every=4, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(ck_dir, every=4, keep=2, fingerprint=FP, metrics_path=f"{ck_dir}.metrics.jsonl") as ck:
         first = run_search(_scorer(), SETTINGS, checkpointer=ck, should_stop=_StopAt(11))
     assert first.preempted and first.state.iteration == 11 and _steps(ck_dir)[-1] == 11
     assert len(_steps(ck_dir)) == 2  # keep=2
 
-    with Checkpointer(ck_dir, every=4, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(ck_dir, every=4, keep=2, fingerprint=FP, metrics_path=f"{ck_dir}.metrics.jsonl") as ck:
         restored = ck.restore(N)
     np.testing.assert_array_equal(restored.partitions_pn, first.state.partitions_pn)
     assert restored.iteration == 11 and restored.metrics == json.loads(json.dumps(first.state.metrics))
     assert restored.cache._losses == first.state.cache._losses
 
     scorer = _scorer()
-    with Checkpointer(ck_dir, every=4, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(ck_dir, every=4, keep=2, fingerprint=FP, metrics_path=f"{ck_dir}.metrics.jsonl") as ck:
         resumed = run_search(scorer, SETTINGS, checkpointer=ck)
     assert not resumed.preempted and (resumed.partition_n.tolist(), resumed.objective) == reference
     assert [r["iteration"] for r in resumed.state.metrics] == list(range(SETTINGS.iterations + 1))
@@ -78,7 +78,7 @@ def test_state_round_trips_and_resume_after_stop_equals_uninterrupted(tmp_path, 
 
 
 def test_a_checkpoint_of_another_run_is_refused_naming_what_changed(tmp_path):
-    with Checkpointer(tmp_path, every=2, keep=1, fingerprint=FP) as ck:
+    with Checkpointer(tmp_path, every=2, keep=1, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl") as ck:
         run_search(_scorer(), SearchSettings(num_clusters=3, iterations=4), checkpointer=ck)
     changes = [
         ({**FP, "files": {**FP["files"], "base_model/model.safetensors": "0" * 64}},
@@ -91,7 +91,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_changed(tmp_path):
     ]
     for fp, words in changes:
         with pytest.raises(UserError, match=f"belongs to other inputs: {words}; use --overwrite") as e:
-            Checkpointer(tmp_path, every=2, keep=1, fingerprint=fp).restore(N)
+            Checkpointer(tmp_path, every=2, keep=1, fingerprint=fp, metrics_path=f"{tmp_path}.metrics.jsonl").restore(N)
         assert "\n" not in str(e.value)
 
 
@@ -106,7 +106,7 @@ def _truncate_state(step_dir):
 @pytest.mark.parametrize("damage", ["meta", "state", "uncommitted", "metadata_file"])
 def test_a_restart_walks_back_to_the_newest_usable_checkpoint(tmp_path, reference, damage, capsys):
     ck_dir = tmp_path / "ck"
-    with Checkpointer(ck_dir, every=4, keep=3, fingerprint=FP) as ck:
+    with Checkpointer(ck_dir, every=4, keep=3, fingerprint=FP, metrics_path=f"{ck_dir}.metrics.jsonl") as ck:
         run_search(_scorer(), SETTINGS, checkpointer=ck, should_stop=_StopAt(12))
     assert _steps(ck_dir) == [4, 8, 12]
     newest = ck_dir / "12"
@@ -118,9 +118,10 @@ def test_a_restart_walks_back_to_the_newest_usable_checkpoint(tmp_path, referenc
         (newest / COMMITTED).unlink()
     else:  # an empty _CHECKPOINT_METADATA: Orbax still reads the step, so it is resumed
         (newest / "_CHECKPOINT_METADATA").write_text("")
-    with Checkpointer(ck_dir, every=4, keep=3, fingerprint=FP) as ck:
+    with Checkpointer(ck_dir, every=4, keep=3, fingerprint=FP, metrics_path=f"{ck_dir}.metrics.jsonl") as ck:
         resumed = run_search(_scorer(), SETTINGS, checkpointer=ck)
     assert (resumed.partition_n.tolist(), resumed.objective) == reference
+    assert [r["iteration"] for r in resumed.state.metrics] == list(range(SETTINGS.iterations + 1))
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     if damage == "metadata_file":
         assert warnings == []
@@ -129,18 +130,50 @@ def test_a_restart_walks_back_to_the_newest_usable_checkpoint(tmp_path, referenc
         assert warnings[0].endswith("resuming from step 8")
 
 
+def _meta(step_dir):
+    return json.loads((step_dir / "meta" / "metadata").read_text())
+
+
+def test_checkpoints_do_not_grow_with_the_iterations_and_the_metrics_log_is_cut_to_the_resumed_step(tmp_path):
+    ck_dir, log = tmp_path / "ck", tmp_path / "metrics.jsonl"
+    settings = SearchSettings(num_clusters=3, iterations=60, seed=1, cache_size=30)
+    with Checkpointer(ck_dir, every=10, keep=2, fingerprint=FP, metrics_path=log) as ck:
+        first = run_search(_scorer(), settings, checkpointer=ck, should_stop=_StopAt(50))
+    assert _steps(ck_dir) == [40, 50]
+    # The rows live in the log; a step records only how many are its own.
+    assert [_meta(ck_dir / str(s)).get("metrics_rows") for s in (40, 50)] == [41, 51]
+    assert all("metrics" not in _meta(ck_dir / str(s)) for s in (40, 50))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows == json.loads(json.dumps(first.state.metrics)) and len(rows) == 51
+    # Once the loss cache is full, a step's files are no larger 10 iterations on.
+    sizes = [sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ck_dir / str(s)) for f in fs)
+             for s in (40, 50)]
+    assert sizes[1] <= sizes[0] * 1.01, sizes
+    # Rows beyond the newest committed step (an interrupted save) and a line cut by a kill are dropped.
+    with open(log, "a") as fh:
+        fh.write(json.dumps({**rows[-1], "iteration": 51}) + "\n" + '{"iteration": 5')
+    (ck_dir / "50" / COMMITTED).unlink()
+    with Checkpointer(ck_dir, every=10, keep=2, fingerprint=FP, metrics_path=log) as ck:
+        resumed = run_search(_scorer(), settings, checkpointer=ck)
+    full = run_search(_scorer(), settings)
+    assert resumed.partition_n.tolist() == full.partition_n.tolist()
+    after = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["iteration"] for r in after] == list(range(61))
+    assert after[:41] == rows[:41]
+
+
 def test_no_usable_checkpoint_is_one_clear_error(tmp_path):
-    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl") as ck:
         run_search(_scorer(), SearchSettings(num_clusters=3, iterations=4), checkpointer=ck)
     for step in _steps(tmp_path):
         (tmp_path / str(step) / "meta" / "metadata").write_text("{not json")
     with pytest.raises(UserError, match=r"no usable checkpoint \(step 4, 2: .*\); use --overwrite") as e:
-        Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP).restore(N)
+        Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl").restore(N)
     assert "\n" not in str(e.value)
 
 
 def test_committed_steps_carry_the_marker_and_ordinary_modes(tmp_path):
-    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl") as ck:
         run_search(_scorer(), SearchSettings(num_clusters=3, iterations=4), checkpointer=ck)
     umask = os.umask(0)
     os.umask(umask)
@@ -207,7 +240,7 @@ _WORKER = textwrap.dedent("""
     from d2c_jax.search import run_search
     from d2c_jax.signals import PreemptionFlag
     ck_dir, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    with PreemptionFlag() as flag, Checkpointer(ck_dir, every=3, keep=2, fingerprint=FP) as ck:
+    with PreemptionFlag() as flag, Checkpointer(ck_dir, every=3, keep=2, fingerprint=FP, metrics_path=f"{ck_dir}.metrics.jsonl") as ck:
         print("start", ck.latest_step(), flush=True)
         r = run_search(FakeScorer(families(N, F), delay=delay), SETTINGS, checkpointer=ck, should_stop=flag)
     if r.preempted:
@@ -270,12 +303,12 @@ def test_sigterm_then_sigkill_then_resume_ends_like_the_uninterrupted_run(tmp_pa
 
 
 def test_only_interrupted_saves_mean_no_checkpoint(tmp_path, capsys):
-    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl") as ck:
         run_search(_scorer(), SearchSettings(num_clusters=3, iterations=2), checkpointer=ck)
     steps = _steps(tmp_path)
     for step in steps:
         (tmp_path / str(step) / COMMITTED).unlink()
-    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(tmp_path, every=2, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl") as ck:
         assert ck.restore(N) is None
     assert _steps(tmp_path) == []
     listed = ", ".join(str(s) for s in reversed(steps))

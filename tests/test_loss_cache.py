@@ -57,10 +57,10 @@ def test_resume_with_eviction_is_exact(tmp_path):
         calls[0] += 1
         return calls[0] == 13
 
-    with Checkpointer(tmp_path, every=5, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(tmp_path, every=5, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl") as ck:
         first = run_search(FakeScorer(families(N, 3)), SETTINGS, checkpointer=ck, should_stop=stop_at_13)
     assert first.preempted
-    with Checkpointer(tmp_path, every=5, keep=2, fingerprint=FP) as ck:
+    with Checkpointer(tmp_path, every=5, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl") as ck:
         resumed = run_search(FakeScorer(families(N, 3)), SETTINGS, checkpointer=ck)
     assert resumed.partition_n.tolist() == reference.partition_n.tolist()
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "evals_per_s", "scorer_seconds")} for r in rows]  # noqa: E731

@@ -320,13 +320,13 @@ def test_resume_in_the_middle_of_a_speculative_window_is_exact(tmp_path):
     search.Speculator = lambda j_max: orig(6, adaptive=False)
     try:
         stops = iter(range(1, 100))
-        with Checkpointer(tmp_path / "ck", every=100, keep=1, fingerprint=fp) as ck:
+        with Checkpointer(tmp_path / "ck", every=100, keep=1, fingerprint=fp, metrics_path=tmp_path / "ck.metrics.jsonl") as ck:
             # Stop after iteration 9: inside a window drawn at an earlier iteration.
             first = run_search(FakeScorer(families(N, F)), settings, checkpointer=ck,
                                should_stop=lambda: next(stops) == 9)
         assert first.preempted and first.state.iteration == 9
         assert any(r.get("speculated", 0) for r in first.state.metrics)
-        with Checkpointer(tmp_path / "ck", every=100, keep=1, fingerprint=fp) as ck:
+        with Checkpointer(tmp_path / "ck", every=100, keep=1, fingerprint=fp, metrics_path=tmp_path / "ck.metrics.jsonl") as ck:
             resumed = run_search(FakeScorer(families(N, F)), settings, checkpointer=ck)
     finally:
         search.Speculator = orig
