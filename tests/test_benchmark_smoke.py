@@ -36,3 +36,11 @@ def test_tiny_benchmark_runs_every_column_and_the_scaling_figure(tmp_path):
     assert best["compile"]["compilations"] == 0 < default["compile"]["compilations"]
     assert "| T " in proc.stdout and "matmul peak" in proc.stdout
     assert result["scaling"]["num_adapters"] == [6, 12] and result["scaling"]["ratio"] > 0
+
+    # The replay of the default run's cache counts the same evaluations the run made.
+    replay = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "benchmark", "replay_counts.py"),
+                             f"--workdir={tmp_path / 'runs' / 'default-T3'}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    this_run = next(line for line in replay.stdout.splitlines() if line.startswith("| this run"))
+    assert this_run.split("|")[2].strip() == str(default["evaluations"])

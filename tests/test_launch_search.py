@@ -273,6 +273,9 @@ def test_flag_errors_and_flagfiles(tmp_path):
     for cfg, model in zip(cfgs, ("Llama-3.2-3B-Instruct", "Qwen2.5-1.5B-Instruct", "stablelm-2-1_6b-chat")):
         assert {k: cfg[k] for k in expect} == expect
         assert cfg["base_model"] == f"/path/to/{model}"
+        # The engine's settings are the fast defaults (issue 9): batch size from device memory,
+        # the objective tracked only at the end.
+        assert (cfg["batch_size"], cfg["track_every"]) == ("auto", 0)
 
 
 def test_a_second_run_compiles_nothing_and_reports_evaluations_per_iteration(inputs, tmp_path):

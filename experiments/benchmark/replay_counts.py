@@ -53,10 +53,12 @@ def load_run(workdir: str):
     with open(os.path.join(workdir, "partition.json")) as f:
         doc = json.load(f)
     directory = os.path.join(workdir, "checkpoints")
-    probe = Checkpointer(directory, every=1, keep=100, fingerprint={})
-    meta = probe._meta(probe.latest_step())
-    probe.close()
-    with Checkpointer(directory, every=1, keep=100, fingerprint=meta["fingerprint"]) as ck:
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    with open(os.path.join(directory, str(steps[-1]), "meta", "metadata")) as f:
+        fingerprint = json.load(f)["fingerprint"]  # the run's own: the restore below is not refused
+    # The metrics log is restored to the step's rows: the finished run's file, unchanged.
+    with Checkpointer(directory, every=1, keep=100, fingerprint=fingerprint,
+                      metrics_path=os.path.join(workdir, "metrics.jsonl")) as ck:
         state = ck.restore(len(doc["task_losses"]))
     return cfg, doc, state
 
