@@ -145,10 +145,13 @@ def test_checkpoints_do_not_grow_with_the_iterations_and_the_metrics_log_is_cut_
     assert all("metrics" not in _meta(ck_dir / str(s)) for s in (40, 50))
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert rows == json.loads(json.dumps(first.state.metrics)) and len(rows) == 51
-    # Once the loss cache is full, a step's files are no larger 10 iterations on.
-    sizes = [sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(ck_dir / str(s)) for f in fs)
-             for s in (40, 50)]
-    assert sizes[1] <= sizes[0] * 1.01, sizes
+    # What a step stores does not grow: its metadata is the same few hundred bytes 10 iterations
+    # on (the arrays are compressed by Orbax, so their bytes vary with content), and the loss
+    # cache it holds stays within --cache_size.
+    meta_bytes = [os.path.getsize(ck_dir / str(s) / "meta" / "metadata") for s in (40, 50)]
+    assert meta_bytes[0] == meta_bytes[1] < 1024, meta_bytes
+    with Checkpointer(ck_dir, every=10, keep=2, fingerprint=FP, metrics_path=log) as ck:
+        assert len(ck.restore(N).cache.to_arrays()[1]) <= settings.cache_size
     # Rows beyond the newest committed step (an interrupted save) and a line cut by a kill are dropped.
     with open(log, "a") as fh:
         fh.write(json.dumps({**rows[-1], "iteration": 51}) + "\n" + '{"iteration": 5')
