@@ -242,7 +242,7 @@ def render_merging(res: Any) -> list[str]:
     tuned = [r for r in res.runs if r.variant.endswith("tuned") and r.extra]
     if tuned:
         kept = sum(r.extra["kept"] for r in tuned)
-        out += ["", f"Tuning kept its weights in {kept} of {len(tuned) * k} clusters (the rest kept unit weights); "
+        out += ["", f"Tuning kept its weights in {kept} of {sum(r.num_clusters for r in tuned)} clusters (the rest kept unit weights); "
                 "summed held-out search loss, unit → kept: "
                 + "; ".join(f"{r.merge}/{r.key}" + (f"/s{r.seed}" if r.seed is not None else "")
                             + f" {r.extra['heldout_unit']:.3f} → {r.extra['heldout_kept']:.3f}" for r in tuned[:12])
