@@ -45,7 +45,7 @@ from d2c_jax import lora as lora_lib
 from d2c_jax.lora import AdapterSet
 from d2c_jax.types import Lora
 
-SVD_METHODS = ("knots_ties", "knots_linear", "iso_c")  # d2c_jax/merge_svd.py
+SVD_METHODS = ("knots_ties", "knots_linear", "iso_c")  # the operators of d2c_jax/merge_svd.py
 METHODS = ("ties", "linear", "magnitude_prune", "dare_ties", "ties_delta") + SVD_METHODS
 DELTA_METHODS = ("ties_delta",) + SVD_METHODS  # weights multiply delta_i (not sqrt on A and B)
 _SIGN_ELECTED = ("ties", "dare_ties", "ties_delta")
@@ -60,6 +60,8 @@ class Prepared:
             (b = w s B), used when the mask has one member.
     task:   factor methods: {module: {"a": [N, L, R, d_in], "b": [N, L, d_out, R]}} trimmed
             (or dropped) unweighted factors; ties_delta: {module: {"delta": [N, L, d_out, d_in]}}.
+            SVD operators (merge_svd.prepare): task {module: {"delta": s_i B_i A_i, knots_ties also
+            "y": s_i B_i R_i^T}}; their trimming depends on the mask, so `density` is kept here.
     weight_a, weight_b: [N] per-adapter multipliers of task["a"] / task["b"] (or of "delta").
     """
 
@@ -69,6 +71,7 @@ class Prepared:
     weight_b: jax.Array
     method: str = dataclasses.field(metadata=dict(static=True), default="ties")
     rank: int = dataclasses.field(metadata=dict(static=True), default=0)
+    density: float = dataclasses.field(metadata=dict(static=True), default=1.0)  # SVD operators only
 
     @property
     def num_adapters(self) -> int:

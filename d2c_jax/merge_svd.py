@@ -4,7 +4,7 @@ Shape legend: N adapters, L layers, R input rank, r output rank, d_in / d_out mo
 k = min(d_out, N * R) basis size, C candidate masks.
 
 Same contract as `merge.py`: `prepare(adapter_set, method, ...)` does the mask-independent work
-once (every leaf of `Prepared` stacked on the leading adapter axis N), and `merge_mask(prepared,
+once (every leaf of `merge.Prepared` stacked on the leading adapter axis N), and `merge_mask(prepared,
 mask_n)` is pure and jit/vmap-able over mask_n (and differentiable in the weights, see
 `tune.with_weights`). The output is the decoder's lora pytree with scaling 1 at rank `rank`.
 `merge.prepare_merge` / `merge.merge_mask` dispatch here for the methods of `SVD_METHODS`.
@@ -35,7 +35,6 @@ A mask with one member returns that adapter unchanged (rank-fitted), as in merge
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -45,36 +44,11 @@ import numpy as np
 from d2c_jax import merge as merge_lib
 from d2c_jax.lora import AdapterSet
 
-SVD_METHODS = ("knots_ties", "knots_linear", "iso_c")
+SVD_METHODS = merge_lib.SVD_METHODS
 KNOTS_TOL = 1e-5  # relative singular-value cut of the KnOTS basis
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """Mask-independent inputs of an SVD operator (a pytree; method, rank, density static).
-
-    single: {module: {"a": [N, L, R, d_in], "b": [N, L, d_out, R]}} each adapter as it is (b = s B).
-    task:   {module: {"delta": [N, L, d_out, d_in]}} s_i B_i A_i; knots_ties adds
-            "y": [N, L, d_out, R] = s_i B_i R_i^T (the basis factor, see the module docstring).
-    weight_a, weight_b: [N] (or [N, L]) merge weights w_i multiplying delta_i (both the same here;
-            two fields so that every Prepared has the same weight leaves).
-    """
-
-    single: dict[str, dict[str, jax.Array]]
-    task: dict[str, dict[str, jax.Array]]
-    weight_a: jax.Array
-    weight_b: jax.Array
-    method: str = dataclasses.field(metadata=dict(static=True), default="iso_c")
-    rank: int = dataclasses.field(metadata=dict(static=True), default=0)
-    density: float = dataclasses.field(metadata=dict(static=True), default=1.0)
-
-    @property
-    def num_adapters(self) -> int:
-        return int(self.weight_a.shape[0])
-
-
-def prepare(adapter_set: AdapterSet, method: str, density: float, w: np.ndarray, rank: int) -> Prepared:
+def prepare(adapter_set: AdapterSet, method: str, density: float, w: np.ndarray, rank: int) -> merge_lib.Prepared:
     """The deltas (and KnOTS' basis factors) of every adapter, scaled by s_i (weights: w)."""
     n = adapter_set.num_adapters
     s = adapter_set.scaling.astype(np.float64)
@@ -91,7 +65,7 @@ def prepare(adapter_set: AdapterSet, method: str, density: float, w: np.ndarray,
             leaves["y"] = jnp.asarray(sb @ np.swapaxes(r_nlrr, -1, -2), jnp.float32)
         task[m] = leaves
     wj = jnp.asarray(w, jnp.float32)
-    return Prepared(single=single, task=task, weight_a=wj, weight_b=wj, method=method, rank=int(rank),
+    return merge_lib.Prepared(single=single, task=task, weight_a=wj, weight_b=wj, method=method, rank=int(rank),
                     density=float(density))
 
 
@@ -186,7 +160,7 @@ def _trim_dynamic(c_nlki: jax.Array, kept_l: jax.Array, density: float) -> jax.A
     return jnp.where(keep.reshape(c_nlki.shape), c_nlki, 0.0)
 
 
-def merge_mask(prepared: Prepared, mask_n: Any) -> dict[str, dict[str, jax.Array]]:
+def merge_mask(prepared: merge_lib.Prepared, mask_n: Any) -> dict[str, dict[str, jax.Array]]:
     """Merges the adapters of mask_n with `prepared.method`; pure, jit/vmap-able over mask_n."""
     m_n = (jnp.asarray(mask_n) != 0).astype(jnp.float32)
     single = jnp.sum(m_n) == 1
