@@ -20,7 +20,8 @@ from d2c_jax.atomic_io import fsync_path, write_bytes_atomic
 from d2c_jax.errors import UserError
 
 
-def _lines(rows: Sequence[Mapping[str, Any]]) -> bytes:
+def jsonl_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """The rows as metrics.jsonl holds them: one JSON object per line."""
     return "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
 
 
@@ -61,7 +62,7 @@ class MetricsLog:
                   f"{step}; the resumed history has only those", file=sys.stderr, flush=True)
         rows = rows[:count]
         if self.writer:
-            write_bytes_atomic(self.path, _lines(rows))
+            write_bytes_atomic(self.path, jsonl_bytes(rows))
             self._on_disk = len(rows)
         return rows
 
@@ -71,11 +72,11 @@ class MetricsLog:
         if not self.writer:
             return
         if self._on_disk is None or self._on_disk > len(rows):
-            write_bytes_atomic(self.path, _lines(rows))
+            write_bytes_atomic(self.path, jsonl_bytes(rows))
         elif self._on_disk < len(rows):
             try:
                 with open(self.path, "ab") as fh:
-                    fh.write(_lines(rows[self._on_disk:]))
+                    fh.write(jsonl_bytes(rows[self._on_disk:]))
                     fh.flush()
                     os.fsync(fh.fileno())
                 fsync_path(os.path.dirname(self.path))

@@ -44,6 +44,7 @@ from d2c_jax import compilation_cache, data, lora, merge, plots, signals, tune
 from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.checkpoint import Checkpointer
+from d2c_jax.metrics_log import jsonl_bytes
 from d2c_jax.errors import UserError
 from d2c_jax.fingerprint import run_fingerprint
 from d2c_jax.inputs import Inputs, load_inputs
@@ -67,10 +68,6 @@ CHECKPOINTS = "checkpoints"
 OBJECTIVE_PNG = "objective.png"
 ASSIGNMENT_PNG = "assignment.png"
 OUTPUTS = (PARTITION, METRICS, OBJECTIVE_PNG, ASSIGNMENT_PNG, MERGED)
-
-
-def metrics_jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -516,7 +513,7 @@ def write_outputs(
         os.path.join(workdir, ASSIGNMENT_PNG),
         plots.assignment_png(partition_n, names, int(doc["num_clusters"]), tags, f"{doc['strategy']}: K={doc['num_clusters']}"),
     )
-    write_text_atomic(os.path.join(workdir, METRICS), metrics_jsonl(metrics))
+    write_bytes_atomic(os.path.join(workdir, METRICS), jsonl_bytes(metrics))
     write_text_atomic(os.path.join(workdir, PARTITION), json.dumps(doc, indent=2) + "\n")
 
 
