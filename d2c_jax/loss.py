@@ -17,6 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from d2c_jax import packing
 from d2c_jax.models import decoder
 from d2c_jax.models.config import ModelConfig
 from d2c_jax.types import Lora, Params, TokenBatch
@@ -70,6 +71,34 @@ def task_loss(
     """Mean CE over the task's response tokens (float32 scalar); `lora` None = the base model."""
     num, den = task_loss_sums(params, cfg, lora, batch_ns, example_chunk=example_chunk)
     return num / den
+
+
+def packed_task_loss(
+    params: Params, cfg: ModelConfig, lora: Lora | None, pb: packing.PackedBatch, *,
+    loss_chunk: int | None = None,
+) -> jax.Array:
+    """task_loss of one task's packed examples (packing.py): the same mean CE over its response
+    tokens, with the dense layers on real tokens only and the final norm + LM head on the Q loss
+    positions only, `loss_chunk` positions at a time (a lax.map over chunks bounds the logits)."""
+    h_qd = jnp.take(packing.residual(params, cfg, pb, lora), pb.loss_at, axis=0)
+    q = h_qd.shape[0]
+    b = q if loss_chunk is None else max(1, min(int(loss_chunk), q))
+    k = -(-q // b)
+    pad = k * b - q
+    tgt_q, w_q = pb.targets, pb.weights.astype(jnp.float32)
+    if pad:
+        h_qd = jnp.pad(h_qd, ((0, pad), (0, 0)))
+        tgt_q, w_q = jnp.pad(tgt_q, (0, pad)), jnp.pad(w_q, (0, pad))
+
+    def chunk_sum(args):
+        h_bd, tgt_b, w_b = args
+        h_bd = decoder.norm(params["final_norm"], cfg, h_bd)
+        ce_b = token_ce(decoder.logits_from_hidden(params, cfg, h_bd[None])[0], tgt_b)
+        return jnp.sum(jnp.where(w_b > 0, ce_b * w_b, 0.0))
+
+    args = (h_qd.reshape(k, b, -1), tgt_q.reshape(k, b), w_q.reshape(k, b))
+    num = chunk_sum(jax.tree.map(lambda x: x[0], args)) if k == 1 else jnp.sum(jax.lax.map(chunk_sum, args))
+    return num / jnp.sum(w_q)
 
 
 def candidate_losses(

@@ -197,9 +197,16 @@ def _expand(v_n: jax.Array, x: jax.Array) -> jax.Array:
     return v_n.reshape(v_n.shape + (1,) * (x.ndim - v_n.ndim))
 
 
+UNROLL_MAX = 64  # up to this many stacked adapters, masked reductions are unrolled (see below)
+
+
 def _masked_sum(m_n: jax.Array, x_n: jax.Array) -> jax.Array:
-    """sum_i m_i x_i as a contraction, so that vmap over masks is one matmul, not a [C, N, ...]
-    temporary (HIGHEST: TPUs would otherwise round the float32 operands to bfloat16)."""
+    """sum_i m_i x_i. Over a few adapters (the scorer's gathered members, G <= UNROLL_MAX) as
+    an unrolled elementwise sum that XLA fuses into one pass; over many as a contraction, so
+    that vmap over masks is one matmul, not a [C, N, ...] temporary (HIGHEST: TPUs would
+    otherwise round the float32 operands to bfloat16)."""
+    if x_n.shape[0] <= UNROLL_MAX:
+        return sum(_expand(m_n[i], x_n[i]) * x_n[i] for i in range(x_n.shape[0]))
     return jnp.tensordot(m_n.astype(x_n.dtype), x_n, axes=1, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -210,13 +217,23 @@ def _weighted_sum(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
 def _ties(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
     """Sign election on the unweighted members, then the disjoint mean of the weighted ones.
 
-    An entry agrees with a +1 majority iff it is > 0 (and with -1 iff < 0; zeros never agree),
-    so the sums and counts of agreeing entries are masked sums of mask-independent tensors,
+    An entry agrees with a +1 majority iff it is > 0 (and with -1 iff < 0; zeros never agree).
+    Over a few adapters: two fused passes (the sign sum, then the agreeing sum and count, member
+    by member: ~20x faster on CPU than five contractions over materialised temporaries). Over
+    many: the sums and counts of agreeing entries are masked sums of mask-independent tensors,
     which XLA computes once per call however many masks are vmapped.
     """
+    majority_pos = _masked_sum(m_n, x_n) >= 0
+    if x_n.shape[0] <= UNROLL_MAX:
+        num = count = jnp.zeros(x_n.shape[1:], x_n.dtype)
+        for i in range(x_n.shape[0]):
+            x, member = x_n[i], _expand(m_n[i], x_n[i]) > 0
+            agree = jnp.where(majority_pos, x > 0, x < 0) & member
+            num = num + jnp.where(agree, x * _expand(w_n[i], x), 0.0)
+            count = count + agree.astype(x_n.dtype)
+        return num / jnp.maximum(count, 1.0)
     pos, neg = x_n > 0, x_n < 0
     wx = x_n * _expand(w_n, x_n)
-    majority_pos = _masked_sum(m_n, x_n) >= 0
     num = jnp.where(majority_pos, _masked_sum(m_n, jnp.where(pos, wx, 0.0)),
                     _masked_sum(m_n, jnp.where(neg, wx, 0.0)))
     count = jnp.where(majority_pos, _masked_sum(m_n, pos.astype(x_n.dtype)),
@@ -261,11 +278,28 @@ def merge_mask(prepared: Prepared, mask_n: Any) -> Lora:
     if prepared.method in SVD_METHODS:
         return merge_svd.merge_mask(prepared, mask_n)
     m_n = (jnp.asarray(mask_n) != 0).astype(jnp.float32)
-    single = jnp.sum(m_n) == 1
+    # A real branch when not vmapped (the scorer merges one mask at a time): a cluster pays only
+    # for its own case. Under vmap it becomes a select of both, as before.
+    return jax.lax.cond(jnp.sum(m_n) == 1, _merge_single, _merge_many, prepared, m_n)
+
+
+def _merge_single(prepared: Prepared, m_n: jax.Array) -> Lora:
+    """The one member unchanged (a = A_i, b = w_i s_i B_i), fitted to the output rank."""
+    from d2c_jax import merge_svd
+
     out = {}
     for mod, sv in prepared.single.items():
-        a1, b1 = merge_svd.fit_rank(_masked_sum(m_n, sv["a"]), _masked_sum(m_n, sv["b"]), prepared.rank)
-        tv = prepared.task[mod]
+        a, b = merge_svd.fit_rank(_masked_sum(m_n, sv["a"]), _masked_sum(m_n, sv["b"]), prepared.rank)
+        out[mod] = {"a": a, "b": b}
+    return out
+
+
+def _merge_many(prepared: Prepared, m_n: jax.Array) -> Lora:
+    """Two or more members: `prepared.method`'s merge (see the module docstring)."""
+    from d2c_jax import merge_svd
+
+    out = {}
+    for mod, tv in prepared.task.items():
         if prepared.method == "ties_delta":
             delta = _ties(tv["delta"], prepared.weight_a, m_n)
             a, b = merge_svd.factors(delta, prepared.rank)
@@ -277,7 +311,7 @@ def merge_mask(prepared: Prepared, mask_n: Any) -> Lora:
             a = _weighted_sum(tv["a"], prepared.weight_a, m_n)
             b = _weighted_sum(tv["b"], prepared.weight_b, m_n)
             a, b = merge_svd.fit_rank(a, b, prepared.rank)
-        out[mod] = {"a": jnp.where(single, a1, a), "b": jnp.where(single, b1, b)}
+        out[mod] = {"a": a, "b": b}
     return out
 
 

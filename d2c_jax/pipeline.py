@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -58,6 +58,7 @@ from d2c_jax.sharding import (any_process, barrier, check_same_on_all_processes,
                               make_mesh)
 from d2c_jax.signals import PreemptionFlag
 from d2c_jax.suite import ensure_preset
+from d2c_jax.types import Lora
 from d2c_jax.workdir_lock import WorkdirLock
 
 PARTITION = "partition.json"
@@ -487,7 +488,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         doc["tuning"] = tuning
     with PreemptionFlag() as flag:
         _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
-                                       cfg.base_model, weights_k), "the outputs", is_main)
+                                       cfg.base_model, weights_k, merge_fn=None if getattr(scorer, "batched", True) else scorer.merge),
+                 "the outputs", is_main)
     if is_main:
         print(final_table(doc))
         print(f"outputs in {workdir}")
@@ -504,10 +506,11 @@ def write_outputs(
     prepared: Prepared,
     base_model: str,
     weights_k: Any = None,
+    merge_fn: Callable[[np.ndarray], Lora] | None = None,
 ) -> None:
     """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
     write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model,
-                 weights_k)
+                 weights_k, merge_fn)
     write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(metrics, f"{doc['strategy']} search"))
     write_bytes_atomic(
         os.path.join(workdir, ASSIGNMENT_PNG),
@@ -518,11 +521,17 @@ def write_outputs(
 
 
 def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepared: Prepared,
-                 base_model: str, weights_k: Any = None) -> None:
+                 base_model: str, weights_k: Any = None,
+                 merge_fn: Callable[[np.ndarray], Lora] | None = None) -> None:
     """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter (with weights_k[k] when
     given: tuned merge weights); the whole directory is built beside out_dir and renamed into
-    place, so no half-written merged/ is ever left."""
-    loras = jax.tree.map(np.asarray, tune.merged_clusters(prepared, partition_n, num_clusters, weights_k))
+    place, so no half-written merged/ is ever left. `merge_fn` (mask -> lora, e.g. the search's
+    Scorer.merge, whose executables are compiled already) merges the unweighted clusters."""
+    if weights_k is None and merge_fn is not None:
+        per_k = [merge_fn(partition_n == k) for k in range(num_clusters)]
+        loras = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_k)
+    else:
+        loras = jax.tree.map(np.asarray, tune.merged_clusters(prepared, partition_n, num_clusters, weights_k))
 
     def write(tmp: str) -> None:
         for k in range(num_clusters):

@@ -13,6 +13,10 @@ merged mask (a bucket), T tasks, n examples per task, S sequence (a bucket), V v
   4. in each call, merges each distinct mask once from its members only (the mask's adapters
      gathered from every leaf of the merge.Prepared pytree, padded to a power-of-two G: cost
      O(cluster size), not O(N)), then scores the R requests with one vmapped loss.
+On one CPU device (the default there, `batched=False`) steps 3-4 run unbatched instead: each
+distinct mask is merged once (one executable per member bucket G) and each request is scored
+alone (one executable per sequence bucket S): XLA:CPU gains nothing from a request batch, and a
+run compiles a handful of executables instead of one per (R, G, S).
 Each (R, G, S) bucket is traced and compiled once (`trace_counts` proves it in tests); with the
 persistent compilation cache (`compilation_cache.enable`) a second run compiles nothing.
 With a mesh the request batch is split over the "cand" axis, the base weights and the prepared
@@ -32,6 +36,7 @@ import numpy as np
 
 from d2c_jax import loss as loss_lib
 from d2c_jax import merge as merge_lib
+from d2c_jax import packing
 from d2c_jax import sharding as sharding_lib
 from d2c_jax.data import TaskData
 from d2c_jax.errors import UserError
@@ -129,6 +134,7 @@ class Scorer:
         example_chunk: int | None = None,
         logits_budget_bytes: int = 2 << 30,
         exact_split: bool | None = None,
+        batched: bool | None = None,
     ):
         """`prepared_merge` from merge.prepare_merge (None: only `loss_of_lora` is available).
         `batch_size`: the largest request bucket ("auto": the largest that fits device memory,
@@ -136,13 +142,21 @@ class Scorer:
         "cand" size. `example_chunk` bounds how many examples go through the model at once
         (memory; see loss.py); None picks the largest that keeps one device's float32 logits
         within `logits_budget_bytes`. `exact_split` (default: on CPU) splits calls into
-        buckets without padding instead of rounding up to one bucket."""
+        buckets without padding instead of rounding up to one bucket. `batched` (default: off on
+        one CPU device, where batching buys no throughput) scores requests in vmapped calls;
+        off, each distinct mask is merged once and each request is scored alone, so a run
+        compiles one merge per member bucket and one loss per sequence bucket, nothing more."""
         self.cfg = cfg
         self.mesh = mesh
         self.num_tasks = task_data.num_tasks
         self.task_names = task_data.names
         self.cand = 1 if mesh is None else mesh.shape[sharding_lib.CAND]
         self.exact_split = jax.default_backend() == "cpu" if exact_split is None else bool(exact_split)
+        if batched is None:
+            batched = mesh is not None or jax.default_backend() != "cpu"
+        if not batched and mesh is not None:
+            raise ValueError("unbatched scoring is for one device (mesh None)")
+        self.batched = bool(batched)
         n, seq = task_data.tokens_tns.shape[1:]
         self.num_examples_max = int(n)
         self._logits_budget = int(logits_budget_bytes)
@@ -196,9 +210,15 @@ class Scorer:
         self._data = put(data)  # full length: loss_of_lora
         self._data_by_seq = {sb: put(jax.tree.map(lambda x: np.asarray(x)[tasks][:, :, :sb], data))
                              for sb, tasks in by_bucket.items()}
+        # Unbatched: each bucket's tasks packed (real tokens only; the LM head on loss positions).
+        self._packed_by_seq = {} if self.batched else {
+            sb: jax.tree.map(jnp.asarray, packing.pack(jax.tree.map(lambda x: np.asarray(x)[tasks][:, :, :sb], data)))
+            for sb, tasks in by_bucket.items() if self.packs(sb)}
         out = {} if mesh is None else {"out_shardings": rep}  # every host can read the losses
         self._score = jax.jit(self._score_impl, static_argnames=("example_chunk",), **out)
         self._single = jax.jit(self._single_impl, static_argnames=("example_chunk",), **out)
+        self._merge_one = jax.jit(self._merge_one_impl)
+        self._packed = jax.jit(self._packed_impl, static_argnames=("loss_chunk",))
 
     def auto_batch_size(self, params: Params, prepared: Prepared | None, data: TokenBatch, seq: int) -> int:
         """The largest power-of-two request batch whose estimated memory fits one device next to
@@ -254,9 +274,25 @@ class Scorer:
 
     def _single_impl(self, params: Params, data_tns: TokenBatch, lora: Lora | None, task: jax.Array, *,
                      example_chunk: int) -> jax.Array:
-        self.trace_counts["single"] += 1
+        self.trace_counts[f"single s{data_tns.shape[-1]}"] += 1
         batch_ns = jax.tree.map(lambda x: jnp.take(x, task, axis=0), data_tns)
         return loss_lib.task_loss(params, self.cfg, lora, batch_ns, example_chunk=example_chunk)
+
+    def _packed_impl(self, params: Params, packed_t: packing.PackedBatch, lora: Lora | None, task: jax.Array, *,
+                     loss_chunk: int) -> jax.Array:
+        self.trace_counts[f"packed s{packed_t.attn.shape[-1]} p{packed_t.tokens.shape[-1]}"] += 1
+        pb = jax.tree.map(lambda x: jnp.take(x, task, axis=0), packed_t)
+        return loss_lib.packed_task_loss(params, self.cfg, lora, pb, loss_chunk=loss_chunk)
+
+    @property
+    def loss_chunk(self) -> int:
+        """Loss positions per LM-head pass of the packed path: float32 logits within the budget."""
+        return max(1, self._logits_budget // (self.cfg.vocab_size * 4))
+
+    def _merge_one_impl(self, prepared: Prepared, members_g: jax.Array, valid_g: jax.Array) -> Lora:
+        self.trace_counts[f"merge g{members_g.shape[0]}"] += 1
+        sub = jax.tree.map(lambda x: jnp.take(x, members_g, axis=0), prepared)
+        return merge_lib.merge_mask(sub, valid_g)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -285,6 +321,8 @@ class Scorer:
         req_tasks = uniq[:, -1]
         order = np.lexsort((mask_of_req, self.seq_bucket_of[req_tasks]))
 
+        if not self.batched:
+            return self._losses_one_by_one(umasks, mask_of_req, req_tasks)[inverse.reshape(-1)]
         out = np.empty(len(uniq), np.float32)
         pending = []  # (request rows, device losses): every call is dispatched before any is read
         for sb in np.unique(self.seq_bucket_of[req_tasks]):
@@ -298,12 +336,48 @@ class Scorer:
             out[rr] = np.asarray(losses_r)[: len(rr)]
         return out[inverse.reshape(-1)]
 
+    def _member_bucket(self, count: int) -> int:
+        """G: member slots of a merge of `count` adapters (a power of two >= 8, at most N)."""
+        return min(max(MIN_MEMBER_BUCKET, 1 << (int(count) - 1).bit_length()), self.num_adapters)
+
+    def packs(self, seq: int) -> bool:
+        """Whether the unbatched scorer packs the tasks of sequence bucket `seq`: yes unless all
+        n examples' float32 attention scores at once ([n, H, S, S], a few temporaries) would
+        exceed the logits budget; then the padded loss runs `example_chunk` examples at a time."""
+        return 3 * self.num_examples_max * self.cfg.num_heads * seq * seq * 4 <= self._logits_budget
+
+    def _score_alone(self, lora: Lora | None, t: int) -> jax.Array:
+        """Loss of one adapter on task t (unbatched), packed where it fits (`packs`)."""
+        sb = int(self.seq_bucket_of[t])
+        if self.packs(sb):
+            return self._packed(self._params, self._packed_by_seq[sb], lora, np.int32(self.local_task[t]),
+                                loss_chunk=self.loss_chunk)
+        return self._single(self._params, self._data_by_seq[sb], lora, np.int32(self.local_task[t]),
+                            example_chunk=self.example_chunk(1, sb))
+
+    def merge(self, mask_n: np.ndarray) -> Lora:
+        """merge_mask of one (non-empty) mask, with the unbatched scorer's merge executables."""
+        idx = np.flatnonzero(np.asarray(mask_n, bool))
+        if not len(idx):
+            raise ValueError("a merge needs at least one member")
+        g = self._member_bucket(len(idx))
+        members_g = np.zeros(g, np.int32)
+        members_g[:len(idx)] = idx
+        return self._merge_one(self._prepared, members_g, np.arange(g) < len(idx))
+
+    def _losses_one_by_one(self, umasks: np.ndarray, mask_of_req: np.ndarray, req_tasks: np.ndarray) -> np.ndarray:
+        """Unbatched: each distinct mask merged once, each request scored alone (all dispatched
+        before any result is read)."""
+        loras = [self.merge(mask_n) for mask_n in umasks]
+        pending = [self._score_alone(loras[m], int(t)) for m, t in zip(mask_of_req, req_tasks)]
+        self.stats.update(score_calls=len(pending), masks_merged=len(umasks), requests_scored=len(pending))
+        return np.array([float(x) for x in pending], np.float32)
+
     def _call(self, umasks: np.ndarray, mask_ids: np.ndarray, tasks: np.ndarray, sb: int, bucket: int):
         """One jitted call for `bucket` request slots (the first len(tasks) real)."""
         distinct, mask_of_r = np.unique(mask_ids, return_inverse=True)
         masks_mn = umasks[distinct]
-        counts = masks_mn.sum(axis=1)
-        g = min(max(MIN_MEMBER_BUCKET, 1 << (int(counts.max()) - 1).bit_length()), self.num_adapters)
+        g = self._member_bucket(masks_mn.sum(axis=1).max())
         members_mg = np.zeros((bucket, g), np.int32)
         valid_mg = np.zeros((bucket, g), bool)
         for i, mask_n in enumerate(masks_mn):
@@ -330,6 +404,8 @@ class Scorer:
             rep = sharding_lib.replicated(self.mesh)
             lora = None if lora is None else sharding_lib.put_global(lora, rep)
             task = sharding_lib.put_global(task, rep)
+        if not self.batched:  # at its task's bucket: the unbatched scorer's executable
+            return float(self._score_alone(lora, t))
         seq = int(self._data.shape[-1])
         return float(self._single(self._params, self._data, lora, task,
                                   example_chunk=self.example_chunk(1, seq)))

@@ -112,3 +112,23 @@ def test_ties_merged_adapter_loss_matches_peft(case):
     assert ours == pytest.approx(ref, rel=RTOL)
     single = our_task_loss(case, lora_lib.effective_lora(case["adapters"], 0), chat=False)
     assert abs(single - ours) > 1e-3  # the merge changes the loss: the comparison has teeth
+
+
+_jit_packed_loss = jax.jit(loss.packed_task_loss, static_argnums=1, static_argnames="loss_chunk")
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_packed_loss_matches_peft(case, chat):
+    """The scorer's packed layout (real tokens only through the layers, the LM head on loss
+    positions only, optionally in chunks) gives transformers + PEFT's loss."""
+    from d2c_jax import packing
+
+    i = 2
+    lora = lora_lib.effective_lora(case["adapters"], i)
+    td = data.load_task_data(case["data_dir"], ADAPTERS, case["tok"], max_seq_len=128, chat_template=chat)
+    pb = jax.tree.map(lambda x: x[0], packing.pack(td.batch))
+    ref = hf_task_loss(case["model_dir"], case["adapters"].paths[i], case["tok"], chat)
+    for chunk in (None, 5):
+        ours = float(_jit_packed_loss(case["params"], case["cfg"], lora, pb, loss_chunk=chunk))
+        print(f"{case['arch']} packed chat={chat} chunk={chunk}: ours {ours:.7f} peft {ref:.7f} rel {_rel(ours, ref):.2e}")
+        assert ours == pytest.approx(ref, rel=RTOL)

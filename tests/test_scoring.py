@@ -64,13 +64,14 @@ def shared_setup(tmp_path_factory) -> dict:
     return _SHARED["setup"]
 
 
-def shared_scorer(tmp_path_factory, batch_size: int) -> Scorer:
-    """Scorers are shared: each one costs a compilation."""
-    key = ("scorer", batch_size)
+def shared_scorer(tmp_path_factory, batch_size: int, batched: bool = True) -> Scorer:
+    """Scorers are shared: each one costs a compilation. batched: the vmapped request batches
+    (accelerators, meshes); on one CPU device the default is unbatched."""
+    key = ("scorer", batch_size, batched)
     if key not in _SHARED:
         s = shared_setup(tmp_path_factory)
         _SHARED[key] = Scorer(s["params"], s["cfg"], s["prepared"], s["task_data"],
-                              batch_size=batch_size)
+                              batch_size=batch_size, batched=batched)
     return _SHARED[key]
 
 
@@ -81,7 +82,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
-    return lambda batch_size: shared_scorer(tmp_path_factory, batch_size)
+    return lambda batch_size, batched=True: shared_scorer(tmp_path_factory, batch_size, batched)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,47 @@ def test_each_bucket_compiles_once_and_calls_compute_only_real_requests(scorers)
     assert dict(scorer.trace_counts) == first
     scorer.loss_of_lora(None, 0)
     scorer.loss_of_lora(None, "t3")
-    assert scorer.trace_counts["single"] == 1
+    assert sum(v for k, v in scorer.trace_counts.items() if k.startswith("single")) == 1
+
+
+def test_unbatched_scorer_merges_each_mask_once_and_compiles_one_executable_per_bucket(setup, scorers, direct):
+    """The CPU default: each distinct mask merged once per call, each request scored alone on
+    its task's packed examples; one merge executable per member bucket and one loss executable
+    per sequence bucket, whatever the number of requests. Losses equal merge_mask + the padded
+    task_loss (both checked against PEFT in test_merge_parity.py / test_loss_parity.py)."""
+    td = setup["task_data"]
+    assert Scorer(setup["params"], setup["cfg"], setup["prepared"], td, batch_size=1).batched is False
+    scorer = scorers(1, batched=False)
+    masks, tasks = requests()
+    before = scorer.stats.copy()
+    got = scorer.losses(masks, tasks)
+    want = np.array([direct(m, t) for m, t in zip(masks, tasks)])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    done = scorer.stats - before
+    assert done["masks_merged"] == len(np.unique(masks, axis=0))
+    assert done["requests_scored"] == len(np.unique(np.c_[masks, tasks], axis=0))
+    seq = {int(scorer.seq_bucket_of[t]) for t in tasks}
+    first = dict(scorer.trace_counts)
+    assert all(v == 1 for v in first.values()), first
+    assert sorted(k.split()[0] for k in first) == ["merge"] + ["packed"] * len(seq), first
+    more = np.concatenate([masks, ~masks[:3]])
+    scorer.losses(more, np.concatenate([tasks, tasks[:3]]))
+    scorer.losses(np.eye(4, dtype=bool), np.arange(4))
+    single = [scorer.loss_of_lora(lora_lib.effective_lora(setup["adapters"], i), i) for i in range(4)]
+    np.testing.assert_allclose(single, scorer.losses(np.eye(4, dtype=bool), np.arange(4)), rtol=1e-5)
+    assert dict(scorer.trace_counts) == first  # the same buckets again: nothing new traced
+
+
+def test_unbatched_scorer_falls_back_to_chunked_padded_examples_when_attention_would_not_fit(setup, direct):
+    """Long examples: [n, H, S, S] attention scores over the logits budget are not packed; the
+    padded loss then runs a chunk of examples at a time, with the same losses."""
+    scorer = Scorer(setup["params"], setup["cfg"], setup["prepared"], setup["task_data"], batched=False,
+                    logits_budget_bytes=1)
+    assert not any(scorer.packs(int(sb)) for sb in scorer.seq_bucket_of)
+    masks, tasks = requests()
+    np.testing.assert_allclose(scorer.losses(masks, tasks), [direct(m, t) for m, t in zip(masks, tasks)], rtol=1e-5)
+    assert scorer.example_chunk(1, int(scorer.seq_bucket_of[0])) == 1
+    assert all(k.startswith(("merge", "single")) for k in scorer.trace_counts)
 
 
 def test_loss_of_lora_matches_single_member_masks_and_base(setup, scorers):

@@ -11,7 +11,7 @@ F mlp dim, V vocab, R rank, H heads, K kv heads, G = H / K, Dh head dim, Dr rota
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import chex
 import jax
@@ -108,16 +108,22 @@ def linear(p: dict, x_bsi: jax.Array, lora_m: dict | None = None) -> jax.Array:
 
 
 def attend(q_bshd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, mask_bst: jax.Array) -> jax.Array:
-    """Grouped-query softmax attention; scores and softmax in float32. Returns [B, S, H*Dh]."""
+    """Grouped-query softmax attention; scores and softmax in float32. Returns [B, S, H*Dh].
+
+    The G query heads that share a key/value head are stacked along the query axis, so each
+    (example, kv head) is one [G*S, Dh] @ [Dh, T] product: on CPU a few larger dots run ~1.4x
+    faster than B*H small ones."""
     b, s, h, dh = q_bshd.shape
-    kv = k_btkd.shape[2]
-    q_bskgd = q_bshd.reshape(b, s, kv, h // kv, dh)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q_bskgd, k_btkd, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(dh))
+    t, kv = k_btkd.shape[1], k_btkd.shape[2]
+    g = h // kv
+    q_bkqd = q_bshd.reshape(b, s, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * s, dh)
+    k_bktd, v_bktd = k_btkd.transpose(0, 2, 1, 3), v_btkd.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bktd->bkqt", q_bkqd, k_bktd, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv, g, s, t) * (1.0 / np.sqrt(dh))
     scores = jnp.where(mask_bst[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_btkd.dtype)
-    out_bskgd = jnp.einsum("bkgst,btkd->bskgd", probs, v_btkd)
-    return out_bskgd.reshape(b, s, h * dh)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_btkd.dtype).reshape(b, kv, g * s, t)
+    out_bkqd = jnp.einsum("bkqt,bktd->bkqd", probs, v_bktd)
+    return out_bkqd.reshape(b, kv, g, s, dh).transpose(0, 3, 1, 2, 4).reshape(b, s, h * dh)
 
 
 def _lora_of(lora_l: Lora, name: str) -> dict | None:
@@ -134,9 +140,11 @@ def block(
     mask_bst: jax.Array,
     cache_kv: tuple[jax.Array, jax.Array] | None = None,
     start: jax.Array | int = 0,
+    attend_fn: Callable | None = None,
 ):
     """One pre-norm decoder layer. With `cache_kv` ([B, T, K, Dh] each) the new keys/values
-    are written at slots start..start+S-1 and attention runs over all T slots."""
+    are written at slots start..start+S-1 and attention runs over all T slots. `attend_fn`
+    (q, k, v) -> [B, S, H*Dh] replaces `attend(q, k, v, mask_bst)` (packing.grid_attention)."""
     b, s, _ = x_bsd.shape
     h_bsd = norm(lp["input_norm"], cfg, x_bsd)
     q = linear(lp["q_proj"], h_bsd, _lora_of(lora_l, "q_proj")).reshape(b, s, cfg.num_heads, cfg.head_dim)
@@ -148,7 +156,7 @@ def block(
         k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1)
         cache_kv = (k, v)
-    attn_bsq = attend(q, k, v, mask_bst)
+    attn_bsq = attend(q, k, v, mask_bst) if attend_fn is None else attend_fn(q, k, v)
     x_bsd = x_bsd + linear(lp["o_proj"], attn_bsq, _lora_of(lora_l, "o_proj"))
     h_bsd = norm(lp["post_attn_norm"], cfg, x_bsd)
     gate = linear(lp["gate_proj"], h_bsd, _lora_of(lora_l, "gate_proj"))
@@ -182,6 +190,7 @@ def run_layers(
     lora: Lora | None = None,
     cache: tuple[jax.Array, jax.Array] | None = None,
     start: jax.Array | int = 0,
+    attend_fn: Callable | None = None,
 ):
     """Scans the stacked layers. cache: (k_lbtkd, v_lbtkd) or None; returns (x, new cache)."""
     _check_lora(lora, cfg)
@@ -189,7 +198,7 @@ def run_layers(
 
     def body(x, xs):
         lp, lora_l, cache_l = xs
-        x, cache_l = block(lp, lora_l, cfg, x, cos, sin, mask_bst, cache_l, start)
+        x, cache_l = block(lp, lora_l, cfg, x, cos, sin, mask_bst, cache_l, start, attend_fn)
         return x, cache_l
 
     return jax.lax.scan(body, x_bsd, (params["layers"], lora, cache))

@@ -66,7 +66,9 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
 
 
 def model_flops_per_evaluation(fx: Fixture) -> float:
-    """Forward FLOPs of one evaluation (a task's real tokens; matmuls, attention and LoRA)."""
+    """Forward FLOPs one evaluation needs: the layers (matmuls, attention, LoRA) on the task's
+    real tokens and the LM head on its loss (response) positions only, the logits the loss
+    reads. Counting the LM head at every position would credit us with work we skip."""
     from d2c_jax import data, hf_io, lora
     from d2c_jax.models.config import load_config, module_shapes
 
@@ -75,15 +77,15 @@ def model_flops_per_evaluation(fx: Fixture) -> float:
     td = data.load_task_data(fx.data_dir, names, hf_io.load_tokenizer(fx.base_model),
                              examples_per_task=fx.examples_per_task, max_seq_len=100_000)
     dims = module_shapes(cfg)
-    per_token = 2 * (cfg.num_layers * sum(d_in * d_out for d_in, d_out in dims.values())
-                     + cfg.hidden_size * cfg.vocab_size)
+    per_token = 2 * cfg.num_layers * sum(d_in * d_out for d_in, d_out in dims.values())
     aset = lora.load_adapter_set(fx.adapters_dir, cfg)
     per_token += 2 * cfg.num_layers * aset.rank * sum(dims[m][0] + dims[m][1] for m in aset.a)
     lengths_tn = td.attn_tns.sum(axis=-1) * (np.arange(td.attn_tns.shape[1]) < td.num_examples[:, None])
     tokens = float(lengths_tn.sum(axis=1).mean())
+    loss_positions = float((np.asarray(td.weights_tns) > 0).sum(axis=(1, 2)).mean())
     # Causal attention: QK^T and AV over on average half the example, per layer.
     attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * float((lengths_tn ** 2 / 2).sum(axis=1).mean())
-    return tokens * per_token + attn
+    return tokens * per_token + attn + loss_positions * 2 * cfg.hidden_size * cfg.vocab_size
 
 
 def _run(cmd: Sequence[str], env: dict[str, str], log: str) -> tuple[float, int, float]:
