@@ -291,8 +291,7 @@ class Scorer:
 
     def _merge_one_impl(self, prepared: Prepared, members_g: jax.Array, valid_g: jax.Array) -> Lora:
         self.trace_counts[f"merge g{members_g.shape[0]}"] += 1
-        sub = jax.tree.map(lambda x: jnp.take(x, members_g, axis=0), prepared)
-        return merge_lib.merge_mask(sub, valid_g)
+        return merge_lib.merge_gathered(prepared, members_g, valid_g)
 
     # -- public -------------------------------------------------------------------------------
 

@@ -142,7 +142,8 @@ def test_bad_method_density_weights_are_user_errors(adapter_set):
 @pytest.mark.parametrize("method", merge.METHODS)
 def test_gathered_member_merges_equal_full_masks(method):
     """scoring.merge_members (each mask's members gathered from every Prepared leaf, padded with
-    masked-out slots) equals merge_mask on the full N mask, for every method."""
+    masked-out slots) and merge.merge_gathered (one mask, the unbatched scorer's) equal
+    merge_mask on the full N mask, for every method."""
     from d2c_jax.scoring import merge_members
 
     prepared = merge.prepare_merge(_adapter_set(), method, 0.5, seed=1)
@@ -155,24 +156,30 @@ def test_gathered_member_merges_equal_full_masks(method):
         members[i, :len(idx)], valid[i, :len(idx)] = idx, True
     live = np.arange(len(masks) + 1) < len(masks)
     got = jax.jit(merge_members)(prepared, members, valid, live)
+    one = jax.jit(merge.merge_gathered)  # the unbatched scorer's merge: one mask, gathered per branch
     for i, m in enumerate(masks):
         if m.sum() > g:
             continue
         want = jax.jit(merge.merge_mask)(prepared, m)
-        got_i = jax.tree.map(lambda v: v[i], got)
-        if method in merge.DELTA_METHODS:
-            # Written through a truncated float32 SVD: the factors are unique only up to signs and
-            # rotations, the delta B @ A is the merge. Its error is eps * |delta| (backward
-            # stability), so it is compared against the largest entry.
-            for m_name in want:
-                x = np.asarray(lora_lib.lora_delta(want)[m_name])
-                y = np.asarray(lora_lib.lora_delta(got_i)[m_name])
-                assert np.abs(y - x).max() <= 2e-5 * np.abs(x).max(), (method, m_name)
-            continue
-        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got_i)):
-            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-5, atol=1e-6)
+        for got_i in (jax.tree.map(lambda v: v[i], got), one(prepared, members[i], valid[i])):
+            _assert_same_merge(method, want, got_i)
     for x in jax.tree.leaves(jax.tree.map(lambda v: v[-1], got)):
         assert not np.asarray(x).any()  # padding row: skipped, zeros
+
+
+def _assert_same_merge(method, want, got_i):
+    """Same merge: the factors (tolerance of float32 sums), or for SVD-written merges the delta."""
+    if method in merge.DELTA_METHODS:
+        # Written through a truncated float32 SVD: the factors are unique only up to signs and
+        # rotations, the delta B @ A is the merge. Its error is eps * |delta| (backward
+        # stability), so it is compared against the largest entry.
+        for m_name in want:
+            x = np.asarray(lora_lib.lora_delta(want)[m_name])
+            y = np.asarray(lora_lib.lora_delta(got_i)[m_name])
+            assert np.abs(y - x).max() <= 2e-5 * np.abs(x).max(), (method, m_name)
+        return
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got_i)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-5, atol=1e-6)
 
 
 def test_gathered_merge_cost_does_not_grow_with_n():
