@@ -111,6 +111,7 @@ def run_column(column: str, fx: Fixture, iterations: int, out_dir: str, cache_ho
                flops_per_eval: float, peak: float) -> dict[str, Any]:
     """Runs one column's whole command for T = iterations; returns its row."""
     work = os.path.join(out_dir, f"{column}-T{iterations}")
+    shutil.rmtree(work, ignore_errors=True)  # a fresh run: a workdir left by an earlier benchmark would resume
     inputs = [f"--base_model={fx.base_model}", f"--adapters_dir={fx.adapters_dir}", f"--data_dir={fx.data_dir}"]
     common = [f"--num_clusters={fx.num_clusters}", f"--iterations={iterations}", f"--seed={fx.seed}",
               f"--examples_per_task={fx.examples_per_task}"]

@@ -1,0 +1,116 @@
+"""Where a scorer's time goes: the batched, padded path against the unbatched, packed CPU default.
+
+  python experiments/benchmark/components.py [--fixture=runs/bench_fixture/<tag>] [--repeats=7]
+
+On the benchmark's fixture (launch/benchmark.py builds it), in one process, medians of
+--repeats after a warm-up:
+  - the whole scorer per request, for 8-member clusters: `Scorer(batched=True)` (the vmapped,
+    request-bucketed path that accelerators and meshes run, and the CPU default before the
+    unbatched one: a padded [n, S] grid, the LM head at every position) against the default
+    `Scorer()` (one device: unbatched, packed);
+  - the task loss alone for one merged adapter: `loss.task_loss` (padded) against
+    `loss.packed_task_loss` (real tokens through the layers, LM head on loss positions);
+  - one 8-member merge: `scoring.merge_members` (the batched path's, [G, ...] gathered first)
+    against `merge.merge_gathered` (the unbatched path's, gathered inside each branch);
+  - scoring one partition's 40 requests from a cold start (no persistent cache in this script):
+    seconds, compilation included, and the scorer executables traced.
+Both scorers give the same losses (printed: the largest relative difference).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_string("fixture", None, "A benchmark fixture directory (default: the N=40 one in runs/bench_fixture).")
+flags.DEFINE_integer("repeats", 7, "Timed repeats per figure (median).")
+FLAGS = flags.FLAGS
+
+
+def _median_s(fn, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main(argv) -> int:
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    from d2c_jax import loss, merge, scoring
+    from d2c_jax.inputs import load_inputs
+
+    fx = FLAGS.fixture or next(iter(sorted(glob.glob(os.path.join("runs", "bench_fixture", "n40-*")))), None)
+    if not fx or not os.path.isdir(fx):
+        print("no fixture: run launch/benchmark.py first (or pass --fixture)", file=sys.stderr)
+        return 2
+    inp = load_inputs(os.path.join(fx, "base"), os.path.join(fx, "adapters"), os.path.join(fx, "data"),
+                      dtype="float32")
+    n = len(inp.names)
+    rng = np.random.default_rng(0)
+    part = rng.permutation(np.arange(n) % 5)
+    masks = np.stack([part == part[i] for i in range(n)])
+    rows = []
+
+    def cold(batched: bool):
+        t0 = time.perf_counter()
+        sc = scoring.Scorer(inp.params, inp.model_cfg, inp.prepared("ties", 0.5), inp.task_data,
+                            batched=batched)
+        out = sc.losses(masks, np.arange(n))
+        return sc, out, time.perf_counter() - t0, dict(sc.trace_counts)
+
+    batched, lb, sb, tb = cold(True)
+    unbatched, lu, su, tu = cold(False)
+    print(f"fixture {fx}")
+    print(f"one partition, 40 requests from cold: batched {sb:.1f} s ({len(tb)} scorer executables: {sorted(tb)}); "
+          f"unbatched {su:.1f} s ({len(tu)}: {sorted(tu)}); largest relative loss difference "
+          f"{float(np.max(np.abs(lu - lb) / np.abs(lb))):.1e}")
+
+    reps = FLAGS.repeats
+    eight = np.zeros(n, bool)
+    eight[rng.choice(n, 8, replace=False)] = True
+    task = int(np.flatnonzero(eight)[0])
+    for name, sc in (("batched (padded)", batched), ("unbatched (packed)", unbatched)):
+        rows.append((f"scorer, one request, 8-member merge: {name}",
+                     _median_s(lambda sc=sc: jnp.asarray(sc.losses(eight[None], np.array([task]))), reps)))
+
+    lora = unbatched.merge(eight)
+    sbk = int(unbatched.seq_bucket_of[task])
+    t_local = int(unbatched.local_task[task])
+    grid = jax.tree.map(lambda x: x[t_local], unbatched._data_by_seq[sbk])
+    packed = jax.tree.map(lambda x: x[t_local], unbatched._packed_by_seq[sbk])
+    cfg, params = inp.model_cfg, inp.params
+    padded_f = jax.jit(lambda p, l, b: loss.task_loss(p, cfg, l, b))
+    packed_f = jax.jit(lambda p, l, b: loss.packed_task_loss(p, cfg, l, b))
+    rows.append((f"task loss, padded grid {tuple(grid.shape)}", _median_s(lambda: padded_f(params, lora, grid), reps)))
+    rows.append((f"task loss, packed P={packed.tokens.shape[0]} Q={packed.loss_at.shape[0]}",
+                 _median_s(lambda: packed_f(params, lora, packed), reps)))
+
+    prepared = inp.prepared("ties", 0.5)
+    members = np.flatnonzero(eight).astype(np.int32)
+    valid = np.ones(8, bool)
+    mm = jax.jit(scoring.merge_members)
+    mg = jax.jit(merge.merge_gathered)
+    rows.append(("merge of 8: scoring.merge_members (batched path)",
+                 _median_s(lambda: mm(prepared, members[None], valid[None], np.ones(1, bool)), reps)))
+    rows.append(("merge of 8: merge.merge_gathered (unbatched path)",
+                 _median_s(lambda: mg(prepared, members, valid), reps)))
+    for name, secs in rows:
+        print(f"{name:<60} {secs * 1e3:8.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
