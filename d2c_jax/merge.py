@@ -197,34 +197,34 @@ def _expand(v_n: jax.Array, x: jax.Array) -> jax.Array:
     return v_n.reshape(v_n.shape + (1,) * (x.ndim - v_n.ndim))
 
 
-UNROLL_MAX = 64  # up to this many stacked adapters, masked reductions are unrolled (see below)
+UNROLL_MAX = 16  # merge_gathered unrolls its masked reductions up to this many member slots
 
 
-def _masked_sum(m_n: jax.Array, x_n: jax.Array) -> jax.Array:
-    """sum_i m_i x_i. Over a few adapters (the scorer's gathered members, G <= UNROLL_MAX) as
-    an unrolled elementwise sum that XLA fuses into one pass; over many as a contraction, so
-    that vmap over masks is one matmul, not a [C, N, ...] temporary (HIGHEST: TPUs would
-    otherwise round the float32 operands to bfloat16)."""
-    if x_n.shape[0] <= UNROLL_MAX:
+def _masked_sum(m_n: jax.Array, x_n: jax.Array, unroll: bool = False) -> jax.Array:
+    """sum_i m_i x_i. unroll (a few gathered members, one mask, no vmap): an elementwise sum
+    that XLA fuses into one pass. Otherwise a contraction, so that vmap over masks is one
+    matmul, not a [C, N, ...] temporary (HIGHEST: TPUs would otherwise round the float32
+    operands to bfloat16); it also compiles faster and differentiates compactly (tune.py)."""
+    if unroll:
         return sum(_expand(m_n[i], x_n[i]) * x_n[i] for i in range(x_n.shape[0]))
     return jnp.tensordot(m_n.astype(x_n.dtype), x_n, axes=1, precision=jax.lax.Precision.HIGHEST)
 
 
-def _weighted_sum(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
-    return _masked_sum(m_n, x_n * _expand(w_n, x_n))
+def _weighted_sum(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array, unroll: bool = False) -> jax.Array:
+    return _masked_sum(m_n, x_n * _expand(w_n, x_n), unroll)
 
 
-def _ties(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array) -> jax.Array:
+def _ties(x_n: jax.Array, w_n: jax.Array, m_n: jax.Array, unroll: bool = False) -> jax.Array:
     """Sign election on the unweighted members, then the disjoint mean of the weighted ones.
 
     An entry agrees with a +1 majority iff it is > 0 (and with -1 iff < 0; zeros never agree).
-    Over a few adapters: two fused passes (the sign sum, then the agreeing sum and count, member
-    by member: ~20x faster on CPU than five contractions over materialised temporaries). Over
-    many: the sums and counts of agreeing entries are masked sums of mask-independent tensors,
-    which XLA computes once per call however many masks are vmapped.
+    unroll (merge_gathered): two fused passes (the sign sum, then the agreeing sum and count,
+    member by member: ~10x faster on CPU than five contractions over materialised temporaries).
+    Otherwise the sums and counts of agreeing entries are masked sums of mask-independent
+    tensors, which XLA computes once per call however many masks are vmapped.
     """
-    majority_pos = _masked_sum(m_n, x_n) >= 0
-    if x_n.shape[0] <= UNROLL_MAX:
+    majority_pos = _masked_sum(m_n, x_n, unroll) >= 0
+    if unroll:
         num = count = jnp.zeros(x_n.shape[1:], x_n.dtype)
         for i in range(x_n.shape[0]):
             x, member = x_n[i], _expand(m_n[i], x_n[i]) > 0
@@ -278,9 +278,11 @@ def merge_mask(prepared: Prepared, mask_n: Any) -> Lora:
     if prepared.method in SVD_METHODS:
         return merge_svd.merge_mask(prepared, mask_n)
     m_n = (jnp.asarray(mask_n) != 0).astype(jnp.float32)
-    # A real branch when not vmapped (the scorer merges one mask at a time): a cluster pays only
-    # for its own case. Under vmap it becomes a select of both, as before.
-    return jax.lax.cond(jnp.sum(m_n) == 1, _merge_single, _merge_many, prepared, m_n)
+    # Both cases, selected: vmapped over masks and differentiated (tune.py) a lax.cond would
+    # become the same select, at a much larger compile cost. merge_gathered branches for real.
+    single = jnp.sum(m_n) == 1
+    one, many = _merge_single(prepared, m_n), _merge_many(prepared, m_n)
+    return jax.tree.map(lambda x1, x: jnp.where(single, x1, x), one, many)
 
 
 def merge_gathered(prepared: Prepared, members_g: jax.Array, valid_g: jax.Array) -> Lora:
@@ -294,43 +296,46 @@ def merge_gathered(prepared: Prepared, members_g: jax.Array, valid_g: jax.Array)
         return merge_mask(jax.tree.map(take, prepared), valid_g)
     m_g = (jnp.asarray(valid_g) != 0).astype(jnp.float32)
 
+    unroll = members_g.shape[0] <= UNROLL_MAX
+
     def single(p: Prepared) -> Lora:
-        return _merge_single(dataclasses.replace(p, single=jax.tree.map(take, p.single)), m_g)
+        return _merge_single(dataclasses.replace(p, single=jax.tree.map(take, p.single)), m_g, unroll)
 
     def many(p: Prepared) -> Lora:
         return _merge_many(dataclasses.replace(p, task=jax.tree.map(take, p.task), weight_a=take(p.weight_a),
-                                               weight_b=take(p.weight_b)), m_g)
+                                               weight_b=take(p.weight_b)), m_g, unroll)
 
     return jax.lax.cond(jnp.sum(m_g) == 1, single, many, prepared)
 
 
-def _merge_single(prepared: Prepared, m_n: jax.Array) -> Lora:
+def _merge_single(prepared: Prepared, m_n: jax.Array, unroll: bool = False) -> Lora:
     """The one member unchanged (a = A_i, b = w_i s_i B_i), fitted to the output rank."""
     from d2c_jax import merge_svd
 
     out = {}
     for mod, sv in prepared.single.items():
-        a, b = merge_svd.fit_rank(_masked_sum(m_n, sv["a"]), _masked_sum(m_n, sv["b"]), prepared.rank)
+        a, b = merge_svd.fit_rank(_masked_sum(m_n, sv["a"], unroll), _masked_sum(m_n, sv["b"], unroll),
+                                  prepared.rank)
         out[mod] = {"a": a, "b": b}
     return out
 
 
-def _merge_many(prepared: Prepared, m_n: jax.Array) -> Lora:
+def _merge_many(prepared: Prepared, m_n: jax.Array, unroll: bool = False) -> Lora:
     """Two or more members: `prepared.method`'s merge (see the module docstring)."""
     from d2c_jax import merge_svd
 
     out = {}
     for mod, tv in prepared.task.items():
         if prepared.method == "ties_delta":
-            delta = _ties(tv["delta"], prepared.weight_a, m_n)
+            delta = _ties(tv["delta"], prepared.weight_a, m_n, unroll)
             a, b = merge_svd.factors(delta, prepared.rank)
         elif prepared.method in _SIGN_ELECTED:
-            a = _ties(tv["a"], prepared.weight_a, m_n)
-            b = _ties(tv["b"], prepared.weight_b, m_n)
+            a = _ties(tv["a"], prepared.weight_a, m_n, unroll)
+            b = _ties(tv["b"], prepared.weight_b, m_n, unroll)
             a, b = merge_svd.fit_rank(a, b, prepared.rank)
         else:
-            a = _weighted_sum(tv["a"], prepared.weight_a, m_n)
-            b = _weighted_sum(tv["b"], prepared.weight_b, m_n)
+            a = _weighted_sum(tv["a"], prepared.weight_a, m_n, unroll)
+            b = _weighted_sum(tv["b"], prepared.weight_b, m_n, unroll)
             a, b = merge_svd.fit_rank(a, b, prepared.rank)
         out[mod] = {"a": a, "b": b}
     return out

@@ -36,7 +36,7 @@ class Mutation:
 
 MUTATIONS = (
     Mutation("ties sign election picks the minority sign", "d2c_jax/merge.py",
-             "majority_pos = _masked_sum(m_n, x_n) >= 0", "majority_pos = _masked_sum(m_n, x_n) < 0",
+             "majority_pos = _masked_sum(m_n, x_n, unroll) >= 0", "majority_pos = _masked_sum(m_n, x_n, unroll) < 0",
              ("tests/test_merge_parity.py -k matches_peft_add_weighted_adapter and ties-ties",)),
     Mutation("loss mask covers the prompt too", "d2c_jax/data.py",
              "weights[ti, ei, max(len(p_ids) - 1, 0) : m] = 1.0", "weights[ti, ei, :m] = 1.0",
