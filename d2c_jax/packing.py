@@ -58,7 +58,7 @@ def packed_sizes(batch_tns: TokenBatch) -> tuple[int, int]:
     return _round_up(attn.sum(axis=(1, 2)).max()), _round_up(weights.sum(axis=(1, 2)).max())
 
 
-def pack(batch_tns: TokenBatch, p: int | None = None, q: int | None = None) -> PackedBatch:
+def pack(batch_tns: TokenBatch) -> PackedBatch:
     """Packs every task of a [T, n, S] TokenBatch (numpy, once per run); every leaf gets a
     leading T axis. Real tokens are the attended ones, which data.py puts first in each row;
     loss positions are those with weight > 0 (always real tokens)."""
@@ -67,10 +67,7 @@ def pack(batch_tns: TokenBatch, p: int | None = None, q: int | None = None) -> P
     weights = np.asarray(batch_tns.weights, np.float32)
     targets = np.asarray(batch_tns.targets)
     t, n, s = tokens.shape
-    p0, q0 = packed_sizes(batch_tns)
-    p, q = p or p0, q or q0
-    if p < p0 or q < q0:
-        raise ValueError(f"pack: P={p}, Q={q} cannot hold {p0} tokens and {q0} loss positions")
+    p, q = packed_sizes(batch_tns)
     if (weights[~attn] > 0).any():
         raise ValueError("pack: a loss weight sits on an unattended (pad) position")
     out = {k: np.zeros((t, size), np.int32) for k, size in
@@ -81,7 +78,7 @@ def pack(batch_tns: TokenBatch, p: int | None = None, q: int | None = None) -> P
         grid = np.flatnonzero(attn[ti].reshape(-1))  # real slots in (example, position) order
         k = len(grid)
         out["tokens"][ti, :k] = tokens[ti].reshape(-1)[grid]
-        out["positions"][ti, :k] = _positions(attn[ti]).reshape(-1)[grid]
+        out["positions"][ti, :k] = np.asarray(decoder.positions_from_mask(attn[ti])).reshape(-1)[grid]
         out["grid_of_packed"][ti, :k] = grid
         out["packed_of_grid"][ti, grid] = np.arange(k)
         lw = weights[ti].reshape(-1)[grid]
@@ -90,11 +87,6 @@ def pack(batch_tns: TokenBatch, p: int | None = None, q: int | None = None) -> P
         out["targets"][ti, :len(at)] = targets[ti].reshape(-1)[grid][at]
         out_w[ti, :len(at)] = lw[at]
     return PackedBatch(attn=attn.astype(np.int32), weights=out_w, **out)
-
-
-def _positions(attn_ns: np.ndarray) -> np.ndarray:
-    """HF's positions of right-padded rows: cumsum(mask) - 1, clipped at 0 ([n, S])."""
-    return np.maximum(np.cumsum(attn_ns.astype(np.int64), axis=-1) - 1, 0)
 
 
 def grid_attention(pb: PackedBatch, mask_nst: jax.Array) -> Callable:

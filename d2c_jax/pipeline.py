@@ -488,7 +488,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         doc["tuning"] = tuning
     with PreemptionFlag() as flag:
         _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
-                                       cfg.base_model, weights_k, merge_fn=None if getattr(scorer, "batched", True) else scorer.merge),
+                                       cfg.base_model, weights_k, merge_fn=None if scorer.batched else scorer.merge),
                  "the outputs", is_main)
     if is_main:
         print(final_table(doc))

@@ -318,10 +318,9 @@ class Scorer:
         umasks, mask_of_req = np.unique(uniq[:, :-1].astype(bool), axis=0, return_inverse=True)
         mask_of_req = mask_of_req.reshape(-1)
         req_tasks = uniq[:, -1]
-        order = np.lexsort((mask_of_req, self.seq_bucket_of[req_tasks]))
-
         if not self.batched:
             return self._losses_one_by_one(umasks, mask_of_req, req_tasks)[inverse.reshape(-1)]
+        order = np.lexsort((mask_of_req, self.seq_bucket_of[req_tasks]))
         out = np.empty(len(uniq), np.float32)
         pending = []  # (request rows, device losses): every call is dispatched before any is read
         for sb in np.unique(self.seq_bucket_of[req_tasks]):
@@ -421,22 +420,19 @@ class Scorer:
 def merge_members(prepared: Prepared, members_mg: jax.Array, valid_mg: jax.Array, live_m: jax.Array) -> Lora:
     """Merges M masks given as member lists: mask m is the adapters members_mg[m, valid_mg[m]].
 
-    Generic over the Prepared pytree (every leaf is stacked on the leading adapter axis): each
-    mask gathers its G member slots from every leaf and merges them with `merge_mask` on the
-    G-slot mask valid_mg[m], so a merge costs O(G), not O(N). Slots past the members (index 0,
-    not valid) are masked out, which is merge_mask's contract for any method. Masks are merged
-    one after the other (lax.map: one [G, ...] gather alive at a time); rows with live_m False
-    are padding and skip the merge (zeros).
+    Each mask is merge.merge_gathered of its G member slots (the unbatched scorer's merge), so a
+    merge costs O(G), not O(N). Slots past the members (index 0, not valid) are masked out.
+    Masks are merged one after the other (lax.map); rows with live_m False are padding and skip
+    the merge (zeros).
     """
     def one(args):
         members_g, valid_g, live = args
-        sub = jax.tree.map(lambda x: jnp.take(x, members_g, axis=0), prepared)
 
-        def skip(sub, valid_g):
-            shapes = jax.eval_shape(merge_lib.merge_mask, sub, valid_g)
+        def skip(prepared, members_g, valid_g):
+            shapes = jax.eval_shape(merge_lib.merge_gathered, prepared, members_g, valid_g)
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        return jax.lax.cond(live, merge_lib.merge_mask, skip, sub, valid_g)
+        return jax.lax.cond(live, merge_lib.merge_gathered, skip, prepared, members_g, valid_g)
 
     return jax.lax.map(one, (members_mg, valid_mg, live_m))
 
