@@ -356,13 +356,16 @@ def merge_adapter_dirs(
     seed: int = 0,
     base_model: str | None = None,
     rank: int | None = None,
+    factors: Lora | None = None,
 ) -> str:
     """Merges the given PEFT adapters into one PEFT adapter at output_dir (written atomically).
 
     `weights`: one per adapter, or [N, L] (one per adapter and layer, e.g. tuned ones); `rank`:
     the output rank (default: the adapters'). Without base_model the base dims are read off the adapters' tensors and the output lists the
     adapted layers explicitly (layers_to_transform), so it also fits a deeper base model; with
-    base_model the adapters are checked against it. Returns output_dir.
+    base_model the adapters are checked against it. `factors`: the merged adapter's factors to
+    write instead of the merge (tune.py's granularity "factors", tuned from this merge). Returns
+    output_dir.
     """
     from d2c_jax.models.config import load_config
 
@@ -381,7 +384,9 @@ def merge_adapter_dirs(
 
         prepared = tune.with_weights(prepared, tune.check_weights(weights, aset.num_adapters,
                                                                   aset.num_layers))
-    merged = jax.tree.map(np.asarray, jax.jit(merge_mask)(prepared, np.ones(aset.num_adapters, bool)))
+    if factors is None:
+        factors = jax.jit(merge_mask)(prepared, np.ones(aset.num_adapters, bool))
+    merged = jax.tree.map(np.asarray, factors)
     if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(merged)):
         raise UserError(output_dir, "the merge is not finite (NaN or Inf); nothing written")
     if not any(np.any(x) for x in jax.tree.leaves(merged)):

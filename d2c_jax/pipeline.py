@@ -429,7 +429,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         scorer, result.state.cache, len(names), k, settings.seed, cfg.all_in_one_reference)
 
     # Learned merge weights (after the search; --tune_during_search: of every chain's partition).
-    tuning, weights_k = None, None
+    tuning, weights_k, loras_k = None, None, None
     if cfg.tune_weights or cfg.tune_during_search:
         chains = result.state.partitions_pn if cfg.tune_during_search else partition_n[None]
         res = tune.tune_partitions(inputs.params, inputs.model_cfg, prepared, inputs.task_data, chains, k, cfg.tune,
@@ -443,7 +443,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         tuning = kept.summary()
         tuning.update(granularity=cfg.tune_granularity, during_search=cfg.tune_during_search,
                       chain_totals=[float(x) for x in res.chain_totals()])
-        weights_k = kept.weights
+        weights_k, loras_k = kept.weights, kept.lora  # loras_k: granularity "factors" (the tuned adapters)
 
     # 5. Outputs (process 0); a signal meanwhile waits until they are complete.
     partition_n = canonical(partition_n, k)
@@ -488,7 +488,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         doc["tuning"] = tuning
     with PreemptionFlag() as flag:
         _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
-                                       cfg.base_model, weights_k, merge_fn=None if scorer.batched else scorer.merge),
+                                       cfg.base_model, weights_k, merge_fn=None if scorer.batched else scorer.merge,
+                                       loras_k=loras_k),
                  "the outputs", is_main)
     if is_main:
         print(final_table(doc))
@@ -507,10 +508,11 @@ def write_outputs(
     base_model: str,
     weights_k: Any = None,
     merge_fn: Callable[[np.ndarray], Lora] | None = None,
+    loras_k: Lora | None = None,
 ) -> None:
     """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
     write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model,
-                 weights_k, merge_fn)
+                 weights_k, merge_fn, loras_k)
     write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(metrics, f"{doc['strategy']} search"))
     write_bytes_atomic(
         os.path.join(workdir, ASSIGNMENT_PNG),
@@ -522,12 +524,14 @@ def write_outputs(
 
 def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepared: Prepared,
                  base_model: str, weights_k: Any = None,
-                 merge_fn: Callable[[np.ndarray], Lora] | None = None) -> None:
+                 merge_fn: Callable[[np.ndarray], Lora] | None = None, loras_k: Lora | None = None) -> None:
     """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter (with weights_k[k] when
     given: tuned merge weights); the whole directory is built beside out_dir and renamed into
     place, so no half-written merged/ is ever left. `merge_fn` (mask -> lora, e.g. the search's
     Scorer.merge, whose executables are compiled already) merges the unweighted clusters."""
-    if weights_k is None and merge_fn is not None:
+    if loras_k is not None:  # tuned factors (tune.py, granularity "factors"): written as they are
+        loras = jax.tree.map(np.asarray, loras_k)
+    elif weights_k is None and merge_fn is not None:
         per_k = [merge_fn(partition_n == k) for k in range(num_clusters)]
         loras = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_k)
     else:

@@ -124,11 +124,13 @@ class RunConfig:
                                 "and 2R for delta-space merges).")
     tune_weights: bool = setting(False, "After the search, tune each cluster's merge weights on its tasks' search "
                                  "examples (part held out; kept only where they beat unit weights).")
-    tune_granularity: str = setting("adapter", "One weight per adapter, or per adapter and layer.",
-                                    choices=("adapter", "layer"))
+    tune_granularity: str = setting("adapter", "One weight per adapter, per adapter and layer, or the merged "
+                                    "adapter's factors themselves (a few-shot fine-tune from the merge).",
+                                    choices=("adapter", "layer", "factors"))
     tune_steps: int = setting(60, "Most optimiser steps of the weight tuning (Adam).")
     tune_holdout: float = setting(0.3, "Fraction of each task's search examples held out for early stopping.")
-    tune_learning_rate: float = setting(0.05, "Adam learning rate of the weight tuning.")
+    tune_learning_rate: float | None = setting(None, "Adam learning rate of the tuning (default: 0.05 for "
+                                               "weights, 0.001 for factors).")
     tune_during_search: bool = setting(False, "Tune the final partition of every chain and keep the chain with "
                                        "the lowest tuned loss (instead of the lowest unit-weight objective).")
 

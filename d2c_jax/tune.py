@@ -1,5 +1,6 @@
-"""Learned merge weights: every cluster's per-adapter (or per-adapter-and-layer) merge weights tuned
-with optax on its tasks' search examples, all clusters at once in one jitted, vmapped loop.
+"""Learned merges: every cluster's per-adapter (or per-adapter-and-layer) merge weights, or the merged
+adapter's factors themselves, tuned with optax on its tasks' search examples, all clusters at once
+in one jitted, vmapped loop.
 
 Shapes: K clusters, N adapters (= T tasks; adapter i is the adapter of task i), L layers,
 n examples per task (n_fit fitted + n_held held out), S sequence.
@@ -9,6 +10,11 @@ A_i is weighted by sign(w_i s_i) sqrt|w_i s_i| and B_i by sqrt|w_i s_i|, for the
 methods (ties_delta, knots_*, iso_c) delta_i = s_i B_i A_i by w_i; the one-member case by w_i s_i
 B_i. The sign election does not depend on the weights, so the merge is differentiable in them and
 equal to the unit-weight merge at w = 1.
+
+Granularity `factors` tunes the merged adapter itself: each cluster's rank-R factors (a, b of every
+module and layer, scaling folded in) start from its unit-weight merge and are trained directly, a
+few-shot multi-task fine-tune from the merge. The merge weights stay 1; the result carries the
+kept factors (`TuneResult.lora`), which are what gets written.
 
 Guard against fitting 10 examples per task: the last `holdout` fraction of each task's search
 examples is held out. Training minimises the summed loss of every cluster's tasks on the other
@@ -34,14 +40,15 @@ from d2c_jax import loss as loss_lib
 from d2c_jax import merge as merge_lib
 from d2c_jax.errors import UserError
 
-GRANULARITIES = ("adapter", "layer")
+GRANULARITIES = ("adapter", "layer", "factors")
+LEARNING_RATES = {"adapter": 0.05, "layer": 0.05, "factors": 1e-3}  # Adam, by granularity (--tune_learning_rate unset)
 
 
 @dataclasses.dataclass(frozen=True)
 class TuneSettings:
-    granularity: str = "adapter"  # one weight per adapter, or per adapter and layer
+    granularity: str = "adapter"  # one weight per adapter, per adapter and layer, or the merged factors
     steps: int = 60  # at most this many optimiser steps
-    learning_rate: float = 0.05  # Adam
+    learning_rate: float | None = None  # Adam; None: LEARNING_RATES[granularity]
     holdout: float = 0.3  # fraction of each task's search examples held out (at least one)
     patience: int = 15  # stop when no cluster's held-out loss improved for this many steps
     min_weight: float = 0.01  # weights are kept in [min_weight, max_weight] (sqrt|w| at 0 has no gradient)
@@ -55,12 +62,16 @@ class TuneSettings:
             raise UserError(None, f"--tune_granularity={self.granularity}: must be one of {', '.join(GRANULARITIES)}")
         if self.steps < 1:
             bad("tune_steps", "must be >= 1")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+        if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             bad("tune_learning_rate", "must be > 0")
         if not 0 < self.holdout < 1:
             bad("tune_holdout", "must be in (0, 1)")
         if self.patience < 1:
             bad("tune_patience", "must be >= 1")
+
+    @property
+    def lr(self) -> float:
+        return LEARNING_RATES[self.granularity] if self.learning_rate is None else float(self.learning_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +92,7 @@ class TuneResult:
     num_fit: int  # examples per task fitted
     num_heldout: int  # examples per task held out
     num_chains: int = 1  # P partitions tuned together: the cluster axis is P * K, chain-major
+    lora: Any = None  # granularity "factors": the kept factors (lora leaves [P * K, ...]: tuned where kept, else the unit merge)
 
     def chain(self, p: int) -> TuneResult:
         """The result of partition p alone (cluster axis K)."""
@@ -94,7 +106,8 @@ class TuneResult:
             self, weights=self.weights[idx], tuned=self.tuned[idx], kept_k=self.kept_k[idx],
             unit_fit_k=self.unit_fit_k[idx], tuned_fit_k=self.tuned_fit_k[idx],
             unit_heldout_k=self.unit_heldout_k[idx], tuned_heldout_k=self.tuned_heldout_k[idx],
-            best_step_k=self.best_step_k[idx], num_chains=1)
+            best_step_k=self.best_step_k[idx], num_chains=1,
+            lora=None if self.lora is None else jax.tree.map(lambda x: x[idx], self.lora))
 
     def chain_totals(self) -> np.ndarray:
         """float64 [P]: each partition's summed loss (fitted + held-out examples) with its kept
@@ -178,8 +191,9 @@ def tune_partitions(
     example_chunk: int | None = None,
     log: Any = None,
 ) -> TuneResult:
-    """Tunes the merge weights of every cluster of P partitions [P, N] at once (the module
-    docstring); the result's cluster axis is P * K (chain-major), see `TuneResult.chain`."""
+    """Tunes the merge weights (or, granularity "factors", the merged factors) of every cluster
+    of P partitions [P, N] at once (the module docstring); the result's cluster axis is P * K
+    (chain-major), see `TuneResult.chain`."""
     import optax
 
     start = time.perf_counter()
@@ -191,45 +205,58 @@ def tune_partitions(
     cluster_q = jnp.asarray((partitions_pn + k * np.arange(p)[:, None]).reshape(-1))  # (chain, task) -> cluster
     task_q = jnp.asarray(np.tile(np.arange(n), p))
     fit, held, n_fit, n_held = _split(task_data, settings.holdout)
-    shape = (p * k, n) if settings.granularity == "adapter" else (p * k, n, num_layers)
+    factors = settings.granularity == "factors"
+    shape = (p * k, n) if settings.granularity != "layer" else (p * k, n, num_layers)
 
-    def cluster_losses(w_c, arrays):
-        lora_c = jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_c, masks_cn)
+    def merged(w_c):
+        return jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_c, masks_cn)
+
+    def cluster_losses(theta_c, arrays):
+        """theta_c: weights [P*K, N(, L)], or (factors) the clusters' lora leaves [P*K, ...]."""
+        lora_c = theta_c if factors else merged(theta_c)
         lora_q = jax.tree.map(lambda x: jnp.take(x, cluster_q, axis=0), lora_c)
         batch_q = jax.tree.map(lambda x: jnp.take(x, task_q, axis=0), arrays)
         loss_q = loss_lib.candidate_losses(params, cfg, lora_q, batch_q, example_chunk=example_chunk)
         return jax.ops.segment_sum(loss_q, cluster_q, num_segments=p * k)
 
-    opt = optax.adam(settings.learning_rate)
+    opt = optax.adam(settings.lr)
 
-    def train_step(w_c, opt_state):
-        def total(w):
-            per_c = cluster_losses(w, fit)
+    def train_step(theta_c, opt_state):
+        def total(theta):
+            per_c = cluster_losses(theta, fit)
             return jnp.sum(per_c), per_c
 
-        (_, fit_c), grad = jax.value_and_grad(total, has_aux=True)(w_c)
-        updates, opt_state = opt.update(grad, opt_state, w_c)
-        w_new = jnp.clip(optax.apply_updates(w_c, updates), settings.min_weight, settings.max_weight)
-        return w_new, opt_state, fit_c, cluster_losses(w_new, held)
+        (_, fit_c), grad = jax.value_and_grad(total, has_aux=True)(theta_c)
+        updates, opt_state = opt.update(grad, opt_state, theta_c)
+        theta_new = optax.apply_updates(theta_c, updates)
+        if not factors:
+            theta_new = jnp.clip(theta_new, settings.min_weight, settings.max_weight)
+        return theta_new, opt_state, fit_c, cluster_losses(theta_new, held)
 
     train_step = jax.jit(train_step)
-    eval_held = jax.jit(lambda w: cluster_losses(w, held))
-    eval_fit = jax.jit(lambda w: cluster_losses(w, fit))
+    eval_held = jax.jit(lambda theta: cluster_losses(theta, held))
+    eval_fit = jax.jit(lambda theta: cluster_losses(theta, fit))
 
-    w = jnp.ones(shape, jnp.float32)
-    unit_held = np.asarray(eval_held(w), np.float64)
-    unit_fit = np.asarray(eval_fit(w), np.float64)
-    best_held, best_w = unit_held.copy(), np.ones(shape, np.float32)
+    def select(mask_c, new, old):  # per cluster: new where mask_c, else old (host arrays)
+        return jax.tree.map(lambda a, b: np.where(mask_c.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b),
+                            jax.tree.map(np.asarray, new), old)
+
+    ones = jnp.ones(shape, jnp.float32)
+    theta = jax.jit(merged)(ones) if factors else ones  # the start: the paper's unit-weight merge
+    unit = jax.tree.map(np.asarray, theta)
+    unit_held = np.asarray(eval_held(theta), np.float64)
+    unit_fit = np.asarray(eval_fit(theta), np.float64)
+    best_held, best = unit_held.copy(), unit
     best_step = np.zeros(p * k, np.int32)
-    opt_state = opt.init(w)
+    opt_state = opt.init(theta)
     since, steps = 0, 0
     for it in range(1, settings.steps + 1):
-        w, opt_state, _, held_c = train_step(w, opt_state)
+        theta, opt_state, _, held_c = train_step(theta, opt_state)
         held_c = np.asarray(held_c, np.float64)
         steps = it
         better = held_c < best_held
         if better.any():
-            best_w[better] = np.asarray(w)[better]
+            best = select(better, theta, best)
             best_held[better] = held_c[better]
             best_step[better] = it
             since = 0
@@ -239,13 +266,15 @@ def tune_partitions(
             log(f"tune step {it}: held-out {held_c.sum():.4f} (unit {unit_held.sum():.4f}, best {best_held.sum():.4f})")
         if since >= settings.patience:
             break
-    tuned_fit = np.asarray(eval_fit(jnp.asarray(best_w)), np.float64)
-    kept = best_step > 0  # strictly better than the unit weights on the held-out part
-    weights = np.where(kept.reshape((p * k,) + (1,) * (len(shape) - 1)), best_w, 1.0).astype(np.float32)
-    return TuneResult(weights=weights, tuned=best_w, kept_k=kept, unit_fit_k=unit_fit, tuned_fit_k=tuned_fit,
-                      unit_heldout_k=unit_held, tuned_heldout_k=best_held, best_step_k=best_step,
-                      steps=steps, seconds=time.perf_counter() - start, num_fit=n_fit, num_heldout=n_held,
-                      num_chains=p)
+    tuned_fit = np.asarray(eval_fit(jax.tree.map(jnp.asarray, best)), np.float64)
+    kept = best_step > 0  # strictly better than the unit merge on the held-out part
+    kept_theta = select(kept, best, unit)
+    weights = np.ones(shape, np.float32) if factors else kept_theta.astype(np.float32)
+    return TuneResult(weights=weights, tuned=np.ones(shape, np.float32) if factors else best, kept_k=kept,
+                      unit_fit_k=unit_fit, tuned_fit_k=tuned_fit, unit_heldout_k=unit_held,
+                      tuned_heldout_k=best_held, best_step_k=best_step, steps=steps,
+                      seconds=time.perf_counter() - start, num_fit=n_fit, num_heldout=n_held, num_chains=p,
+                      lora=kept_theta if factors else None)
 
 
 def tune_partition(params: Any, cfg: Any, prepared: Any, task_data: Any, partition_n: Any, num_clusters: int,

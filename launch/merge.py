@@ -3,11 +3,12 @@
   python launch/merge.py --adapters=DIR1,DIR2,... --method=ties --density=0.5 --output_dir=OUT \\
       [--weights=1,1,...] [--seed=0] [--base_model=DIR] [--output_rank=R]
   python launch/merge.py --adapters=... --output_dir=OUT --base_model=DIR --tune_on=DATA_DIR \\
-      [--tune_granularity=adapter|layer]
+      [--tune_granularity=adapter|layer|factors]
 
 No base model is needed: its dims are read off the adapters (--base_model only checks the fit).
 --tune_on tunes the merge weights (d2c_jax/tune.py) on DATA_DIR/<task>.jsonl, task = each adapter
 directory's name (part held out; kept only if they beat unit weights there); needs --base_model.
+--tune_granularity=factors tunes the merged adapter's factors themselves, from the unit-weight merge.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ flags.DEFINE_string("base_model", None, "Optional base model directory, to check
 flags.DEFINE_integer("output_rank", 0, "Rank of the merged adapter (0: the adapters' rank).")
 flags.DEFINE_string("tune_on", None, "Tune the merge weights on this data directory's search examples "
                     "(<task>.jsonl per adapter directory name); needs --base_model.")
-flags.DEFINE_enum("tune_granularity", "adapter", ["adapter", "layer"], "One weight per adapter, or per adapter and layer.")
-flags.DEFINE_integer("tune_steps", 60, "Most optimiser steps of the weight tuning.")
+flags.DEFINE_enum("tune_granularity", "adapter", ["adapter", "layer", "factors"],
+                  "One weight per adapter, per adapter and layer, or the merged factors themselves.")
+flags.DEFINE_integer("tune_steps", 60, "Most optimiser steps of the tuning.")
 flags.DEFINE_integer("examples_per_task", 10, "Search examples per task used by --tune_on.")
 flags.DEFINE_integer("max_seq_len", 1024, "Longest example in tokens (--tune_on).")
 flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Base weight dtype (--tune_on).")
@@ -54,8 +56,9 @@ def _weights(raw: list[str] | None) -> list[float] | None:
         raise UserError(None, f"--weights must be comma-separated numbers; got {','.join(raw)!r}") from None
 
 
-def _tuned_weights():
-    """Weights [N] or [N, L] tuned on --tune_on (one cluster holding every adapter)."""
+def _tuned():
+    """(weights [N] or [N, L], None) tuned on --tune_on (one cluster holding every adapter), or
+    (None, factors) for --tune_granularity=factors."""
     import numpy as np
 
     from d2c_jax import data, hf_io, lora, merge, tune
@@ -73,8 +76,13 @@ def _tuned_weights():
     res = tune.tune_partition(params, cfg, prepared, task_data, np.zeros(len(dirs), np.int32), 1, settings)
     s = res.summary()
     print(f"held-out loss (summed over {len(dirs)} tasks): unit weights {s['heldout_unit_total']:.4f}, "
-          f"tuned {s['tuned_heldout'][0]:.4f} -> {'tuned' if s['kept'][0] else 'unit'} weights kept")
-    return res.weights[0]
+          f"tuned {s['tuned_heldout'][0]:.4f} -> {'tuned' if s['kept'][0] else 'unit'} "
+          f"{'factors' if res.lora is not None else 'weights'} kept")
+    if res.lora is not None:
+        import jax
+
+        return None, jax.tree.map(lambda x: x[0], res.lora)
+    return res.weights[0], None
 
 
 def main(argv: Sequence[str]) -> None:
@@ -84,16 +92,17 @@ def main(argv: Sequence[str]) -> None:
     def body() -> int:
         from d2c_jax.merge import merge_adapter_dirs
 
-        weights = _weights(FLAGS.weights)
+        weights, factors = _weights(FLAGS.weights), None
         if FLAGS.tune_on:
             if not FLAGS.base_model:
                 raise UserError(None, "--tune_on needs --base_model (the losses are the base model's)")
             if weights is not None:
                 raise UserError(None, "--tune_on starts from unit weights; leave --weights unset")
-            weights = _tuned_weights()
+            weights, factors = _tuned()
         out = merge_adapter_dirs(
             FLAGS.adapters, FLAGS.output_dir, method=FLAGS.method, density=FLAGS.density,
             weights=weights, seed=FLAGS.seed, base_model=FLAGS.base_model, rank=FLAGS.output_rank or None,
+            factors=factors,
         )
         print(f"wrote {out}")
         return 0

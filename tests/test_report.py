@@ -66,6 +66,7 @@ def tiny_report(tmp_path_factory):
         cluster_counts=(1, 2), count_strategies=("d2c", "random"), count_seeds=1, population=2,
         proposals=2, compare_merges=("linear",), long_iterations=6, max_new_tokens=3, batch_size=8,
         generation_batch_size=16, operators=("ties", "iso_c"), tune_steps=2, tune_operators=("ties", "iso_c"),
+        factor_steps=2, factor_operators=("iso_c",),
         command="python launch/report.py --suite=TINY",
     )
     res = report.run_report(cfg)
@@ -163,12 +164,16 @@ def test_merging_section_has_operators_tuned_weights_budget_and_targets(tiny_rep
     for op in ("ties", "iso_c"):
         for weights in ("unit", "tuned"):
             assert f"| D²C ours | {op} | {weights} |" in sec and f"| Family oracle | {op} | {weights} |" in sec
+    # tuned factors only for --factor_operators
+    assert "| D²C ours | iso_c | tuned factors |" in sec and "| Family oracle | iso_c | tuned factors |" in sec
+    assert "| D²C ours | ties | tuned factors |" not in sec
     assert "Budget mode" in sec and "K-means (SVD, cosine)" in sec
     for target in ("Gap target", "Budget target", "Clustering target"):
         assert target in sec
     # tuned rows: scored on the held-out split with the kept weights; the unit rows are the plain merges
-    tuned = [r for r in res.runs if r.variant == "tuned"]
-    assert tuned and all(r.extra["heldout_kept"] <= r.extra["heldout_unit"] + 1e-9 for r in tuned)
+    tuned = [r for r in res.runs if r.variant in ("tuned", "factors")]
+    assert {"tuned", "factors"} <= {r.variant for r in tuned}
+    assert all(r.extra["heldout_kept"] <= r.extra["heldout_unit"] + 1e-9 for r in tuned)
     budget = [r for r in res.runs if r.key == "budget" and r.variant == "budget"]
     assert budget and {(w["num_clusters"], w["rank"]) for w in budget[0].extra["ways"]} == {(2, 4), (4, 2)}
     chosen = min(budget[0].extra["ways"], key=lambda w: w["search_loss"])

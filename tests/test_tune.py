@@ -146,3 +146,62 @@ def test_merge_cli_tune_on_writes_the_merge_with_the_kept_weights(setup, tmp_pat
                          capture_output=True, text=True, env=child_env(), timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")
     assert not (tmp_path / "x").exists()
+
+
+def _cluster_losses_of(setup, prepared, lora_k, td, partition=PARTITION):
+    """Reference: each task's Scorer loss under its cluster's given adapter, summed per cluster."""
+    scorer = Scorer(setup["params"], setup["cfg"], prepared, td, batch_size=2)
+    out = np.zeros(int(partition.max()) + 1)
+    for t, c in enumerate(partition):
+        out[c] += scorer.loss_of_lora(jax.tree.map(lambda x: x[c], lora_k), t)
+    return out
+
+
+def test_factor_tuning_starts_from_the_merge_and_keeps_only_factors_that_win_held_out(setup):
+    prepared = merge.prepare_merge(setup["aset"], "ties_delta", 0.5)
+    res = tune.tune_partition(setup["params"], setup["cfg"], prepared, setup["td"], PARTITION, 2,
+                              dataclasses.replace(SETTINGS, granularity="factors", learning_rate=0.05))
+    fit, held = _part(setup["td"], 0, 2), _part(setup["td"], 2, 3)
+    unit_k = tune.merged_clusters(prepared, PARTITION, 2)
+    np.testing.assert_allclose(res.unit_heldout_k, _cluster_losses_of(setup, prepared, unit_k, held), rtol=1e-4)
+    np.testing.assert_allclose(res.unit_fit_k, _cluster_losses_of(setup, prepared, unit_k, fit), rtol=1e-4)
+    assert np.all(res.weights == 1.0)  # the merge weights stay the paper's; the factors move
+    kept_held = np.where(res.kept_k, res.tuned_heldout_k, res.unit_heldout_k)
+    np.testing.assert_allclose(_cluster_losses_of(setup, prepared, res.lora, held), kept_held, rtol=1e-4)
+    for c in range(2):
+        same = [np.array_equal(np.asarray(x[c]), np.asarray(u[c]))
+                for x, u in zip(jax.tree.leaves(res.lora), jax.tree.leaves(unit_k))]
+        if res.kept_k[c]:
+            assert res.tuned_heldout_k[c] < res.unit_heldout_k[c] and not all(same)
+        else:
+            assert all(same)  # not kept: exactly the unit-weight merge
+    assert res.kept_k.any(), "6 Adam steps at lr 0.05 on the factors should win on some held-out cluster"
+
+
+def test_search_with_tuned_factors_writes_the_adapters_whose_losses_it_reports(setup, tmp_path):
+    wd = tmp_path / "wd"
+    _run("search.py", search_argv(setup["paths"], wd, tune_weights=True, tune_granularity="factors",
+                                  tune_steps=6, tune_learning_rate=0.05, merge="ties_delta", iterations=2)
+         + ["--noprogress"])
+    doc = read_partition(wd)
+    k = doc["num_clusters"]
+    tuning = doc["tuning"]
+    assert tuning["granularity"] == "factors" and len(tuning["kept"]) == k
+    part = np.array([next(c for c, ts in enumerate(doc["clusters"]) if n in ts) for n in NAMES], np.int32)
+    written = [lora.effective_lora(lora.load_adapter_dirs([os.path.join(wd, "merged", f"cluster_{c}")],
+                                                          setup["cfg"]), 0) for c in range(k)]
+    lora_k = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *written)
+    prepared = merge.prepare_merge(setup["aset"], "ties_delta", 0.5)
+    held = _part(setup["td"], 2, 3)
+    kept_held = np.where(tuning["kept"], tuning["tuned_heldout"], tuning["unit_heldout"])
+    np.testing.assert_allclose(_cluster_losses_of(setup, prepared, lora_k, held, part), kept_held, rtol=1e-4)
+
+
+def test_merge_cli_tune_on_factors_writes_the_kept_factors(setup, tmp_path):
+    dirs = [os.path.join(setup["paths"]["adapters_dir"], n) for n in NAMES]
+    out = tmp_path / "merged"
+    proc = _run("merge.py", [f"--adapters={','.join(dirs)}", f"--output_dir={out}", "--method=ties_delta",
+                             f"--base_model={setup['paths']['base_model']}", "--tune_granularity=factors",
+                             f"--tune_on={setup['paths']['data_dir']}", "--tune_steps=3", "--examples_per_task=3"])
+    assert "held-out loss" in proc.stdout and "factors kept" in proc.stdout
+    assert (out / "adapter_model.safetensors").exists()

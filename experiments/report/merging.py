@@ -5,9 +5,10 @@ D²C search that uses it (operator-aware); the storage-budget mode at the same s
 Shapes: N adapters (= tasks), K clusters, P partitions tuned together, R adapter rank.
 
 `run_merging(bench, cfg, done, record, log)` adds its runs to the report's (run.Run with
-`variant` "" = unit weights, "tuned" = tune.py's weights, "searched" = D²C run with that operator,
-"budget" = the budget mode's choice; `rank` = the output rank, 0 = R); `render_merging(res)` gives
-the markdown section. Tuned weights are fitted on the search examples only (part held out, see
+`variant` "" = unit weights, "tuned" = tune.py's weights, "factors" = tune.py's tuned factors
+(granularity "factors": the merged adapter fine-tuned from the merge), "searched" = D²C run with
+that operator, "budget" = the budget mode's choice, "searched_tuned" / "budget_factors" / ... =
+those tuned; `rank` = the output rank, 0 = R); `render_merging(res)` gives the markdown section. Tuned weights are fitted on the search examples only (part held out, see
 tune.py); every score and eval loss is on the held-out .eval.jsonl split, which tuning never reads.
 """
 
@@ -23,6 +24,13 @@ from experiments.report import run as report
 from experiments.report.analysis import gap as _gap
 
 Log = Callable[[str], None]
+TUNED = ("tuned", "factors")  # the tuned variants: merge weights, merged factors
+LABEL = {"": "unit", "tuned": "tuned", "factors": "tuned factors"}
+
+
+def _base_variant(variant: str) -> str:
+    """"" / "tuned" / "factors" of a variant such as "searched_factors" or "budget"."""
+    return next((t for t in TUNED if variant.endswith(t)), "")
 
 
 def _search_loss_of(bench: Any, op: str, lora_k: Any, partition_n: np.ndarray, rank: int) -> float:
@@ -36,10 +44,13 @@ def _search_loss_of(bench: Any, op: str, lora_k: Any, partition_n: np.ndarray, r
 
 def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None, np.ndarray]], k: int,
                 log: Log, rank: int = 0, variant: str = "tuned") -> list[Any]:
-    """Tunes every cluster of every partition at once (one vmapped loop), then scores each."""
+    """Tunes every cluster of every partition at once (one vmapped loop), then scores each;
+    the merge weights, or the merged factors when `variant` ends in "factors"."""
     from d2c_jax import tune
 
-    settings = tune.TuneSettings(granularity=cfg.tune_granularity, steps=cfg.tune_steps)
+    factors = _base_variant(variant) == "factors"
+    settings = (tune.TuneSettings(granularity="factors", steps=cfg.factor_steps) if factors
+                else tune.TuneSettings(granularity=cfg.tune_granularity, steps=cfg.tune_steps))
     prepared = bench.prepared(op, rank)
     t0 = time.perf_counter()
     res = tune.tune_partitions(bench.params, bench.model_cfg, prepared, bench.search_data,
@@ -47,12 +58,12 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
                                example_chunk=bench.scorer(op, rank=rank).example_chunk(
                                    len(bench.search_data.names), bench.search_data.tokens_tns.shape[-1]))
     secs = time.perf_counter() - t0
-    log(f"tuned {op} on {len(parts)} partitions: {res.steps} steps, {secs:.0f}s, held-out "
+    log(f"tuned {op} {'factors' if factors else 'weights'} on {len(parts)} partitions: {res.steps} steps, {secs:.0f}s, held-out "
         f"{res.unit_heldout_k.sum():.4f} -> {np.where(res.kept_k, res.tuned_heldout_k, res.unit_heldout_k).sum():.4f}")
     runs = []
     for i, (key, seed, part) in enumerate(parts):
         c = res.chain(i)
-        lora_k = tune.merged_clusters(prepared, part, k, c.weights)
+        lora_k = c.lora if factors else tune.merged_clusters(prepared, part, k, c.weights)
         ts = bench.evaluator(op, rank).clusters(lora_k, part)
         runs.append(report.Run(
             key, k, seed, op, tuple(int(x) for x in part), float(ts.mean_score), float(ts.mean_loss),
@@ -96,24 +107,28 @@ def run_merging(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any], 
         if cfg.tune_steps and op in cfg.tune_operators:
             for r in _tuned_runs(bench, cfg, op, parts, k, log):
                 keep(record(r))
+        if cfg.factor_steps and op in cfg.factor_operators:
+            for r in _tuned_runs(bench, cfg, op, parts, k, log, variant="factors"):
+                keep(record(r))
 
     # The best operator and weights by the mean score on the D²C-ours partitions.
     def mean_score(op, variant):
         runs = [r for r in mine if r.key == "d2c_ours" and r.merge == op and r.variant == variant]
         return float(np.mean([r.score for r in runs])) if runs else -np.inf
 
-    options = [(op, v) for op in cfg.operators
-               for v in (("", "tuned") if cfg.tune_steps and op in cfg.tune_operators else ("",))]
+    options = [(op, v) for op in cfg.operators for v in ("", *TUNED)
+               if not v or (v == "tuned" and cfg.tune_steps and op in cfg.tune_operators)
+               or (v == "factors" and cfg.factor_steps and op in cfg.factor_operators)]
     best_op, best_variant = max(options, key=lambda ov: mean_score(*ov))
-    log(f"best operator: {best_op} ({best_variant or 'unit'} weights)")
+    log(f"best operator: {best_op} ({LABEL[best_variant]})")
 
     # The baselines' partitions merged with it.
     base_parts = [(key, s, np.asarray(done[(key, k, s, cfg.merge)].partition, np.int32))
                   for key in ("kmeans", "svd_kmeans") for s in seeds if (key, k, s, cfg.merge) in done]
     for key, seed, part in base_parts:
         unit(key, seed, part, best_op)
-    if best_variant == "tuned" and base_parts:
-        for r in _tuned_runs(bench, cfg, best_op, base_parts, k, log):
+    if best_variant and base_parts:
+        for r in _tuned_runs(bench, cfg, best_op, base_parts, k, log, variant=best_variant):
             record(r)
 
     # D²C searched with the best operator (the paper's setting: P = M = 1, local objective, which
@@ -125,9 +140,9 @@ def run_merging(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any], 
             part, secs, evals, sl = report.find_partition(bench, methods["d2c"], k, s, best_op)
             run = report.evaluate_run(bench, "d2c", part, k, s, best_op, secs, evals, sl)
             searched.append(record(dataclasses.replace(run, variant="searched")))
-        if best_variant == "tuned" and searched:
+        if best_variant and searched:
             for r in _tuned_runs(bench, cfg, best_op, [("d2c", r.seed, np.asarray(r.partition)) for r in searched],
-                                 k, log, variant="searched_tuned"):
+                                 k, log, variant="searched_" + best_variant):
                 record(r)
 
     # The storage budget: K = cfg.num_clusters at rank R, and the other (K', r) that fit the same bytes.
@@ -153,9 +168,9 @@ def run_merging(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any], 
             record(dataclasses.replace(run, variant="budget", rank=rank,
                                        extra={"ways": [{"num_clusters": f[1], "rank": f[2] or aset.rank,
                                                         "search_loss": f[0]} for f in found]}))
-            if best_variant == "tuned":
+            if best_variant:
                 for t in _tuned_runs(bench, cfg, best_op, [("budget", s, part)], kk, log, rank=rank,
-                                     variant="budget_tuned"):
+                                     variant="budget_" + best_variant):
                     record(t)
 
 
@@ -193,14 +208,17 @@ def render_merging(res: Any) -> list[str]:
             f"Tuned = per-cluster merge weights ({cfg.tune_granularity} granularity, Adam, at most "
             f"{cfg.tune_steps} steps) fitted on 7 of the 10 search examples per task, early-stopped and "
             "kept per cluster only where they beat unit weights on the other 3 (tune.py); the "
-            ".eval.jsonl examples are never used for it. Operators: ties / ties_delta (merge.py), "
+            ".eval.jsonl examples are never used for it. Tuned factors = the same guard, but what is "
+            "trained is each cluster's merged rank-R adapter itself (its A and B, from the unit-weight merge; "
+            f"Adam, lr 0.001, at most {cfg.factor_steps} steps): a few-shot multi-task fine-tune "
+            "started from the merge, at the merge's storage. Operators: ties / ties_delta (merge.py), "
             "knots_ties, knots_linear, iso_c (merge_svd.py), density "
             f"{cfg.density}, output rank {res.adapters['rank']}.", ""]
     header = ["Partition", "Operator", "Weights", "Avg score ↑", "Eval loss ↓", "Gap closed", "Runs"]
     table = []
     for key, label in (("d2c_ours", "D²C ours"), ("by_family", "Family oracle")):
         for op in cfg.operators:
-            for variant, wl in (("", "unit"), ("tuned", "tuned")):
+            for variant, wl in LABEL.items():
                 runs = sel(key, op, variant, k)
                 if runs:
                     table.append([label, op, wl] + cells(runs))
@@ -209,7 +227,7 @@ def render_merging(res: Any) -> list[str]:
     best = _best(res, seeds)
     if best is not None:
         op, variant = best
-        wl = variant or "unit"
+        wl = LABEL[variant]
         out += ["", f"Best operator on the D²C-ours partitions: **{op}** with {wl} weights "
                 f"({cells(sel('d2c_ours', op, variant, k))[0]}). With it:", ""]
         rows2 = []
@@ -218,17 +236,17 @@ def render_merging(res: Any) -> list[str]:
             runs = sel(key, op, variant, k)
             if runs:
                 rows2.append([label, f"{op}, {wl}"] + cells(runs))
-        for v, label in (("searched", f"D²C (paper setting) searched with {op}"),
-                         ("searched_tuned", f"D²C (paper setting) searched with {op}")):
+        for v in ("searched", "searched_tuned", "searched_factors"):
             runs = sel("d2c", op, v, k)
             if runs:
-                rows2.append([label, f"{op}, {'tuned' if 'tuned' in v else 'unit'}"] + cells(runs))
-        for v in ("budget", "budget_tuned"):
+                rows2.append([f"D²C (paper setting) searched with {op}", f"{op}, {LABEL[_base_variant(v)]}"]
+                             + cells(runs))
+        for v in ("budget", "budget_tuned", "budget_factors"):
             runs = [r for r in res.runs if r.key == "budget" and r.variant == v and r.seed in seeds]
             if runs:
                 chosen = ", ".join(f"K={r.num_clusters} r={r.rank or res.adapters['rank']}" for r in runs)
                 rows2.append([f"Budget mode, {100.0 * k / len(res.names):.1f} % storage (chose {chosen})",
-                              f"{op}, {'tuned' if 'tuned' in v else 'unit'}"] + cells(runs))
+                              f"{op}, {LABEL[_base_variant(v)]}"] + cells(runs))
         out.append(_md_table(["Partition", "Operator, weights", "Avg score ↑", "Eval loss ↓",
                                      "Gap closed", "Runs"], rows2, "llrrrr"))
         budget_runs = [r for r in res.runs if r.key == "budget" and r.variant == "budget" and r.seed in seeds]
@@ -239,12 +257,13 @@ def render_merging(res: Any) -> list[str]:
                     "search loss (mean per task): " + "; ".join(
                         f"seed {r.seed}: " + ", ".join(f"K={w['num_clusters']} r={w['rank']}: {w['search_loss']:.4f}"
                                                       for w in r.extra["ways"]) for r in budget_runs) + "."]
-    tuned = [r for r in res.runs if r.variant.endswith("tuned") and r.extra]
+    tuned = [r for r in res.runs if _base_variant(r.variant) and r.extra]
     if tuned:
         kept = sum(r.extra["kept"] for r in tuned)
-        out += ["", f"Tuning kept its weights in {kept} of {sum(r.num_clusters for r in tuned)} clusters (the rest kept unit weights); "
-                "summed held-out search loss, unit → kept: "
-                + "; ".join(f"{r.merge}/{r.key}" + (f"/s{r.seed}" if r.seed is not None else "")
+        out += ["", f"Tuning kept its weights or factors in {kept} of {sum(r.num_clusters for r in tuned)} clusters (the "
+                "rest kept the unit-weight merge); summed held-out search loss, unit → kept: "
+                + "; ".join(f"{r.merge}/{r.key}" + (f"/{r.variant}" if r.variant != "tuned" else "")
+                            + (f"/s{r.seed}" if r.seed is not None else "")
                             + f" {r.extra['heldout_unit']:.3f} → {r.extra['heldout_kept']:.3f}" for r in tuned[:12])
                 + ("; …" if len(tuned) > 12 else "") + "."]
     out += [""] + [f"- {line}" for line in merging_findings(res, seeds, lo, hi)]
@@ -255,7 +274,7 @@ def _best(res: Any, seeds: list[int]) -> tuple[str, str] | None:
     k = res.cfg.num_clusters
     best, best_score = None, -np.inf
     for op in res.cfg.operators:
-        for variant in ("", "tuned"):
+        for variant in ("", *TUNED):
             runs = [r for r in res.runs if r.key == "d2c_ours" and r.merge == op and r.variant == variant
                     and r.num_clusters == k and r.seed in seeds]
             if runs and np.mean([r.score for r in runs]) > best_score:
@@ -279,7 +298,7 @@ def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[s
     op, variant = best
     b, _ = mean("d2c_ours", op, variant)
     target = lo + 0.5 * (hi - lo)
-    out.append(f"Gap target (≥ 50 %, score ≥ {target:.2f}): the best method ({op}, {variant or 'unit'} weights, on the "
+    out.append(f"Gap target (≥ 50 %, score ≥ {target:.2f}): the best method ({op}, {LABEL[variant]}, on the "
                f"D²C-ours partitions) scores {b:.2f} = {_gap(b, lo, hi)} of the gap: "
                + ("met." if b >= target else "not met."))
     base_op = res.cfg.merge
@@ -289,10 +308,11 @@ def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[s
                    f"({b - u:+.2f}).")
     for o in res.cfg.operators:
         uu, _ = mean("d2c_ours", o, "")
-        tt, _ = mean("d2c_ours", o, "tuned")
-        if uu is not None and tt is not None:
-            out.append(f"Tuning with {o}: {uu:.2f} → {tt:.2f} ({tt - uu:+.2f})" + (
-                " — does not help." if tt <= uu else "."))
+        for v in TUNED:
+            tt, _ = mean("d2c_ours", o, v)
+            if uu is not None and tt is not None:
+                out.append(f"{'Tuning weights' if v == 'tuned' else 'Tuning factors'} with {o}: {uu:.2f} → {tt:.2f} "
+                           f"({tt - uu:+.2f})" + (" — does not help." if tt <= uu else "."))
     budget = [r for r in res.runs if r.key == "budget" and r.variant == "budget" and r.seed in seeds]
     if budget:
         fixed, _ = mean("d2c", op, "searched")
@@ -301,7 +321,7 @@ def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[s
         out.append(f"Budget target (≥ fixed K = {k} at rank {res.adapters['rank']}, same bytes, {op} unit weights): "
                    f"budget mode {bs:.2f} vs fixed {ref:.2f}: " + ("met." if bs >= ref - 1e-9 else "not met."))
     svd, _ = mean("svd_kmeans", op, variant)
-    data_driven = mean("d2c", op, "searched_tuned" if variant == "tuned" else "searched")[0]
+    data_driven = mean("d2c", op, "searched_" + variant if variant else "searched")[0]
     dd = max(x for x in (b, data_driven) if x is not None)
     if svd is not None:
         out.append(f"Clustering target (data-driven + {op} beats SVD K-means + {op}): {dd:.2f} vs {svd:.2f}: "

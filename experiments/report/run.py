@@ -92,6 +92,8 @@ class ReportConfig:
     tune_steps: int = setting(30, "Most steps of the merge-weight tuning (0: no tuned rows).")
     tune_operators: tuple[str, ...] = setting(("ties", "ties_delta"), "Operators that also get tuned-weight rows.")
     tune_granularity: str = setting("adapter", "Tuned weights per adapter or per layer.", choices=("adapter", "layer"))
+    factor_steps: int = setting(100, "Most steps of the factor tuning (tune.py granularity factors; 0: no rows).")
+    factor_operators: tuple[str, ...] = setting(("ties_delta",), "Operators that also get tuned-factor rows.")
     operator_search: bool = setting(True, "Also run D²C (paper setting) with the best operator.")
     budget: bool = setting(True, "Budget mode at the storage of K rank-R adapters (operator section).")
     budget_ranks: tuple[int, ...] = setting((), "The budget mode's candidate ranks (default: R/2 and R).")
