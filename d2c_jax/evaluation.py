@@ -58,6 +58,9 @@ class EvalConfig:
     data_dir: str = setting(None, "Directory of <task>.jsonl / <task>.eval.jsonl examples.")
     output: str = setting(None, "Output JSON file.")
     partition: str | None = setting(None, "partition.json from launch/search.py: evaluate its merges.")
+    merged_adapters: bool = setting(True, "With --partition: score the adapters written in merged/ beside "
+                                    "partition.json when they are there (what the search wrote: tuned weights or "
+                                    "factors, its output rank); false: merge each cluster again.")
     metrics: tuple[str, ...] = setting(("loss",), f"Any of {', '.join(METRIC_KINDS)}.")
     zero_shot: bool = setting(False, "Evaluate the base model without adapters.")
     dtype: str = setting("bfloat16", "Base weight dtype.", choices=DTYPES)
@@ -130,6 +133,14 @@ def read_partition(path: str, names: Sequence[str]) -> tuple[list[list[str]], di
     if missing:
         raise UserError(path, f"adapter task(s) in no cluster: {', '.join(missing)}")
     return clusters, raw
+
+
+def written_adapters(partition_path: str, num_clusters: int) -> list[str] | None:
+    """merged/cluster_<k>/ beside partition.json, one per cluster, when the search wrote them
+    (pipeline.write_merged, in partition.json's cluster order); None when any is missing."""
+    merged = os.path.join(os.path.dirname(os.path.abspath(partition_path)), "merged")
+    dirs = [os.path.join(merged, f"cluster_{c}") for c in range(num_clusters)]
+    return dirs if all(os.path.isfile(os.path.join(d, "adapter_config.json")) for d in dirs) else None
 
 
 def partition_from_clusters(clusters: Sequence[Sequence[str]], names: Sequence[str]) -> np.ndarray:
@@ -360,15 +371,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                          chat_template=cfg.chat_template, dtype=cfg.dtype)
     names, task_data = inputs.names, inputs.task_data
 
-    method, density, clusters = cfg.merge, cfg.density, None
+    method, density, clusters, rank, written = cfg.merge, cfg.density, None, None, None
     if cfg.partition:
         clusters, raw = read_partition(cfg.partition, names)
         method = raw.get("merge", raw.get("method", method))
         density = float(raw.get("density", density))
+        rank = int(raw.get("output_rank") or 0) or None  # the rank the search merged at (budget mode)
+        written = written_adapters(cfg.partition, len(clusters)) if cfg.merged_adapters else None
     prepared = None
     if clusters is not None:
         try:
-            prepared = inputs.prepared(method, density, seed=cfg.seed)
+            prepared = inputs.prepared(method, density, seed=cfg.seed, rank=rank)
         except UserError as e:  # a bad method/density: name where it came from
             raise UserError(e.path or (cfg.partition if "merge" in raw or "method" in raw
                                        or "density" in raw else None), e.message) from None
@@ -387,9 +400,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     else:
         mode = "partition"
         partition_n = partition_from_clusters(clusters, names)
-        result = ev.partition(partition_n, len(clusters), generation=generation)
-    return result_document(result, task_data, mode, cfg, partition_n=partition_n,
-                           merge=method, density=density)
+        if written is not None:  # the adapters the search wrote, as they are
+            from d2c_jax import lora as lora_lib
+
+            aset = lora_lib.load_adapter_dirs(written, inputs.model_cfg)
+            lora_k = jax.tree.map(lambda *xs: np.stack(xs), *[lora_lib.effective_lora(aset, c)
+                                                               for c in range(len(written))])
+            result = ev.clusters(lora_k, partition_n, generation=generation)
+        else:
+            result = ev.partition(partition_n, len(clusters), generation=generation)
+    doc = result_document(result, task_data, mode, cfg, partition_n=partition_n, merge=method, density=density)
+    if clusters is not None:
+        doc["summary"]["adapters"] = os.path.dirname(written[0]) if written else "merged again"
+    return doc
 
 
 def result_document(result: TaskScores, task_data: TaskData, mode: str, cfg: EvalConfig, *,

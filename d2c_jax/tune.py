@@ -19,9 +19,11 @@ kept factors (`TuneResult.lora`), which are what gets written.
 Guard against fitting 10 examples per task: the last `holdout` fraction of each task's search
 examples is held out. Training minimises the summed loss of every cluster's tasks on the other
 examples, from w = 1 (the paper's unit weights); after every step the held-out loss of each cluster
-is measured, each cluster keeps the weights of its best held-out step, the loop stops when no
-cluster improved for `patience` steps, and a cluster keeps its tuned weights only where they beat
-the unit weights on the held-out part (else it keeps w = 1). The held-out examples are search
+is measured, each cluster keeps the weights of its best held-out step and stops (its later steps
+are ignored) once it has not improved for `patience` steps, so a cluster's result does not depend
+on which other clusters are tuned with it; the loop ends when every cluster has stopped, and a
+cluster keeps its tuned weights only where they beat the unit weights on the held-out part (else
+it keeps w = 1). The held-out examples are search
 examples: the `.eval.jsonl` split is never read here.
 """
 
@@ -50,7 +52,7 @@ class TuneSettings:
     steps: int = 60  # at most this many optimiser steps
     learning_rate: float | None = None  # Adam; None: LEARNING_RATES[granularity]
     holdout: float = 0.3  # fraction of each task's search examples held out (at least one)
-    patience: int = 15  # stop when no cluster's held-out loss improved for this many steps
+    patience: int = 15  # a cluster stops when its held-out loss has not improved for this many steps
     min_weight: float = 0.01  # weights are kept in [min_weight, max_weight] (sqrt|w| at 0 has no gradient)
     max_weight: float = 8.0
 
@@ -249,22 +251,22 @@ def tune_partitions(
     best_held, best = unit_held.copy(), unit
     best_step = np.zeros(p * k, np.int32)
     opt_state = opt.init(theta)
-    since, steps = 0, 0
+    since = np.zeros(p * k, np.int32)  # steps since each cluster's last held-out improvement
+    steps = 0
     for it in range(1, settings.steps + 1):
         theta, opt_state, _, held_c = train_step(theta, opt_state)
         held_c = np.asarray(held_c, np.float64)
         steps = it
-        better = held_c < best_held
+        active = since < settings.patience  # a stopped cluster's later steps are ignored
+        better = active & (held_c < best_held)
         if better.any():
             best = select(better, theta, best)
             best_held[better] = held_c[better]
             best_step[better] = it
-            since = 0
-        else:
-            since += 1
+        since = np.where(better, 0, since + 1)
         if log is not None and (it == 1 or it % 10 == 0):
             log(f"tune step {it}: held-out {held_c.sum():.4f} (unit {unit_held.sum():.4f}, best {best_held.sum():.4f})")
-        if since >= settings.patience:
+        if not (since < settings.patience).any():
             break
     tuned_fit = np.asarray(eval_fit(jax.tree.map(jnp.asarray, best)), np.float64)
     kept = best_step > 0  # strictly better than the unit merge on the held-out part

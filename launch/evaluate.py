@@ -4,9 +4,12 @@
       [--partition=WORKDIR/partition.json] [--metrics=loss,generation] [--zero_shot] --output=OUT.json
 
 Modes: without --partition each task is scored with its own adapter; with --partition each task
-is scored with the TIES (or --merge) merge of its cluster (method and density are read from
-partition.json when it stores them, else taken from --merge/--density); --zero_shot scores the
-bare base model (--adapters_dir is then optional and only fixes the task list).
+is scored with its cluster's adapter written in merged/ beside partition.json (what the search
+wrote: tuned weights or factors included, at its output rank), or, when merged/ is absent or with
+--nomerged_adapters, with the TIES (or --merge) merge of its cluster (method, density and output
+rank are read from partition.json when it stores them, else taken from --merge/--density);
+--zero_shot scores the bare base model (--adapters_dir is then optional and only fixes the task
+list).
 Data: each task's `<task>.eval.jsonl` when it exists, else its search examples `<task>.jsonl`
 (per task; the output records which file was used), all lines unless --examples_per_task=n
 (then the first n). --metrics=generation decodes greedily (KV cache, all tasks' prompts batched

@@ -76,19 +76,25 @@ def test_reported_losses_are_the_scorer_losses_of_the_weighted_merges(setup, met
     assert res.kept_k.any(), "6 Adam steps at lr 0.2 should beat unit weights on some held-out cluster"
 
 
-def test_partitions_tuned_together_equal_each_alone(setup):
-    """One Adam step (w = 1 - lr * sign(gradient)): the same gradients, losses and choices."""
+@pytest.mark.parametrize("steps,patience", [(1, 1), (8, 2)])
+def test_partitions_tuned_together_equal_each_alone(setup, steps, patience):
+    """One Adam step (w = 1 - lr * sign(gradient)): the same gradients, losses and choices; and
+    over several steps each cluster stops on its own, so the clusters tuned with it do not change
+    its result (the same best step, weights and losses)."""
     prepared = merge.prepare_merge(setup["aset"], "ties", 0.5)
     other = np.array([1, 0, 0, 0, 1], np.int32)
-    one = dataclasses.replace(SETTINGS, steps=1, patience=1)
+    one = dataclasses.replace(SETTINGS, steps=steps, patience=patience)
     both = tune.tune_partitions(setup["params"], setup["cfg"], prepared, setup["td"], np.stack([PARTITION, other]),
                                 2, one)
     for p, part in enumerate((PARTITION, other)):
         alone = tune.tune_partition(setup["params"], setup["cfg"], prepared, setup["td"], part, 2, one)
-        np.testing.assert_allclose(both.chain(p).tuned, alone.tuned, rtol=1e-6)
+        # batched vs alone differ in float rounding (~1e-7); Adam's normalised steps carry that into
+        # the weights at ~1e-5 after 8 steps; the decisions (kept, best step) must be identical
+        np.testing.assert_allclose(both.chain(p).tuned, alone.tuned, rtol=1e-6 if steps == 1 else 1e-4)
         for f in ("unit_heldout_k", "unit_fit_k", "tuned_heldout_k", "tuned_fit_k"):
             np.testing.assert_allclose(getattr(both.chain(p), f), getattr(alone, f), rtol=1e-5)
         np.testing.assert_array_equal(both.chain(p).kept_k, alone.kept_k)
+        np.testing.assert_array_equal(both.chain(p).best_step_k, alone.best_step_k)
     totals = both.chain_totals()
     for p in range(2):
         c = both.chain(p)
@@ -195,6 +201,18 @@ def test_search_with_tuned_factors_writes_the_adapters_whose_losses_it_reports(s
     held = _part(setup["td"], 2, 3)
     kept_held = np.where(tuning["kept"], tuning["tuned_heldout"], tuning["unit_heldout"])
     np.testing.assert_allclose(_cluster_losses_of(setup, prepared, lora_k, held, part), kept_held, rtol=1e-4)
+    # launch/evaluate.py --partition scores those written adapters (not a fresh unit-weight merge)
+    out = tmp_path / "eval.json"
+    _run("evaluate.py", [f"--{f}={setup['paths'][f]}" for f in ("base_model", "adapters_dir", "data_dir")]
+         + [f"--partition={wd / 'partition.json'}", f"--output={out}", "--dtype=float32", "--examples_per_task=3",
+            "--max_seq_len=64"])
+    with open(out) as f:
+        doc = json.load(f)
+    assert doc["summary"]["adapters"] == str(wd / "merged")
+    scorer = Scorer(setup["params"], setup["cfg"], prepared, setup["td"], batch_size=2)
+    for t, name in enumerate(NAMES):
+        want = scorer.loss_of_lora(jax.tree.map(lambda x: x[part[t]], lora_k), t)
+        assert doc["tasks"][name]["loss"] == pytest.approx(want, rel=1e-4)
 
 
 def test_merge_cli_tune_on_factors_writes_the_kept_factors(setup, tmp_path):

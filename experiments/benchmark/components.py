@@ -9,7 +9,10 @@ On the benchmark's fixture (launch/benchmark.py builds it), in one process, medi
     unbatched one: a padded [n, S] grid, the LM head at every position) against the default
     `Scorer()` (one device: unbatched, packed);
   - the task loss alone for one merged adapter: `loss.task_loss` (padded) against
-    `loss.packed_task_loss` (real tokens through the layers, LM head on loss positions);
+    `loss.packed_task_loss` (real tokens through the layers, LM head on loss positions), and two
+    ablations of the packed loss that say where its time goes: without the adapter (the LoRA
+    products' share) and with attention replaced by a pass-through of q (q, k, v still computed;
+    attention's share);
   - one 8-member merge: `scoring.merge_members` (the batched path's, [G, ...] gathered first)
     against `merge.merge_gathered` (the unbatched path's, gathered inside each branch);
   - scoring one partition's 40 requests from a cold start (no persistent cache in this script):
@@ -97,6 +100,21 @@ def main(argv) -> int:
     rows.append((f"task loss, padded grid {tuple(grid.shape)}", _median_s(lambda: padded_f(params, lora, grid), reps)))
     rows.append((f"task loss, packed P={packed.tokens.shape[0]} Q={packed.loss_at.shape[0]}",
                  _median_s(lambda: packed_f(params, lora, packed), reps)))
+    base_f = jax.jit(lambda p, b: loss.packed_task_loss(p, cfg, None, b))
+    rows.append(("  ablation: packed, no adapter", _median_s(lambda: base_f(params, packed), reps)))
+
+    def no_attention(p, l, pb):  # packing.residual with attention replaced by q (k, v kept live)
+        from d2c_jax.models import decoder
+
+        x = decoder.embed(p, pb.tokens[None])
+        x, _ = decoder.run_layers(p, cfg, x, pb.positions[None], None, l,
+                                  attend_fn=lambda q, k, v: q.reshape(q.shape[:2] + (-1,)) + (k.mean() + v.mean()))
+        h = decoder.norm(p["final_norm"], cfg, jnp.take(x[0], pb.loss_at, axis=0))
+        ce = loss.token_ce(decoder.logits_from_hidden(p, cfg, h[None])[0], pb.targets)
+        return jnp.sum(ce * pb.weights) / jnp.sum(pb.weights)
+
+    noattn_f = jax.jit(no_attention)
+    rows.append(("  ablation: packed, attention -> pass-through", _median_s(lambda: noattn_f(params, lora, packed), reps)))
 
     prepared = inp.prepared("ties", 0.5)
     members = np.flatnonzero(eight).astype(np.int32)

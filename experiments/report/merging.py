@@ -26,6 +26,7 @@ from experiments.report.analysis import gap as _gap
 Log = Callable[[str], None]
 TUNED = ("tuned", "factors")  # the tuned variants: merge weights, merged factors
 LABEL = {"": "unit", "tuned": "tuned", "factors": "tuned factors"}
+PHRASE = {"": "unit weights", "tuned": "tuned weights", "factors": "tuned factors"}
 
 
 def _base_variant(variant: str) -> str:
@@ -228,7 +229,7 @@ def render_merging(res: Any) -> list[str]:
     if best is not None:
         op, variant = best
         wl = LABEL[variant]
-        out += ["", f"Best operator on the D²C-ours partitions: **{op}** with {wl} weights "
+        out += ["", f"Best operator on the D²C-ours partitions: **{op}** with {PHRASE[variant]} "
                 f"({cells(sel('d2c_ours', op, variant, k))[0]}). With it:", ""]
         rows2 = []
         for key, label in (("kmeans", "K-means (A, B)"), ("svd_kmeans", "K-means (SVD, cosine)"),
@@ -298,7 +299,7 @@ def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[s
     op, variant = best
     b, _ = mean("d2c_ours", op, variant)
     target = lo + 0.5 * (hi - lo)
-    out.append(f"Gap target (≥ 50 %, score ≥ {target:.2f}): the best method ({op}, {LABEL[variant]}, on the "
+    out.append(f"Gap target (≥ 50 %, score ≥ {target:.2f}): the best method ({op}, {PHRASE[variant]}, on the "
                f"D²C-ours partitions) scores {b:.2f} = {_gap(b, lo, hi)} of the gap: "
                + ("met." if b >= target else "not met."))
     base_op = res.cfg.merge
@@ -320,6 +321,12 @@ def merging_findings(res: Any, seeds: list[int], lo: float, hi: float) -> list[s
         ref = fixed if fixed is not None else mean("d2c_ours", op, "")[0]
         out.append(f"Budget target (≥ fixed K = {k} at rank {res.adapters['rank']}, same bytes, {op} unit weights): "
                    f"budget mode {bs:.2f} vs fixed {ref:.2f}: " + ("met." if bs >= ref - 1e-9 else "not met."))
+        bt = [r for r in res.runs if r.key == "budget" and r.variant == "budget_" + variant and r.seed in seeds]
+        ft, _ = mean("d2c", op, "searched_" + variant) if variant else (None, [])
+        if bt and ft is not None:
+            bts = float(np.mean([r.score for r in bt]))
+            out.append(f"With {PHRASE[variant]} on both: budget mode {bts:.2f} vs fixed {ft:.2f}: "
+                       + ("met." if bts >= ft - 1e-9 else "not met."))
     svd, _ = mean("svd_kmeans", op, variant)
     data_driven = mean("d2c", op, "searched_" + variant if variant else "searched")[0]
     dd = max(x for x in (b, data_driven) if x is not None)
