@@ -78,9 +78,9 @@ def packed_task_loss(
     loss_chunk: int | None = None,
 ) -> jax.Array:
     """task_loss of one task's packed examples (packing.py): the same mean CE over its response
-    tokens, with the dense layers on real tokens only and the final norm + LM head on the Q loss
-    positions only, `loss_chunk` positions at a time (a lax.map over chunks bounds the logits)."""
-    h_qd = jnp.take(packing.residual(params, cfg, pb, lora), pb.loss_at, axis=0)
+    tokens, with the dense layers on real tokens only and the last layer's output projection and
+    MLP, the final norm and the LM head on the Q loss positions only, `loss_chunk` positions at a time (a lax.map over chunks bounds the logits)."""
+    h_qd = packing.loss_residual(params, cfg, pb, lora)
     q = h_qd.shape[0]
     b = q if loss_chunk is None else max(1, min(int(loss_chunk), q))
     k = -(-q // b)

@@ -10,8 +10,9 @@ padded to 112: 13 %), and its LM head runs on prompt positions whose logits the 
 tokens end to end ([P], P = the longest task's real-token count, rounded up) and lists its
 loss positions ([Q]). The decoder runs its position-wise work (norms, projections, MLP, LoRA) on
 the [P] stream and gathers q/k/v into the [n, S] grid only for attention (`grid_attention`), so
-every token sees exactly the keys it sees in the padded layout; the loss gathers the Q positions
-before the final norm and the LM head. Same arithmetic per token as the padded forward, so the
+every token sees exactly the keys it sees in the padded layout; the last layer keeps only the Q
+loss positions after attention (its output projection and MLP run on Q rows, not P), and the
+final norm and the LM head run on those. Same arithmetic per token as the padded forward, so the
 loss is transformers' (tests/test_loss_parity.py).
 """
 
@@ -104,10 +105,13 @@ def grid_attention(pb: PackedBatch, mask_nst: jax.Array) -> Callable:
     return attend_fn
 
 
-def residual(params: Params, cfg: ModelConfig, pb: PackedBatch, lora: Lora | None = None) -> jax.Array:
-    """The residual stream [P, D] after the last layer (before the final norm) of one task's
-    packed examples: position-wise work on the P packed tokens only."""
+def loss_residual(params: Params, cfg: ModelConfig, pb: PackedBatch, lora: Lora | None = None) -> jax.Array:
+    """The residual stream [Q, D] at the loss positions after the last layer (before the final
+    norm) of one task's packed examples: the layers run on the P packed tokens only, and the last
+    layer's output projection and MLP on the Q loss positions only (no later layer reads the
+    other positions)."""
     x_bpd = decoder.embed(params, pb.tokens[None])
     attend_fn = grid_attention(pb, decoder.causal_padding_mask(pb.attn))
-    x_bpd, _ = decoder.run_layers(params, cfg, x_bpd, pb.positions[None], None, lora, attend_fn=attend_fn)
-    return x_bpd[0]
+    x_bqd, _ = decoder.run_layers(params, cfg, x_bpd, pb.positions[None], None, lora, attend_fn=attend_fn,
+                                  last_rows=pb.loss_at)
+    return x_bqd[0]

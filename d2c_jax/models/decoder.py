@@ -141,10 +141,14 @@ def block(
     cache_kv: tuple[jax.Array, jax.Array] | None = None,
     start: jax.Array | int = 0,
     attend_fn: Callable | None = None,
+    rows: jax.Array | None = None,
 ):
     """One pre-norm decoder layer. With `cache_kv` ([B, T, K, Dh] each) the new keys/values
     are written at slots start..start+S-1 and attention runs over all T slots. `attend_fn`
-    (q, k, v) -> [B, S, H*Dh] replaces `attend(q, k, v, mask_bst)` (packing.grid_attention)."""
+    (q, k, v) -> [B, S, H*Dh] replaces `attend(q, k, v, mask_bst)` (packing.grid_attention).
+    `rows` (int [Q]): return only these query rows ([B, Q, D]); keys and values still come from
+    all S, so each kept row is exactly what the full layer gives it, and the output projection
+    and MLP run on Q rows only (the last layer of a loss that reads Q positions)."""
     b, s, _ = x_bsd.shape
     h_bsd = norm(lp["input_norm"], cfg, x_bsd)
     q = linear(lp["q_proj"], h_bsd, _lora_of(lora_l, "q_proj")).reshape(b, s, cfg.num_heads, cfg.head_dim)
@@ -157,6 +161,8 @@ def block(
         v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1)
         cache_kv = (k, v)
     attn_bsq = attend(q, k, v, mask_bst) if attend_fn is None else attend_fn(q, k, v)
+    if rows is not None:
+        x_bsd, attn_bsq = jnp.take(x_bsd, rows, axis=1), jnp.take(attn_bsq, rows, axis=1)
     x_bsd = x_bsd + linear(lp["o_proj"], attn_bsq, _lora_of(lora_l, "o_proj"))
     h_bsd = norm(lp["post_attn_norm"], cfg, x_bsd)
     gate = linear(lp["gate_proj"], h_bsd, _lora_of(lora_l, "gate_proj"))
@@ -191,8 +197,11 @@ def run_layers(
     cache: tuple[jax.Array, jax.Array] | None = None,
     start: jax.Array | int = 0,
     attend_fn: Callable | None = None,
+    last_rows: jax.Array | None = None,
 ):
-    """Scans the stacked layers. cache: (k_lbtkd, v_lbtkd) or None; returns (x, new cache)."""
+    """Scans the stacked layers. cache: (k_lbtkd, v_lbtkd) or None; returns (x, new cache).
+    `last_rows` (int [Q], no cache): the last layer keeps only these rows (block's `rows`), so
+    x comes back [B, Q, D]; the other layers are scanned as usual."""
     _check_lora(lora, cfg)
     cos, sin = rotary_tables(cfg, positions_bs, x_bsd.dtype)
 
@@ -201,7 +210,20 @@ def run_layers(
         x, cache_l = block(lp, lora_l, cfg, x, cos, sin, mask_bst, cache_l, start, attend_fn)
         return x, cache_l
 
-    return jax.lax.scan(body, x_bsd, (params["layers"], lora, cache))
+    if last_rows is None:
+        return jax.lax.scan(body, x_bsd, (params["layers"], lora, cache))
+    if cache is not None:
+        raise ValueError("last_rows is for scoring (no KV cache)")
+    layers = (params["layers"], lora)
+    last = cfg.num_layers - 1
+
+    def body_at(x, i):  # layer i of the stacked weights, sliced inside the loop as scan does
+        lp, lora_l = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
+        return block(lp, lora_l, cfg, x, cos, sin, mask_bst, None, start, attend_fn)[0], None
+
+    x_bsd, _ = jax.lax.scan(body_at, x_bsd, jnp.arange(last))
+    lp, lora_l = jax.tree.map(lambda a: a[last], layers)
+    return block(lp, lora_l, cfg, x_bsd, cos, sin, mask_bst, None, start, attend_fn, rows=last_rows)[0], None
 
 
 def embed(params: Params, tokens_bs: jax.Array) -> jax.Array:

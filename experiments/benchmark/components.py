@@ -103,18 +103,26 @@ def main(argv) -> int:
     base_f = jax.jit(lambda p, b: loss.packed_task_loss(p, cfg, None, b))
     rows.append(("  ablation: packed, no adapter", _median_s(lambda: base_f(params, packed), reps)))
 
-    def no_attention(p, l, pb):  # packing.residual with attention replaced by q (k, v kept live)
-        from d2c_jax.models import decoder
+    from d2c_jax import packing
+    from d2c_jax.models import decoder
 
+    def variant(p, l, pb, attend_fn, last_rows):  # packing.loss_residual + the loss, with knobs
         x = decoder.embed(p, pb.tokens[None])
-        x, _ = decoder.run_layers(p, cfg, x, pb.positions[None], None, l,
-                                  attend_fn=lambda q, k, v: q.reshape(q.shape[:2] + (-1,)) + (k.mean() + v.mean()))
-        h = decoder.norm(p["final_norm"], cfg, jnp.take(x[0], pb.loss_at, axis=0))
+        x, _ = decoder.run_layers(p, cfg, x, pb.positions[None], None, l, attend_fn=attend_fn, last_rows=last_rows)
+        x = x[0] if last_rows is not None else jnp.take(x[0], pb.loss_at, axis=0)
+        h = decoder.norm(p["final_norm"], cfg, x)
         ce = loss.token_ce(decoder.logits_from_hidden(p, cfg, h[None])[0], pb.targets)
         return jnp.sum(ce * pb.weights) / jnp.sum(pb.weights)
 
-    noattn_f = jax.jit(no_attention)
+    def pass_through(q, k, v):  # attention replaced by q (k, v kept live)
+        return q.reshape(q.shape[:2] + (-1,)) + (k.mean() + v.mean())
+
+    noattn_f = jax.jit(lambda p, l, pb: variant(p, l, pb, pass_through, pb.loss_at))
     rows.append(("  ablation: packed, attention -> pass-through", _median_s(lambda: noattn_f(params, lora, packed), reps)))
+    all_rows_f = jax.jit(lambda p, l, pb: variant(p, l, pb, packing.grid_attention(
+        pb, decoder.causal_padding_mask(pb.attn)), None))
+    rows.append(("  ablation: packed, last layer on all P positions", _median_s(
+        lambda: all_rows_f(params, lora, packed), reps)))
 
     prepared = inp.prepared("ties", 0.5)
     members = np.flatnonzero(eight).astype(np.int32)
