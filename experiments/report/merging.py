@@ -201,6 +201,9 @@ def render_merging(res: Any) -> list[str]:
         return [_pm(sc, 2), _pm([r.loss for r in runs], 4), _gap(float(np.mean(sc)), lo, hi),
                 str(len(runs))]
 
+    from d2c_jax.tune import TuneSettings
+
+    factor_lr = TuneSettings(granularity="factors").lr
     out = ["", "## Beyond the paper: merge operators, learned weights, a storage budget", ""]
     out += [f"K = {k}, seeds {', '.join(map(str, seeds))}; score and eval loss on the held-out split; "
             f"gap closed = (score − all-in-one {lo:.2f}) / (single-task {hi:.2f} − all-in-one). "
@@ -211,7 +214,7 @@ def render_merging(res: Any) -> list[str]:
             "kept per cluster only where they beat unit weights on the other 3 (tune.py); the "
             ".eval.jsonl examples are never used for it. Tuned factors = the same guard, but what is "
             "trained is each cluster's merged rank-R adapter itself (its A and B, from the unit-weight merge; "
-            f"Adam, lr 0.001, at most {cfg.factor_steps} steps): a few-shot multi-task fine-tune "
+            f"Adam, lr {factor_lr:g}, at most {cfg.factor_steps} steps): a few-shot multi-task fine-tune "
             "started from the merge, at the merge's storage. Operators: ties / ties_delta (merge.py), "
             "knots_ties, knots_linear, iso_c (merge_svd.py), density "
             f"{cfg.density}, output rank {res.adapters['rank']}.", ""]
