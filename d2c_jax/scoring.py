@@ -14,7 +14,8 @@ merged mask (a bucket), T tasks, n examples per task, S sequence (a bucket), V v
      gathered from every leaf of the merge.Prepared pytree, padded to a power-of-two G: cost
      O(cluster size), not O(N)), then scores the R requests with one vmapped loss.
 On one CPU device (the default there, `batched=False`) steps 3-4 run unbatched instead: each
-distinct mask is merged once (one executable per member bucket G) and each request is scored
+distinct mask is merged once (one executable per member bucket G; G = N: merge_mask on the mask,
+no gathered copy) and each request is scored
 alone (one executable per sequence bucket S): XLA:CPU gains nothing from a request batch, and a
 run compiles a handful of executables instead of one per (R, G, S).
 Each (R, G, S) bucket is traced and compiled once (`trace_counts` proves it in tests); with the
@@ -218,6 +219,7 @@ class Scorer:
         self._score = jax.jit(self._score_impl, static_argnames=("example_chunk",), **out)
         self._single = jax.jit(self._single_impl, static_argnames=("example_chunk",), **out)
         self._merge_one = jax.jit(self._merge_one_impl)
+        self._merge_all_slots = jax.jit(self._merge_all_slots_impl)
         self._packed = jax.jit(self._packed_impl, static_argnames=("loss_chunk",))
 
     def auto_batch_size(self, params: Params, prepared: Prepared | None, data: TokenBatch, seq: int) -> int:
@@ -293,6 +295,10 @@ class Scorer:
         self.trace_counts[f"merge g{members_g.shape[0]}"] += 1
         return merge_lib.merge_gathered(prepared, members_g, valid_g)
 
+    def _merge_all_slots_impl(self, prepared: Prepared, mask_n: jax.Array) -> Lora:
+        self.trace_counts[f"merge n{mask_n.shape[0]}"] += 1
+        return merge_lib.merge_mask(prepared, mask_n)
+
     # -- public -------------------------------------------------------------------------------
 
     def losses(self, masks_cn: np.ndarray, tasks_c: np.ndarray) -> np.ndarray:
@@ -359,6 +365,8 @@ class Scorer:
         if not len(idx):
             raise ValueError("a merge needs at least one member")
         g = self._member_bucket(len(idx))
+        if g == self.num_adapters:  # every slot: merge_mask on the mask, no [N, ...] gathered copy
+            return self._merge_all_slots(self._prepared, np.asarray(mask_n, bool))
         members_g = np.zeros(g, np.int32)
         members_g[:len(idx)] = idx
         return self._merge_one(self._prepared, members_g, np.arange(g) < len(idx))
