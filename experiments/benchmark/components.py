@@ -9,10 +9,11 @@ On the benchmark's fixture (launch/benchmark.py builds it), in one process, medi
     unbatched one: a padded [n, S] grid, the LM head at every position) against the default
     `Scorer()` (one device: unbatched, packed);
   - the task loss alone for one merged adapter: `loss.task_loss` (padded) against
-    `loss.packed_task_loss` (real tokens through the layers, LM head on loss positions), and two
-    ablations of the packed loss that say where its time goes: without the adapter (the LoRA
-    products' share) and with attention replaced by a pass-through of q (q, k, v still computed;
-    attention's share);
+    `loss.packed_task_loss` (real tokens through the layers, the last layer's MLP and the LM head
+    on loss positions), and three ablations of the packed loss that say where its time goes:
+    without the adapter (the LoRA products' share), with attention replaced by a pass-through of
+    q (q, k, v still computed; attention's share), and with the last layer on all P positions
+    (the layout before `decoder.run_layers(last_rows=...)`);
   - one 8-member merge: `scoring.merge_members` (the batched path's, [G, ...] gathered first)
     against `merge.merge_gathered` (the unbatched path's, gathered inside each branch);
   - scoring one partition's 40 requests from a cold start (no persistent cache in this script):
