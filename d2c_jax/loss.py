@@ -79,7 +79,8 @@ def packed_task_loss(
 ) -> jax.Array:
     """task_loss of one task's packed examples (packing.py): the same mean CE over its response
     tokens, with the dense layers on real tokens only and the last layer's output projection and
-    MLP, the final norm and the LM head on the Q loss positions only, `loss_chunk` positions at a time (a lax.map over chunks bounds the logits)."""
+    MLP, the final norm and the LM head on the Q loss positions only, `loss_chunk` positions at a
+    time (a lax.map over chunks bounds the logits)."""
     h_qd = packing.loss_residual(params, cfg, pb, lora)
     q = h_qd.shape[0]
     b = q if loss_chunk is None else max(1, min(int(loss_chunk), q))

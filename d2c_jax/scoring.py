@@ -15,9 +15,9 @@ merged mask (a bucket), T tasks, n examples per task, S sequence (a bucket), V v
      O(cluster size), not O(N)), then scores the R requests with one vmapped loss.
 On one CPU device (the default there, `batched=False`) steps 3-4 run unbatched instead: each
 distinct mask is merged once (one executable per member bucket G; G = N: merge_mask on the mask,
-no gathered copy) and each request is scored
-alone (one executable per sequence bucket S): XLA:CPU gains nothing from a request batch, and a
-run compiles a handful of executables instead of one per (R, G, S).
+no gathered copy) and each request is scored alone (one executable per sequence bucket S):
+XLA:CPU gains nothing from a request batch, and a run compiles a handful of executables instead
+of one per (R, G, S).
 Each (R, G, S) bucket is traced and compiled once (`trace_counts` proves it in tests); with the
 persistent compilation cache (`compilation_cache.enable`) a second run compiles nothing.
 With a mesh the request batch is split over the "cand" axis, the base weights and the prepared

@@ -8,8 +8,8 @@ Builds (once, cached in --fixture_dir) a random ~25M-parameter Llama (D 512, 8 l
 4 KV heads, F 1408, V 8000) with --num_adapters random rank-32 q/k/v/o PEFT adapters (alpha 128)
 and 10 random examples of 84-112 tokens per task, then runs, for each T, the torch + PEFT loop,
 launch/search.py with the paper's flags and every other flag at its default (cold compilation
-cache), and our best settings (no all-in-one reference, warm cache), one after the other in this process tree, and prints
-one table. --scaling also measures seconds per evaluation at N = 40 vs N = 200 adapters (K chosen
+cache), and our best settings (no all-in-one reference, warm cache), one after the other in this
+process tree, and prints one table. --scaling also measures seconds per evaluation at N = 40 vs N = 200 adapters (K chosen
 so that clusters have about 8 members). --tiny: a seconds-long configuration (smoke tests).
 """
 

@@ -219,7 +219,7 @@ def run_layers(
 
     def body_at(x, i):  # layer i of the stacked weights, sliced inside the loop as scan does
         lp, lora_l = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), layers)
-        return block(lp, lora_l, cfg, x, cos, sin, mask_bst, None, start, attend_fn)[0], None
+        return body(x, (lp, lora_l, None))
 
     x_bsd, _ = jax.lax.scan(body_at, x_bsd, jnp.arange(last))
     lp, lora_l = jax.tree.map(lambda a: a[last], layers)
