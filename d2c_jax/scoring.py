@@ -15,7 +15,8 @@ merged mask (a bucket), T tasks, n examples per task, S sequence (a bucket), V v
      O(cluster size), not O(N)), then scores the R requests with one vmapped loss.
 On one CPU device (the default there, `batched=False`) steps 3-4 run unbatched instead: each
 distinct mask is merged once (one executable per member bucket G; G = N: merge_mask on the mask,
-no gathered copy) and each request is scored alone (one executable per sequence bucket S):
+no gathered copy) and each request is scored alone (one executable per sequence bucket S; two
+requests in flight at once on two host threads):
 XLA:CPU gains nothing from a request batch, and a run compiles a handful of executables instead
 of one per (R, G, S).
 Each (R, G, S) bucket is traced and compiled once (`trace_counts` proves it in tests); with the
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -47,6 +50,21 @@ from d2c_jax.types import Lora, Params, TokenBatch
 
 MAX_AUTO_BATCH = 256  # --batch_size=auto never goes above this many requests per call
 MIN_MEMBER_BUCKET = 8  # merged masks gather at least this many member slots (fewer compilations)
+# Host threads that score one call's requests on one CPU device. XLA:CPU runs attention's small
+# batched dots and the small elementwise fusions on one core; two requests in flight at once
+# overlap those stretches (~6 % more evaluations per second on 2 cores, the same losses).
+SCORING_THREADS = 2
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _scoring_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="d2c-score")
+        return _pool
 
 
 def pow2_buckets(largest: int, multiple: int = 1) -> tuple[int, ...]:
@@ -221,6 +239,9 @@ class Scorer:
         self._merge_one = jax.jit(self._merge_one_impl)
         self._merge_all_slots = jax.jit(self._merge_all_slots_impl)
         self._packed = jax.jit(self._packed_impl, static_argnames=("loss_chunk",))
+        # Sequence buckets whose unbatched loss has run once (traced and compiled by one thread).
+        self._warm_seq: set[int] = set()
+        self.threads = min(SCORING_THREADS, os.cpu_count() or 1)
 
     def auto_batch_size(self, params: Params, prepared: Prepared | None, data: TokenBatch, seq: int) -> int:
         """The largest power-of-two request batch whose estimated memory fits one device next to
@@ -372,12 +393,30 @@ class Scorer:
         return self._merge_one(self._prepared, members_g, np.arange(g) < len(idx))
 
     def _losses_one_by_one(self, umasks: np.ndarray, mask_of_req: np.ndarray, req_tasks: np.ndarray) -> np.ndarray:
-        """Unbatched: each distinct mask merged once, each request scored alone (all dispatched
-        before any result is read)."""
+        """Unbatched: each distinct mask merged once, each request scored alone, `threads`
+        requests in flight at once. The first request of a sequence bucket whose executable has
+        not run yet goes alone first, so each executable is traced and compiled by one thread."""
         loras = [self.merge(mask_n) for mask_n in umasks]
-        pending = [self._score_alone(loras[m], int(t)) for m, t in zip(mask_of_req, req_tasks)]
-        self.stats.update(score_calls=len(pending), masks_merged=len(umasks), requests_scored=len(pending))
-        return np.array([float(x) for x in pending], np.float32)
+        out = np.empty(len(req_tasks), np.float32)
+
+        def one(i: int) -> float:
+            return float(self._score_alone(loras[mask_of_req[i]], int(req_tasks[i])))
+
+        rest = []
+        for i, t in enumerate(req_tasks):
+            sb = int(self.seq_bucket_of[t])
+            if sb in self._warm_seq:
+                rest.append(i)
+            else:
+                out[i] = one(i)
+                self._warm_seq.add(sb)
+        if self.threads > 1 and len(rest) > 1:
+            out[rest] = list(_scoring_pool().map(one, rest))
+        else:
+            for i in rest:
+                out[i] = one(i)
+        self.stats.update(score_calls=len(req_tasks), masks_merged=len(umasks), requests_scored=len(req_tasks))
+        return out
 
     def _call(self, umasks: np.ndarray, mask_ids: np.ndarray, tasks: np.ndarray, sb: int, bucket: int):
         """One jitted call for `bucket` request slots (the first len(tasks) real)."""

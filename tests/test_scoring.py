@@ -176,6 +176,20 @@ def test_unbatched_scorer_merges_each_mask_once_and_compiles_one_executable_per_
     assert dict(scorer.trace_counts) == first  # the same buckets again: nothing new traced
 
 
+def test_unbatched_scorer_gives_identical_losses_with_two_requests_in_flight(setup):
+    """Two host threads score a call's requests at once (the CPU default on 2+ cores): every
+    loss is bit-identical to scoring them one after the other, and nothing is traced twice."""
+    scorer = Scorer(setup["params"], setup["cfg"], setup["prepared"], setup["task_data"], batched=False)
+    masks, tasks = requests()
+    scorer.threads = 2
+    two = scorer.losses(masks, tasks)
+    traced = dict(scorer.trace_counts)
+    scorer.threads = 1
+    one = scorer.losses(masks, tasks)
+    np.testing.assert_array_equal(two, one)
+    assert all(v == 1 for v in traced.values()) and dict(scorer.trace_counts) == traced, traced
+
+
 def test_unbatched_scorer_falls_back_to_chunked_padded_examples_when_attention_would_not_fit(setup, direct):
     """Long examples: [n, H, S, S] attention scores over the logits budget are not packed; the
     padded loss then runs a chunk of examples at a time, with the same losses."""
