@@ -3,6 +3,7 @@ experiments/benchmark/commands.py for what each column runs and measures).
 
   python launch/benchmark.py [--iterations=40,200] [--fixture_dir=runs/bench_fixture]
       [--out_dir=runs/benchmark] [--output=bench.json] [--scaling] [--tiny]
+  python launch/benchmark.py --preset=llama3b --dtype=bfloat16 --columns=default --iterations=200
 
 Builds (once, cached in --fixture_dir) a random ~25M-parameter Llama (D 512, 8 layers, 8 heads /
 4 KV heads, F 1408, V 8000) with --num_adapters random rank-32 q/k/v/o PEFT adapters (alpha 128)
@@ -11,6 +12,9 @@ launch/search.py with the paper's flags and every other flag at its default (col
 cache), and our best settings (no all-in-one reference, warm cache), one after the other in this
 process tree, and prints one table. --scaling also measures seconds per evaluation at N = 40 vs N = 200 adapters (K chosen
 so that clusters have about 8 members). --tiny: a seconds-long configuration (smoke tests).
+--preset=llama3b: Llama-3.2-3B's shapes in bfloat16 with 40 rank-32 adapters and 225-300-token
+examples (fixture.llama3b_settings), the accelerator figure of docs/performance.md; run it with
+--dtype=bfloat16 and without the torch column (the torch loop runs float32 on the CPU threads).
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ import os
 import sys
 from typing import Sequence
 
-from absl import app, flags, logging
+# This process measures matmul peaks and FLOPs between the columns; on a GPU it must not take
+# JAX's default 75 % of the memory from the commands it starts (they get the default back: _env).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from d2c_jax.errors import UserError, run_cli
+from absl import app, flags, logging  # noqa: E402
+
+from d2c_jax.errors import UserError, run_cli  # noqa: E402
 
 flags.DEFINE_string("fixture_dir", os.path.join("runs", "bench_fixture"), "Where the random fixtures are cached.")
 flags.DEFINE_string("out_dir", os.path.join("runs", "benchmark"), "Work directories and logs of the commands.")
@@ -31,6 +39,8 @@ flags.DEFINE_list("iterations", ["40", "200"], "T values; each runs every column
 flags.DEFINE_list("columns", ["torch", "default", "best"], "Columns to run (torch, default, best).")
 flags.DEFINE_bool("scaling", False, "Also measure seconds per evaluation at N=40 vs N=200.")
 flags.DEFINE_bool("tiny", False, "A seconds-long configuration (smoke tests).")
+flags.DEFINE_enum("preset", None, ["llama3b"], "A named fixture instead of the 25M one (llama3b: Llama-3.2-3B shapes).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--dtype of our columns (the torch loop: float32).")
 flags.DEFINE_integer("num_adapters", 40, "N: adapters (= tasks).")
 flags.DEFINE_integer("num_clusters", 5, "K.")
 flags.DEFINE_integer("seq_len", 112, "Longest example in tokens (examples are 3/4 to all of it).")
@@ -43,6 +53,8 @@ def fixture_settings(f: flags.FlagValues, num_adapters: int | None = None):
     n = num_adapters or f.num_adapters
     if f.tiny:
         return dataclasses.replace(bf.tiny_settings(f.seed), num_adapters=n if num_adapters else 6)
+    if f.preset == "llama3b":
+        return dataclasses.replace(bf.llama3b_settings(f.seed), num_adapters=n)
     return bf.FixtureSettings(num_adapters=n, hidden=512, layers=8, intermediate=1408, seq_len=f.seq_len,
                               seed=f.seed)
 
@@ -67,12 +79,16 @@ def main(argv: Sequence[str]) -> None:
         unknown = set(f.columns) - set(bench.COLUMNS)
         if unknown:
             raise UserError(None, f"--columns: unknown {sorted(unknown)}; choose from {bench.COLUMNS}")
+        if f.dtype != "float32" and "torch" in f.columns:
+            raise UserError(None, f"--dtype={f.dtype}: the torch loop runs float32 only; pass --columns=default,best")
+        if f.preset and f.tiny:
+            raise UserError(None, "--preset and --tiny are two different fixtures; pass one")
         k = 2 if f.tiny else f.num_clusters
 
         def fixture(n: int | None = None, clusters: int = k) -> bench.Fixture:
             paths = bf.ensure_fixture(f.fixture_dir, fixture_settings(f, n), log=log)
             return bench.Fixture(paths.base_model, paths.adapters_dir, paths.data_dir, num_clusters=clusters,
-                                 examples_per_task=paths.settings.examples_per_task, seed=f.seed)
+                                 examples_per_task=paths.settings.examples_per_task, seed=f.seed, dtype=f.dtype)
 
         result = bench.run_benchmark(fixture(), iterations, os.path.abspath(f.out_dir), f.columns, log=log)
         print(bench.table(result), flush=True)

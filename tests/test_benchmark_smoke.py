@@ -44,3 +44,31 @@ def test_tiny_benchmark_runs_every_column_and_the_scaling_figure(tmp_path):
     assert replay.returncode == 0, replay.stderr[-3000:]
     this_run = next(line for line in replay.stdout.splitlines() if line.startswith("| this run"))
     assert this_run.split("|")[2].strip() == str(default["evaluations"])
+
+
+def test_bfloat16_columns_run_and_the_torch_loop_is_refused_in_bfloat16(tmp_path):
+    """--dtype=bfloat16 (the accelerator figure's dtype) runs our columns in bfloat16; the torch
+    loop is float32 only, so asking for it in bfloat16 ends with one line, before any work."""
+    common = [sys.executable, SCRIPT, "--tiny", "--iterations=2", "--dtype=bfloat16",
+              f"--fixture_dir={tmp_path / 'fixture'}", f"--out_dir={tmp_path / 'runs'}"]
+    refused = subprocess.run(common, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "the torch loop runs float32 only" in refused.stderr.strip().splitlines()[-1]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(common + ["--columns=default", f"--output={out}"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["exit"] == 0 and "--dtype=bfloat16" in row["command"] and row["evaluations"] > 0
+
+
+def test_llama3b_preset_has_llama_3_2_3b_parameter_count():
+    """The accelerator figure's model: Llama-3.2-3B's shapes. Its safetensors index lists
+    total_size 6425499648 bytes of bfloat16 weights, i.e. 3,212,749,824 parameters."""
+    from experiments.benchmark import fixture as bf
+
+    s = bf.llama3b_settings()
+    assert (s.hidden, s.layers, s.heads, s.kv_heads, s.head_dim, s.intermediate, s.vocab) == (
+        3072, 28, 24, 8, 128, 8192, 128256)
+    assert bf.param_count(s) * 2 == 6425499648
+    assert s.weights_dtype == "bfloat16" and s.num_adapters == 40 and s.rank == 32

@@ -4,12 +4,14 @@ Shapes: N adapters (= tasks), K clusters, T iterations, L layers, D model dim, F
 
 For each T (default 40 and 200) three commands run one after the other, in one process tree
 (this process starts each as a child and waits for it), so that the columns of a T share the
-machine's load of that moment; a float32 matmul peak is measured in this process between them:
+machine's load of that moment; a matmul peak (float32 1024^3 on CPU; in the run's dtype, 8192^3,
+on an accelerator) is measured in this process between them:
   torch    experiments/benchmark/torch_loop.py: Algorithm 1 written as a user writes it (one PEFT
            add_weighted_adapter(ties) + one forward per evaluation, no cache), then the final
            partition's losses;
   default  launch/search.py with the paper's flags (--strategy=d2c --objective=local
-           --population=1 --proposals=1 --num_clusters=K --iterations=T --dtype=float32) and every
+           --population=1 --proposals=1 --num_clusters=K --iterations=T --dtype=float32, or the
+           run's --dtype) and every
            other flag at its default, from a cold compilation cache (a first run ever);
   best     the same command with our best settings for this job (BEST_FLAGS: the torch loop's
            outputs, i.e. without the gain line's optional all-in-one reference, N evaluations)
@@ -35,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PAPER_FLAGS = ("--strategy=d2c", "--objective=local", "--population=1", "--proposals=1", "--dtype=float32")
+PAPER_FLAGS = ("--strategy=d2c", "--objective=local", "--population=1", "--proposals=1")
 # What the torch loop computes, nothing more: the partition and its losses. The default also scores
 # the all-in-one merge for the gain line (N evaluations, on by default: issue 12); the random
 # start's objective stays in both (29-35 extra evaluations with the local objective).
@@ -51,14 +53,24 @@ class Fixture:
     num_clusters: int = 5
     examples_per_task: int = 10
     seed: int = 0
+    dtype: str = "float32"  # our columns' --dtype (the torch loop runs float32)
 
 
-def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of a jitted [size, size] @ [size, size] on the default JAX device."""
+def peak_shape(dtype: str) -> tuple[int, str]:
+    """(matmul size, dtype) of the peak measurement: float32 1024^3 on CPU (what the scorer runs
+    there), the run's dtype at 8192^3 on an accelerator (a 1024^3 product does not fill one)."""
+    import jax
+
+    return (1024, "float32") if jax.default_backend() == "cpu" else (8192, dtype)
+
+
+def matmul_peak_flops(dtype: str = "float32", repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted [size, size] @ [size, size] on the default JAX device (peak_shape)."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+    size, dt = peak_shape(dtype)
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), dt)
     f = jax.jit(lambda x, y: x @ y)
     f(a, a).block_until_ready()
     best = float("inf")
@@ -106,6 +118,7 @@ def _env(cache_home: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+    env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)  # JAX's default allocation (launch/benchmark.py sets it)
     if cache_home is not None:
         env["XDG_CACHE_HOME"] = cache_home
     return env
@@ -126,7 +139,7 @@ def run_column(column: str, fx: Fixture, iterations: int, out_dir: str, cache_ho
         env = _env()
     else:
         cmd = [sys.executable, os.path.join(ROOT, "launch", "search.py"), *inputs, f"--workdir={work}",
-               *PAPER_FLAGS, *common, *(BEST_FLAGS if column == "best" else ())]
+               *PAPER_FLAGS, f"--dtype={fx.dtype}", *common, *(BEST_FLAGS if column == "best" else ())]
         # default: a cold cache (a fresh XDG_CACHE_HOME); best: the one `default` of this T filled.
         cache = os.path.join(cache_home, f"T{iterations}")
         if column == "default":
@@ -179,13 +192,13 @@ def run_benchmark(fx: Fixture, iterations: Sequence[int], out_dir: str,
     cache_home = tempfile.mkdtemp(dir=out_dir, prefix="cache-")
     flops = model_flops_per_evaluation(fx)
     load = [os.getloadavg()[0]]
-    peaks = [matmul_peak_flops()]
+    peaks = [matmul_peak_flops(fx.dtype)]
     rows = []
     for t in iterations:
         for column in columns:
             log(f"running {column} T={t} (load average {os.getloadavg()[0]:.1f})")
             rows.append(run_column(column, fx, t, out_dir, cache_home, flops, float(np.median(peaks))))
-            peaks.append(matmul_peak_flops())
+            peaks.append(matmul_peak_flops(fx.dtype))
             load.append(os.getloadavg()[0])
             log(f"  {rows[-1]['seconds']:.1f} s, exit {rows[-1]['exit']}")
             with open(os.path.join(out_dir, "partial.json"), "w") as f:  # survives an interrupted run
@@ -199,9 +212,18 @@ def run_benchmark(fx: Fixture, iterations: Sequence[int], out_dir: str,
         if ref and ref.get("exit") == 0 and r.get("exit") == 0:
             r["speedup_vs_torch"] = ref["seconds"] / r["seconds"]
             r["same_partition_as_torch"] = same_partition(ref["partition"], r["partition"])
+    size, dt = peak_shape(fx.dtype)
     return {"rows": rows, "matmul_peak_gflops": peak / 1e9, "matmul_peaks_gflops": [p / 1e9 for p in peaks],
+            "matmul_peak_shape": f"{dt}, jitted {size}^3", "device": _device_name(),
             "model_gflops_per_evaluation": flops / 1e9, "load_average": load, "cpus": os.cpu_count(),
             "fixture": dataclasses.asdict(fx)}
+
+
+def _device_name() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{len(jax.devices())} x {d.device_kind}" if d.platform != "cpu" else "CPU (JAX)"
 
 
 def table(result: dict[str, Any]) -> str:
@@ -219,9 +241,9 @@ def table(result: dict[str, Any]) -> str:
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     la = result["load_average"]
     out.append("")
-    out.append(f"matmul peak (float32, jitted 1024^3, median of {len(result['matmul_peaks_gflops'])} in this run): "
+    out.append(f"matmul peak ({result['matmul_peak_shape']}, median of {len(result['matmul_peaks_gflops'])} in this run): "
                f"{result['matmul_peak_gflops']:.1f} GFLOP/s; model FLOPs per evaluation "
-               f"{result['model_gflops_per_evaluation']:.1f} G; {result['cpus']} CPUs; 1-minute load average "
+               f"{result['model_gflops_per_evaluation']:.1f} G; {result['device']}; {result['cpus']} CPUs; 1-minute load average "
                f"{min(la):.1f}-{max(la):.1f} during the run")
     return "\n".join(out)
 
@@ -241,7 +263,7 @@ def seconds_per_evaluation(fixtures: Sequence[Fixture], members: int = 8, repeat
         aset = lora.load_adapter_set(fx.adapters_dir, cfg)
         td = data.load_task_data(fx.data_dir, aset.names, hf_io.load_tokenizer(fx.base_model),
                                  examples_per_task=fx.examples_per_task, max_seq_len=100_000)
-        scorers.append(Scorer(hf_io.load_params(fx.base_model, cfg, "float32"), cfg,
+        scorers.append(Scorer(hf_io.load_params(fx.base_model, cfg, fx.dtype), cfg,
                               merge.prepare_merge(aset, "ties", 0.5), td, batch_size=requests))
     rng = np.random.default_rng(0)
 

@@ -8,6 +8,7 @@ On the benchmark's fixture (launch/benchmark.py builds it), in one process, medi
     request-bucketed path that accelerators and meshes run, and the CPU default before the
     unbatched one: a padded [n, S] grid, the LM head at every position) against the default
     `Scorer()` (one device: unbatched, packed);
+  - the unbatched scorer's requests one at a time against two in flight (its two host threads);
   - the task loss alone for one merged adapter: `loss.task_loss` (padded) against
     `loss.packed_task_loss` (real tokens through the layers, the last layer's MLP and the LM head
     on loss positions), and three ablations of the packed loss that say where its time goes:
@@ -89,6 +90,15 @@ def main(argv) -> int:
     for name, sc in (("batched (padded)", batched), ("unbatched (packed)", unbatched)):
         rows.append((f"scorer, one request, 8-member merge: {name}",
                      _median_s(lambda sc=sc: jnp.asarray(sc.losses(eight[None], np.array([task]))), reps)))
+
+    # A call of 8 requests (one 8-member merge, 8 of its tasks), one request in flight at a time
+    # against the default's two (Scorer.threads: two host threads), per request; same losses.
+    tasks8 = np.resize(np.flatnonzero(eight), 8)
+    for threads in (1, 2):
+        unbatched.threads = threads
+        rows.append((f"scorer, 8 requests of one merge, {threads} in flight, per request", _median_s(
+            lambda: jnp.asarray(unbatched.losses(np.repeat(eight[None], 8, axis=0), tasks8)), reps) / 8))
+    unbatched.threads = scoring.SCORING_THREADS
 
     lora = unbatched.merge(eight)
     sbk = int(unbatched.seq_bucket_of[task])

@@ -66,6 +66,7 @@ class FixtureSettings:
     family_share: float = setting(0.5, "Variance fraction of each factor shared within a family.")
     b_scale: float = setting(0.01, "Std of lora_B entries (trained adapters: small but not zero).")
     seed: int = setting(0, "Seed of the fixture and of the searches.")
+    weights_dtype: str = setting("float32", "dtype of the saved base weights (float32 or bfloat16).")
 
     def __post_init__(self):
         if self.heads == 0:
@@ -84,6 +85,7 @@ class FixtureSettings:
             (self.seq_len >= 8, "seq_len", "must be >= 8"),
             (self.examples_per_task >= 1, "examples_per_task", "must be >= 1"),
             (self.families >= 1, "families", "must be >= 1"),
+            (self.weights_dtype in ("float32", "bfloat16"), "weights_dtype", "must be float32 or bfloat16"),
         ]
         for ok, flag, msg in checks:
             if not ok:
@@ -95,8 +97,11 @@ class FixtureSettings:
 
     def tag(self) -> str:
         """Directory name: readable settings + a hash of all of them."""
+        fields = dataclasses.asdict(self)
+        if fields["weights_dtype"] == "float32":  # the default: the tags of fixtures built before it
+            del fields["weights_dtype"]
         digest = hashlib.sha256(json.dumps(
-            {"version": FIXTURE_VERSION, **dataclasses.asdict(self)}, sort_keys=True).encode()).hexdigest()
+            {"version": FIXTURE_VERSION, **fields}, sort_keys=True).encode()).hexdigest()
         return (f"n{self.num_adapters}-r{self.rank}-d{self.hidden}-l{self.layers}-v{self.vocab}"
                 f"-s{self.seq_len}-seed{self.seed}-{digest[:10]}")
 
@@ -106,6 +111,14 @@ def tiny_settings(seed: int = 0) -> FixtureSettings:
     return FixtureSettings(num_adapters=6, rank=4, alpha=16, hidden=32, layers=2, heads=4, kv_heads=2,
                            intermediate=64, vocab=64, seq_len=16, examples_per_task=3, families=2,
                            b_scale=0.05, seed=seed)
+
+
+def llama3b_settings(seed: int = 0) -> FixtureSettings:
+    """Llama-3.2-3B's shapes (D 3072, 28 layers, 24 heads / 8 KV heads of 128, F 8192, V 128256,
+    tied embeddings: 3.21 B parameters) in bfloat16, 40 rank-32 q/k/v/o adapters and 10 examples
+    of 225-300 tokens per task: the accelerator figure of docs/performance.md."""
+    return FixtureSettings(num_adapters=40, hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192,
+                           vocab=128256, seq_len=300, weights_dtype="bfloat16", seed=seed)
 
 
 def param_count(s: FixtureSettings) -> int:
@@ -203,7 +216,9 @@ def build_fixture(out_dir: str, s: FixtureSettings) -> None:
         pad_token_id=vocab.pad_id, initializer_range=0.02,
     )
     torch.manual_seed(s.seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()  # HF init: N(0, 0.02²)
+    # HF init: N(0, 0.02²); on a GPU when there is one (a 3B model initialises in seconds there).
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(getattr(torch, s.weights_dtype)).eval()
     count = sum(p.numel() for p in model.parameters())
     if count != param_count(s):
         raise AssertionError(f"param_count {param_count(s)} != torch's {count}")
