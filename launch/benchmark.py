@@ -51,12 +51,14 @@ def fixture_settings(f: flags.FlagValues, num_adapters: int | None = None):
     from experiments.benchmark import fixture as bf
 
     n = num_adapters or f.num_adapters
-    if f.tiny:
-        return dataclasses.replace(bf.tiny_settings(f.seed), num_adapters=n if num_adapters else 6)
     if f.preset == "llama3b":
         return dataclasses.replace(bf.llama3b_settings(f.seed), num_adapters=n)
+    # Base weights saved in the run's dtype, as a user's checkpoint would be.
+    if f.tiny:
+        return dataclasses.replace(bf.tiny_settings(f.seed), num_adapters=n if num_adapters else 6,
+                                   weights_dtype=f.dtype)
     return bf.FixtureSettings(num_adapters=n, hidden=512, layers=8, intermediate=1408, seq_len=f.seq_len,
-                              seed=f.seed)
+                              seed=f.seed, weights_dtype=f.dtype)
 
 
 def main(argv: Sequence[str]) -> None:

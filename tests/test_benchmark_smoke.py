@@ -60,6 +60,12 @@ def test_bfloat16_columns_run_and_the_torch_loop_is_refused_in_bfloat16(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["exit"] == 0 and "--dtype=bfloat16" in row["command"] and row["evaluations"] > 0
+    # The fixture's base weights were saved in bfloat16, as a user's bfloat16 checkpoint is.
+    from safetensors import safe_open
+
+    (weights,) = (tmp_path / "fixture").glob("*/base/model.safetensors")
+    with safe_open(str(weights), framework="np") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
 
 
 def test_llama3b_preset_has_llama_3_2_3b_parameter_count():
