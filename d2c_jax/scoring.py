@@ -52,7 +52,8 @@ MAX_AUTO_BATCH = 256  # --batch_size=auto never goes above this many requests pe
 MIN_MEMBER_BUCKET = 8  # merged masks gather at least this many member slots (fewer compilations)
 # Host threads that score one call's requests on one CPU device. XLA:CPU runs attention's small
 # batched dots and the small elementwise fusions on one core; two requests in flight at once
-# overlap those stretches (~6 % more evaluations per second on 2 cores, the same losses).
+# overlap those stretches (2 cores: -10 % seconds per request in experiments/benchmark/
+# components.py, the same losses; a third thread gained nothing). `Scorer.threads` = 1 turns it off.
 SCORING_THREADS = 2
 
 _pool: ThreadPoolExecutor | None = None
