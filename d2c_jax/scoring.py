@@ -412,7 +412,12 @@ class Scorer:
                 out[i] = one(i)
                 self._warm_seq.add(sb)
         if self.threads > 1 and len(rest) > 1:
-            out[rest] = list(_scoring_pool().map(one, rest))
+            futures = [_scoring_pool().submit(one, i) for i in rest]
+            try:
+                out[rest] = [f.result() for f in futures]
+            finally:  # an error or Ctrl-C here: drop the requests not started yet
+                for f in futures:
+                    f.cancel()
         else:
             for i in rest:
                 out[i] = one(i)
