@@ -10,8 +10,9 @@ Builds (once, cached in --fixture_dir) a random ~25M-parameter Llama (D 512, 8 l
 and 10 random examples of 84-112 tokens per task, then runs, for each T, the torch + PEFT loop,
 launch/search.py with the paper's flags and every other flag at its default (cold compilation
 cache), and our best settings (no all-in-one reference, warm cache), one after the other in this
-process tree, and prints one table. --scaling also measures seconds per evaluation at N = 40 vs N = 200 adapters (K chosen
-so that clusters have about 8 members). --tiny: a seconds-long configuration (smoke tests).
+process tree, and prints one table. --scaling also measures seconds per evaluation at N = 40 vs
+N = 200 adapters (K chosen so that clusters have about 8 members). --tiny: a seconds-long
+configuration (smoke tests).
 --preset=llama3b: Llama-3.2-3B's shapes in bfloat16 with 40 rank-32 adapters and 225-300-token
 examples (fixture.llama3b_settings), the accelerator figure of docs/performance.md; run it with
 --dtype=bfloat16 and without the torch column (the torch loop runs float32 on the CPU threads).

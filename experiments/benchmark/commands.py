@@ -11,8 +11,8 @@ on an accelerator) is measured in this process between them:
            partition's losses;
   default  launch/search.py with the paper's flags (--strategy=d2c --objective=local
            --population=1 --proposals=1 --num_clusters=K --iterations=T --dtype=float32, or the
-           run's --dtype) and every
-           other flag at its default, from a cold compilation cache (a first run ever);
+           run's --dtype) and every other flag at its default, from a cold compilation cache (a
+           first run ever);
   best     the same command with our best settings for this job (BEST_FLAGS: the torch loop's
            outputs, i.e. without the gain line's optional all-in-one reference, N evaluations)
            and the compilation cache of the default run (a second run compiles nothing).
