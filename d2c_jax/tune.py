@@ -1,6 +1,6 @@
 """Learned merges: every cluster's per-adapter (or per-adapter-and-layer) merge weights, or the merged
-adapter's factors themselves, tuned with optax on its tasks' search examples, all clusters at once
-in one jitted, vmapped loop.
+adapter's factors themselves, tuned with optax on its tasks' search examples, all clusters of a
+partition at once in one jitted, vmapped loop.
 
 Shapes: K clusters, N adapters (= T tasks; adapter i is the adapter of task i), L layers,
 n examples per task (n_fit fitted + n_held held out), S sequence.
@@ -194,89 +194,120 @@ def tune_partitions(
     log: Any = None,
 ) -> TuneResult:
     """Tunes the merge weights (or, granularity "factors", the merged factors) of every cluster
-    of P partitions [P, N] at once (the module docstring); the result's cluster axis is P * K
-    (chain-major), see `TuneResult.chain`."""
-    import optax
+    of P partitions [P, N] (the module docstring); the result's cluster axis is P * K
+    (chain-major), see `TuneResult.chain`.
 
+    The partitions go one after another through the same compiled steps (the partition is an
+    argument, not a constant), so each partition's result is bit for bit the one it gets when
+    tuned alone, on any machine: vmapping partitions together would change the shapes XLA picks
+    its kernels for, and Adam's normalised steps carry a last-bit rounding difference in a
+    near-zero gradient into a weight change of up to the learning rate."""
     start = time.perf_counter()
     partitions_pn = np.asarray(partitions_pn, np.int32).reshape(-1, np.shape(partitions_pn)[-1])
-    p, n = partitions_pn.shape
-    k = int(num_clusters)
-    num_layers = next(iter(prepared.single.values()))["a"].shape[1]
-    masks_cn = jnp.asarray((partitions_pn[:, None, :] == np.arange(k)[None, :, None]).reshape(p * k, n))
-    cluster_q = jnp.asarray((partitions_pn + k * np.arange(p)[:, None]).reshape(-1))  # (chain, task) -> cluster
-    task_q = jnp.asarray(np.tile(np.arange(n), p))
     fit, held, n_fit, n_held = _split(task_data, settings.holdout)
+    fns = _steps(cfg, settings, int(num_clusters), example_chunk)
+    runs = [_tune_one(fns, params, prepared, fit, held, jnp.asarray(part_n), settings, log) for part_n in partitions_pn]
+    cat = {f: np.concatenate([r[f] for r in runs]) for f in runs[0] if f not in ("lora", "steps")}
+    lora = (jax.tree.map(lambda *xs: np.concatenate(xs), *[r["lora"] for r in runs])
+            if settings.granularity == "factors" else None)
+    return TuneResult(**cat, steps=max(r["steps"] for r in runs), seconds=time.perf_counter() - start,
+                      num_fit=n_fit, num_heldout=n_held, num_chains=len(runs), lora=lora)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The jitted functions of one partition's tuning: params, prepared, the examples and the
+    partition part_n [N] (task -> cluster) are arguments, so every partition runs the same
+    executables."""
+
+    train_step: Any
+    losses: Any
+    merged: Any
+    init: Any
+    k: int
+
+
+def _steps(cfg: Any, settings: TuneSettings, k: int, example_chunk: int | None) -> _Steps:
+    import optax
+
     factors = settings.granularity == "factors"
-    shape = (p * k, n) if settings.granularity != "layer" else (p * k, n, num_layers)
 
-    def merged(w_c):
-        return jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_c, masks_cn)
+    def merged(prepared, w_k, part_n):
+        masks_kn = part_n[None, :] == jnp.arange(k, dtype=part_n.dtype)[:, None]
+        return jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_k, masks_kn)
 
-    def cluster_losses(theta_c, arrays):
-        """theta_c: weights [P*K, N(, L)], or (factors) the clusters' lora leaves [P*K, ...]."""
-        lora_c = theta_c if factors else merged(theta_c)
-        lora_q = jax.tree.map(lambda x: jnp.take(x, cluster_q, axis=0), lora_c)
-        batch_q = jax.tree.map(lambda x: jnp.take(x, task_q, axis=0), arrays)
-        loss_q = loss_lib.candidate_losses(params, cfg, lora_q, batch_q, example_chunk=example_chunk)
-        return jax.ops.segment_sum(loss_q, cluster_q, num_segments=p * k)
+    def cluster_losses(params, prepared, theta_k, arrays, part_n):
+        """theta_k: weights [K, N(, L)], or (factors) the clusters' lora leaves [K, ...]."""
+        lora_k = theta_k if factors else merged(prepared, theta_k, part_n)
+        lora_t = jax.tree.map(lambda x: jnp.take(x, part_n, axis=0), lora_k)  # task t's cluster's merge
+        loss_t = loss_lib.candidate_losses(params, cfg, lora_t, arrays, example_chunk=example_chunk)
+        return jax.ops.segment_sum(loss_t, part_n, num_segments=k)
 
     opt = optax.adam(settings.lr)
 
-    def train_step(theta_c, opt_state):
+    def train_step(params, prepared, fit, held, part_n, theta_k, opt_state):
         def total(theta):
-            per_c = cluster_losses(theta, fit)
-            return jnp.sum(per_c), per_c
+            per_k = cluster_losses(params, prepared, theta, fit, part_n)
+            return jnp.sum(per_k), per_k
 
-        (_, fit_c), grad = jax.value_and_grad(total, has_aux=True)(theta_c)
-        updates, opt_state = opt.update(grad, opt_state, theta_c)
-        theta_new = optax.apply_updates(theta_c, updates)
+        (_, fit_k), grad = jax.value_and_grad(total, has_aux=True)(theta_k)
+        updates, opt_state = opt.update(grad, opt_state, theta_k)
+        theta_new = optax.apply_updates(theta_k, updates)
         if not factors:
             theta_new = jnp.clip(theta_new, settings.min_weight, settings.max_weight)
-        return theta_new, opt_state, fit_c, cluster_losses(theta_new, held)
+        return theta_new, opt_state, fit_k, cluster_losses(params, prepared, theta_new, held, part_n)
 
-    train_step = jax.jit(train_step)
-    eval_held = jax.jit(lambda theta: cluster_losses(theta, held))
-    eval_fit = jax.jit(lambda theta: cluster_losses(theta, fit))
+    return _Steps(train_step=jax.jit(train_step), losses=jax.jit(cluster_losses), merged=jax.jit(merged),
+                  init=opt.init, k=k)
 
-    def select(mask_c, new, old):  # per cluster: new where mask_c, else old (host arrays)
-        return jax.tree.map(lambda a, b: np.where(mask_c.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b),
+
+def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part_n: jax.Array,
+              settings: TuneSettings, log: Any) -> dict[str, Any]:
+    """One partition's tuning loop (the module docstring): TuneResult's per-cluster fields."""
+    factors = settings.granularity == "factors"
+    num_layers = next(iter(prepared.single.values()))["a"].shape[1]
+    k, n = fns.k, int(part_n.shape[0])
+    shape = (k, n) if settings.granularity != "layer" else (k, n, num_layers)
+
+    def losses(theta, arrays):
+        return np.asarray(fns.losses(params, prepared, theta, arrays, part_n), np.float64)
+
+    def select(mask_k, new, old):  # per cluster: new where mask_k, else old (host arrays)
+        return jax.tree.map(lambda a, b: np.where(mask_k.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b),
                             jax.tree.map(np.asarray, new), old)
 
     ones = jnp.ones(shape, jnp.float32)
-    theta = jax.jit(merged)(ones) if factors else ones  # the start: the paper's unit-weight merge
+    theta = fns.merged(prepared, ones, part_n) if factors else ones  # the start: the paper's unit-weight merge
     unit = jax.tree.map(np.asarray, theta)
-    unit_held = np.asarray(eval_held(theta), np.float64)
-    unit_fit = np.asarray(eval_fit(theta), np.float64)
+    unit_held, unit_fit = losses(theta, held), losses(theta, fit)
     best_held, best = unit_held.copy(), unit
-    best_step = np.zeros(p * k, np.int32)
-    opt_state = opt.init(theta)
-    since = np.zeros(p * k, np.int32)  # steps since each cluster's last held-out improvement
+    best_step = np.zeros(k, np.int32)
+    opt_state = fns.init(theta)
+    since = np.zeros(k, np.int32)  # steps since each cluster's last held-out improvement
     steps = 0
     for it in range(1, settings.steps + 1):
-        theta, opt_state, _, held_c = train_step(theta, opt_state)
-        held_c = np.asarray(held_c, np.float64)
+        theta, opt_state, _, held_k = fns.train_step(params, prepared, fit, held, part_n, theta, opt_state)
+        held_k = np.asarray(held_k, np.float64)
         steps = it
         active = since < settings.patience  # a stopped cluster's later steps are ignored
-        better = active & (held_c < best_held)
+        better = active & (held_k < best_held)
         if better.any():
             best = select(better, theta, best)
-            best_held[better] = held_c[better]
+            best_held[better] = held_k[better]
             best_step[better] = it
         since = np.where(better, 0, since + 1)
         if log is not None and (it == 1 or it % 10 == 0):
-            log(f"tune step {it}: held-out {held_c.sum():.4f} (unit {unit_held.sum():.4f}, best {best_held.sum():.4f})")
+            log(f"tune step {it}: held-out {held_k.sum():.4f} (unit {unit_held.sum():.4f}, best {best_held.sum():.4f})")
         if not (since < settings.patience).any():
             break
-    tuned_fit = np.asarray(eval_fit(jax.tree.map(jnp.asarray, best)), np.float64)
+    tuned_fit = losses(jax.tree.map(jnp.asarray, best), fit)
     kept = best_step > 0  # strictly better than the unit merge on the held-out part
     kept_theta = select(kept, best, unit)
-    weights = np.ones(shape, np.float32) if factors else kept_theta.astype(np.float32)
-    return TuneResult(weights=weights, tuned=np.ones(shape, np.float32) if factors else best, kept_k=kept,
-                      unit_fit_k=unit_fit, tuned_fit_k=tuned_fit, unit_heldout_k=unit_held,
-                      tuned_heldout_k=best_held, best_step_k=best_step, steps=steps,
-                      seconds=time.perf_counter() - start, num_fit=n_fit, num_heldout=n_held, num_chains=p,
-                      lora=kept_theta if factors else None)
+    return {"weights": np.ones(shape, np.float32) if factors else kept_theta.astype(np.float32),
+            "tuned": np.ones(shape, np.float32) if factors else best, "kept_k": kept,
+            "unit_fit_k": unit_fit, "tuned_fit_k": tuned_fit, "unit_heldout_k": unit_held,
+            "tuned_heldout_k": best_held, "best_step_k": best_step, "steps": steps,
+            "lora": kept_theta if factors else None}
 
 
 def tune_partition(params: Any, cfg: Any, prepared: Any, task_data: Any, partition_n: Any, num_clusters: int,
