@@ -53,7 +53,7 @@ def layer_cosines(x: Factors, y: Factors) -> np.ndarray:
         ny = np.sqrt(np.maximum(_gram(ay, by, ay, by), 0.0))
         with np.errstate(invalid="ignore", divide="ignore"):
             rows.append(np.where((nx > 0) & (ny > 0), inner / (nx * ny), np.nan))
-    return np.array(rows, np.float64).reshape(len(rows), -1)
+    return np.array(rows, np.float64) if rows else np.zeros((0, 0), np.float64)
 
 
 def similarity(x: Factors, y: Factors) -> float:
