@@ -1,0 +1,232 @@
+"""launch/add.py: new adapters placed into a finished run by their examples, --remove, versions.
+
+The run: a search over four of the five fixture tasks (K = 2, local objective); task_4 arrives.
+References are transformers + peft: PEFT's add_weighted_adapter (TIES, density 0.5) of each
+cluster with the new adapter, and HF's loss of the new task under it. Tolerance rel 1e-5: our
+float32 forward against torch's float32 forward (test_launch_search's bound for the same losses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_search_inputs import NAMES, child_env, make_search_inputs, read_partition, search_argv
+from test_launch_search import _hf_task_losses, _peft_losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEARCH = os.path.join(ROOT, "launch", "search.py")
+ADD = os.path.join(ROOT, "launch", "add.py")
+RUN_TASKS, NEW = NAMES[:4], NAMES[4]
+FLAGS = dict(num_clusters=2, iterations=4, population=1, proposals=1, objective="local", examples_per_task=3,
+             max_seq_len=64, dtype="float32", checkpoint_every=2, track_every=0, seed=1)
+
+
+def _launch(script, args):
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=child_env(),
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    full = make_search_inputs(root)
+    # The run's own directories hold four of the five tasks.
+    run_ad, run_data = root / "run_adapters", root / "run_data"
+    run_ad.mkdir()
+    run_data.mkdir()
+    for t in RUN_TASKS:
+        shutil.copytree(os.path.join(full["adapters_dir"], t), run_ad / t)
+        shutil.copy(os.path.join(full["data_dir"], f"{t}.jsonl"), run_data)
+    return {**full, "run_adapters": str(run_ad), "run_data": str(run_data)}
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory):
+    """A finished search over RUN_TASKS (version 0), never modified: tests work on copies."""
+    workdir = tmp_path_factory.mktemp("run") / "wd"
+    run_inputs = {"base_model": inputs["base_model"], "adapters_dir": inputs["run_adapters"],
+                  "data_dir": inputs["run_data"]}
+    proc = _launch(SEARCH, search_argv(run_inputs, workdir, **FLAGS) + ["--noprogress", "--noall_in_one_reference"])
+    assert proc.returncode == 0, proc.stderr
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def added(inputs, finished, tmp_path_factory):
+    """The finished run with task_4 added by launch/add.py (version 1)."""
+    workdir = tmp_path_factory.mktemp("added") / "wd"
+    shutil.copytree(finished, workdir)
+    proc = _launch(ADD, [f"--workdir={workdir}", f"--adapters={os.path.join(inputs['adapters_dir'], NEW)}",
+                         f"--data_dir={inputs['data_dir']}"])
+    assert proc.returncode == 0, proc.stderr
+    return workdir, proc
+
+
+def _tree(path):
+    """Every file under path with its bytes (what a refused command must leave as it was)."""
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out
+
+
+def _peft_new_task_losses(inputs, clusters):
+    """Reference: per cluster, PEFT's TIES merge of the cluster's adapters and the new one; HF's
+    loss of the new task under it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(inputs["base_model"], dtype=torch.float32)
+    ad = inputs["adapters_dir"]
+    model = PeftModel.from_pretrained(model, os.path.join(ad, NAMES[0]), adapter_name=NAMES[0])
+    for name in NAMES[1:]:
+        model.load_adapter(os.path.join(ad, name), adapter_name=name)
+    out = []
+    for k, members in enumerate(clusters):
+        model.add_weighted_adapter(list(members) + [NEW], [1.0] * (len(members) + 1), f"with_{k}",
+                                   combination_type="ties", density=0.5)
+        model.set_adapter(f"with_{k}")
+        out.append(_peft_losses(model.eval(), inputs["base_model"], inputs["data_dir"], [NEW])[NEW])
+    return out
+
+
+def test_the_new_adapter_joins_the_cluster_where_peft_says_its_task_loss_is_lowest(inputs, finished, added):
+    workdir, proc = added
+    before, doc = read_partition(finished), read_partition(workdir)
+    ch = doc["change"]
+    (placed,) = ch["added"]
+    ref = _peft_new_task_losses(inputs, before["clusters"])
+    np.testing.assert_allclose(placed["changes"], ref, rtol=1e-5)
+    chosen = int(np.argmin(ref))
+    assert NEW in doc["clusters"][placed["cluster"]]
+    assert sorted(doc["clusters"][placed["cluster"]]) == sorted(before["clusters"][chosen] + [NEW])
+    # Cost: K candidates + the chosen cluster's other tasks under its new merge, nothing more.
+    assert ch["evaluations"] == before["num_clusters"] + len(before["clusters"][chosen])
+    assert doc["version"] == 1 and ch["from_version"] == 0 and doc["num_clusters"] == before["num_clusters"]
+    assert doc["objective"] == pytest.approx(sum(doc["task_losses"].values()), rel=1e-9)
+    assert proc.stdout.strip().splitlines()[-2].startswith("version 1: objective ")
+
+
+def test_merged_adapters_are_the_new_clusters_and_unchanged_ones_are_kept_as_they_were(inputs, finished, added):
+    workdir, _ = added
+    before, doc = read_partition(finished), read_partition(workdir)
+    for k, tasks in enumerate(doc["clusters"]):
+        cluster_dir = workdir / "merged" / f"cluster_{k}"
+        ref = _hf_task_losses(inputs["base_model"], str(cluster_dir), inputs["data_dir"], tasks)
+        for t in tasks:
+            assert doc["task_losses"][t] == pytest.approx(ref[t], rel=1e-5), (k, t)
+        if NEW not in tasks:  # unchanged cluster: the previous version's files, byte for byte
+            was = before["clusters"].index(tasks)
+            assert _tree(cluster_dir) == _tree(finished / "merged" / f"cluster_{was}")
+    # The previous version is kept whole.
+    assert _tree(workdir / "versions" / "0" / "merged") == _tree(finished / "merged")
+    assert read_partition(workdir / "versions" / "0") == before
+    assert read_partition(workdir / "versions" / "1") == doc
+    assert not (workdir / "adding").exists()
+
+
+def test_rerunning_after_success_says_so_and_exits_0(inputs, added):
+    workdir, _ = added
+    snapshot = _tree(workdir)
+    proc = _launch(ADD, [f"--workdir={workdir}", f"--adapters={os.path.join(inputs['adapters_dir'], NEW)}",
+                         f"--data_dir={inputs['data_dir']}"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("already done: ") and "version 1" in proc.stdout
+    assert {k: v for k, v in _tree(workdir).items() if k != ".d2c.lock"} == \
+        {k: v for k, v in snapshot.items() if k != ".d2c.lock"}
+
+
+def _refused(workdir, *args):
+    snapshot = _tree(workdir)
+    proc = _launch(ADD, [f"--workdir={workdir}", *args])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert _tree(workdir) == snapshot  # nothing written, not even a lock file or a version copy
+    return lines[0]
+
+
+def test_incompatible_or_duplicate_adapters_are_refused_with_one_line_before_anything_is_written(
+        inputs, finished, tmp_path):
+    from fixtures_adapters import make_peft_adapters
+
+    workdir = tmp_path / "wd"
+    shutil.copytree(finished, workdir)
+    data = inputs["data_dir"]
+    line = _refused(workdir, f"--adapters={os.path.join(inputs['adapters_dir'], NAMES[0])}", f"--data_dir={data}")
+    assert f"task '{NAMES[0]}' is already in the run" in line
+
+    bad = tmp_path / "bad"
+    for kind, kw in (("rank", dict(r=8, alpha=16)), ("modules", dict(r=4, alpha=8, target_modules=["gate_proj"]))):
+        d = make_peft_adapters(inputs["base_model"], bad / kind, [NEW], **kw)[0]
+        line = _refused(workdir, f"--adapters={d}", f"--data_dir={data}")
+        assert line.startswith(f"error: {os.path.join(d, 'adapter_config.json')}: "), line
+        assert ("rank r=8 is larger than the run's adapters' rank 4" in line if kind == "rank"
+                else "adapts gate_proj, which the run's adapters do not" in line), line
+
+    other_base = bad / "base" / NEW
+    shutil.copytree(os.path.join(inputs["adapters_dir"], NEW), other_base)
+    cfg = json.loads((other_base / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "/models/SomeOtherModel"
+    (other_base / "adapter_config.json").write_text(json.dumps(cfg))
+    line = _refused(workdir, f"--adapters={other_base}", f"--data_dir={data}")
+    assert "adapters of different base models cannot be merged" in line
+
+    line = _refused(workdir, "--remove=no_such_task")
+    assert "--remove=no_such_task: no such task in the run" in line
+
+
+def test_a_crash_before_publishing_leaves_the_previous_version_and_the_same_command_finishes_it(
+        inputs, finished, added, tmp_path, monkeypatch):
+    from d2c_jax import add_run
+
+    workdir = tmp_path / "wd"
+    shutil.copytree(finished, workdir)
+    top = {k: v for k, v in _tree(workdir).items()}
+    cfg = add_run.AddConfig(workdir=str(workdir), adapters=(os.path.join(inputs["adapters_dir"], NEW),),
+                            data_dir=inputs["data_dir"])
+
+    def crash(*_):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(add_run, "publish", crash)
+    with pytest.raises(RuntimeError):
+        add_run.add(cfg)
+    after = _tree(workdir)
+    for name in ("partition.json", "assignment.png") + tuple(k for k in top if k.startswith("merged/")):
+        assert after[name] == top[name], name  # the previous version is still the run's outputs
+    monkeypatch.undo()
+    assert add_run.add(cfg) == 0
+    doc, reference = read_partition(workdir), read_partition(added[0])
+    assert doc["clusters"] == reference["clusters"] and doc["task_losses"] == reference["task_losses"]
+
+
+def test_remove_merges_the_cluster_again_without_the_task(inputs, added, tmp_path):
+    src, _ = added
+    workdir = tmp_path / "wd"
+    shutil.copytree(src, workdir)
+    before = read_partition(workdir)
+    k_new = next(k for k, c in enumerate(before["clusters"]) if NEW in c)
+    proc = _launch(ADD, [f"--workdir={workdir}", f"--remove={NEW}"])
+    assert proc.returncode == 0, proc.stderr
+    doc = read_partition(workdir)
+    assert NEW not in doc["task_losses"] and doc["version"] == 2 and doc["change"]["removed"] == NEW
+    rest = [t for t in before["clusters"][k_new] if t != NEW]
+    assert rest in doc["clusters"]
+    assert doc["change"]["evaluations"] == len(rest)
+    k = doc["clusters"].index(rest)
+    ref = _hf_task_losses(inputs["base_model"], str(workdir / "merged" / f"cluster_{k}"), inputs["data_dir"], rest)
+    for t in rest:
+        assert doc["task_losses"][t] == pytest.approx(ref[t], rel=1e-5), t
+    assert read_partition(workdir / "versions" / "1") == before
