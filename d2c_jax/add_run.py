@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from d2c_jax import budget as budget_lib
 from d2c_jax import data, hf_io, lora, merge, online, plots, signals
 from d2c_jax.atomic_io import is_leftover, remove_path, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.checkpoint import Checkpointer
@@ -102,6 +103,18 @@ class Run:
     @property
     def max_clusters(self) -> int:
         return int(self.doc.get("max_clusters", self.doc["num_clusters"]))
+
+    def cluster_limit(self, adapters: lora.AdapterSet) -> int:
+        """The most clusters a change may leave: the run's K or, for a run of the budget mode, as
+        many merged adapters of its rank as its budget holds over `adapters` (a percentage budget
+        grows with N)."""
+        budget = self.doc.get("budget")
+        if not budget:
+            return self.max_clusters
+        limit = budget_lib.budget_bytes(adapters, budget.get("percent"), budget.get("mb"))
+        rank = int(self.doc.get("output_rank") or adapters.rank)
+        fits = limit // budget_lib.storage_bytes(adapters, 1, rank)
+        return max(self.max_clusters, int(min(fits, adapters.num_adapters - 1)))
 
 
 def read_run(workdir: str) -> Run:
@@ -263,7 +276,7 @@ def add(cfg: AddConfig) -> int:
     try:
         _remove_leftovers(run.workdir, os.path.join(run.workdir, VERSIONS))
         archive_version(run)
-        return _apply(cfg, run, names, new_names, objective, scorer, prepared, fp, start)
+        return _apply(cfg, run, names, new_names, objective, scorer, prepared, fp, start, run.cluster_limit(aset))
     finally:
         lock.release()
 
@@ -317,7 +330,7 @@ def _load_state(path: str, fp: str, version: int) -> dict[str, Any] | None:
 
 
 def _apply(cfg: AddConfig, run: Run, names: tuple[str, ...], new_names: Sequence[str], objective: str,
-           scorer: Scorer, prepared: merge.Prepared, fp: str, start: float) -> int:
+           scorer: Scorer, prepared: merge.Prepared, fp: str, start: float, max_clusters: int) -> int:
     workdir, doc = run.workdir, run.doc
     staging = os.path.join(workdir, ADDING)
     state_path = os.path.join(staging, STATE)
@@ -347,7 +360,7 @@ def _apply(cfg: AddConfig, run: Run, names: tuple[str, ...], new_names: Sequence
                 continue
             t = n_run + j
             partition_n, placement = online.place(scorer, cache, partition_n, t, objective=objective,
-                                                  max_clusters=run.max_clusters)
+                                                  max_clusters=max_clusters)
             losses_n, _ = online.task_losses(scorer, cache, partition_n)  # cached: no evaluation
             state["placements"].append({"task": name, **_placement_doc(placement, partition_n)})
             state["evaluations"] += placement.evaluations
@@ -367,11 +380,12 @@ def _apply(cfg: AddConfig, run: Run, names: tuple[str, ...], new_names: Sequence
             state["evaluations"] += evals
             save()
         refined = None
-        if cfg.refine_iterations:
+        present = int(np.sum(partition_n >= 0))
+        if cfg.refine_iterations and len(online.labels(partition_n)) < present:  # else no move is possible
             ckpt = Checkpointer(os.path.join(staging, "checkpoints"), every=10, keep=2,
                                 fingerprint={"add": fp}, metrics_path=os.path.join(staging, "metrics.jsonl"))
             try:
-                partition_n, refined = online.refine(
+                partition_n, losses_n, refined = online.refine(
                     scorer, partition_n, losses_n, cfg.refine_iterations, objective=objective,
                     seed=int(doc.get("seed", 0)) + run.version + 1, checkpointer=ckpt, should_stop=flag,
                     progress=cfg.progress)
@@ -381,10 +395,9 @@ def _apply(cfg: AddConfig, run: Run, names: tuple[str, ...], new_names: Sequence
                 print(f"stopped by {signals.name(flag.signum or 15)}: refinement checkpoint saved in {staging}; "
                       "re-run the same command to resume", flush=True)
                 return signals.exit_code(flag.signum)
-            losses_n, _ = online.task_losses(scorer, cache, partition_n)
             state["evaluations"] += refined.evaluations
-        new_doc = _new_doc(run, cfg, names, new_names, partition_n, losses_n, state, refined, fp, objective,
-                           time.perf_counter() - start)
+        new_doc = _new_doc(run, cfg, names, new_names, partition_n, losses_n, state, fp, objective,
+                           time.perf_counter() - start, max_clusters)
         write_dir_atomic(target, lambda tmp: _write_version(tmp, run, new_doc, names, partition_n, prepared, scorer),
                          what=f"version {run.version + 1}")
         publish(workdir, target)
@@ -401,8 +414,8 @@ def _placement_doc(p: online.Placement, partition_n: np.ndarray) -> dict[str, An
 
 
 def _new_doc(run: Run, cfg: AddConfig, names: Sequence[str], new_names: Sequence[str], partition_n: np.ndarray,
-             losses_n: np.ndarray, state: Mapping[str, Any], refined: Any, fp: str, objective: str,
-             seconds: float) -> dict[str, Any]:
+             losses_n: np.ndarray, state: Mapping[str, Any], fp: str, objective: str, seconds: float,
+             max_clusters: int) -> dict[str, Any]:
     partition_n = online.compact(partition_n)
     present = [i for i in range(len(names)) if partition_n[i] >= 0]
     k = len(online.labels(partition_n))
@@ -412,7 +425,7 @@ def _new_doc(run: Run, cfg: AddConfig, names: Sequence[str], new_names: Sequence
     doc.update(
         version=run.version + 1,
         num_clusters=k,
-        max_clusters=run.max_clusters,
+        max_clusters=max_clusters,
         clusters=[[names[i] for i in np.flatnonzero(partition_n == c)] for c in range(k)],
         objective=summ["objective"],
         cluster_objectives=summ["cluster_objectives"],
@@ -437,7 +450,11 @@ def _new_doc(run: Run, cfg: AddConfig, names: Sequence[str], new_names: Sequence
     )
     for key in ("adapter_dirs", "data_dirs"):
         doc[key] = {n: doc[key][n] for n in names if partition_n[names.index(n)] >= 0}
-    doc.pop("tuning", None) if refined is not None else None
+    # Clusters whose members did not change keep their written adapters (tuned ones stay tuned);
+    # the others are merged again at unit weights, so the per-cluster tuning summary no longer applies.
+    old = {frozenset(c) for c in run.doc["clusters"]}
+    doc["change"]["kept_clusters"] = [k for k, c in enumerate(doc["clusters"]) if frozenset(c) in old]
+    doc.pop("tuning", None)
     return doc
 
 

@@ -167,10 +167,11 @@ def compact(partition_n: np.ndarray) -> np.ndarray:
 def refine(scorer: Scorer, partition_n: np.ndarray, losses_n: np.ndarray, iterations: int, *,
            objective: str = "local", population: int = 1, proposals: int = 1, seed: int = 0,
            checkpointer: Checkpointer | None = None, should_stop: Callable[[], bool] | None = None,
-           progress: bool = False) -> tuple[np.ndarray, SearchResult]:
+           progress: bool = False) -> tuple[np.ndarray, np.ndarray, SearchResult]:
     """A short D²C search over the adapters in the run, warm-started from `partition_n` (every
     chain) with its known losses `losses_n` cached. Returns (partition int32[N] with -1 kept, in
-    `compact` labels, and the engine's result; result.preempted: stopped by `should_stop`)."""
+    `compact` labels; its per-task losses float64[N], NaN where absent; the engine's result, whose
+    `preempted` says `should_stop` stopped it)."""
     partition_n = compact(partition_n)
     idx = np.flatnonzero(partition_n >= 0)
     sub = SubsetScorer(scorer, idx)
@@ -184,7 +185,9 @@ def refine(scorer: Scorer, partition_n: np.ndarray, losses_n: np.ndarray, iterat
                         desc="refine", start=start)
     out = np.full(len(partition_n), -1, np.int32)
     out[idx] = result.partition_n
-    return compact(out), result
+    losses = np.full(len(partition_n), np.nan)
+    losses[idx] = result.task_losses_n
+    return compact(out), losses, result
 
 
 def s_score(scores_t: Sequence[float], single_t: Sequence[float]) -> float:

@@ -230,3 +230,113 @@ def test_remove_merges_the_cluster_again_without_the_task(inputs, added, tmp_pat
     for t in rest:
         assert doc["task_losses"][t] == pytest.approx(ref[t], rel=1e-5), t
     assert read_partition(workdir / "versions" / "1") == before
+
+
+def test_an_interrupted_placement_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
+        inputs, finished, tmp_path, monkeypatch):
+    from d2c_jax import add_run, online
+
+    base = tmp_path / "base"
+    shutil.copytree(finished, base)
+    assert add_run.add(add_run.AddConfig(workdir=str(base), remove=RUN_TASKS[3])) == 0  # version 1: 3 tasks
+    reference = tmp_path / "reference"
+    shutil.copytree(base, reference)
+    new = tuple(os.path.join(inputs["adapters_dir"], t) for t in (RUN_TASKS[3], NEW))
+
+    def cfg(workdir):
+        return add_run.AddConfig(workdir=str(workdir), adapters=new, data_dir=inputs["data_dir"])
+
+    assert add_run.add(cfg(reference)) == 0
+    real, calls = online.place, []
+
+    def place(*args, **kw):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(online, "place", place)
+    top = _tree(base)
+    with pytest.raises(RuntimeError):
+        add_run.add(cfg(base))
+    assert {k: v for k, v in _tree(base).items() if not k.startswith(("adding/", "versions/", ".d2c"))} == \
+        {k: v for k, v in top.items() if not k.startswith(("versions/", ".d2c"))}
+    state = json.loads((base / "adding" / "state.json").read_text())
+    assert [p["task"] for p in state["placements"]] == [RUN_TASKS[3]]
+    calls.clear()
+    assert add_run.add(cfg(base)) == 0
+    assert len(calls) == 1  # only the second adapter was placed on resuming
+    doc, want = read_partition(base), read_partition(reference)
+    for key in ("clusters", "task_losses", "objective"):
+        assert doc[key] == want[key], key
+    assert doc["change"]["evaluations"] == want["change"]["evaluations"]
+
+
+# ----------------------------------------------------------------------------- placement rule (no model)
+
+A, B, T_NEW = (0, 1), (2, 3), 4
+
+
+def _scripted(members, t):
+    """The new task 4 fits cluster A best, but joining A hurts A's own tasks badly."""
+    if t == T_NEW:
+        return 0.5 if 0 in members else 0.8 if 2 in members else 0.3
+    hurt = T_NEW in members
+    return (3.0 if hurt else 1.0) if t in A else (1.05 if hurt else 1.0)
+
+
+def _run_partition():
+    from d2c_jax import online
+
+    partition_n = np.array([0, 0, 1, 1, -1], np.int32)
+    return partition_n, online.seeded_cache(partition_n, np.array([1.0, 1.0, 1.0, 1.0, np.nan]))
+
+
+@pytest.mark.parametrize("objective, cluster, changes, evaluations", [
+    ("local", 0, [0.5, 0.8], 2 + 2),  # K candidates, then A's two other tasks under the new merge
+    ("global", 1, [0.5 + 2 * (3.0 - 1.0), 0.8 + 2 * (1.05 - 1.0)], 4 + 2),  # N + K, all in one call
+])
+def test_placement_takes_the_lowest_change_of_the_objective_at_the_stated_cost(objective, cluster, changes,
+                                                                               evaluations):
+    from fixtures_search_fakes import TableScorer
+
+    from d2c_jax import online
+
+    scorer = TableScorer(5, _scripted)
+    partition_n, cache = _run_partition()
+    out, placement = online.place(scorer, cache, partition_n, T_NEW, objective=objective, max_clusters=2)
+    assert placement.cluster == cluster and out.tolist() == [0, 0, 1, 1, cluster] and not placement.opened
+    np.testing.assert_allclose(placement.changes, changes, rtol=1e-6)  # float32 losses summed in float64
+    assert placement.evaluations == evaluations == sum(scorer.calls)
+    assert len(scorer.calls) == (2 if objective == "local" else 1)
+
+
+def test_a_new_cluster_is_a_candidate_only_while_there_is_room():
+    from fixtures_search_fakes import TableScorer
+
+    from d2c_jax import online
+
+    partition_n, cache = _run_partition()
+    out, placement = online.place(TableScorer(5, _scripted), cache, partition_n, T_NEW, max_clusters=3)
+    assert placement.opened and placement.cluster == 2 and placement.candidates == (0, 1, 2)
+    assert placement.changes[2] == pytest.approx(0.3) and placement.evaluations == 3
+    out, removed = online.remove(TableScorer(5, _scripted), cache, out, T_NEW)
+    assert out.tolist() == [0, 0, 1, 1, -1] and removed == 0  # an emptied cluster disappears
+
+
+def test_refinement_starts_from_the_given_partition_and_never_ends_worse():
+    from fixtures_search_fakes import FakeScorer
+
+    from d2c_jax import online
+    from d2c_jax.search import LossCache
+
+    families = [0, 0, 0, 1, 1, 1, 2, 2, 2, -1]
+    scorer = FakeScorer(families)
+    start = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, -1], np.int32)  # every cluster mixes the families
+    losses, _ = online.task_losses(scorer, LossCache(10), start)
+    for seed in range(3):
+        out, out_losses, result = online.refine(scorer, start, losses, 40, seed=seed)
+        assert out[-1] == -1 and result.objective <= np.nansum(losses)
+        assert result.state.metrics[0]["evaluations"] == 0  # row 0: the warm start, losses already known
+        np.testing.assert_allclose(np.nansum(out_losses), result.objective)
+        assert result.objective < np.nansum(losses)  # 40 iterations find an improving move here
