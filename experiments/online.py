@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -37,7 +38,7 @@ from d2c_jax.atomic_io import write_bytes_atomic, write_text_atomic
 from d2c_jax.evaluation import Evaluator, longest_response_tokens
 from d2c_jax.inputs import load_inputs
 from d2c_jax.plots import png, pyplot
-from d2c_jax.search import LossCache, evaluate_partition, find_partition
+from d2c_jax.search import LossCache, find_partition
 from d2c_jax.run_config import SearchSettings
 from d2c_jax.suite import ensure_preset
 
@@ -48,6 +49,10 @@ flags.DEFINE_list("ks", ["1", "2", "4", "5", "8"], "Numbers of slots K.")
 flags.DEFINE_integer("refine_iterations", 5, "D²C iterations after each placement (placement+refine).")
 flags.DEFINE_integer("d2c_iterations", 100, "Iterations of the full D²C search at the last arrival.")
 flags.DEFINE_integer("eval_examples", 12, "Held-out examples per task.")
+flags.DEFINE_integer("record_every", 1, "Held-out evaluation after every r-th arrival (and the last).")
+flags.DEFINE_enum("objective", "local", ["local", "global"], "Objective of placement and refinement.")
+flags.DEFINE_list("methods", list(("kmerge", "kmerge_pp", "kmerge+ties", "kmerge_pp+ties", "placement",
+                                   "placement+refine", "d2c")), "Methods to run.")
 flags.DEFINE_string("figure", "docs/online.png", "S-score against arrivals.")
 flags.DEFINE_string("results", "runs/online/results.json", "Every record, as JSON.")
 FLAGS = flags.FLAGS
@@ -79,7 +84,13 @@ def _key(kind: str, partition_n: np.ndarray):
     return kind, frozenset(frozenset(np.flatnonzero(partition_n == c).tolist()) for c in online.labels(partition_n))
 
 
-def _record(held: Held, kind: str, loras: list, partition_n: np.ndarray, seen: list[int]) -> dict:
+def _record(held: Held, kind: str, loras, partition_n: np.ndarray, seen: list[int]) -> dict:
+    """S-score and mean held-out score of the tasks seen (NaN between --record_every arrivals);
+    `loras`: the slot adapters in `online.compact` label order, or a function giving them."""
+    n = len(partition_n)
+    if len(seen) % FLAGS.record_every and len(seen) < n:
+        return {"s_score": float("nan"), "score": float("nan")}
+    loras = loras() if callable(loras) else loras
     compact = online.compact(partition_n)
     scores = held.scores(_key(kind, compact), loras, compact)
     return {"s_score": online.s_score(scores[seen], held.single[seen]), "score": float(np.mean(scores[seen]))}
@@ -123,7 +134,7 @@ def run_kmerge(rule, order, k, prepared_linear, held, scorer=None):
     return records
 
 
-def run_placement(order, k, scorer, held, refine_iterations, seed):
+def run_placement(order, k, scorer, held, refine_iterations, seed, objective="local"):
     """Our placement (refine_iterations 0) or placement + refinement over the arrival order."""
     n = len(order)
     partition_n = np.full(n, -1, np.int32)
@@ -132,26 +143,27 @@ def run_placement(order, k, scorer, held, refine_iterations, seed):
     records = []
     for step, t in enumerate(order):
         start = time.perf_counter()
-        partition_n, placement = online.place(scorer, cache, partition_n, int(t), objective="local", max_clusters=k)
+        partition_n, placement = online.place(scorer, cache, partition_n, int(t), objective=objective, max_clusters=k)
         evaluations = placement.evaluations
         losses_n, _ = online.task_losses(scorer, cache, partition_n)
         if refine_iterations and len(online.labels(partition_n)) < step + 1:  # some cluster has 2+ members
             partition_n, losses_n, result = online.refine(scorer, partition_n, losses_n, refine_iterations,
-                                                          seed=seed * 1000 + step)
+                                                          objective=objective, seed=seed * 1000 + step)
             evaluations += result.evaluations
             cache = online.seeded_cache(partition_n, losses_n)  # the refined clusters' losses, known
         seconds = time.perf_counter() - start
         seen = [int(x) for x in order[:step + 1]]
         records.append({"step": step + 1, "evaluations": int(evaluations), "seconds": seconds,
-                        **_record(held, "ties", _ties_loras(scorer, partition_n), partition_n, seen)})
+                        **_record(held, "ties", lambda: _ties_loras(scorer, partition_n), partition_n, seen)})
     return records
 
 
-def run_d2c(k, scorer, held, iterations):
+def run_d2c(k, scorer, held, iterations, objective="local"):
     """A full D²C search from scratch on every task (the last arrival's reference)."""
     n = scorer.num_tasks
     start = time.perf_counter()
-    result = find_partition(scorer, "d2c", SearchSettings(num_clusters=k, iterations=iterations, seed=0))
+    result = find_partition(scorer, "d2c", SearchSettings(num_clusters=k, iterations=iterations, seed=0,
+                                                          objective=objective))
     seconds = time.perf_counter() - start
     return {"step": n, "evaluations": int(result.evaluations), "seconds": seconds,
             **_record(held, "ties", _ties_loras(scorer, result.partition_n), result.partition_n, list(range(n)))}
@@ -162,7 +174,7 @@ def table(results: dict, ks: list[int], n: int) -> str:
     lines = ["final step (all tasks arrived), mean over seeds: S-score | held-out score | seconds per arrival "
              "| evaluations per arrival (d2c: the whole search)",
              f"{'method':>17} " + " ".join(f"{'K=' + str(k):>30}" for k in ks)]
-    for m in METHODS:
+    for m in [m for m in METHODS if m in results[str(ks[0])]]:
         cells = []
         for k in ks:
             runs = results[str(k)][m]
@@ -178,14 +190,17 @@ def figure(results: dict, ks: list[int], n: int) -> bytes:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(ks), figsize=(3.2 * len(ks), 3.2), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], ks):
-        for m in METHODS:
+        for m in [m for m in METHODS if m in results[str(k)]]:
             runs = results[str(k)][m]
             if m == "d2c":
                 ax.scatter([n], [np.mean([r[-1]["s_score"] for r in runs])], marker="*", s=90, color="k",
                            label="full D²C search", zorder=3)
                 continue
-            curve = np.nanmean([[x["s_score"] for x in r] for r in runs], axis=0)
-            ax.plot(np.arange(1, n + 1), curve, label=m)
+            with warnings.catch_warnings():  # arrivals between records: NaN in every seed
+                warnings.simplefilter("ignore", RuntimeWarning)
+                curve = np.nanmean([[x["s_score"] for x in r] for r in runs], axis=0)
+            steps = np.arange(1, n + 1)
+            ax.plot(steps[np.isfinite(curve)], curve[np.isfinite(curve)], label=m)
         ax.set_title(f"K = {k}")
         ax.set_xlabel("arrivals")
     axes[0][0].set_ylabel("S-score (held-out, tasks seen)")
@@ -206,18 +221,22 @@ def main(argv) -> int:
     prepared_linear = inputs.prepared("linear", 1.0)
     held = Held(inputs, FLAGS.eval_examples)
     print(f"{n} tasks; own-adapter held-out scores {np.round(held.single, 1).tolist()}", flush=True)
-    results: dict = {str(k): {m: [] for m in METHODS} for k in ks}
+    methods = [m for m in METHODS if m in FLAGS.methods]
+    results: dict = {str(k): {m: [] for m in methods} for k in ks}
     for k in ks:
         for seed in range(FLAGS.seeds):
             order = np.random.default_rng(seed).permutation(n)
             for rule in kmerge.RULES:
-                results[str(k)][rule].append(run_kmerge(rule, order, k, prepared_linear, held))
-                results[str(k)][f"{rule}+ties"].append(run_kmerge(rule, order, k, prepared_linear, held, scorer))
-            results[str(k)]["placement"].append(run_placement(order, k, scorer, held, 0, seed))
-            results[str(k)]["placement+refine"].append(
-                run_placement(order, k, scorer, held, FLAGS.refine_iterations, seed))
+                if rule in methods:
+                    results[str(k)][rule].append(run_kmerge(rule, order, k, prepared_linear, held))
+                if f"{rule}+ties" in methods:
+                    results[str(k)][f"{rule}+ties"].append(run_kmerge(rule, order, k, prepared_linear, held, scorer))
+            for m, t in (("placement", 0), ("placement+refine", FLAGS.refine_iterations)):
+                if m in methods:
+                    results[str(k)][m].append(run_placement(order, k, scorer, held, t, seed, FLAGS.objective))
             print(f"K={k} seed={seed} done ({time.perf_counter() - wall:.0f} s)", flush=True)
-        results[str(k)]["d2c"].append([run_d2c(k, scorer, held, FLAGS.d2c_iterations)])
+        if "d2c" in methods:
+            results[str(k)]["d2c"].append([run_d2c(k, scorer, held, FLAGS.d2c_iterations, FLAGS.objective)])
     print(table(results, ks, n))
     seconds = time.perf_counter() - wall
     print(f"{FLAGS.suite} suite, {n} tasks, seeds 0-{FLAGS.seeds - 1}, refine T={FLAGS.refine_iterations}, "
