@@ -340,3 +340,36 @@ def test_refinement_starts_from_the_given_partition_and_never_ends_worse():
         assert result.state.metrics[0]["evaluations"] == 0  # row 0: the warm start, losses already known
         np.testing.assert_allclose(np.nansum(out_losses), result.objective)
         assert result.objective < np.nansum(losses)  # 40 iterations find an improving move here
+
+
+def test_sigterm_during_refinement_saves_a_checkpoint_and_the_same_command_resumes_it(
+        inputs, finished, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from d2c_jax import add_run, online
+
+    def cfg(workdir):
+        return add_run.AddConfig(workdir=str(workdir), adapters=(os.path.join(inputs["adapters_dir"], NEW),),
+                                 data_dir=inputs["data_dir"], refine_iterations=6, progress=False)
+
+    reference, workdir = tmp_path / "reference", tmp_path / "wd"
+    shutil.copytree(finished, reference)
+    shutil.copytree(finished, workdir)
+    assert add_run.add(cfg(reference)) == 0
+    real = online.refine
+
+    def refine_after_sigterm(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during the refinement's first iteration
+        return real(*args, **kw)
+
+    monkeypatch.setattr(online, "refine", refine_after_sigterm)
+    top = read_partition(workdir)
+    assert add_run.add(cfg(workdir)) == 0  # SIGTERM: exit 0, like a preempted search
+    assert "stopped by SIGTERM" in capsys.readouterr().out
+    assert read_partition(workdir) == top and os.listdir(workdir / "adding" / "checkpoints")
+    monkeypatch.setattr(online, "refine", real)
+    assert add_run.add(cfg(workdir)) == 0
+    doc, want = read_partition(workdir), read_partition(reference)
+    for key in ("clusters", "task_losses", "objective"):
+        assert doc[key] == want[key], key
+    assert not (workdir / "adding").exists()
