@@ -44,7 +44,6 @@ from d2c_jax.fingerprint import run_fingerprint
 from d2c_jax.models.config import load_config
 from d2c_jax.run_config import OBJECTIVES
 from d2c_jax.scoring import Scorer
-from d2c_jax.search import LossCache
 from d2c_jax.signals import PreemptionFlag
 from d2c_jax.workdir_lock import WorkdirLock
 
@@ -213,9 +212,7 @@ def archive_version(run: Run) -> None:
 
 def publish(workdir: str, version_dir: str) -> None:
     """The top of RUN becomes version_dir's outputs: merged/ and the figure, then partition.json last."""
-    write_dir_atomic(os.path.join(workdir, MERGED),
-                     lambda tmp: [_link_or_copy(os.path.join(version_dir, MERGED, n), os.path.join(tmp, n))
-                                  for n in sorted(os.listdir(os.path.join(version_dir, MERGED)))],
+    write_dir_atomic(os.path.join(workdir, MERGED), lambda tmp: _link_or_copy(os.path.join(version_dir, MERGED), tmp),
                      what="merged adapters")
     with open(os.path.join(version_dir, ASSIGNMENT_PNG), "rb") as f:
         write_bytes_atomic(os.path.join(workdir, ASSIGNMENT_PNG), f.read())
@@ -294,7 +291,7 @@ def _task_data(run: Run, cfg: AddConfig, new_names: Sequence[str], tokenizer: An
     kw = dict(split="search", examples_per_task=doc.get("examples_per_task", 10),
               max_seq_len=doc.get("max_seq_len", 1024), chat_template=bool(doc.get("chat_template", False)),
               extra_ok=True)
-    parts, groups = [], {}
+    groups: dict[str, list[str]] = {}
     for n in run.names:
         groups.setdefault(run.data_dirs[n], []).append(n)
     loaded = {}
