@@ -373,3 +373,22 @@ def test_sigterm_during_refinement_saves_a_checkpoint_and_the_same_command_resum
     for key in ("clusters", "task_losses", "objective"):
         assert doc[key] == want[key], key
     assert not (workdir / "adding").exists()
+
+
+def test_a_budget_mode_run_may_open_as_many_clusters_as_its_budget_holds():
+    from d2c_jax import add_run
+    from d2c_jax.lora import AdapterSet
+
+    n, layers, rank, d_in, d_out = 6, 2, 4, 8, 16
+    aset = AdapterSet(names=tuple(f"t{i}" for i in range(n)),
+                      a={"q_proj": np.ones((n, layers, rank, d_in), np.float32)},
+                      b={"q_proj": np.ones((n, layers, d_out, rank), np.float32)},
+                      scaling=np.ones(n), ranks=np.full(n, rank), paths=("",) * n)
+    unit = 4 * layers * (d_in + d_out)  # bytes of one rank of one adapter (float32 factors)
+    doc = {"num_clusters": 2, "clusters": [], "task_losses": {}, "output_rank": 2}
+    for budget, want in (({"percent": 50.0, "mb": None}, 5),  # 12 of 24 ranks: 6 at rank 2, at most N - 1
+                         ({"percent": None, "mb": 4 * 2 * unit / 1e6}, 4),  # 8 ranks: 4 at rank 2
+                         ({"percent": 10.0, "mb": None}, 2)):  # 2.4 ranks hold 1: the run's K stays
+        run = add_run.Run("/nowhere", {**doc, "budget": budget}, (), {}, {})
+        assert run.cluster_limit(aset) == want, budget
+    assert add_run.Run("/nowhere", doc, (), {}, {}).cluster_limit(aset) == 2  # no budget: the run's K
