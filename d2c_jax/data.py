@@ -92,10 +92,10 @@ def data_tasks(data_dir: str | os.PathLike) -> tuple[str, ...]:
 
 
 def check_tasks_match(
-    data_dir: str | os.PathLike, task_names: Sequence[str], split: str = "search"
+    data_dir: str | os.PathLike, task_names: Sequence[str], split: str = "search", extra_ok: bool = False
 ) -> None:
     """Every task (adapter) has examples for the split (for "eval": an eval or a search file)
-    and every data file belongs to a task."""
+    and (unless `extra_ok`: a directory that also holds other tasks) every data file belongs to a task."""
     present = set(data_tasks(data_dir))
 
     def has(t: str) -> bool:
@@ -109,7 +109,7 @@ def check_tasks_match(
             f"(expected {', '.join(t + '.jsonl' for t in missing)})"
         )
     extra = sorted(present - set(task_names))
-    if extra:
+    if extra and not extra_ok:
         raise UserError(
             data_dir, f"data for task(s) with no adapter: {', '.join(extra)} "
             "(remove the files or add the adapters)"
@@ -255,11 +255,13 @@ def load_task_data(
     examples_per_task: int | None = 10,
     max_seq_len: int = 1024,
     chat_template: bool = False,
+    extra_ok: bool = False,
 ) -> TaskData:
     """Reads, tokenises and pads every task's first `examples_per_task` examples (None: all).
 
     split="search" reads `<task>.jsonl`; split="eval" reads `<task>.eval.jsonl` and falls back,
-    per task, to `<task>.jsonl` when a task has no eval file (logged).
+    per task, to `<task>.jsonl` when a task has no eval file (logged). `extra_ok`: data_dir may
+    also hold other tasks' files.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -269,7 +271,7 @@ def load_task_data(
         raise UserError(None, f"max_seq_len must be >= 2, got {max_seq_len}")
     if not task_names:
         raise UserError(data_dir, "no tasks to load")
-    check_tasks_match(data_dir, task_names, split)
+    check_tasks_match(data_dir, task_names, split, extra_ok=extra_ok)
 
     files, per_task, truncated = [], [], []
     fallback = []
@@ -314,6 +316,36 @@ def load_task_data(
         prompts=tuple(tuple(p for p, _, _, _ in rows) for rows in per_task),
         responses=tuple(tuple(r for _, r, _, _ in rows) for rows in per_task),
         prompt_ids=tuple(tuple(tuple(p) for _, _, p, _ in rows) for rows in per_task),
+    )
+
+
+def concat_task_data(parts: Sequence[TaskData], pad_id: int = 0) -> TaskData:
+    """The tasks of several TaskData (e.g. read from different directories) as one: each batch
+    padded to the largest n (dummy rows as load_task_data makes them) and S, then stacked."""
+    n = max(p.tokens_tns.shape[1] for p in parts)
+    s = max(p.tokens_tns.shape[2] for p in parts)
+
+    def pad(p: TaskData) -> TokenBatch:
+        t, pn, ps = p.tokens_tns.shape
+        out = TokenBatch(tokens=np.full((t, n, s), pad_id, np.int32), targets=np.zeros((t, n, s), np.int32),
+                         weights=np.zeros((t, n, s), np.float32), attn=np.zeros((t, n, s), np.int32))
+        out.attn[:, :, 0] = 1
+        for new, old in ((out.tokens, p.tokens_tns), (out.targets, p.targets_tns), (out.weights, p.weights_tns),
+                         (out.attn, p.attn_tns)):
+            new[:, :pn, :ps] = old
+        return out
+
+    batches = [pad(p) for p in parts]
+    return TaskData(
+        names=tuple(x for p in parts for x in p.names),
+        batch=TokenBatch(**{f: np.concatenate([getattr(b, f) for b in batches])
+                            for f in ("tokens", "targets", "weights", "attn")}),
+        num_examples=np.concatenate([p.num_examples for p in parts]),
+        num_truncated=np.concatenate([p.num_truncated for p in parts]),
+        files=tuple(x for p in parts for x in p.files),
+        prompts=tuple(x for p in parts for x in p.prompts),
+        responses=tuple(x for p in parts for x in p.responses),
+        prompt_ids=tuple(x for p in parts for x in p.prompt_ids),
     )
 
 

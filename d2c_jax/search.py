@@ -429,18 +429,21 @@ def run_search(
     on_checkpoint: Callable[[SearchState], None] | None = None,
     progress: bool = False,
     desc: str = "d2c",
+    start: SearchState | None = None,
 ) -> SearchResult:
     """Runs (or resumes, when `checkpointer` holds a checkpoint) the D²C / population search.
 
     `should_stop` is polled at the end of every iteration (e.g. a SIGTERM flag): the engine then
     saves a checkpoint and returns with `preempted=True`. `on_checkpoint(state)` is called after
-    every checkpoint saved (e.g. to say where it is on a signal).
+    every checkpoint saved (e.g. to say where it is on a signal). `start`: the state to begin
+    from when there is no checkpoint (a warm start: given partitions and a seeded cache, iteration
+    0, no metrics rows); default: the random initial partitions.
     """
     n = scorer.num_tasks
     check_num_clusters(settings.num_clusters, n)
     state = checkpointer.restore(n) if checkpointer is not None else None
     if state is None:
-        state = initial_state(settings, n)
+        state = initial_state(settings, n) if start is None else start
         state.metrics.append(initial_row(scorer, state, settings))
     elif state.partitions_pn.shape != (settings.population, n) or state.iteration > settings.iterations:
         raise ValueError(f"checkpoint state {state.partitions_pn.shape} @ {state.iteration} does not fit {settings}")
