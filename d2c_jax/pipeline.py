@@ -4,8 +4,10 @@ Order of work (every check before anything is written, so a bad input leaves not
   1. workdir: a finished run (partition.json) with the same settings is reported (its location,
      exit 0: a retrying scheduler sees success); with other settings it is refused unless
      --overwrite;
-  2. adapters, task data, K, model config, tokenizer, examples, base weights: all read and
-     checked; the run fingerprint (content hashes, `fingerprint.py`); free disk space;
+  2. base model and adapters resolved (`inputs.resolve_sources`: Hub ids downloaded or found in
+     the Hub cache, at the commits config.json recorded when resuming); adapters, task data, K,
+     model config, tokenizer, examples, base weights: all read and checked; the run fingerprint
+     (content hashes and Hub commits, `fingerprint.py`); free disk space;
   3. workdir created and locked (`workdir_lock`: one run per workdir), leftovers of interrupted
      writes removed; the checkpoint (if any) is resumed from the newest usable step, or refused
      when made from other inputs (--overwrite discards it);
@@ -13,7 +15,8 @@ Order of work (every check before anything is written, so a bad input leaves not
      130, see `signals`) or a baseline partition;
   5. outputs, each written atomically and by process 0 only: merged/cluster_<k>/ (PEFT),
      objective.png, assignment.png, metrics.jsonl, then partition.json last (its presence marks
-     a finished run). config.json (the resolved flags) is written once the checkpoint is checked.
+     a finished run). config.json (the resolved flags and Hub commits) is written once the
+     checkpoint is checked; --push_to_hub then uploads the result (`push.py`).
 
 Multi-process (one process per host, `sharding.initialize_distributed` after the cheap checks):
 every process loads the inputs and runs the same search on the global mesh; the losses come back
