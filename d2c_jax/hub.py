@@ -26,6 +26,7 @@ import sys
 import urllib.parse
 from typing import Iterable, Mapping, Sequence
 
+from d2c_jax import storage
 from d2c_jax.errors import UserError
 from d2c_jax.hf_io import TOKENIZER_FILES
 
@@ -120,10 +121,12 @@ def endpoint() -> str:
 
 
 def resolve(spec: str, kind: str = "model", *, pinned: Mapping[str, str] | None = None) -> Resolved:
-    """A local directory as it is; a Hub id downloaded (or found in the cache) at its revision, or
+    """A local directory as it is (a gs:// one mirrored, `storage.local_dir`); a Hub id downloaded (or found in the cache) at its revision, or
     at `pinned[key]` when the revision is a branch or tag the run recorded a commit for.
 
     kind: "model" (config, tokenizer, weights) or "adapter" (PEFT adapter files)."""
+    if storage.is_gcs(spec):
+        return Resolved(spec=spec, path=storage.local_dir(spec))
     parsed = parse_hub_id(spec)
     if parsed is None:
         return Resolved(spec=spec, path=spec)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from d2c_jax import data, hf_io, hub, lora, merge
+from d2c_jax import data, hf_io, hub, lora, merge, storage
 from d2c_jax import sharding as sharding_lib
 from d2c_jax.data import TaskData, TaskMeta
 from d2c_jax.errors import UserError
@@ -45,6 +45,7 @@ class Sources:
 
     base_model: hub.Resolved | None
     adapters: Mapping[str, hub.Resolved]  # task name -> its adapter ({} without adapters)
+    data_dir: str | None = None  # the local directory of the task data (a gs:// one mirrored)
 
     @property
     def adapter_dirs(self) -> dict[str, str]:
@@ -57,23 +58,25 @@ class Sources:
 
 
 def resolve_sources(base_model: str | None, adapters_dir: str | None = None, adapters: Sequence[str] = (), *,
-                    pinned: Mapping[str, str] | None = None) -> Sources:
+                    data_dir: str | None = None, pinned: Mapping[str, str] | None = None) -> Sources:
     """The base model and the adapters as local directories (Hub ids downloaded or found in the
     cache; `pinned`: the commits a resumed run started from, see hub.py).
 
     adapters_dir: a parent directory, one adapter per sub-directory (the task name); adapters:
-    `[task=]ID_OR_DIR` entries instead (in task-name order, like a parent directory's)."""
+    `[task=]ID_OR_DIR` entries instead (in task-name order, like a parent directory's). Any
+    directory may be gs://bucket/prefix (`storage.local_dir`: mirrored into a local cache)."""
     if adapters_dir and adapters:
         raise UserError(None, "give --adapters_dir or --adapters, not both")
     base = hub.resolve(base_model, "model", pinned=pinned) if base_model else None
     if adapters:
         found = dict(sorted(hub.resolve_adapters(adapters, pinned=pinned)))
     elif adapters_dir:
-        found = {n: hub.Resolved(spec=os.path.join(adapters_dir, n), path=os.path.join(adapters_dir, n))
-                 for n in lora.adapter_subdirs(adapters_dir)}
+        local = storage.local_dir(adapters_dir)
+        found = {n: hub.Resolved(spec=f"{adapters_dir.rstrip('/')}/{n}", path=os.path.join(local, n))
+                 for n in lora.adapter_subdirs(local)}
     else:
         found = {}
-    return Sources(base, found)
+    return Sources(base, found, storage.local_dir(data_dir) if data_dir else None)
 
 
 class Inputs:
@@ -167,8 +170,8 @@ def load_inputs(
       examples_per_task: the first n examples of each task (None: all).
       model_cfg: the already loaded config of base_model (skips reading it again).
     """
-    sources = sources or resolve_sources(base_model, adapters_dir, adapters, pinned=pinned)
-    base_model = sources.base_model.path
+    sources = sources or resolve_sources(base_model, adapters_dir, adapters, data_dir=data_dir, pinned=pinned)
+    base_model, data_dir = sources.base_model.path, sources.data_dir or data_dir
     model_cfg = model_cfg or load_config(base_model)
     adapter_set = None
     if sources.adapters:

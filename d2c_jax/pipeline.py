@@ -320,11 +320,11 @@ def run(cfg: RunConfig) -> int:
     settings = cfg.engine_settings()
 
     # 1.-2. Every check, before anything is written (every process makes them on its own).
-    sources = resolve_sources(cfg.base_model, cfg.adapters_dir, cfg.adapters,
+    sources = resolve_sources(cfg.base_model, cfg.adapters_dir, cfg.adapters, data_dir=cfg.data_dir,
                               pinned={} if cfg.overwrite else hub.recorded_commits(os.path.join(workdir, CONFIG)))
     names = list(sources.adapters)
     check_num_clusters(settings.num_clusters, len(names))
-    data.check_tasks_match(cfg.data_dir, names)
+    data.check_tasks_match(sources.data_dir, names)
     model_cfg = load_config(sources.base_model.path)
     # Before anything touches a device: a multi-process job (when asked or auto-detected).
     initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)

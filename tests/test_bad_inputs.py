@@ -630,3 +630,43 @@ def test_hub_failure_is_one_line_exit_1_and_nothing_written(inp, hub_env, capsys
     notes = [line for line in lines[:-1] if "recorded when this run started" in line]  # a resume's pin, said once
     assert (rc, lines[len(notes):]) == (1, ["error: " + _fill(expected, fields)])
     assert (_tree(inp["wd"]) if os.path.lexists(inp["wd"]) else None) == before
+
+
+# gs:// inputs against gcp-storage-emulator (a real GCS JSON API on 127.0.0.1, started here).
+
+
+@pytest.fixture(scope="module")
+def gcs_url():
+    pytest.importorskip("gcsfs")
+    from fixtures_gcs import gcs_emulator
+
+    with gcs_emulator() as url:
+        yield url
+
+
+def _unreachable_gcs(mp):
+    import gcsfs.core
+
+    mp.setattr(gcsfs.core.GCSFileSystem, "retries", 1)
+    mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
+    return {"data_dir": "gs://bkt/data"}
+
+
+GCS_CASES = [
+    ("gcs_missing_prefix", lambda mp: {"adapters_dir": "gs://bkt/nothing/here"},
+     "gs://bkt/nothing/here: no such directory in the bucket (no objects under this prefix)"),
+    ("gcs_unreachable", _unreachable_gcs,
+     "gs://bkt/data: cannot reach the GCS endpoint {endpoint}: check the network (or STORAGE_EMULATOR_HOST)"),
+]
+
+
+@pytest.mark.parametrize("case_id, setup, expected", GCS_CASES, ids=[c[0] for c in GCS_CASES])
+def test_gcs_failure_is_one_line_exit_1_and_nothing_written(inp, gcs_url, capsys, monkeypatch, case_id, setup,
+                                                            expected):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    over = setup(monkeypatch)
+    kwargs = {**{k: inp[k] for k in ("base_model", "adapters_dir", "data_dir")}, "workdir": inp["wd"], **SETTINGS,
+              **over}
+    rc, lines, _ = _run_in_process(kwargs, capsys)
+    assert (rc, lines) == (1, ["error: " + _fill(expected, {"endpoint": os.environ["STORAGE_EMULATOR_HOST"]})])
+    assert not os.path.lexists(inp["wd"])
