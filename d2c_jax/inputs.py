@@ -3,17 +3,18 @@
 Shapes: N adapters (= T tasks; adapter i is the adapter of task i), n examples per task,
 S sequence.
 
-`resolve_sources` comes first: the base model and the adapters are local directories or Hub ids
-(`hub.py`: downloaded into, or found in, the Hub cache, each recorded by its commit), the adapters
-from a parent directory (`adapters_dir`, one sub-directory per task) or a list (`adapters`,
-`[task=]ID_OR_DIR`). `load_inputs` then reads, in this order, the model config, the adapters (sorted sub-directories of
-adapters_dir; without adapters_dir the task list comes from the data files), the tokenizer, one
-split of the task data and tasks.json. Everything there is cheap and checked, so a bad input
-fails in seconds. The base weights are read on first use of `Inputs.params`, after whatever
-further checks the caller makes; with a mesh they are read straight into their shardings
-(`sharding.PARAM_RULES`), never gathered on one device first. `Inputs.prepared` runs
-`merge.prepare_merge` once per (method, density, seed) and `Inputs.scorer` builds the
-`scoring.Scorer` that the search, the evaluation, the report and the benchmark all score with.
+`resolve_sources` comes first: the base model and the adapters are local directories, Hub ids
+(`hub.py`: downloaded into, or found in, the Hub cache, each recorded by its commit) or gs://
+prefixes (`storage.py`: mirrored locally), the adapters from a parent directory (`adapters_dir`,
+one sub-directory per task) or a list (`adapters`, `[task=]ID_OR_DIR`). `load_inputs` then reads,
+in this order, the model config, the adapters (in task-name order; without adapters the task list
+comes from the data files), the tokenizer, one split of the task data and tasks.json. Everything
+there is cheap and checked, so a bad input fails in seconds. The base weights are read on first
+use of `Inputs.params`, after whatever further checks the caller makes; with a mesh they are read
+straight into their shardings (`sharding.PARAM_RULES`), never gathered on one device first.
+`Inputs.prepared` runs `merge.prepare_merge` once per (method, density, seed) and `Inputs.scorer`
+builds the `scoring.Scorer` that the search, the evaluation, the report and the benchmark all
+score with.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from d2c_jax.types import Params
 
 @dataclasses.dataclass(frozen=True)
 class Sources:
-    """Where a run reads its base model and adapters: local directories, or Hub ids resolved to
-    their commit's directory in the Hub cache."""
+    """Where a run reads its base model, adapters and data: local directories (Hub ids resolved to
+    their commit's directory in the Hub cache, gs:// prefixes to their local mirror)."""
 
     base_model: hub.Resolved | None
     adapters: Mapping[str, hub.Resolved]  # task name -> its adapter ({} without adapters)
