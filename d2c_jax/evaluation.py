@@ -55,10 +55,13 @@ class EvalConfig:
     """The resolved flags of launch/evaluate.py."""
 
     base_model: str = setting(None, "Hugging Face base model: a directory or a Hub id org/name[@revision].")
-    adapters_dir: str | None = setting(None, "Directory of PEFT adapters, one sub-directory per task.")
-    adapters: tuple[str, ...] = setting((), "PEFT adapters instead of --adapters_dir: directories or Hub ids "
-                                        "org/name[@revision][/sub/folder], each optionally task=ID.")
-    data_dir: str = setting(None, "Directory of <task>.jsonl / <task>.eval.jsonl examples.")
+    adapters_dir: str | None = setting(None, "Directory of PEFT adapters, one sub-directory per task "
+                                       "(local or gs://bucket/prefix).")
+    adapters: tuple[str, ...] = setting((), "PEFT adapters instead of --adapters_dir: directories (local or "
+                                        "gs://) or Hub ids org/name[@revision][/sub/folder], each optionally "
+                                        "task=ID.")
+    data_dir: str = setting(None, "Directory of <task>.jsonl / <task>.eval.jsonl examples (local or "
+                              "gs://bucket/prefix).")
     output: str = setting(None, "Output JSON file.")
     partition: str | None = setting(None, "partition.json from launch/search.py: evaluate its merges.")
     merged_adapters: bool = setting(True, "With --partition: score the adapters written in merged/ beside "

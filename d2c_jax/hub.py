@@ -121,8 +121,9 @@ def endpoint() -> str:
 
 
 def resolve(spec: str, kind: str = "model", *, pinned: Mapping[str, str] | None = None) -> Resolved:
-    """A local directory as it is (a gs:// one mirrored, `storage.local_dir`); a Hub id downloaded (or found in the cache) at its revision, or
-    at `pinned[key]` when the revision is a branch or tag the run recorded a commit for.
+    """A local directory as it is (a gs:// one mirrored, `storage.local_dir`); a Hub id downloaded
+    (or found in the cache) at its revision, or at `pinned[key]` when the revision is a branch or
+    tag the run recorded a commit for.
 
     kind: "model" (config, tokenizer, weights) or "adapter" (PEFT adapter files)."""
     if storage.is_gcs(spec):

@@ -507,7 +507,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         doc["tuning"] = tuning
     with PreemptionFlag() as flag:
         _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
-                                       inputs.sources.base_model.model_id, weights_k, merge_fn=None if scorer.batched else scorer.merge,
+                                       inputs.sources.base_model.model_id, weights_k,
+                                       merge_fn=None if scorer.batched else scorer.merge,
                                        loras_k=loras_k),
                  "the outputs", is_main)
     if is_main:
@@ -525,7 +526,8 @@ def push_result(workdir: str, cfg: RunConfig) -> None:
     with open(partition, encoding="utf-8") as f:
         doc = json.load(f)
     files = {PARTITION: partition}
-    files.update({f"cluster_{k}": os.path.join(workdir, MERGED, f"cluster_{k}") for k in range(int(doc["num_clusters"]))})
+    files.update({f"cluster_{k}": os.path.join(workdir, MERGED, f"cluster_{k}")
+                  for k in range(int(doc["num_clusters"]))})
     url = push.push(cfg.push_to_hub, files, push.search_card(doc, cfg.push_to_hub, gain_line(doc)),
                     private=cfg.push_private, message=f"d2c_jax: {doc['num_clusters']} merged adapters "
                     f"({doc['strategy']}, {doc['merge']})")

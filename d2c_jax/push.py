@@ -118,7 +118,8 @@ def push(repo_id: str, files: Mapping[str, str], card: str, *, private: bool = T
                 for name in sorted(names):
                     full = os.path.join(root, name)
                     rel = os.path.relpath(full, local).replace(os.sep, "/")
-                    operations.append(CommitOperationAdd(path_in_repo=f"{dest}/{rel}".lstrip("/"), path_or_fileobj=full))
+                    operations.append(CommitOperationAdd(path_in_repo=f"{dest}/{rel}".lstrip("/"),
+                                                         path_or_fileobj=full))
         else:
             operations.append(CommitOperationAdd(path_in_repo=dest, path_or_fileobj=local))
     api = HfApi(endpoint=hub.endpoint(), token=get_token())  # explicit: also with HF_HUB_DISABLE_IMPLICIT_TOKEN

@@ -78,11 +78,13 @@ class RunConfig:
     workdir: str = setting(help="Output and checkpoint directory.", required=True)
     base_model: str | None = setting(None, "Hugging Face base model: a directory, or a Hub id org/name[@revision] "
                                      "(downloaded into the Hub cache; HF_HUB_OFFLINE=1: the cache only).")
-    adapters_dir: str | None = setting(None, "Directory of PEFT LoRA adapters, one sub-directory per task.")
+    adapters_dir: str | None = setting(None, "Directory of PEFT LoRA adapters, one sub-directory per task "
+                                       "(local or gs://bucket/prefix).")
     adapters: tuple[str, ...] = setting((), "PEFT LoRA adapters instead of --adapters_dir, comma-separated: "
-                                        "directories or Hub ids org/name[@revision][/sub/folder], each optionally "
-                                        "task=ID (default task name: the last path component).")
-    data_dir: str | None = setting(None, "Directory of <task>.jsonl examples (and optional tasks.json).")
+                                        "directories (local or gs://) or Hub ids org/name[@revision][/sub/folder], "
+                                        "each optionally task=ID (default task name: the last path component).")
+    data_dir: str | None = setting(None, "Directory of <task>.jsonl examples (and optional tasks.json; "
+                                   "local or gs://bucket/prefix).")
     strategy: str = setting("d2c", "d2c search, or a baseline.", choices=STRATEGIES)
     search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
     merge: str = setting("ties", "Merge method.", choices=MERGE_METHODS)
