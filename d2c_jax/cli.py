@@ -27,6 +27,8 @@ def start() -> None:
     signals.install()
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2"):  # huggingface_hub's HTTP client logs each request at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _flagfile_args(args: Sequence[str]) -> Iterator[str]:

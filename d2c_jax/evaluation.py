@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2c_jax import hub
 from d2c_jax import merge as merge_lib
 from d2c_jax import metrics as metrics_lib
 from d2c_jax.config_flags import setting
@@ -53,9 +54,14 @@ MERGE_BLOCK = 8  # masks merged per call when building a generation adapter tabl
 class EvalConfig:
     """The resolved flags of launch/evaluate.py."""
 
-    base_model: str = setting(None, "Hugging Face base model directory.")
-    adapters_dir: str | None = setting(None, "Directory of PEFT adapters, one sub-directory per task.")
-    data_dir: str = setting(None, "Directory of <task>.jsonl / <task>.eval.jsonl examples.")
+    base_model: str = setting(None, "Hugging Face base model: a directory or a Hub id org/name[@revision].")
+    adapters_dir: str | None = setting(None, "Directory of PEFT adapters, one sub-directory per task "
+                                       "(local or gs://bucket/prefix).")
+    adapters: tuple[str, ...] = setting((), "PEFT adapters instead of --adapters_dir: directories (local or "
+                                        "gs://) or Hub ids org/name[@revision][/sub/folder], each optionally "
+                                        "task=ID.")
+    data_dir: str = setting(None, "Directory of <task>.jsonl / <task>.eval.jsonl examples (local or "
+                              "gs://bucket/prefix).")
     output: str = setting(None, "Output JSON file.")
     partition: str | None = setting(None, "partition.json from launch/search.py: evaluate its merges.")
     merged_adapters: bool = setting(True, "With --partition: score the adapters written in merged/ beside "
@@ -84,8 +90,10 @@ class EvalConfig:
         for name in ("base_model", "data_dir", "output"):
             if not getattr(self, name):
                 raise UserError(None, f"--{name} must be set")
-        if not self.adapters_dir and not self.zero_shot:
-            raise UserError(None, "--adapters_dir must be set (unless --zero_shot)")
+        if not self.adapters_dir and not self.adapters and not self.zero_shot:
+            raise UserError(None, "--adapters_dir (or --adapters) must be set (unless --zero_shot)")
+        if self.adapters_dir and self.adapters:
+            raise UserError(None, "give --adapters_dir or --adapters, not both")
         if self.zero_shot and self.partition:
             raise UserError(None, "--zero_shot and --partition exclude each other")
         bad = [m for m in self.metrics if m not in METRIC_KINDS]
@@ -366,7 +374,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Runs the evaluation described by `cfg` and returns the output document (no files written)."""
     generation = "generation" in cfg.metrics
     # Everything a user can get wrong is checked before the weights are loaded (inputs.params).
-    inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="eval",
+    inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="eval", adapters=cfg.adapters,
+                         pinned=hub.recorded_commits(cfg.partition) if cfg.partition else None,
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
                          chat_template=cfg.chat_template, dtype=cfg.dtype)
     names, task_data = inputs.names, inputs.task_data

@@ -7,7 +7,8 @@ the same size, new base weights behind an unchanged config.json, edited examples
     {"files": {"base_model/model.safetensors": sha256, "tokenizer/tokenizer.json": sha256,
                "adapters/<task>/adapter_model.safetensors": sha256, ...},
      "examples": {"<task>": sha256 of the (prompt, response) pairs actually used},
-     "settings": {flag: value}}
+     "settings": {flag: value},
+     "revisions": {"org/name@revision": commit} of the inputs named by Hub id (hub.py)}
 
 Keys are relative, so moving the same inputs elsewhere still resumes. Files are hashed streaming
 (4 MiB chunks, several files at once: hashlib releases the GIL) and each hash is cached in
@@ -121,9 +122,11 @@ def run_fingerprint(
     adapter_dirs: Mapping[str, str],
     examples: Mapping[str, Iterable[tuple[str, str]]],
     settings: Mapping[str, Any],
+    revisions: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of a run: its base model, tokenizer, adapters {task: dir}, the examples used
-    {task: [(prompt, response), ...]} and its result-relevant settings."""
+    {task: [(prompt, response), ...]}, its result-relevant settings and the commit of each input
+    named by Hub id."""
     weights, tokenizer = base_model_files(base_model)
     keyed: dict[str, str] = {}
     for path in weights:
@@ -138,11 +141,20 @@ def run_fingerprint(
         "files": {key: hashes[path] for key, path in keyed.items()},
         "examples": {task: examples_hash(ex) for task, ex in sorted(examples.items())},
         "settings": json.loads(json.dumps(dict(settings))),
+        "revisions": dict(sorted((revisions or {}).items())),
     }
 
 
 def mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
     """Words for the first part of two fingerprints that differs (what changed), or None."""
+    rev_saved, rev_now = saved.get("revisions") or {}, current.get("revisions") or {}
+    for key in sorted(rev_saved):
+        if key not in rev_now:
+            return f"Hub input {key} is gone (now: {', '.join(sorted(set(rev_now) - set(rev_saved))) or 'none'})"
+        if rev_saved[key] != rev_now[key]:
+            return f"Hub input {key} is at commit {rev_now[key][:12]} now, {rev_saved[key][:12]} in the checkpoint"
+    for key in sorted(set(rev_now) - set(rev_saved)):
+        return f"Hub input {key} is new"
     files_saved, files_now = saved.get("files") or {}, current.get("files") or {}
     for key in sorted(set(files_saved) | set(files_now)):
         role, _, rel = key.partition("/")

@@ -1,28 +1,34 @@
-"""The one loading path: HF base directory + PEFT adapter directories + task data -> a Scorer.
+"""The one loading path: HF base model + PEFT adapters + task data -> a Scorer.
 
 Shapes: N adapters (= T tasks; adapter i is the adapter of task i), n examples per task,
 S sequence.
 
-`load_inputs` reads, in this order, the model config, the adapters (sorted sub-directories of
-adapters_dir; without adapters_dir the task list comes from the data files), the tokenizer, one
-split of the task data and tasks.json. Everything there is cheap and checked, so a bad input
-fails in seconds. The base weights are read on first use of `Inputs.params`, after whatever
-further checks the caller makes; with a mesh they are read straight into their shardings
-(`sharding.PARAM_RULES`), never gathered on one device first. `Inputs.prepared` runs
-`merge.prepare_merge` once per (method, density, seed) and `Inputs.scorer` builds the
-`scoring.Scorer` that the search, the evaluation, the report and the benchmark all score with.
+`resolve_sources` comes first: the base model and the adapters are local directories, Hub ids
+(`hub.py`: downloaded into, or found in, the Hub cache, each recorded by its commit) or gs://
+prefixes (`storage.py`: mirrored locally), the adapters from a parent directory (`adapters_dir`,
+one sub-directory per task) or a list (`adapters`, `[task=]ID_OR_DIR`). `load_inputs` then reads,
+in this order, the model config, the adapters (in task-name order; without adapters the task list
+comes from the data files), the tokenizer, one split of the task data and tasks.json. Everything
+there is cheap and checked, so a bad input fails in seconds. The base weights are read on first
+use of `Inputs.params`, after whatever further checks the caller makes; with a mesh they are read
+straight into their shardings (`sharding.PARAM_RULES`), never gathered on one device first.
+`Inputs.prepared` runs `merge.prepare_merge` once per (method, density, seed) and `Inputs.scorer`
+builds the `scoring.Scorer` that the search, the evaluation, the report and the benchmark all
+score with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+import os
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from d2c_jax import data, hf_io, lora, merge
+from d2c_jax import data, hf_io, hub, lora, merge, storage
 from d2c_jax import sharding as sharding_lib
 from d2c_jax.data import TaskData, TaskMeta
 from d2c_jax.errors import UserError
@@ -33,15 +39,58 @@ from d2c_jax.scoring import Scorer
 from d2c_jax.types import Params
 
 
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """Where a run reads its base model, adapters and data: local directories (Hub ids resolved to
+    their commit's directory in the Hub cache, gs:// prefixes to their local mirror)."""
+
+    base_model: hub.Resolved | None
+    adapters: Mapping[str, hub.Resolved]  # task name -> its adapter ({} without adapters)
+    data_dir: str | None = None  # the local directory of the task data (a gs:// one mirrored)
+
+    @property
+    def adapter_dirs(self) -> dict[str, str]:
+        """{task: local adapter directory}, in task order."""
+        return {name: r.path for name, r in self.adapters.items()}
+
+    def commits(self) -> dict[str, str]:
+        """{'org/name@revision': commit} of every Hub input (config.json, fingerprint, resume pins)."""
+        return hub.commits([*([self.base_model] if self.base_model else []), *self.adapters.values()])
+
+
+def resolve_sources(base_model: str | None, adapters_dir: str | None = None, adapters: Sequence[str] = (), *,
+                    data_dir: str | None = None, pinned: Mapping[str, str] | None = None) -> Sources:
+    """The base model and the adapters as local directories (Hub ids downloaded or found in the
+    cache; `pinned`: the commits a resumed run started from, see hub.py).
+
+    adapters_dir: a parent directory, one adapter per sub-directory (the task name); adapters:
+    `[task=]ID_OR_DIR` entries instead (in task-name order, like a parent directory's). Any
+    directory may be gs://bucket/prefix (`storage.local_dir`: mirrored into a local cache)."""
+    if adapters_dir and adapters:
+        raise UserError(None, "give --adapters_dir or --adapters, not both")
+    base = hub.resolve(base_model, "model", pinned=pinned) if base_model else None
+    if adapters:
+        found = dict(sorted(hub.resolve_adapters(adapters, pinned=pinned)))
+    elif adapters_dir:
+        local = storage.local_dir(adapters_dir)
+        found = {n: hub.Resolved(spec=f"{adapters_dir.rstrip('/')}/{n}", path=os.path.join(local, n))
+                 for n in lora.adapter_subdirs(local)}
+    else:
+        found = {}
+    return Sources(base, found, storage.local_dir(data_dir) if data_dir else None)
+
+
 class Inputs:
     """Everything one run reads: model config, adapters, tokenizer, one split's task data, the
-    tasks.json entries, and (on first use) the base weights."""
+    tasks.json entries, and (on first use) the base weights. `base_model` is the local directory
+    read (for a Hub id, in the Hub cache); `sources` says where everything came from."""
 
     def __init__(self, base_model: str, model_cfg: ModelConfig, names: tuple[str, ...],
                  adapters: AdapterSet | None, tokenizer: Any, task_data: TaskData,
                  meta: dict[str, TaskMeta], *, data_dir: str, dtype: str, chat_template: bool,
-                 mesh: jax.sharding.Mesh | None):
+                 mesh: jax.sharding.Mesh | None, sources: Sources | None = None):
         self.base_model, self.model_cfg, self.names = base_model, model_cfg, names
+        self.sources = sources or Sources(hub.Resolved(base_model, base_model), {})
         self.adapters, self.tokenizer, self.task_data, self.meta = adapters, tokenizer, task_data, meta
         self.data_dir, self.dtype, self.chat_template, self.mesh = data_dir, dtype, chat_template, mesh
         self._prepared: dict[tuple[str, float, int], Prepared] = {}
@@ -98,6 +147,9 @@ def load_inputs(
     adapters_dir: str | None,
     data_dir: str,
     *,
+    adapters: Sequence[str] = (),
+    pinned: Mapping[str, str] | None = None,
+    sources: Sources | None = None,
     split: str = "search",
     examples_per_task: int | None = 10,
     max_seq_len: int = 1024,
@@ -109,17 +161,24 @@ def load_inputs(
     """Reads and checks every input but the base weights (see the module docstring).
 
     Args:
-      adapters_dir: one PEFT adapter per sub-directory (its name is the task name); None: no
-        adapters (zero-shot evaluation), the tasks are those with data files.
+      base_model: a local directory or a Hub id `org/name[@rev]` (see `resolve_sources`).
+      adapters_dir: one PEFT adapter per sub-directory (its name is the task name); None (and no
+        `adapters`): no adapters (zero-shot evaluation), the tasks are those with data files.
+      adapters: `[task=]ID_OR_DIR` entries instead of adapters_dir (Hub ids or directories).
+      pinned: the Hub commits a resumed run recorded ({'org/name@rev': sha}).
+      sources: already resolved sources (skips resolving base_model / adapters again).
       split: "search" (<task>.jsonl) or "eval" (<task>.eval.jsonl, else <task>.jsonl).
       examples_per_task: the first n examples of each task (None: all).
       model_cfg: the already loaded config of base_model (skips reading it again).
     """
+    sources = sources or resolve_sources(base_model, adapters_dir, adapters, data_dir=data_dir, pinned=pinned)
+    base_model, data_dir = sources.base_model.path, sources.data_dir or data_dir
     model_cfg = model_cfg or load_config(base_model)
-    adapters = None
-    if adapters_dir:
-        adapters = lora.load_adapter_set(adapters_dir, model_cfg)
-        names = tuple(adapters.names)
+    adapter_set = None
+    if sources.adapters:
+        adapter_set = lora.stack_adapters([lora.load_adapter(path, model_cfg, name=name)
+                                           for name, path in sources.adapter_dirs.items()])
+        names = tuple(adapter_set.names)
     else:
         names = data.data_tasks(data_dir)
         if not names:
@@ -129,5 +188,5 @@ def load_inputs(
     task_data = data.load_task_data(data_dir, names, tokenizer, split=split, examples_per_task=examples_per_task,
                                     max_seq_len=max_seq_len, chat_template=chat_template)
     meta = data.load_task_meta(data_dir, names)
-    return Inputs(str(base_model), model_cfg, names, adapters, tokenizer, task_data, meta, data_dir=data_dir,
-                  dtype=dtype, chat_template=chat_template, mesh=mesh)
+    return Inputs(str(base_model), model_cfg, names, adapter_set, tokenizer, task_data, meta, data_dir=data_dir,
+                  dtype=dtype, chat_template=chat_template, mesh=mesh, sources=sources)

@@ -4,8 +4,10 @@ Order of work (every check before anything is written, so a bad input leaves not
   1. workdir: a finished run (partition.json) with the same settings is reported (its location,
      exit 0: a retrying scheduler sees success); with other settings it is refused unless
      --overwrite;
-  2. adapters, task data, K, model config, tokenizer, examples, base weights: all read and
-     checked; the run fingerprint (content hashes, `fingerprint.py`); free disk space;
+  2. base model and adapters resolved (`inputs.resolve_sources`: Hub ids downloaded or found in
+     the Hub cache, at the commits config.json recorded when resuming); adapters, task data, K,
+     model config, tokenizer, examples, base weights: all read and checked; the run fingerprint
+     (content hashes and Hub commits, `fingerprint.py`); free disk space;
   3. workdir created and locked (`workdir_lock`: one run per workdir), leftovers of interrupted
      writes removed; the checkpoint (if any) is resumed from the newest usable step, or refused
      when made from other inputs (--overwrite discards it);
@@ -13,7 +15,8 @@ Order of work (every check before anything is written, so a bad input leaves not
      130, see `signals`) or a baseline partition;
   5. outputs, each written atomically and by process 0 only: merged/cluster_<k>/ (PEFT),
      objective.png, assignment.png, metrics.jsonl, then partition.json last (its presence marks
-     a finished run). config.json (the resolved flags) is written once the checkpoint is checked.
+     a finished run). config.json (the resolved flags and Hub commits) is written once the
+     checkpoint is checked; --push_to_hub then uploads the result (`push.py`).
 
 Multi-process (one process per host, `sharding.initialize_distributed` after the cheap checks):
 every process loads the inputs and runs the same search on the global mesh; the losses come back
@@ -40,14 +43,14 @@ import jax
 import numpy as np
 
 from d2c_jax import budget as budget_lib
-from d2c_jax import compilation_cache, data, lora, merge, plots, signals, tune
+from d2c_jax import compilation_cache, data, hub, lora, merge, plots, push, signals, tune
 from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.checkpoint import Checkpointer
 from d2c_jax.metrics_log import jsonl_bytes
 from d2c_jax.errors import UserError
 from d2c_jax.fingerprint import run_fingerprint
-from d2c_jax.inputs import Inputs, load_inputs
+from d2c_jax.inputs import Inputs, load_inputs, resolve_sources
 from d2c_jax.merge import Prepared
 from d2c_jax.models.config import load_config
 from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig, default_cache_size
@@ -88,11 +91,11 @@ def finished_run(workdir: str, cfg: RunConfig) -> str | None:
     except (OSError, ValueError):
         saved = {}
     wanted = {**cfg.result_settings(), "base_model": cfg.base_model, "adapters_dir": cfg.adapters_dir,
-              "data_dir": cfg.data_dir}
+              "data_dir": cfg.data_dir, "adapters": list(cfg.adapters)}
     for key, value in wanted.items():
         if key in ("base_model", "adapters_dir", "data_dir") and value is None:
             continue  # supplied by --suite
-        if saved.get(key) != value:
+        if saved.get(key, [] if key == "adapters" else None) != value:
             raise UserError(workdir, f"holds a finished run with --{key}={saved.get(key)!r} (not {value!r}); "
                             "use --overwrite to replace it or choose another --workdir")
     return partition
@@ -229,10 +232,16 @@ def reference_objectives(scorer: Scorer, cache: LossCache, num_adapters: int, nu
 # ----------------------------------------------------------------------------- the run
 
 
-def _fingerprint(cfg: RunConfig, task_data: data.TaskData) -> dict[str, Any]:
+def _fingerprint(cfg: RunConfig, inputs: Inputs) -> dict[str, Any]:
+    task_data = inputs.task_data
     examples = {name: list(zip(p, r)) for name, p, r in zip(task_data.names, task_data.prompts, task_data.responses)}
-    return run_fingerprint(cfg.base_model, {n: os.path.join(cfg.adapters_dir, n) for n in task_data.names},
-                           examples, cfg.result_settings())
+    return run_fingerprint(inputs.base_model, inputs.sources.adapter_dirs, examples, cfg.result_settings(),
+                           revisions=inputs.sources.commits())
+
+
+def config_json(cfg: RunConfig, commits: Mapping[str, str]) -> str:
+    """config.json: the resolved flags and the commit of every Hub input."""
+    return json.dumps({**cfg.to_dict(), "hub_commits": dict(commits)}, indent=2, sort_keys=True) + "\n"
 
 
 def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_adapters: int, is_main: bool,
@@ -280,7 +289,7 @@ def _mesh(cfg: RunConfig):
 
 def resolve_suite(cfg: RunConfig) -> RunConfig:
     """Fills the paths that --suite supplies, building that suite on first use (cached after)."""
-    if not cfg.suite or (cfg.base_model and cfg.adapters_dir and cfg.data_dir):
+    if not cfg.suite or (cfg.base_model and (cfg.adapters_dir or cfg.adapters) and cfg.data_dir):
         return cfg  # no suite, or every path it would supply is given explicitly: nothing to build
     print(f"suite {cfg.suite!r}: using (or building, on first use) {os.path.join(cfg.suite_root, cfg.suite)}",
           flush=True)
@@ -288,7 +297,7 @@ def resolve_suite(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(
         cfg,
         base_model=cfg.base_model or paths.base_model,
-        adapters_dir=cfg.adapters_dir or paths.adapters_dir,
+        adapters_dir=cfg.adapters_dir or (None if cfg.adapters else paths.adapters_dir),
         data_dir=cfg.data_dir or paths.data_dir,
     )
 
@@ -299,28 +308,35 @@ def run(cfg: RunConfig) -> int:
     SIGINT did)."""
     start = time.perf_counter()
     workdir = os.path.abspath(cfg.workdir)
+    if cfg.push_to_hub:
+        push.check_token(cfg.push_to_hub)  # before any work
     cfg = resolve_suite(cfg)
     done = finished_run(workdir, cfg)
     if done is not None:
         print(f"already finished: {done} (use --overwrite to run again)")
+        if cfg.push_to_hub and _is_main():
+            push_result(workdir, cfg)  # a push that failed before is tried again
         return 0
     settings = cfg.engine_settings()
 
     # 1.-2. Every check, before anything is written (every process makes them on its own).
-    names = lora.adapter_subdirs(cfg.adapters_dir)
+    sources = resolve_sources(cfg.base_model, cfg.adapters_dir, cfg.adapters, data_dir=cfg.data_dir,
+                              pinned={} if cfg.overwrite else hub.recorded_commits(os.path.join(workdir, CONFIG)))
+    names = list(sources.adapters)
     check_num_clusters(settings.num_clusters, len(names))
-    data.check_tasks_match(cfg.data_dir, names)
-    model_cfg = load_config(cfg.base_model)
+    data.check_tasks_match(sources.data_dir, names)
+    model_cfg = load_config(sources.base_model.path)
     # Before anything touches a device: a multi-process job (when asked or auto-detected).
     initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     compilation_cache.enable(cfg.compilation_cache)  # before the first compilation (user cache dir)
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
-                         chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
+                         chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg,
+                         sources=sources)
     if inputs.names != tuple(names):
         raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
     # The budget mode has one checkpoint directory (and fingerprint) per way of filling the budget.
-    fp = (_fingerprint(cfg, inputs.task_data)
+    fp = (_fingerprint(cfg, inputs)
           if cfg.strategy in SEARCH_STRATEGIES and not cfg.budget_mode else None)
     check_disk(workdir, _need_bytes(inputs.adapters, settings.num_clusters, cfg))
     inputs.params  # noqa: B018 - the base weights read and checked (shapes, NaN/Inf) before any write
@@ -337,7 +353,8 @@ def run(cfg: RunConfig) -> int:
                 signals.set_note(f"the checkpoint of iteration {step} in {ckpt.directory} is kept; "
                                  "re-run the same command to resume")
         # After the checkpoint check: config.json always describes the checkpoints.
-        _on_main(lambda: write_text_atomic(os.path.join(workdir, CONFIG), cfg.to_json()), CONFIG, is_main)
+        _on_main(lambda: write_text_atomic(os.path.join(workdir, CONFIG), config_json(cfg, sources.commits())),
+                 CONFIG, is_main)
         return _run(cfg, workdir, inputs, ckpt, start, is_main)
     finally:
         if ckpt is not None:
@@ -404,7 +421,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         if is_main and cfg.budget_mode:
             print(f"budget: K = {k_way} at rank {r_way}", flush=True)
         if cfg.budget_mode and cfg.strategy in SEARCH_STRATEGIES:
-            ckpt = _open_checkpointer(cfg_way, workdir, _fingerprint(cfg_way, inputs.task_data), len(names),
+            ckpt = _open_checkpointer(cfg_way, workdir, _fingerprint(cfg_way, inputs), len(names),
                                       is_main, subdir=f"k{k_way}_r{r_way}")
         try:
             outcome = _find(cfg_way, inputs, ckpt, workdir, is_main)
@@ -478,6 +495,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "dtype": cfg.dtype,
         "base_model": cfg.base_model,
         "adapters_dir": cfg.adapters_dir,
+        "adapters": list(cfg.adapters),
+        "hub_commits": inputs.sources.commits(),
         "data_dir": cfg.data_dir,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -488,13 +507,31 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         doc["tuning"] = tuning
     with PreemptionFlag() as flag:
         _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
-                                       cfg.base_model, weights_k, merge_fn=None if scorer.batched else scorer.merge,
+                                       inputs.sources.base_model.model_id, weights_k,
+                                       merge_fn=None if scorer.batched else scorer.merge,
                                        loras_k=loras_k),
                  "the outputs", is_main)
     if is_main:
         print(final_table(doc))
         print(f"outputs in {workdir}")
+        if cfg.push_to_hub:
+            push_result(workdir, cfg)
     return signals.exit_code(flag.signum)
+
+
+def push_result(workdir: str, cfg: RunConfig) -> None:
+    """Uploads the finished run in workdir (merged/cluster_<k>/, partition.json, a model card) to
+    --push_to_hub as one commit."""
+    partition = os.path.join(workdir, PARTITION)
+    with open(partition, encoding="utf-8") as f:
+        doc = json.load(f)
+    files = {PARTITION: partition}
+    files.update({f"cluster_{k}": os.path.join(workdir, MERGED, f"cluster_{k}")
+                  for k in range(int(doc["num_clusters"]))})
+    url = push.push(cfg.push_to_hub, files, push.search_card(doc, cfg.push_to_hub, gain_line(doc)),
+                    private=cfg.push_private, message=f"d2c_jax: {doc['num_clusters']} merged adapters "
+                    f"({doc['strategy']}, {doc['merge']})")
+    print(f"pushed to {cfg.push_to_hub}: {url}")
 
 
 def write_outputs(

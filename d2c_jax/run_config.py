@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 from d2c_jax.config_flags import setting
@@ -75,9 +76,15 @@ class RunConfig:
     its flags from these fields); saved flat to workdir/config.json."""
 
     workdir: str = setting(help="Output and checkpoint directory.", required=True)
-    base_model: str | None = setting(None, "Hugging Face base model directory.")
-    adapters_dir: str | None = setting(None, "Directory of PEFT LoRA adapters, one sub-directory per task.")
-    data_dir: str | None = setting(None, "Directory of <task>.jsonl examples (and optional tasks.json).")
+    base_model: str | None = setting(None, "Hugging Face base model: a directory, or a Hub id org/name[@revision] "
+                                     "(downloaded into the Hub cache; HF_HUB_OFFLINE=1: the cache only).")
+    adapters_dir: str | None = setting(None, "Directory of PEFT LoRA adapters, one sub-directory per task "
+                                       "(local or gs://bucket/prefix).")
+    adapters: tuple[str, ...] = setting((), "PEFT LoRA adapters instead of --adapters_dir, comma-separated: "
+                                        "directories (local or gs://) or Hub ids org/name[@revision][/sub/folder], "
+                                        "each optionally task=ID (default task name: the last path component).")
+    data_dir: str | None = setting(None, "Directory of <task>.jsonl examples (and optional tasks.json; "
+                                   "local or gs://bucket/prefix).")
     strategy: str = setting("d2c", "d2c search, or a baseline.", choices=STRATEGIES)
     search: SearchSettings = dataclasses.field(default_factory=SearchSettings)
     merge: str = setting("ties", "Merge method.", choices=MERGE_METHODS)
@@ -131,6 +138,9 @@ class RunConfig:
     tune_holdout: float = setting(0.3, "Fraction of each task's search examples held out for early stopping.")
     tune_learning_rate: float | None = setting(None, "Adam learning rate of the tuning (default: 0.05 for "
                                                "weights, 0.001 for factors).")
+    push_to_hub: str | None = setting(None, "After the run, upload the K merged adapters, partition.json and a "
+                                      "model card to this Hub repo (org/name; created if absent).")
+    push_private: bool = setting(True, "Create the --push_to_hub repo private (--nopush_private: public).")
     tune_during_search: bool = setting(False, "Tune the final partition of every chain and keep the chain with "
                                        "the lowest tuned loss (instead of the lowest unit-weight objective).")
 
@@ -139,8 +149,15 @@ class RunConfig:
             object.__setattr__(self, "batch_size", int(self.batch_size))
         _check(bool(self.workdir), "workdir", self.workdir, "must be set")
         if not self.suite:
-            for name in ("base_model", "adapters_dir", "data_dir"):
+            for name in ("base_model", "data_dir"):
                 _check(bool(getattr(self, name)), name, getattr(self, name), "must be set (or use --suite)")
+            _check(bool(self.adapters_dir or self.adapters), "adapters_dir", self.adapters_dir,
+                   "must be set (or --adapters, or --suite)")
+        _check(not (self.adapters_dir and self.adapters), "adapters", ",".join(self.adapters),
+               "give --adapters_dir or --adapters, not both")
+        if self.push_to_hub:
+            _check(bool(re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub)), "push_to_hub", self.push_to_hub,
+                   "must be a Hub repo id org/name")
         _check(self.strategy in STRATEGIES, "strategy", self.strategy, f"must be one of {STRATEGIES}")
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"must be one of {DTYPES}")
         _check(0.0 < self.density <= 1.0, "density", self.density, "must be in (0, 1]")

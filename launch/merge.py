@@ -4,7 +4,10 @@
       [--weights=1,1,...] [--seed=0] [--base_model=DIR] [--output_rank=R]
   python launch/merge.py --adapters=... --output_dir=OUT --base_model=DIR --tune_on=DATA_DIR \\
       [--tune_granularity=adapter|layer|factors]
+  python launch/merge.py --adapters=org/a,org/b@v1,org/c/sub --output_dir=OUT --push_to_hub=me/merged
 
+--adapters and --base_model take directories or Hub ids (org/name[@revision], adapters also with a
+/sub/folder; downloaded into the Hub cache, HF_HUB_OFFLINE=1: the cache only).
 No base model is needed: its dims are read off the adapters (--base_model only checks the fit).
 --tune_on tunes the merge weights (d2c_jax/tune.py) on DATA_DIR/<task>.jsonl, task = each adapter
 directory's name (part held out; kept only if they beat unit weights there); needs --base_model.
@@ -13,7 +16,6 @@ directory's name (part held out; kept only if they beat unit weights there); nee
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
@@ -27,13 +29,14 @@ if __name__ == "__main__":
 from d2c_jax.errors import UserError, run_cli  # noqa: E402
 from d2c_jax.merge import METHODS  # noqa: E402
 
-flags.DEFINE_list("adapters", None, "Comma-separated PEFT LoRA adapter directories.")
+flags.DEFINE_list("adapters", None, "Comma-separated PEFT LoRA adapters: directories or Hub ids "
+                  "org/name[@revision][/sub/folder], each optionally task=ID.")
 flags.DEFINE_string("output_dir", None, "Where the merged PEFT adapter is written (replaced if it exists).")
 flags.DEFINE_string("method", "ties", f"Merge method: one of {', '.join(METHODS)}.")
 flags.DEFINE_float("density", 0.5, "Fraction of entries kept per tensor when trimming.")
 flags.DEFINE_list("weights", None, "One weight per adapter (default: all 1).")
 flags.DEFINE_integer("seed", 0, "Seed of dare_ties' random drop mask.")
-flags.DEFINE_string("base_model", None, "Optional base model directory, to check the adapters fit it.")
+flags.DEFINE_string("base_model", None, "Optional base model (directory or Hub id), to check the adapters fit it.")
 flags.DEFINE_integer("output_rank", 0, "Rank of the merged adapter (0: the adapters' rank).")
 flags.DEFINE_string("tune_on", None, "Tune the merge weights on this data directory's search examples "
                     "(<task>.jsonl per adapter directory name); needs --base_model.")
@@ -43,6 +46,9 @@ flags.DEFINE_integer("tune_steps", 60, "Most optimiser steps of the tuning.")
 flags.DEFINE_integer("examples_per_task", 10, "Search examples per task used by --tune_on.")
 flags.DEFINE_integer("max_seq_len", 1024, "Longest example in tokens (--tune_on).")
 flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Base weight dtype (--tune_on).")
+flags.DEFINE_string("push_to_hub", None, "Also upload the merged adapter and a model card to this Hub repo "
+                    "(org/name; created if absent).")
+flags.DEFINE_bool("push_private", True, "Create the --push_to_hub repo private (--nopush_private: public).")
 flags.mark_flags_as_required(["adapters", "output_dir"])
 FLAGS = flags.FLAGS
 
@@ -56,7 +62,7 @@ def _weights(raw: list[str] | None) -> list[float] | None:
         raise UserError(None, f"--weights must be comma-separated numbers; got {','.join(raw)!r}") from None
 
 
-def _tuned():
+def _tuned(base_model: str, adapter_dirs: dict[str, str]):
     """(weights [N] or [N, L], None) tuned on --tune_on (one cluster holding every adapter), or
     (None, factors) for --tune_granularity=factors."""
     import numpy as np
@@ -64,13 +70,12 @@ def _tuned():
     from d2c_jax import data, hf_io, lora, merge, tune
     from d2c_jax.models.config import load_config
 
-    cfg = load_config(FLAGS.base_model)
-    dirs = [str(d) for d in FLAGS.adapters]
+    cfg = load_config(base_model)
+    dirs, names = list(adapter_dirs.values()), list(adapter_dirs)
     aset = lora.load_adapter_dirs(dirs, cfg)
-    names = [os.path.basename(os.path.normpath(d)) for d in dirs]
-    task_data = data.load_task_data(FLAGS.tune_on, names, hf_io.load_tokenizer(FLAGS.base_model), split="search",
+    task_data = data.load_task_data(FLAGS.tune_on, names, hf_io.load_tokenizer(base_model), split="search",
                                     examples_per_task=FLAGS.examples_per_task, max_seq_len=FLAGS.max_seq_len)
-    params = hf_io.load_params(FLAGS.base_model, cfg, FLAGS.dtype)
+    params = hf_io.load_params(base_model, cfg, FLAGS.dtype)
     prepared = merge.prepare_merge(aset, FLAGS.method, FLAGS.density, seed=FLAGS.seed, rank=FLAGS.output_rank or None)
     settings = tune.TuneSettings(granularity=FLAGS.tune_granularity, steps=FLAGS.tune_steps)
     res = tune.tune_partition(params, cfg, prepared, task_data, np.zeros(len(dirs), np.int32), 1, settings)
@@ -90,21 +95,32 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
     def body() -> int:
+        from d2c_jax import hub, push
         from d2c_jax.merge import merge_adapter_dirs
 
         weights, factors = _weights(FLAGS.weights), None
+        if FLAGS.push_to_hub:
+            push.check_token(FLAGS.push_to_hub)
+        if FLAGS.tune_on and not FLAGS.base_model:
+            raise UserError(None, "--tune_on needs --base_model (the losses are the base model's)")
+        if FLAGS.tune_on and weights is not None:
+            raise UserError(None, "--tune_on starts from unit weights; leave --weights unset")
+        base_model = hub.resolve(FLAGS.base_model).path if FLAGS.base_model else None
+        # In --weights order; one task name each only where it names the task's data (--tune_on).
+        adapters = hub.resolve_adapters(FLAGS.adapters, unique=bool(FLAGS.tune_on))
         if FLAGS.tune_on:
-            if not FLAGS.base_model:
-                raise UserError(None, "--tune_on needs --base_model (the losses are the base model's)")
-            if weights is not None:
-                raise UserError(None, "--tune_on starts from unit weights; leave --weights unset")
-            weights, factors = _tuned()
+            weights, factors = _tuned(base_model, {n: r.path for n, r in adapters})
         out = merge_adapter_dirs(
-            FLAGS.adapters, FLAGS.output_dir, method=FLAGS.method, density=FLAGS.density,
-            weights=weights, seed=FLAGS.seed, base_model=FLAGS.base_model, rank=FLAGS.output_rank or None,
+            [r.path for _, r in adapters], FLAGS.output_dir, method=FLAGS.method, density=FLAGS.density,
+            weights=weights, seed=FLAGS.seed, base_model=base_model, rank=FLAGS.output_rank or None,
             factors=factors,
         )
         print(f"wrote {out}")
+        if FLAGS.push_to_hub:
+            card = push.merge_card(FLAGS.push_to_hub, FLAGS.base_model, FLAGS.adapters, FLAGS.method, FLAGS.density)
+            url = push.push(FLAGS.push_to_hub, {"": out}, card, private=FLAGS.push_private,
+                            message=f"d2c_jax: {FLAGS.method} merge of {len(adapters)} adapters")
+            print(f"pushed to {FLAGS.push_to_hub}: {url}")
         return 0
 
     sys.exit(run_cli(body))

@@ -523,3 +523,150 @@ def test_cli_flagfile_naming_a_missing_path_is_one_line_and_writes_nothing(prist
                       "--density=1.5", f"--output_dir={tmp_path / 'm'}")
     assert (rc, err) == (1, ["error: --density=1.5: must be in (0, 1] (the fraction of entries kept per tensor)"])
     assert os.listdir(tmp_path) == ["run.flags"]
+
+
+# ----------------------------------------------------------------------------- Hub ids and --push_to_hub
+# Each case against the stand-in Hub (fixtures_hub.FakeHub on 127.0.0.1) and a fresh Hub cache:
+# one `error:` line naming the repo and what to do, exit 1, no workdir written.
+
+
+@pytest.fixture(scope="module")
+def stand_in_hub(pristine):
+    from fixtures_hub import FakeHub
+
+    with FakeHub() as fake:
+        fake.add_dir("org/tiny", pristine["base_model"])
+        fake.add_dir("org/ads", pristine["adapters_dir"])
+        fake.add_dir("org/private", pristine["base_model"], private=True)
+        fake.add_dir("org/gated", pristine["base_model"], gated=True)
+        yield fake
+
+
+@pytest.fixture
+def hub_env(stand_in_hub, tmp_path, monkeypatch):
+    """The stand-in as HF_ENDPOINT (no token, progress bars off), a fresh Hub cache under tmp_path."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    for key, value in stand_in_hub.env(tmp_path / "hf").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest's HF_HUB_OFFLINE=1, frozen at import
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    yield stand_in_hub
+    if not was_off:
+        enable_progress_bars()
+
+
+def _hub_ads(*specs):
+    return {"adapters_dir": None, "adapters": specs}
+
+
+def _closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recorded(inp, commit):
+    """A workdir whose config.json recorded org/ads@main at `commit` (a run started earlier)."""
+    os.makedirs(inp["wd"])
+    with open(os.path.join(inp["wd"], "config.json"), "w") as f:
+        json.dump({"hub_commits": {"org/ads@main": commit}}, f)
+    return _hub_ads(*(f"org/ads/{n}" for n in NAMES))
+
+
+LOGIN = "run `hf auth login` (the `huggingface-cli login` of older versions) or set HF_TOKEN"
+HUB_CASES = [
+    # (id, set-up (monkeypatch, inp) -> run settings, expected line after "error: ")
+    ("hub_missing_repo", lambda mp, i: {"base_model": "org/nope"},
+     "org/nope: is neither a local directory nor a repo on the Hub ({url}) that this machine may read: check the id, "
+     "or, if it is private, " + LOGIN),
+    ("hub_private_repo_without_token", lambda mp, i: {"base_model": "org/private"},
+     "org/private: is neither a local directory nor a repo on the Hub ({url}) that this machine may read: check the "
+     "id, or, if it is private, " + LOGIN),
+    ("hub_gated_repo", lambda mp, i: {"base_model": "org/gated"},
+     "org/gated: is a gated repo: accept its conditions at {url}/org/gated with your account, then " + LOGIN),
+    ("hub_missing_revision", lambda mp, i: {"base_model": "org/tiny@v9"},
+     "org/tiny@v9: the Hub has no revision 'v9' of org/tiny"),
+    ("hub_missing_sub_folder", lambda mp, i: _hub_ads("org/ads/task_0", "org/ads/nope"),
+     "org/ads/nope: no folder 'nope' in org/ads at commit {ads_commit12}"),
+    ("hub_offline_not_cached", lambda mp, i: mp.setenv("HF_HUB_OFFLINE", "1") or {"base_model": "org/tiny"},
+     "org/tiny: org/tiny at 'main' is not in the Hub cache {hf_cache} and HF_HUB_OFFLINE=1: run once online, or "
+     "`hf download org/tiny --revision main`, first"),
+    ("hub_unreachable", lambda mp, i: mp.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+     or {"base_model": "org/tiny"},
+     "org/tiny: cannot reach the Hub at {endpoint} and org/tiny at 'main' is not in the Hub cache {hf_cache}: check "
+     "the network (or HF_ENDPOINT), or download it elsewhere into that cache and set HF_HUB_OFFLINE=1"),
+    ("hub_recorded_commit_gone", lambda mp, i: _recorded(i, "0" * 40),
+     "org/ads/task_0: commit 000000000000, which this run started from, is no longer on the Hub; --overwrite starts "
+     "the run again at the current revision"),
+    ("hub_same_task_twice", lambda mp, i: _hub_ads("org/ads/task_0", "org/ads@main/task_0"),
+     "--adapters names task 'task_0' twice (org/ads/task_0 and org/ads@main/task_0); name them apart with task=ID"),
+    ("hub_bad_adapters_entry", lambda mp, i: _hub_ads("=org/ads/task_0"),
+     "--adapters entry '=org/ads/task_0': expected ID_OR_DIR or task=ID_OR_DIR"),
+    ("hub_adapters_and_adapters_dir", lambda mp, i: {"adapters": ("org/ads/task_0",)},
+     "--adapters=org/ads/task_0: give --adapters_dir or --adapters, not both"),
+    ("push_bad_repo_id", lambda mp, i: {"push_to_hub": "just-a-name"},
+     "--push_to_hub=just-a-name: must be a Hub repo id org/name"),
+    ("push_without_token", lambda mp, i: {"push_to_hub": "me/result"},
+     "me/result: --push_to_hub needs a Hub token with write access: " + LOGIN),
+]
+
+
+@pytest.mark.parametrize("case_id, setup, expected", HUB_CASES, ids=[c[0] for c in HUB_CASES])
+def test_hub_failure_is_one_line_exit_1_and_nothing_written(inp, hub_env, capsys, monkeypatch, case_id, setup,
+                                                            expected):
+    over = setup(monkeypatch, inp)
+    before = _tree(inp["wd"]) if os.path.lexists(inp["wd"]) else None
+    kwargs = {**{k: inp[k] for k in ("base_model", "adapters_dir", "data_dir")}, "workdir": inp["wd"], **SETTINGS,
+              **over}
+    rc, lines, _ = _run_in_process(kwargs, capsys)
+    fields = {"url": hub_env.url, "endpoint": os.environ["HF_ENDPOINT"], "hf_cache": os.environ["HF_HUB_CACHE"],
+              "ads_commit12": hub_env.repos["org/ads"].refs["main"][:12]}
+    notes = [line for line in lines[:-1] if "recorded when this run started" in line]  # a resume's pin, said once
+    assert (rc, lines[len(notes):]) == (1, ["error: " + _fill(expected, fields)])
+    assert (_tree(inp["wd"]) if os.path.lexists(inp["wd"]) else None) == before
+
+
+# gs:// inputs against gcp-storage-emulator (a real GCS JSON API on 127.0.0.1, started here).
+
+
+@pytest.fixture(scope="module")
+def gcs_url():
+    pytest.importorskip("gcsfs")
+    from fixtures_gcs import gcs_emulator
+
+    with gcs_emulator() as url:
+        yield url
+
+
+def _unreachable_gcs(mp):
+    import gcsfs.core
+
+    mp.setattr(gcsfs.core.GCSFileSystem, "retries", 1)
+    mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
+    return {"data_dir": "gs://bkt/data"}
+
+
+GCS_CASES = [
+    ("gcs_missing_prefix", lambda mp: {"adapters_dir": "gs://bkt/nothing/here"},
+     "gs://bkt/nothing/here: no such directory in the bucket (no objects under this prefix)"),
+    ("gcs_unreachable", _unreachable_gcs,
+     "gs://bkt/data: cannot reach the GCS endpoint {endpoint}: check the network (or STORAGE_EMULATOR_HOST)"),
+]
+
+
+@pytest.mark.parametrize("case_id, setup, expected", GCS_CASES, ids=[c[0] for c in GCS_CASES])
+def test_gcs_failure_is_one_line_exit_1_and_nothing_written(inp, gcs_url, capsys, monkeypatch, case_id, setup,
+                                                            expected):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    over = setup(monkeypatch)
+    kwargs = {**{k: inp[k] for k in ("base_model", "adapters_dir", "data_dir")}, "workdir": inp["wd"], **SETTINGS,
+              **over}
+    rc, lines, _ = _run_in_process(kwargs, capsys)
+    assert (rc, lines) == (1, ["error: " + _fill(expected, {"endpoint": os.environ["STORAGE_EMULATOR_HOST"]})])
+    assert not os.path.lexists(inp["wd"])
