@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from d2c_jax import budget as budget_lib
-from d2c_jax import compilation_cache, data, lora, merge, plots, signals, tune
+from d2c_jax import compilation_cache, data, lora, merge, output_guard, plots, signals, tune
 from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.checkpoint import Checkpointer
@@ -59,7 +59,7 @@ from d2c_jax.sharding import (any_process, barrier, check_same_on_all_processes,
 from d2c_jax.signals import PreemptionFlag
 from d2c_jax.suite import ensure_preset
 from d2c_jax.types import Lora
-from d2c_jax.workdir_lock import WorkdirLock
+from d2c_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
 PARTITION = "partition.json"
 CONFIG = "config.json"
@@ -74,11 +74,20 @@ OUTPUTS = (PARTITION, METRICS, OBJECTIVE_PNG, ASSIGNMENT_PNG, MERGED)
 # ----------------------------------------------------------------------------- workdir
 
 
+def is_workdir(path: str) -> bool:
+    """A directory a search run of ours has used: its lock file, or our config.json."""
+    lock = os.path.join(path, LOCK_NAME)
+    return (os.path.isfile(lock) and not os.path.islink(lock)) or output_guard.json_keys(
+        "strategy", "workdir", "num_clusters")(os.path.join(path, CONFIG))
+
+
 def finished_run(workdir: str, cfg: RunConfig) -> str | None:
     """partition.json of a finished run of the same settings (None: not finished); a finished run
     of other settings is refused unless --overwrite (no side effects)."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(workdir, "--workdir exists and is not a directory")
+    output_guard.claim_dir(workdir, what="search workdir", flag="--workdir", ours=is_workdir, follow=True,
+                           inputs=[cfg.base_model, cfg.adapters_dir, cfg.data_dir])
     partition = os.path.join(workdir, PARTITION)
     if cfg.overwrite or not os.path.exists(partition):
         return None

@@ -5,7 +5,8 @@
   python launch/merge.py --adapters=... --output_dir=OUT --base_model=DIR --tune_on=DATA_DIR \\
       [--tune_granularity=adapter|layer|factors]
 
-No base model is needed: its dims are read off the adapters (--base_model only checks the fit).
+--output_dir must be new (or empty, or hold an earlier output of this command: --overwrite replaces
+it); it is never one of the inputs. No base model is needed: its dims are read off the adapters (--base_model only checks the fit).
 --tune_on tunes the merge weights (d2c_jax/tune.py) on DATA_DIR/<task>.jsonl, task = each adapter
 directory's name (part held out; kept only if they beat unit weights there); needs --base_model.
 --tune_granularity=factors tunes the merged adapter's factors themselves, from the unit-weight merge.
@@ -28,7 +29,9 @@ from d2c_jax.errors import UserError, run_cli  # noqa: E402
 from d2c_jax.merge import METHODS  # noqa: E402
 
 flags.DEFINE_list("adapters", None, "Comma-separated PEFT LoRA adapter directories.")
-flags.DEFINE_string("output_dir", None, "Where the merged PEFT adapter is written (replaced if it exists).")
+flags.DEFINE_string("output_dir", None, "Where the merged PEFT adapter is written (a new directory, or an "
+                    "earlier output of this command with --overwrite).")
+flags.DEFINE_bool("overwrite", False, "Replace an earlier merged adapter of this command in --output_dir.")
 flags.DEFINE_string("method", "ties", f"Merge method: one of {', '.join(METHODS)}.")
 flags.DEFINE_float("density", 0.5, "Fraction of entries kept per tensor when trimming.")
 flags.DEFINE_list("weights", None, "One weight per adapter (default: all 1).")
@@ -90,8 +93,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
     def body() -> int:
+        from d2c_jax import output_guard
         from d2c_jax.merge import merge_adapter_dirs
 
+        output_guard.claim_dir(FLAGS.output_dir, what="merged adapter", flag="--output_dir", command="merge",
+                               inputs=[*FLAGS.adapters, FLAGS.base_model, FLAGS.tune_on], overwrite=FLAGS.overwrite)
         weights, factors = _weights(FLAGS.weights), None
         if FLAGS.tune_on:
             if not FLAGS.base_model:
@@ -102,7 +108,7 @@ def main(argv: Sequence[str]) -> None:
         out = merge_adapter_dirs(
             FLAGS.adapters, FLAGS.output_dir, method=FLAGS.method, density=FLAGS.density,
             weights=weights, seed=FLAGS.seed, base_model=FLAGS.base_model, rank=FLAGS.output_rank or None,
-            factors=factors,
+            factors=factors, owner="merge",
         )
         print(f"wrote {out}")
         return 0

@@ -251,6 +251,25 @@ CASES = [
     ("workdir_parent_is_a_file", lambda i: (write(os.path.join(i["tmp"], "f"), "x"),
                                             {"workdir": os.path.join(i["tmp"], "f", "wd")})[1],
      "{tmp}/f/wd: cannot create --workdir: {tmp}/f is not a directory"),
+    ("workdir_holds_a_users_files", lambda i: (os.makedirs(i["wd"]), write(os.path.join(i["wd"], "notes.txt"), "x")),
+     "{wd}: --workdir exists and is not a d2c_jax search workdir (no .d2c_output); refusing to overwrite it — "
+     "choose another --workdir or remove it yourself"),
+    ("workdir_is_the_adapters_dir", lambda i: {"workdir": i["adapters_dir"]},
+     "{adapters_dir}: --workdir is the input {adapters_dir}; it would be destroyed — choose another --workdir"),
+    ("workdir_inside_the_data_dir", lambda i: {"workdir": os.path.join(i["data_dir"], "run")},
+     "{data_dir}/run: --workdir is inside the input {data_dir}; it would be destroyed — choose another --workdir"),
+    ("workdir_links_to_a_users_directory", lambda i: (os.makedirs(os.path.join(i["tmp"], "mine")),
+                                                      write(os.path.join(i["tmp"], "mine", "notes.txt"), "x"),
+                                                      os.symlink(os.path.join(i["tmp"], "mine"), i["wd"])),
+     "{tmp}/mine: --workdir exists and is not a d2c_jax search workdir (no .d2c_output); refusing to overwrite it — "
+     "choose another --workdir or remove it yourself"),
+    ("lock_file_is_a_symlink", lambda i: (_ours(i), write(os.path.join(i["tmp"], "precious"), "keep"),
+                                          os.symlink(os.path.join(i["tmp"], "precious"), os.path.join(i["wd"], ".d2c.lock"))),
+     "{wd}/.d2c.lock: is a symbolic link, which d2c_jax never creates; refusing to open it — remove it (the file it "
+     "points to is not touched)"),
+    ("lock_file_is_a_hard_link", lambda i: (_ours(i), write(os.path.join(i["tmp"], "precious"), "keep"),
+                                            os.link(os.path.join(i["tmp"], "precious"), os.path.join(i["wd"], ".d2c.lock"))),
+     "{wd}/.d2c.lock: is a hard link to another file, which d2c_jax never creates; refusing to write it — remove it"),
     ("finished_run_of_other_settings", lambda i: _finished(i, num_clusters=3),
      "{wd}: holds a finished run with --num_clusters=3 (not 2); use --overwrite to replace it or choose another "
      "--workdir"),
@@ -268,6 +287,12 @@ def _edit_json(path, **changes):
 def _config(inp, **over) -> RunConfig:
     keys = ("base_model", "adapters_dir", "data_dir")
     return RunConfig.from_flat(**{k: inp[k] for k in keys}, workdir=inp["wd"], **{**SETTINGS, **over})
+
+
+def _ours(inp):
+    """A workdir of ours (its config.json) holding no run yet."""
+    os.makedirs(inp["wd"])
+    write(os.path.join(inp["wd"], "config.json"), _config(inp).to_json())
 
 
 def _finished(inp, **saved):
@@ -496,6 +521,7 @@ def test_mixed_ranks_and_target_modules_are_supported(inp):
 
 
 def _cli(script, *args, cwd=None):
+    args = [a for a in args if a]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
                           text=True, env=child_env(), timeout=300, cwd=cwd)
     return proc.returncode, proc.stderr.splitlines(), proc.stdout
@@ -523,3 +549,104 @@ def test_cli_flagfile_naming_a_missing_path_is_one_line_and_writes_nothing(prist
                       "--density=1.5", f"--output_dir={tmp_path / 'm'}")
     assert (rc, err) == (1, ["error: --density=1.5: must be in (0, 1] (the fraction of entries kept per tensor)"])
     assert os.listdir(tmp_path) == ["run.flags"]
+
+
+# ----------------------------------------------------------------------------- outputs that are not ours
+
+
+def _marked(path, command="merge"):
+    """A directory holding an earlier output of ours (its marker) and one file."""
+    os.makedirs(path)
+    write(os.path.join(path, ".d2c_output"), json.dumps({"written_by": "d2c_jax", "command": command}))
+    write(os.path.join(path, CONFIG), "{}")
+    return path
+
+
+MERGE_OUTPUT_CASES = [
+    # (id, the --output_dir made by the case, expected line after "error: ")
+    ("output_is_an_input_adapter", lambda i: _adapter(i, "task_0"),
+     "{out}: --output_dir is the input {out}; it would be destroyed — choose another --output_dir"),
+    ("output_inside_an_input_adapter", lambda i: os.path.join(_adapter(i, "task_0"), "merged"),
+     "{out}: --output_dir is inside the input {a0}; it would be destroyed — choose another --output_dir"),
+    ("output_holds_an_input_adapter", lambda i: i["adapters_dir"],
+     "{out}: --output_dir holds the input {a0}; it would be destroyed — choose another --output_dir"),
+    ("output_is_a_users_directory", lambda i: (os.makedirs(os.path.join(i["tmp"], "mine")),
+                                               write(os.path.join(i["tmp"], "mine", "notes.txt"), "keep"))
+     and os.path.join(i["tmp"], "mine"),
+     "{out}: --output_dir exists and is not a d2c_jax merged adapter (no .d2c_output); refusing to overwrite it — "
+     "choose another --output_dir or remove it yourself"),
+    ("output_is_a_file", lambda i: write(os.path.join(i["tmp"], "f"), "keep") or os.path.join(i["tmp"], "f"),
+     "{out}: --output_dir exists and is not a directory; refusing to replace it — choose another --output_dir"),
+    ("output_is_a_symlink", lambda i: os.symlink(i["data_dir"], os.path.join(i["tmp"], "link"))
+     or os.path.join(i["tmp"], "link"),
+     "{out}: --output_dir is a symbolic link; refusing to write through it — choose another --output_dir"),
+    ("output_of_another_command", lambda i: _marked(os.path.join(i["tmp"], "bench"), "benchmark"),
+     "{out}: --output_dir exists and is not a d2c_jax merged adapter (no .d2c_output); refusing to overwrite it — "
+     "choose another --output_dir or remove it yourself"),
+    ("our_output_without_overwrite", lambda i: _marked(os.path.join(i["tmp"], "merged_out")),
+     "{out}: --output_dir holds an earlier merged adapter; pass --overwrite to replace it or choose another "
+     "--output_dir"),
+]
+
+
+@pytest.mark.parametrize("case_id, make, expected", MERGE_OUTPUT_CASES, ids=[c[0] for c in MERGE_OUTPUT_CASES])
+def test_merge_refuses_an_output_that_is_not_its_own(inp, case_id, make, expected):
+    out = make(inp)
+    before = _tree(inp["tmp"])
+    rc, err, stdout = _cli("merge.py", f"--adapters={_adapter(inp, 'task_0')},{_adapter(inp, 'task_1')}",
+                           f"--output_dir={out}", "--overwrite" if case_id == "output_of_another_command" else "")
+    assert (rc, err, stdout) == (1, ["error: " + _fill(expected, {"out": out, "a0": _adapter(inp, "task_0")})], "")
+    assert _tree(inp["tmp"]) == before  # nothing written or removed anywhere
+
+
+def test_merge_overwrite_replaces_its_own_output_and_removes_dead_temps(inp):
+    import fcntl
+
+    out = _marked(os.path.join(inp["tmp"], "merged_out"))
+    dead = os.path.join(inp["tmp"], ".merged_out.tmp-dead")  # a merge killed mid-write left this
+    os.makedirs(os.path.join(dead, "sub"))
+    live = os.path.join(inp["tmp"], ".merged_out.tmp-live")  # a merge writing right now holds this
+    os.makedirs(live)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        rc, err, stdout = _cli("merge.py", f"--adapters={_adapter(inp, 'task_0')},{_adapter(inp, 'task_1')}",
+                               f"--output_dir={out}", "--overwrite")
+    finally:
+        os.close(fd)
+    assert (rc, err, stdout) == (0, [], f"wrote {out}\n")
+    assert sorted(os.listdir(out)) == [".d2c_output", CONFIG, WEIGHTS]
+    assert sorted(n for n in os.listdir(inp["tmp"]) if n.startswith(".merged_out")) == [".merged_out.tmp-live"]
+
+
+def test_evaluate_refuses_an_output_that_is_an_input_or_a_users_file(inp):
+    data_file = os.path.join(inp["data_dir"], "task_0.jsonl")
+    users = os.path.join(inp["tmp"], "notes.json")
+    write(users, '{"mine": 1}')
+    before = _tree(inp["tmp"])
+    common = (f"--base_model={inp['base_model']}", f"--adapters_dir={inp['adapters_dir']}",
+              f"--data_dir={inp['data_dir']}")
+    assert _cli("evaluate.py", *common, f"--output={data_file}")[:2] == (
+        1, [f"error: {data_file}: --output is inside the input {inp['data_dir']}; it would be destroyed — choose "
+            "another --output"])
+    assert _cli("evaluate.py", *common, f"--output={users}")[:2] == (
+        1, [f"error: {users}: --output exists and is not a d2c_jax evaluation (JSON with tasks and summary); "
+            "refusing to overwrite it — choose another --output or remove it yourself"])
+    assert _tree(inp["tmp"]) == before
+
+
+def test_report_and_benchmark_refuse_outputs_that_are_not_theirs(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("my own notes")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "notes.txt").write_text("keep")
+    before = _tree(str(tmp_path))
+    assert _cli("report.py", f"--suite={tmp_path / 'nosuite'}", f"--output_dir={docs}")[:2] == (
+        1, [f"error: {docs}/results.md: --output_dir exists and is not a d2c_jax report file; refusing to overwrite "
+            "it — choose another --output_dir or remove it yourself"])
+    assert _cli("benchmark.py", "--tiny", f"--out_dir={bench}", f"--fixture_dir={tmp_path / 'fx'}")[:2] == (
+        1, [f"error: {bench}: --out_dir exists and is not a d2c_jax benchmark output directory (no .d2c_output); "
+            "refusing to overwrite it — choose another --out_dir or remove it yourself"])
+    assert _tree(str(tmp_path)) == before
