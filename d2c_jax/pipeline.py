@@ -29,6 +29,7 @@ Shapes: N adapters (= tasks), K clusters, P chains.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -71,6 +72,11 @@ ASSIGNMENT_PNG = "assignment.png"
 OUTPUTS = (PARTITION, METRICS, OBJECTIVE_PNG, ASSIGNMENT_PNG, MERGED)
 
 
+# Settings that change the outputs but not the search (so not in a checkpoint's fingerprint): a
+# finished run given other values is refused, never reported as "already finished".
+OUTPUT_SETTINGS = ("tune_weights", "tune_granularity", "tune_steps", "tune_holdout", "tune_learning_rate",
+                   "tune_during_search", "all_in_one_reference", "track_every", "chat_template_date")
+
 # ----------------------------------------------------------------------------- workdir
 
 
@@ -96,15 +102,34 @@ def finished_run(workdir: str, cfg: RunConfig) -> str | None:
             saved = json.load(f)
     except (OSError, ValueError):
         saved = {}
+    flat = cfg.to_dict()
     wanted = {**cfg.result_settings(), "base_model": cfg.base_model, "adapters_dir": cfg.adapters_dir,
               "data_dir": cfg.data_dir}
+    wanted.update({k: flat[k] for k in OUTPUT_SETTINGS if k in saved})  # (absent: written by an older version)
     for key, value in wanted.items():
         if key in ("base_model", "adapters_dir", "data_dir") and value is None:
             continue  # supplied by --suite
+        if key == "chat_template_date" and not value:
+            continue  # not given: the finished run's own
         if saved.get(key) != value:
             raise UserError(workdir, f"holds a finished run with --{key}={saved.get(key)!r} (not {value!r}); "
                             "use --overwrite to replace it or choose another --workdir")
     return partition
+
+
+def pin_template_date(cfg: RunConfig, workdir: str) -> RunConfig:
+    """With --chat_template and no --chat_template_date: the date of the run's start, read back
+    from the workdir's config.json on a resume, so that the prompts do not change with the day."""
+    if not cfg.chat_template or cfg.chat_template_date:
+        return cfg
+    saved = None
+    try:
+        with open(os.path.join(workdir, CONFIG), encoding="utf-8") as f:
+            saved = json.load(f).get("chat_template_date")
+        datetime.date.fromisoformat(saved)
+    except (OSError, ValueError, AttributeError, TypeError):
+        saved = None
+    return dataclasses.replace(cfg, chat_template_date=saved or data.today())
 
 
 def check_disk(workdir: str, need_bytes: int) -> None:
@@ -241,7 +266,8 @@ def reference_objectives(scorer: Scorer, cache: LossCache, num_adapters: int, nu
 def _fingerprint(cfg: RunConfig, task_data: data.TaskData) -> dict[str, Any]:
     examples = {name: list(zip(p, r)) for name, p, r in zip(task_data.names, task_data.prompts, task_data.responses)}
     return run_fingerprint(cfg.base_model, {n: os.path.join(cfg.adapters_dir, n) for n in task_data.names},
-                           examples, cfg.result_settings())
+                           examples, cfg.result_settings(),
+                           prompt_ids=dict(zip(task_data.names, task_data.prompt_ids)))
 
 
 def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_adapters: int, is_main: bool,
@@ -280,17 +306,20 @@ def _need_bytes(adapters: lora.AdapterSet, num_clusters: int, cfg: RunConfig) ->
 
 
 def _mesh(cfg: RunConfig):
+    if jax.device_count() % cfg.model_shards:  # one device included: the flag is refused, not ignored
+        raise UserError(None, f"--model_shards={cfg.model_shards} must divide the {jax.device_count()} devices")
     if jax.device_count() == 1:
         return None
-    if jax.device_count() % cfg.model_shards:
-        raise UserError(None, f"--model_shards={cfg.model_shards} must divide the {jax.device_count()} devices")
     return make_mesh(num_candidate_shards=jax.device_count() // cfg.model_shards)
 
 
 def resolve_suite(cfg: RunConfig) -> RunConfig:
     """Fills the paths that --suite supplies, building that suite on first use (cached after)."""
-    if not cfg.suite or (cfg.base_model and cfg.adapters_dir and cfg.data_dir):
-        return cfg  # no suite, or every path it would supply is given explicitly: nothing to build
+    if not cfg.suite:
+        return cfg
+    if cfg.base_model and cfg.adapters_dir and cfg.data_dir:  # --suite would have no effect: refused
+        raise UserError(None, f"--suite={cfg.suite} is not used: --base_model, --adapters_dir and --data_dir are all "
+                        "given; drop --suite (or one of them)")
     print(f"suite {cfg.suite!r}: using (or building, on first use) {os.path.join(cfg.suite_root, cfg.suite)}",
           flush=True)
     paths = ensure_preset(cfg.suite, cfg.suite_root, log=lambda msg: print(f"  suite: {msg}", flush=True))
@@ -313,6 +342,7 @@ def run(cfg: RunConfig) -> int:
     if done is not None:
         print(f"already finished: {done} (use --overwrite to run again)")
         return 0
+    cfg = pin_template_date(cfg, workdir)
     settings = cfg.engine_settings()
 
     # 1.-2. Every check, before anything is written (every process makes them on its own).
@@ -325,7 +355,8 @@ def run(cfg: RunConfig) -> int:
     compilation_cache.enable(cfg.compilation_cache)  # before the first compilation (user cache dir)
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
-                         chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg)
+                         chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg,
+                         template_date=cfg.chat_template_date or None)
     if inputs.names != tuple(names):
         raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
     # The budget mode has one checkpoint directory (and fingerprint) per way of filling the budget.
@@ -484,6 +515,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "examples_per_task": cfg.examples_per_task,
         "max_seq_len": cfg.max_seq_len,
         "chat_template": cfg.chat_template,
+        "chat_template_date": cfg.chat_template_date or None,
         "dtype": cfg.dtype,
         "base_model": cfg.base_model,
         "adapters_dir": cfg.adapters_dir,
