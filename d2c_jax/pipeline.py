@@ -1,9 +1,10 @@
 """One search run, wired end to end: inputs → Scorer → search (or baseline) → outputs in workdir.
 
 Order of work (every check before anything is written, so a bad input leaves nothing behind):
-  1. workdir: a finished run (partition.json) with the same settings is reported (its location,
-     exit 0: a retrying scheduler sees success); with other settings it is refused unless
-     --overwrite;
+  1. workdir: new, empty or ours (`output_guard`: never an input, never a user's directory); a
+     finished run (partition.json) with the same settings is reported (its location, exit 0: a
+     retrying scheduler sees success); with other settings (OUTPUT_SETTINGS included) it is
+     refused unless --overwrite;
   2. adapters, task data, K, model config, tokenizer, examples, base weights: all read and
      checked; the run fingerprint (content hashes, `fingerprint.py`); free disk space;
   3. workdir created and locked (`workdir_lock`: one run per workdir), leftovers of interrupted
