@@ -95,6 +95,10 @@ def finished_run(workdir: str, cfg: RunConfig) -> str | None:
         raise UserError(workdir, "--workdir exists and is not a directory")
     output_guard.claim_dir(workdir, what="search workdir", flag="--workdir", ours=is_workdir, follow=True,
                            inputs=[cfg.base_model, cfg.adapters_dir, cfg.data_dir])
+    for name in (*OUTPUTS, CHECKPOINTS, CONFIG, LOCK_NAME):  # never written through a link we did not make
+        if os.path.islink(os.path.join(workdir, name)):
+            raise UserError(os.path.join(workdir, name), "is a symbolic link, which d2c_jax never creates; refusing "
+                            "to write through it — remove it (what it points to is not touched)")
     partition = os.path.join(workdir, PARTITION)
     if cfg.overwrite or not os.path.exists(partition):
         return None

@@ -293,8 +293,12 @@ CASES = [
      "choose another --workdir or remove it yourself"),
     ("lock_file_is_a_symlink", lambda i: (_ours(i), write(os.path.join(i["tmp"], "precious"), "keep"),
                                           os.symlink(os.path.join(i["tmp"], "precious"), os.path.join(i["wd"], ".d2c.lock"))),
-     "{wd}/.d2c.lock: is a symbolic link, which d2c_jax never creates; refusing to open it — remove it (the file it "
-     "points to is not touched)"),
+     "{wd}/.d2c.lock: is a symbolic link, which d2c_jax never creates; refusing to write through it — remove it "
+     "(what it points to is not touched)"),
+    ("checkpoints_is_a_symlink", lambda i: (_ours(i), os.makedirs(os.path.join(i["tmp"], "mine")),
+                                            os.symlink(os.path.join(i["tmp"], "mine"), os.path.join(i["wd"], "checkpoints"))),
+     "{wd}/checkpoints: is a symbolic link, which d2c_jax never creates; refusing to write through it — remove it "
+     "(what it points to is not touched)"),
     ("lock_file_is_a_hard_link", lambda i: (_ours(i), write(os.path.join(i["tmp"], "precious"), "keep"),
                                             os.link(os.path.join(i["tmp"], "precious"), os.path.join(i["wd"], ".d2c.lock"))),
      "{wd}/.d2c.lock: is a hard link to another file, which d2c_jax never creates; refusing to write it — remove it"),
@@ -773,3 +777,17 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(in
     rc, lines, _ = _run_in_process(kwargs, capsys)  # space freed: the same command
     assert (rc, lines) == (0, [])
     assert os.path.isfile(os.path.join(inp["wd"], "partition.json"))
+
+
+def test_the_lock_file_is_never_opened_through_a_link(tmp_path):
+    """Even when a link appears after the workdir was checked (O_NOFOLLOW at the open)."""
+    precious = tmp_path / "precious"
+    precious.write_text("keep")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    os.symlink(precious, wd / ".d2c.lock")
+    with pytest.raises(UserError) as e:
+        WorkdirLock(wd).acquire()
+    assert str(e.value) == (f"{wd}/.d2c.lock: is a symbolic link, which d2c_jax never creates; refusing to open it "
+                            "— remove it (the file it points to is not touched)")
+    assert precious.read_text() == "keep" and os.path.islink(wd / ".d2c.lock")
