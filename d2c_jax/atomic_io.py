@@ -14,6 +14,7 @@ temp directory so that it appears together with the output.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -22,6 +23,24 @@ import tempfile
 from typing import Any, Callable
 
 from d2c_jax.errors import UserError
+
+
+_WHAT_TO_DO = {
+    errno.ENOSPC: "free some disk space, then re-run the same command",
+    errno.EDQUOT: "free some disk quota, then re-run the same command",
+    errno.EACCES: "make the directory writable or choose another path",
+    errno.EPERM: "make the directory writable or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOTDIR: "a component of the path is a file; remove it or choose another path",
+    errno.EEXIST: "a component of the path is a file; remove it or choose another path",
+    errno.EISDIR: "a directory is in the way; remove it or choose another path",
+}
+
+
+def save_error(path: str, what: str, e: OSError) -> UserError:
+    """The one line for an OS error of a write: the path, the error, and what to do about it."""
+    hint = _WHAT_TO_DO.get(e.errno or 0)
+    return UserError(path, f"cannot write{' ' + what if what else ''}: {e}" + (f" — {hint}" if hint else ""))
 
 
 def _umask() -> int:
@@ -125,7 +144,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     except OSError as e:
-        raise UserError(path, f"cannot write: {e}") from None
+        raise save_error(path, "", e) from None
     try:
         _lock(fd)
         with os.fdopen(fd, "wb", closefd=False) as fh:
@@ -137,7 +156,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         fsync_path(parent)
     except OSError as e:
         remove_path(tmp)
-        raise UserError(path, f"cannot write: {e}") from None
+        raise save_error(path, "", e) from None
     except BaseException:
         remove_path(tmp)
         raise
@@ -174,7 +193,7 @@ def write_dir_atomic(out_dir: str, write_fn: Callable[[str], None], what: str = 
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as e:
-        raise UserError(out_dir, f"cannot create the {what} directory: {e}") from None
+        raise save_error(out_dir, f"the {what} directory", e) from None
     try:
         _lock(fd)
         write_fn(tmp)
@@ -201,7 +220,7 @@ def write_dir_atomic(out_dir: str, write_fn: Callable[[str], None], what: str = 
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(out_dir, f"cannot write the {what}: {e}") from None
+        raise save_error(out_dir, f"the {what}", e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
-from d2c_jax.atomic_io import fsync_path, nofollow, write_bytes_atomic
+from d2c_jax.atomic_io import fsync_path, nofollow, save_error, write_bytes_atomic
 from d2c_jax.errors import UserError
 
 
@@ -81,5 +81,5 @@ class MetricsLog:
                     os.fsync(fh.fileno())
                 fsync_path(os.path.dirname(self.path))
             except OSError as e:
-                raise UserError(self.path, f"cannot write: {e}") from None
+                raise save_error(self.path, "", e) from None
         self._on_disk = len(rows)

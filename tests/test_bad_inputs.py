@@ -791,3 +791,27 @@ def test_the_lock_file_is_never_opened_through_a_link(tmp_path):
     assert str(e.value) == (f"{wd}/.d2c.lock: is a symbolic link, which d2c_jax never creates; refusing to open it "
                             "— remove it (the file it points to is not touched)")
     assert precious.read_text() == "keep" and os.path.islink(wd / ".d2c.lock")
+
+
+def test_an_os_error_of_a_save_names_the_path_and_what_to_do(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from d2c_jax import atomic_io
+
+    (tmp_path / "file").write_text("keep")
+    out = tmp_path / "file" / "eval.json"  # a path through a file
+    assert run_cli(lambda: atomic_io.write_json_atomic(str(out), {})) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out}: cannot write: [Errno 17] File exists: '{tmp_path / 'file'}' — a component of the path is a "
+        "file; remove it or choose another path"]
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic_io.os, "replace", full)
+    out = tmp_path / "merged"
+    assert run_cli(lambda: atomic_io.write_dir_atomic(str(out), lambda tmp: None, what="adapter")) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out}: cannot write the adapter: [Errno 28] No space left on device — free some disk space, then "
+        "re-run the same command"]
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # no temp left
