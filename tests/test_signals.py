@@ -113,3 +113,14 @@ def test_sighup_in_the_search_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
     assert last.startswith("stopped by SIGHUP: checkpoint of iteration "), last
     step = int(last.split("iteration ")[1].split("/")[0])
     assert (wd / "checkpoints" / str(step) / "d2c_committed").exists()
+
+
+@pytest.mark.parametrize("script, args", [
+    ("make_suite.py", ["--output_dir={tmp}/suite", "--families=2", "--languages=2"]),
+    ("report.py", ["--suite={tmp}/suite", "--output_dir={tmp}/report"]),
+    ("benchmark.py", ["--tiny", "--out_dir={tmp}/bench", "--fixture_dir={tmp}/fixture"]),
+])
+def test_every_other_command_stopped_early_exits_non_zero_and_writes_nothing(tmp_path, script, args):
+    proc = _run_signalled(script, [a.format(tmp=tmp_path) for a in args], "import:jax._src.interpreters:1:SIGTERM")
+    assert (proc.returncode, proc.stderr.splitlines()) == (143, ["stopped by SIGTERM: nothing was saved"])
+    assert os.listdir(tmp_path) == []
