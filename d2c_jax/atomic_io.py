@@ -100,7 +100,10 @@ def remove_leftovers(path: str) -> None:
     """Removes what a killed atomic write of `path` left beside it (not a live writer's temp)."""
     for leftover in leftovers_of(path):
         if not _is_live(leftover):
-            remove_path(leftover)
+            try:
+                remove_path(leftover)
+            except FileNotFoundError:
+                pass  # removed meanwhile by another process
 
 
 def nofollow(path: str, flags: int) -> int:
