@@ -80,6 +80,8 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def _arch_of(raw: dict[str, Any], path: str) -> str:
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError(path, f"architectures={archs!r}: must be a list of class names such as [\"LlamaForCausalLM\"]")
     for a in archs:
         if a in ARCHITECTURES:
             return ARCHITECTURES[a]
