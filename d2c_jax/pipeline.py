@@ -324,7 +324,7 @@ def resolve_suite(cfg: RunConfig) -> RunConfig:
         return cfg
     if cfg.base_model and cfg.adapters_dir and cfg.data_dir:  # --suite would have no effect: refused
         raise UserError(None, f"--suite={cfg.suite} is not used: --base_model, --adapters_dir and --data_dir are all "
-                        "given; drop --suite (or one of them)")
+                        "given; drop --suite (--suite= clears one set in a flagfile)")
     print(f"suite {cfg.suite!r}: using (or building, on first use) {os.path.join(cfg.suite_root, cfg.suite)}",
           flush=True)
     paths = ensure_preset(cfg.suite, cfg.suite_root, log=lambda msg: print(f"  suite: {msg}", flush=True))

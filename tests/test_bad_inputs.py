@@ -312,8 +312,8 @@ CASES = [
      "{wd}: holds a finished run with --chat_template_date='2026-01-01' (not '2026-01-02'); use --overwrite to "
      "replace it or choose another --workdir"),
     ("suite_beside_explicit_paths", lambda i: {"suite": "nonesuch"},
-     "--suite=nonesuch is not used: --base_model, --adapters_dir and --data_dir are all given; drop --suite (or one "
-     "of them)"),
+     "--suite=nonesuch is not used: --base_model, --adapters_dir and --data_dir are all given; drop --suite (--suite= "
+     "clears one set in a flagfile)"),
     ("finished_run_of_other_settings", lambda i: _finished(i, num_clusters=3),
      "{wd}: holds a finished run with --num_clusters=3 (not 2); use --overwrite to replace it or choose another "
      "--workdir"),
