@@ -352,7 +352,8 @@ def run(cfg: RunConfig) -> int:
 
     # 1.-2. Every check, before anything is written (every process makes them on its own).
     names = lora.adapter_subdirs(cfg.adapters_dir)
-    check_num_clusters(settings.num_clusters, len(names))
+    if not cfg.budget_mode:  # the budget mode chooses K itself (--num_clusters is refused with it)
+        check_num_clusters(settings.num_clusters, len(names))
     data.check_tasks_match(cfg.data_dir, names)
     model_cfg = load_config(cfg.base_model)
     # Before anything touches a device: a multi-process job (when asked or auto-detected).
