@@ -199,19 +199,25 @@ class Checkpointer:
         meta = {"version": FORMAT_VERSION, "iteration": step, "fingerprint": self.fingerprint,
                 "metrics_rows": len(state.metrics)}
         self.metrics_log.sync(state.metrics)  # the step's rows are durable before it can be committed
-        saved = self._mngr.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state_to_tree(state)), meta=ocp.args.JsonSave(meta)),
-            force=force,
-        )
-        self._mngr.wait_until_finished()
-        if not saved:
-            return False
-        if jax.process_index() == 0:
-            step_dir = os.path.join(self.directory, str(step))
-            finish_tree(step_dir)  # every file and directory of the step on disk ...
-            fsync_path(self.directory)  # ... and its name in the checkpoint directory
-            write_bytes_atomic(os.path.join(step_dir, COMMITTED), b"%d\n" % step)  # then the marker
+        try:
+            saved = self._mngr.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state_to_tree(state)),
+                                        meta=ocp.args.JsonSave(meta)),
+                force=force,
+            )
+            self._mngr.wait_until_finished()
+            if not saved:
+                return False
+            if jax.process_index() == 0:
+                step_dir = os.path.join(self.directory, str(step))
+                finish_tree(step_dir)  # every file and directory of the step on disk ...
+                fsync_path(self.directory)  # ... and its name in the checkpoint directory
+                write_bytes_atomic(os.path.join(step_dir, COMMITTED), b"%d\n" % step)  # then the marker
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax wraps OS errors (full disk, permissions) in its own
+            raise save_error(self.directory, step, e) from None
         self._restored = None
         return True
 
@@ -230,6 +236,14 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def save_error(directory: str, step: int, e: BaseException) -> UserError:
+    """The one line for a checkpoint save that failed (a full disk, no permission, a path that is
+    a file): the uncommitted step is skipped by the next run, which resumes from the last one."""
+    return UserError(directory, f"cannot save the checkpoint of iteration {step} ({_one_line(e)}); free disk "
+                     "space or make the directory writable, then re-run the same command to resume from the "
+                     "last saved checkpoint")
 
 
 def _one_line(e: BaseException) -> str:

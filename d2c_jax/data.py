@@ -18,6 +18,7 @@ that is already shuffled gives a random subset and a re-run sees the same exampl
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 from typing import Any, Sequence
@@ -223,8 +224,26 @@ def _as_ids(out: Any) -> list[int]:
     return [int(i) for i in out]
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
-    """The prompt's ids exactly as HF makes them (special tokens / chat template included)."""
+def today() -> str:
+    """Today's date (local time, as transformers' strftime_now), YYYY-MM-DD."""
+    return datetime.date.today().isoformat()
+
+
+def template_values(template_date: str | None) -> dict[str, Any]:
+    """Values a chat template reads besides the messages, pinned: `date_string` (Llama 3.x writes
+    "Today Date: " + date_string, else strftime_now("%d %b %Y")) as on `template_date`
+    (YYYY-MM-DD), so a run resumed on another day sees the prompts of its first day. A template
+    calling strftime_now itself cannot be pinned (transformers passes only plain data to it); the
+    run fingerprint holds the prompts' token ids, so a resume that would see other prompts is
+    refused. None: not pinned."""
+    if not template_date:
+        return {}
+    return {"date_string": datetime.date.fromisoformat(template_date).strftime("%d %b %Y")}
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool, template_date: str | None = None) -> list[int]:
+    """The prompt's ids exactly as HF makes them (special tokens / chat template included); with
+    `template_date`, as HF makes them on that day."""
     if chat_template:
         if getattr(tokenizer, "chat_template", None) is None:
             where = os.path.join(getattr(tokenizer, "name_or_path", "") or ".", "tokenizer_config.json")
@@ -232,7 +251,8 @@ def prompt_token_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[i
                             "\"chat_template\" here and no chat_template.jinja beside it)")
         return _as_ids(
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True,
+                **template_values(template_date),
             )
         )
     return _as_ids(tokenizer(prompt))
@@ -256,8 +276,10 @@ def load_task_data(
     max_seq_len: int = 1024,
     chat_template: bool = False,
     extra_ok: bool = False,
+    template_date: str | None = None,
 ) -> TaskData:
     """Reads, tokenises and pads every task's first `examples_per_task` examples (None: all).
+    `template_date`: the date the chat template sees (`template_values`).
 
     split="search" reads `<task>.jsonl`; split="eval" reads `<task>.eval.jsonl` and falls back,
     per task, to `<task>.jsonl` when a task has no eval file (logged). `extra_ok`: data_dir may
@@ -281,7 +303,7 @@ def load_task_data(
             fallback.append(task)
             path = data_file(data_dir, task, "search")
         files.append(path)
-        rows, n_cut = _tokenise_task(path, tokenizer, examples_per_task, max_seq_len, chat_template)
+        rows, n_cut = _tokenise_task(path, tokenizer, examples_per_task, max_seq_len, chat_template, template_date)
         per_task.append(rows)
         truncated.append(n_cut)
     if fallback:
@@ -350,12 +372,13 @@ def concat_task_data(parts: Sequence[TaskData], pad_id: int = 0) -> TaskData:
 
 
 def _tokenise_task(
-    path: str, tokenizer: Any, limit: int | None, max_seq_len: int, chat_template: bool
+    path: str, tokenizer: Any, limit: int | None, max_seq_len: int, chat_template: bool,
+    template_date: str | None = None,
 ) -> tuple[list[tuple[str, str, list[int], list[int]]], int]:
     """(prompt, response, prompt_ids, response_ids) per example, prompts cut to fit max_seq_len."""
     rows, n_cut = [], 0
     for lineno, prompt, response in read_examples(path, limit):
-        p_ids = prompt_token_ids(tokenizer, prompt, chat_template)
+        p_ids = prompt_token_ids(tokenizer, prompt, chat_template, template_date)
         r_ids = response_token_ids(tokenizer, response)
         if len(r_ids) + 1 > max_seq_len:
             raise UserError(

@@ -7,8 +7,13 @@ the same size, new base weights behind an unchanged config.json, edited examples
     {"files": {"base_model/model.safetensors": sha256, "tokenizer/tokenizer.json": sha256,
                "adapters/<task>/adapter_model.safetensors": sha256, ...},
      "examples": {"<task>": sha256 of the (prompt, response) pairs actually used},
+     "prompts": {"<task>": sha256 of the prompts' token ids, as the model sees them},
      "settings": {flag: value},
      "revisions": {"org/name@revision": commit} of the inputs named by Hub id (hub.py)}
+
+The prompts' token ids cover what the raw examples and the tokenizer files do not: a chat
+template's output depends on values it reads at run time (Llama 3's "Today Date"), so a resume
+that would see other prompts than the checkpoint's losses were computed on is refused.
 
 Keys are relative, so moving the same inputs elsewhere still resumes. Files are hashed streaming
 (4 MiB chunks, several files at once: hashlib releases the GIL) and each hash is cached in
@@ -123,10 +128,12 @@ def run_fingerprint(
     examples: Mapping[str, Iterable[tuple[str, str]]],
     settings: Mapping[str, Any],
     revisions: Mapping[str, str] | None = None,
+    prompt_ids: Mapping[str, Iterable[Sequence[int]]] | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of a run: its base model, tokenizer, adapters {task: dir}, the examples used
-    {task: [(prompt, response), ...]}, its result-relevant settings and the commit of each input
-    named by Hub id."""
+    {task: [(prompt, response), ...]}, its result-relevant settings, the commit of each input
+    named by Hub id and the prompts' token ids {task: [ids, ...]} (templated, as the model sees
+    them)."""
     weights, tokenizer = base_model_files(base_model)
     keyed: dict[str, str] = {}
     for path in weights:
@@ -137,12 +144,23 @@ def run_fingerprint(
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             keyed[f"adapters/{task}/{name}"] = os.path.join(d, name)
     hashes = hash_files(list(keyed.values()))
-    return {
+    out = {
         "files": {key: hashes[path] for key, path in keyed.items()},
         "examples": {task: examples_hash(ex) for task, ex in sorted(examples.items())},
         "settings": json.loads(json.dumps(dict(settings))),
         "revisions": dict(sorted((revisions or {}).items())),
     }
+    if prompt_ids is not None:
+        out["prompts"] = {task: ids_hash(ids) for task, ids in sorted(prompt_ids.items())}
+    return out
+
+
+def ids_hash(sequences: Iterable[Sequence[int]]) -> str:
+    """sha256 of token id sequences, in order."""
+    h = hashlib.sha256()
+    for ids in sequences:
+        h.update(json.dumps([int(i) for i in ids]).encode() + b"\n")
+    return h.hexdigest()
 
 
 def mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
@@ -169,6 +187,12 @@ def mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None
     for task in sorted(set(ex_saved) | set(ex_now)):
         if ex_saved.get(task) != ex_now.get(task):
             return f"the examples used for task {task} changed"
+    pr_saved, pr_now = saved.get("prompts"), current.get("prompts")
+    if pr_saved is not None and pr_now is not None:  # (a checkpoint of an older version has none)
+        for task in sorted(set(pr_saved) | set(pr_now)):
+            if pr_saved.get(task) != pr_now.get(task):
+                return (f"the prompts of task {task}, as the model sees them, changed (the chat template or a "
+                        "value it reads, such as --chat_template_date)")
     s_saved, s_now = saved.get("settings", {}), current.get("settings", {})
     for key in sorted(set(s_saved) | set(s_now)):
         if s_saved.get(key) != s_now.get(key):

@@ -88,11 +88,13 @@ class Inputs:
     def __init__(self, base_model: str, model_cfg: ModelConfig, names: tuple[str, ...],
                  adapters: AdapterSet | None, tokenizer: Any, task_data: TaskData,
                  meta: dict[str, TaskMeta], *, data_dir: str, dtype: str, chat_template: bool,
-                 mesh: jax.sharding.Mesh | None, sources: Sources | None = None):
+                 mesh: jax.sharding.Mesh | None, sources: Sources | None = None,
+                 template_date: str | None = None):
         self.base_model, self.model_cfg, self.names = base_model, model_cfg, names
         self.sources = sources or Sources(hub.Resolved(base_model, base_model), {})
         self.adapters, self.tokenizer, self.task_data, self.meta = adapters, tokenizer, task_data, meta
         self.data_dir, self.dtype, self.chat_template, self.mesh = data_dir, dtype, chat_template, mesh
+        self.template_date = template_date
         self._prepared: dict[tuple[str, float, int], Prepared] = {}
 
     @property
@@ -117,7 +119,7 @@ class Inputs:
         """Another split (or size) of the same tasks' data, with the same tokenizer and template."""
         return data.load_task_data(self.data_dir, self.names, self.tokenizer, split=split,
                                    examples_per_task=examples_per_task, max_seq_len=max_seq_len,
-                                   chat_template=self.chat_template)
+                                   chat_template=self.chat_template, template_date=self.template_date)
 
     def prepared(self, method: str, density: float, seed: int = 0, rank: int | None = None) -> Prepared:
         """merge.prepare_merge of the adapters, once per (method, density, seed, output rank)."""
@@ -157,6 +159,7 @@ def load_inputs(
     dtype: str = "bfloat16",
     mesh: jax.sharding.Mesh | None = None,
     model_cfg: ModelConfig | None = None,
+    template_date: str | None = None,
 ) -> Inputs:
     """Reads and checks every input but the base weights (see the module docstring).
 
@@ -170,6 +173,7 @@ def load_inputs(
       split: "search" (<task>.jsonl) or "eval" (<task>.eval.jsonl, else <task>.jsonl).
       examples_per_task: the first n examples of each task (None: all).
       model_cfg: the already loaded config of base_model (skips reading it again).
+      template_date: the date the chat template sees (data.template_values; None: today).
     """
     sources = sources or resolve_sources(base_model, adapters_dir, adapters, data_dir=data_dir, pinned=pinned)
     base_model, data_dir = sources.base_model.path, sources.data_dir or data_dir
@@ -186,7 +190,8 @@ def load_inputs(
     data.check_tasks_match(data_dir, names, split=split)
     tokenizer = hf_io.load_tokenizer(base_model)
     task_data = data.load_task_data(data_dir, names, tokenizer, split=split, examples_per_task=examples_per_task,
-                                    max_seq_len=max_seq_len, chat_template=chat_template)
+                                    max_seq_len=max_seq_len, chat_template=chat_template,
+                                    template_date=template_date)
     meta = data.load_task_meta(data_dir, names)
     return Inputs(str(base_model), model_cfg, names, adapter_set, tokenizer, task_data, meta, data_dir=data_dir,
-                  dtype=dtype, chat_template=chat_template, mesh=mesh, sources=sources)
+                  dtype=dtype, chat_template=chat_template, mesh=mesh, sources=sources, template_date=template_date)

@@ -78,6 +78,7 @@ class Adapter:
     rank: int
     scaling: float
     base_model_path: str | None
+    base_model_class: str | None = None  # PEFT's auto_mapping.base_model_class, e.g. "LlamaForCausalLM"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +269,10 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
     L = dims.num_layers
     config = read_adapter_config(adapter_dir)
     cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
+    base_class = base_model_class(config)
+    if isinstance(cfg, ModelConfig) and base_class is not None and not base_class.lower().startswith(cfg.arch):
+        raise UserError(cfg_path, f"auto_mapping.base_model_class={base_class!r}: this adapter was trained for "
+                        f"another architecture than the base model's ({cfg.arch}); it cannot be applied to it")
     path = _weights_path(adapter_dir)
     tensors = SafetensorsReader().read_float32(path)
     if not tensors:
@@ -293,8 +298,8 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
                     path, f"missing tensor {peft_key(layer, m, f)} (targeted by {CONFIG_NAME})"
                 )
     modules = [m for m in LORA_MODULES if any(pm == m for _, pm in present)]
-    a = {m: np.zeros((L, r, dims.shapes[m][0]), np.float32) for m in modules}
-    b = {m: np.zeros((L, dims.shapes[m][1], r), np.float32) for m in modules}
+    # Every shape checked before anything is allocated: r comes from a file (r=10**9 must not
+    # try to allocate [L, r, d_in]), and only tensors of the file's own size can match it.
     for (layer, m, f), key in sorted(parsed.items()):
         d_in, d_out = dims.shapes[m]
         want = (r, d_in) if f == "A" else (d_out, r)
@@ -307,7 +312,10 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
             )
         if not np.all(np.isfinite(t)):
             raise UserError(path, f"tensor {key} contains NaN or Inf")
-        (a if f == "A" else b)[m][layer] = t
+    a = {m: np.zeros((L, r, dims.shapes[m][0]), np.float32) for m in modules}
+    b = {m: np.zeros((L, dims.shapes[m][1], r), np.float32) for m in modules}
+    for (layer, m, f), key in sorted(parsed.items()):
+        (a if f == "A" else b)[m][layer] = tensors[key]
     if not any(np.any(b[m]) for m in modules) or not any(np.any(a[m]) for m in modules):
         raise UserError(path, "every lora_A or every lora_B weight is zero: the adapter changes nothing "
                         "(an untrained adapter?)")
@@ -319,6 +327,7 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
         rank=r,
         scaling=alpha / math.sqrt(r) if rslora else alpha / r,
         base_model_path=config.get("base_model_name_or_path"),
+        base_model_class=base_class,
     )
 
 
@@ -327,10 +336,24 @@ def _base_name(path: str) -> str:
     return os.path.basename(os.path.normpath(path)).lower()
 
 
+def base_model_class(config: Mapping[str, Any]) -> str | None:
+    """PEFT's `auto_mapping.base_model_class` of an adapter_config.json (None when absent)."""
+    mapping = config.get("auto_mapping")
+    cls = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return cls if isinstance(cls, str) and cls else None
+
+
 def check_same_base(adapters: Sequence[Adapter]) -> None:
     """Adapters whose adapter_config.json names different base models (by their last path
     component, so "org/Model" and "/models/Model" agree) are refused, naming two that differ;
     same-shaped bases of other architectures would otherwise merge without a word."""
+    classed = [ad for ad in adapters if ad.base_model_class]
+    other = next((ad for ad in classed if ad.base_model_class != classed[0].base_model_class), None)
+    if other is not None:
+        raise UserError(os.path.join(other.path, CONFIG_NAME),
+                        f"auto_mapping.base_model_class={other.base_model_class!r} differs from "
+                        f"{classed[0].base_model_class!r} of {os.path.join(classed[0].path, CONFIG_NAME)}; "
+                        "adapters of different architectures cannot be merged")
     named = [ad for ad in adapters if ad.base_model_path]
     names = {_base_name(ad.base_model_path) for ad in named}
     if len(names) > 1:
@@ -475,12 +498,14 @@ def save_peft_adapter(
     base_model_path: str | None,
     layers_to_transform: Sequence[int] | None = None,
     use_rslora: bool = False,
+    owner: str | None = None,
 ) -> str:
     """Writes lora {module: {"a": [L, R, d_in], "b": [L, d_out, R]}} as a PEFT LoRA adapter.
 
     The factors are stored as given (lora_A = a, lora_B = b), so pass alpha = rank when the
     scaling is already folded into b. Only the layers in layers_to_transform are written (all L
-    when None). Loadable by PeftModel.from_pretrained. Returns out_dir.
+    when None). Loadable by PeftModel.from_pretrained. `owner`: the command whose output marker
+    (atomic_io.MARKER) the directory carries. Returns out_dir.
     """
     out_dir = str(out_dir)
     modules = [m for m in LORA_MODULES if m in lora_single]
@@ -530,5 +555,5 @@ def save_peft_adapter(
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
 
-    write_dir_atomic(out_dir, write, what="adapter")
+    write_dir_atomic(out_dir, write, what="adapter", owner=owner)
     return out_dir

@@ -357,6 +357,7 @@ def merge_adapter_dirs(
     base_model: str | None = None,
     rank: int | None = None,
     factors: Lora | None = None,
+    owner: str | None = None,
 ) -> str:
     """Merges the given PEFT adapters into one PEFT adapter at output_dir (written atomically).
 
@@ -364,8 +365,8 @@ def merge_adapter_dirs(
     the output rank (default: the adapters'). Without base_model the base dims are read off the adapters' tensors and the output lists the
     adapted layers explicitly (layers_to_transform), so it also fits a deeper base model; with
     base_model the adapters are checked against it. `factors`: the merged adapter's factors to
-    write instead of the merge (tune.py's granularity "factors", tuned from this merge). Returns
-    output_dir.
+    write instead of the merge (tune.py's granularity "factors", tuned from this merge); `owner`:
+    the command named in the output's marker (lora.save_peft_adapter). Returns output_dir.
     """
     from d2c_jax.models.config import load_config
 
@@ -400,5 +401,5 @@ def merge_adapter_dirs(
         base_path = next((p for p in aset.base_model_paths if p), None)
     return lora_lib.save_peft_adapter(
         output_dir, merged, rank=prepared.rank, alpha=prepared.rank, base_model_path=base_path,
-        layers_to_transform=layers
+        layers_to_transform=layers, owner=owner
     )

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
-from d2c_jax.atomic_io import fsync_path, write_bytes_atomic
+from d2c_jax.atomic_io import fsync_path, nofollow, save_error, write_bytes_atomic
 from d2c_jax.errors import UserError
 
 
@@ -75,11 +75,11 @@ class MetricsLog:
             write_bytes_atomic(self.path, jsonl_bytes(rows))
         elif self._on_disk < len(rows):
             try:
-                with open(self.path, "ab") as fh:
+                with open(self.path, "ab", opener=nofollow) as fh:
                     fh.write(jsonl_bytes(rows[self._on_disk:]))
                     fh.flush()
                     os.fsync(fh.fileno())
                 fsync_path(os.path.dirname(self.path))
             except OSError as e:
-                raise UserError(self.path, f"cannot write: {e}") from None
+                raise save_error(self.path, "", e) from None
         self._on_disk = len(rows)

@@ -1,13 +1,14 @@
 """One search run, wired end to end: inputs → Scorer → search (or baseline) → outputs in workdir.
 
 Order of work (every check before anything is written, so a bad input leaves nothing behind):
-  1. workdir: a finished run (partition.json) with the same settings is reported (its location,
-     exit 0: a retrying scheduler sees success); with other settings it is refused unless
-     --overwrite;
+  1. workdir: new, empty or ours (`output_guard`: never an input, never a user's directory); a
+     finished run (partition.json) with the same settings is reported (its location, exit 0: a
+     retrying scheduler sees success); with other settings (OUTPUT_SETTINGS included) it is
+     refused unless --overwrite;
   2. base model and adapters resolved (`inputs.resolve_sources`: Hub ids downloaded or found in
      the Hub cache, at the commits config.json recorded when resuming); adapters, task data, K,
      model config, tokenizer, examples, base weights: all read and checked; the run fingerprint
-     (content hashes and Hub commits, `fingerprint.py`); free disk space;
+     (content hashes, Hub commits and templated prompts, `fingerprint.py`); free disk space;
   3. workdir created and locked (`workdir_lock`: one run per workdir), leftovers of interrupted
      writes removed; the checkpoint (if any) is resumed from the newest usable step, or refused
      when made from other inputs (--overwrite discards it);
@@ -32,6 +33,7 @@ Shapes: N adapters (= tasks), K clusters, P chains.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -43,7 +45,7 @@ import jax
 import numpy as np
 
 from d2c_jax import budget as budget_lib
-from d2c_jax import compilation_cache, data, hub, lora, merge, plots, push, signals, tune
+from d2c_jax import compilation_cache, data, hub, lora, merge, output_guard, plots, push, signals, tune
 from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.checkpoint import Checkpointer
@@ -62,7 +64,7 @@ from d2c_jax.sharding import (any_process, barrier, check_same_on_all_processes,
 from d2c_jax.signals import PreemptionFlag
 from d2c_jax.suite import ensure_preset
 from d2c_jax.types import Lora
-from d2c_jax.workdir_lock import WorkdirLock
+from d2c_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
 PARTITION = "partition.json"
 CONFIG = "config.json"
@@ -74,7 +76,19 @@ ASSIGNMENT_PNG = "assignment.png"
 OUTPUTS = (PARTITION, METRICS, OBJECTIVE_PNG, ASSIGNMENT_PNG, MERGED)
 
 
+# Settings that change the outputs but not the search (so not in a checkpoint's fingerprint): a
+# finished run given other values is refused, never reported as "already finished".
+OUTPUT_SETTINGS = ("tune_weights", "tune_granularity", "tune_steps", "tune_holdout", "tune_learning_rate",
+                   "tune_during_search", "all_in_one_reference", "track_every", "chat_template_date")
+
 # ----------------------------------------------------------------------------- workdir
+
+
+def is_workdir(path: str) -> bool:
+    """A directory a search run of ours has used: its lock file, or our config.json."""
+    lock = os.path.join(path, LOCK_NAME)
+    return (os.path.isfile(lock) and not os.path.islink(lock)) or output_guard.json_keys(
+        "strategy", "workdir", "num_clusters")(os.path.join(path, CONFIG))
 
 
 def finished_run(workdir: str, cfg: RunConfig) -> str | None:
@@ -82,6 +96,12 @@ def finished_run(workdir: str, cfg: RunConfig) -> str | None:
     of other settings is refused unless --overwrite (no side effects)."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(workdir, "--workdir exists and is not a directory")
+    output_guard.claim_dir(workdir, what="search workdir", flag="--workdir", ours=is_workdir, follow=True,
+                           inputs=[cfg.base_model, cfg.adapters_dir, cfg.data_dir])
+    for name in (*OUTPUTS, CHECKPOINTS, CONFIG, LOCK_NAME):  # never written through a link we did not make
+        if os.path.islink(os.path.join(workdir, name)):
+            raise UserError(os.path.join(workdir, name), "is a symbolic link, which d2c_jax never creates; refusing "
+                            "to write through it — remove it (what it points to is not touched)")
     partition = os.path.join(workdir, PARTITION)
     if cfg.overwrite or not os.path.exists(partition):
         return None
@@ -90,15 +110,34 @@ def finished_run(workdir: str, cfg: RunConfig) -> str | None:
             saved = json.load(f)
     except (OSError, ValueError):
         saved = {}
+    flat = cfg.to_dict()
     wanted = {**cfg.result_settings(), "base_model": cfg.base_model, "adapters_dir": cfg.adapters_dir,
               "data_dir": cfg.data_dir, "adapters": list(cfg.adapters)}
+    wanted.update({k: flat[k] for k in OUTPUT_SETTINGS if k in saved})  # (absent: written by an older version)
     for key, value in wanted.items():
         if key in ("base_model", "adapters_dir", "data_dir") and value is None:
             continue  # supplied by --suite
+        if key == "chat_template_date" and not value:
+            continue  # not given: the finished run's own
         if saved.get(key, [] if key == "adapters" else None) != value:
             raise UserError(workdir, f"holds a finished run with --{key}={saved.get(key)!r} (not {value!r}); "
                             "use --overwrite to replace it or choose another --workdir")
     return partition
+
+
+def pin_template_date(cfg: RunConfig, workdir: str) -> RunConfig:
+    """With --chat_template and no --chat_template_date: the date of the run's start, read back
+    from the workdir's config.json on a resume, so that the prompts do not change with the day."""
+    if not cfg.chat_template or cfg.chat_template_date:
+        return cfg
+    saved = None
+    try:
+        with open(os.path.join(workdir, CONFIG), encoding="utf-8") as f:
+            saved = json.load(f).get("chat_template_date")
+        datetime.date.fromisoformat(saved)
+    except (OSError, ValueError, AttributeError, TypeError):
+        saved = None
+    return dataclasses.replace(cfg, chat_template_date=saved or data.today())
 
 
 def check_disk(workdir: str, need_bytes: int) -> None:
@@ -236,7 +275,8 @@ def _fingerprint(cfg: RunConfig, inputs: Inputs) -> dict[str, Any]:
     task_data = inputs.task_data
     examples = {name: list(zip(p, r)) for name, p, r in zip(task_data.names, task_data.prompts, task_data.responses)}
     return run_fingerprint(inputs.base_model, inputs.sources.adapter_dirs, examples, cfg.result_settings(),
-                           revisions=inputs.sources.commits())
+                           revisions=inputs.sources.commits(),
+                           prompt_ids=dict(zip(task_data.names, task_data.prompt_ids)))
 
 
 def config_json(cfg: RunConfig, commits: Mapping[str, str]) -> str:
@@ -280,17 +320,20 @@ def _need_bytes(adapters: lora.AdapterSet, num_clusters: int, cfg: RunConfig) ->
 
 
 def _mesh(cfg: RunConfig):
+    if jax.device_count() % cfg.model_shards:  # one device included: the flag is refused, not ignored
+        raise UserError(None, f"--model_shards={cfg.model_shards} must divide the {jax.device_count()} devices")
     if jax.device_count() == 1:
         return None
-    if jax.device_count() % cfg.model_shards:
-        raise UserError(None, f"--model_shards={cfg.model_shards} must divide the {jax.device_count()} devices")
     return make_mesh(num_candidate_shards=jax.device_count() // cfg.model_shards)
 
 
 def resolve_suite(cfg: RunConfig) -> RunConfig:
     """Fills the paths that --suite supplies, building that suite on first use (cached after)."""
-    if not cfg.suite or (cfg.base_model and (cfg.adapters_dir or cfg.adapters) and cfg.data_dir):
-        return cfg  # no suite, or every path it would supply is given explicitly: nothing to build
+    if not cfg.suite:
+        return cfg
+    if cfg.base_model and (cfg.adapters_dir or cfg.adapters) and cfg.data_dir:  # --suite would have no effect
+        raise UserError(None, f"--suite={cfg.suite} is not used: --base_model, --adapters_dir and --data_dir are all "
+                        "given; drop --suite (--suite= clears one set in a flagfile)")
     print(f"suite {cfg.suite!r}: using (or building, on first use) {os.path.join(cfg.suite_root, cfg.suite)}",
           flush=True)
     paths = ensure_preset(cfg.suite, cfg.suite_root, log=lambda msg: print(f"  suite: {msg}", flush=True))
@@ -317,13 +360,15 @@ def run(cfg: RunConfig) -> int:
         if cfg.push_to_hub and _is_main():
             push_result(workdir, cfg)  # a push that failed before is tried again
         return 0
+    cfg = pin_template_date(cfg, workdir)
     settings = cfg.engine_settings()
 
     # 1.-2. Every check, before anything is written (every process makes them on its own).
     sources = resolve_sources(cfg.base_model, cfg.adapters_dir, cfg.adapters, data_dir=cfg.data_dir,
                               pinned={} if cfg.overwrite else hub.recorded_commits(os.path.join(workdir, CONFIG)))
     names = list(sources.adapters)
-    check_num_clusters(settings.num_clusters, len(names))
+    if not cfg.budget_mode:  # the budget mode chooses K itself (--num_clusters is refused with it)
+        check_num_clusters(settings.num_clusters, len(names))
     data.check_tasks_match(sources.data_dir, names)
     model_cfg = load_config(sources.base_model.path)
     # Before anything touches a device: a multi-process job (when asked or auto-detected).
@@ -332,7 +377,7 @@ def run(cfg: RunConfig) -> int:
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
                          chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg,
-                         sources=sources)
+                         sources=sources, template_date=cfg.chat_template_date or None)
     if inputs.names != tuple(names):
         raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
     # The budget mode has one checkpoint directory (and fingerprint) per way of filling the budget.
@@ -492,6 +537,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "examples_per_task": cfg.examples_per_task,
         "max_seq_len": cfg.max_seq_len,
         "chat_template": cfg.chat_template,
+        "chat_template_date": cfg.chat_template_date or None,
         "dtype": cfg.dtype,
         "base_model": cfg.base_model,
         "adapters_dir": cfg.adapters_dir,

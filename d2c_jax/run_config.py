@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -92,6 +93,9 @@ class RunConfig:
     examples_per_task: int = setting(10, "n: examples per task used to score merges.")
     max_seq_len: int = setting(1024, "Longest example in tokens (prompts cut from the left).")
     chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+    chat_template_date: str = setting("", "The date a chat template writes (Llama 3's 'Today Date'), YYYY-MM-DD "
+                                      "('': the day the run started, kept in config.json so that a resumed run "
+                                      "sees the same prompts).")
     dtype: str = setting("bfloat16", "Base weight dtype.", choices=DTYPES)
     batch_size: str = setting("auto", "Largest number of evaluation requests per accelerator call; calls use "
                               "power-of-two buckets up to it (auto: the largest that fits device memory; does "
@@ -178,6 +182,11 @@ class RunConfig:
             limit = "" if self.num_processes is None else f" and < --num_processes={self.num_processes}"
             _check(0 <= self.process_id < (self.num_processes or self.process_id + 1), "process_id",
                    self.process_id, f"must be >= 0{limit}")
+        if self.chat_template_date:
+            try:
+                datetime.date.fromisoformat(self.chat_template_date)
+            except ValueError:
+                _check(False, "chat_template_date", self.chat_template_date, "must be a date YYYY-MM-DD")
         _check(self.output_rank >= 0, "output_rank", self.output_rank, "must be >= 0 (0: the adapters' rank)")
         _check(self.budget is None or self.budget_mb is None, "budget_mb", self.budget_mb,
                "give --budget (percent) or --budget_mb, not both")

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT: stop at a safe point with a checkpoint; never a traceback, never a crash.
+"""SIGTERM, SIGINT and SIGHUP: stop at a safe point with a checkpoint; never a traceback, never a crash.
 
 `install()` is the first thing a launch script does (before jax is imported). From then on a
 signal never raises KeyboardInterrupt inside library code. That was the cause of the rc 139
@@ -8,10 +8,15 @@ interrupted" and the interpreter tore down its modules while XLA's and Orbax's t
 used them. Now:
 
 - inside a `PreemptionFlag` region (the search loop with its checkpoint commits, the writing of
-  the outputs) the first SIGTERM or SIGINT only sets the flag; the engine polls it at the end of
-  the iteration, saves a checkpoint and the run exits (0 for SIGTERM, 130 for SIGINT);
-- outside such a region (start-up, loading, compiling the baseline) there is nothing to save:
-  the process prints one line and leaves with os._exit, skipping the interpreter teardown;
+  the outputs) the first signal only sets the flag; the engine polls it at the end of the
+  iteration, saves a checkpoint and the run exits (0 for SIGTERM and SIGHUP: the state is saved
+  and a re-run resumes; 130 for SIGINT);
+- outside such a region (start-up, loading, compiling the baseline; any moment of merge,
+  evaluate, make_suite, report and benchmark) the process prints one line and leaves with
+  os._exit, skipping the interpreter teardown: 128 + the signal number (143 SIGTERM, 129 SIGHUP,
+  130 SIGINT) unless the note says a checkpoint is kept (then 0 for SIGTERM / SIGHUP, as above).
+  So every command ends non-zero unless its complete output (or the search's checkpoint) was
+  written; SIGHUP (a closed terminal or ssh session) is a SIGTERM;
 - a second SIGINT always leaves at once (130). Every file is written atomically and a checkpoint
   counts only once committed, so an exit at any instant corrupts nothing; the next run removes
   the temp files.
@@ -28,29 +33,37 @@ import signal
 import threading
 from typing import Any
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
-EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+EXIT_CODES = {signal.SIGTERM: 0, signal.SIGHUP: 0, signal.SIGINT: 130}  # after the state was saved
 
 _lock = threading.RLock()  # reentrant: a Python-level handler may run while the main thread holds it
 _depth = 0  # nesting of PreemptionFlag regions
 _received: int | None = None  # the first signal received inside a region
 _installed = False
 _note = "nothing was saved"  # what is kept if the process leaves now (set by the pipeline)
+_saved = False  # whether _note names a saved state (a checkpoint) a re-run resumes from
 
 
 def exit_code(signum: int | None) -> int:
-    """0 for SIGTERM (a preemption: the scheduler may restart), 130 for SIGINT, 0 for none."""
+    """After the state was saved: 0 for SIGTERM / SIGHUP (a preemption: the scheduler may
+    restart), 130 for SIGINT, 0 for none."""
     return EXIT_CODES.get(signum, 0) if signum is not None else 0
+
+
+def unsaved_exit_code(signum: int) -> int:
+    """When the signal ends the process before its output or state was saved: 128 + signum."""
+    return 128 + int(signum)
 
 
 def name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def set_note(text: str) -> None:
-    """What the one-line message says is kept when a signal ends the process outside a region."""
-    global _note
-    _note = text
+def set_note(text: str, saved: bool = True) -> None:
+    """What the one-line message says is kept when a signal ends the process outside a region;
+    `saved`: the text names a saved state (a checkpoint), so SIGTERM / SIGHUP then exit 0."""
+    global _note, _saved
+    _note, _saved = text, saved
 
 
 def received() -> int | None:
@@ -60,17 +73,17 @@ def received() -> int | None:
 
 def _exit_now(signum: int, why: str) -> None:
     # os.write, not print: the main thread may hold sys.stderr's lock.
-    os.write(2, f"stopped by {name(signum)} {why}: {_note}\n".encode())
-    os._exit(exit_code(signum))
+    os.write(2, f"stopped by {name(signum)}{why}: {_note}\n".encode())
+    os._exit(exit_code(signum) if _saved else unsaved_exit_code(signum))
 
 
 def _on_signal(signum: int) -> None:
     global _received
     with _lock:
         if _depth == 0:
-            _exit_now(signum, "outside the search")
+            _exit_now(signum, "")
         if _received == signal.SIGINT and signum == signal.SIGINT:
-            _exit_now(signum, "a second time; leaving at once")
+            _exit_now(signum, " a second time; leaving at once")
         if _received is None:
             _received = signum
 
@@ -92,7 +105,7 @@ def _python_handler(signum: int, frame: Any) -> None:
 
 
 def install() -> None:
-    """Routes SIGTERM and SIGINT through the watchdog for the rest of the process (main thread)."""
+    """Routes SIGTERM, SIGINT and SIGHUP through the watchdog for the rest of the process (main thread)."""
     global _installed
     if _installed or threading.current_thread() is not threading.main_thread():
         return
@@ -106,7 +119,7 @@ def install() -> None:
 
 
 class PreemptionFlag:
-    """A region where SIGTERM / SIGINT only set a flag; calling the object says whether one came.
+    """A region where SIGTERM / SIGINT / SIGHUP only set a flag; calling the object says whether one came.
 
     Used around the search loop (the engine polls it after each iteration and checkpoints) and
     around the writing of outputs. Without `install()` (library use, tests) the region installs

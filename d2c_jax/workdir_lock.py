@@ -4,12 +4,16 @@ A retried job whose first copy still runs would otherwise write the same checkpo
 The lock file holds the holder's pid (for the message of the second run); the kernel releases the
 lock when the holder exits in any way (SIGKILL included), so a stale lock file never blocks.
 `flock` works on local file systems and on NFS (Linux emulates it with POSIX locks there).
+The lock file is never opened through a symbolic link, nor written when it is a hard link or not
+a regular file: a planted `.d2c.lock` pointing to a user's file would otherwise be truncated.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 
 from d2c_jax.errors import UserError
 
@@ -26,9 +30,18 @@ class WorkdirLock:
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            # Never through a link: a .d2c.lock pointing to a user's file would be truncated.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(self.path, "is a symbolic link, which d2c_jax never creates; refusing to open it "
+                                "— remove it (the file it points to is not touched)") from None
             raise UserError(self.workdir, f"cannot create the lock file {LOCK_NAME}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.close(fd)
+            what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+            raise UserError(self.path, f"is {what}, which d2c_jax never creates; refusing to write it — remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

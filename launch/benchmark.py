@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -30,6 +31,11 @@ from typing import Sequence
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from absl import app, flags, logging  # noqa: E402
+
+from d2c_jax import cli  # noqa: E402
+
+if __name__ == "__main__":
+    cli.start()  # signals and quiet libraries, before jax is imported
 
 from d2c_jax.errors import UserError, run_cli  # noqa: E402
 
@@ -62,6 +68,24 @@ def fixture_settings(f: flags.FlagValues, num_adapters: int | None = None):
                               seed=f.seed, weights_dtype=f.dtype)
 
 
+_OUT_DIR_ENTRY = re.compile(r"(torch|default|best)-T\d+(\.json|\.log)?|partial\.json|cache-.*")
+
+
+def check_outputs(f: flags.FlagValues) -> None:
+    """--out_dir (whose run directories are replaced) and --output are new or a benchmark's own,
+    never the fixture; --out_dir gets our marker."""
+    from d2c_jax import output_guard
+
+    out_dir = os.path.abspath(f.out_dir)
+    legacy = lambda d: all(_OUT_DIR_ENTRY.fullmatch(n) for n in os.listdir(d))  # noqa: E731 - before the marker
+    output_guard.claim_dir(out_dir, what="benchmark output directory", flag="--out_dir", command="benchmark",
+                           inputs=[f.fixture_dir], ours=legacy)
+    if f.output:
+        output_guard.claim_file(os.path.abspath(f.output), what="benchmark result (JSON with rows)", flag="--output",
+                                inputs=[f.fixture_dir], ours=output_guard.json_keys("rows", "fixture"))
+    output_guard.mark_dir(out_dir, "benchmark")
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -87,6 +111,7 @@ def main(argv: Sequence[str]) -> None:
         if f.preset and f.tiny:
             raise UserError(None, "--preset and --tiny are two different fixtures; pass one")
         k = 2 if f.tiny else f.num_clusters
+        check_outputs(f)
 
         def fixture(n: int | None = None, clusters: int = k) -> bench.Fixture:
             paths = bf.ensure_fixture(f.fixture_dir, fixture_settings(f, n), log=log)
@@ -112,4 +137,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -45,6 +45,18 @@ def config_from_flags(f: flags.FlagValues) -> EvalConfig:
     return config_flags.from_flags(EvalConfig, f)
 
 
+def check_output(cfg: EvalConfig) -> None:
+    """--output is a new file or an earlier evaluation of ours, never an input or a user's file."""
+    import os
+
+    from d2c_jax import output_guard
+
+    merged = os.path.join(os.path.dirname(cfg.partition), "merged") if cfg.partition else None
+    output_guard.claim_file(cfg.output, what="evaluation (JSON with tasks and summary)", flag="--output",
+                            inputs=[cfg.base_model, cfg.adapters_dir, cfg.data_dir, cfg.partition, merged],
+                            ours=output_guard.json_keys("tasks", "summary"))
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
@@ -58,6 +70,7 @@ def main(argv: Sequence[str]) -> None:
         from d2c_jax.sharding import initialize_distributed
 
         cfg = config_from_flags(flags.FLAGS)
+        check_output(cfg)
         initialize_distributed()
         result = evaluate(cfg)
         if jax.process_index() == 0:

@@ -8,7 +8,9 @@
 
 --adapters and --base_model take directories or Hub ids (org/name[@revision], adapters also with a
 /sub/folder; downloaded into the Hub cache, HF_HUB_OFFLINE=1: the cache only).
-No base model is needed: its dims are read off the adapters (--base_model only checks the fit).
+--output_dir must be new (or empty, or hold an earlier output of this command: --overwrite replaces
+it); it is never one of the inputs. No base model is needed: its dims are read off the adapters
+(--base_model only checks the fit).
 --tune_on tunes the merge weights (d2c_jax/tune.py) on DATA_DIR/<task>.jsonl, task = each adapter
 directory's name (part held out; kept only if they beat unit weights there); needs --base_model.
 --tune_granularity=factors tunes the merged adapter's factors themselves, from the unit-weight merge.
@@ -31,7 +33,9 @@ from d2c_jax.merge import METHODS  # noqa: E402
 
 flags.DEFINE_list("adapters", None, "Comma-separated PEFT LoRA adapters: directories or Hub ids "
                   "org/name[@revision][/sub/folder], each optionally task=ID.")
-flags.DEFINE_string("output_dir", None, "Where the merged PEFT adapter is written (replaced if it exists).")
+flags.DEFINE_string("output_dir", None, "Where the merged PEFT adapter is written (a new directory, or an "
+                    "earlier output of this command with --overwrite).")
+flags.DEFINE_bool("overwrite", False, "Replace an earlier merged adapter of this command in --output_dir.")
 flags.DEFINE_string("method", "ties", f"Merge method: one of {', '.join(METHODS)}.")
 flags.DEFINE_float("density", 0.5, "Fraction of entries kept per tensor when trimming.")
 flags.DEFINE_list("weights", None, "One weight per adapter (default: all 1).")
@@ -95,9 +99,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
 
     def body() -> int:
-        from d2c_jax import hub, push
+        from d2c_jax import hub, output_guard, push
         from d2c_jax.merge import merge_adapter_dirs
 
+        output_guard.claim_dir(FLAGS.output_dir, what="merged adapter", flag="--output_dir", command="merge",
+                               inputs=[*FLAGS.adapters, FLAGS.base_model, FLAGS.tune_on], overwrite=FLAGS.overwrite)
         weights, factors = _weights(FLAGS.weights), None
         if FLAGS.push_to_hub:
             push.check_token(FLAGS.push_to_hub)
@@ -108,12 +114,14 @@ def main(argv: Sequence[str]) -> None:
         base_model = hub.resolve(FLAGS.base_model).path if FLAGS.base_model else None
         # In --weights order; one task name each only where it names the task's data (--tune_on).
         adapters = hub.resolve_adapters(FLAGS.adapters, unique=bool(FLAGS.tune_on))
+        # Hub ids resolve to the Hub cache: the output must not be (in) one of those either.
+        output_guard.refuse_inputs(FLAGS.output_dir, [r.path for _, r in adapters] + [base_model], "--output_dir")
         if FLAGS.tune_on:
             weights, factors = _tuned(base_model, {n: r.path for n, r in adapters})
         out = merge_adapter_dirs(
             [r.path for _, r in adapters], FLAGS.output_dir, method=FLAGS.method, density=FLAGS.density,
             weights=weights, seed=FLAGS.seed, base_model=base_model, rank=FLAGS.output_rank or None,
-            factors=factors,
+            factors=factors, owner="merge",
         )
         print(f"wrote {out}")
         if FLAGS.push_to_hub:

@@ -21,15 +21,33 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
-from d2c_jax import config_flags
-from d2c_jax.errors import run_cli
-from experiments import report
+from d2c_jax import cli
+
+if __name__ == "__main__":
+    cli.start()  # signals and quiet libraries, before jax is imported
+
+from d2c_jax import config_flags  # noqa: E402
+from d2c_jax.errors import run_cli  # noqa: E402
+from experiments import report  # noqa: E402
 
 config_flags.define_flags(report.ReportConfig, skip=("command",))  # one flag per setting, same name
 
 
 def config_from_flags(f: flags.FlagValues, command: str) -> report.ReportConfig:
     return config_flags.from_flags(report.ReportConfig, f, command=command)
+
+
+def check_output(cfg: report.ReportConfig) -> None:
+    """The files written into --output_dir are new or an earlier report's (its results.json), and
+    never inside the suite."""
+    from d2c_jax import output_guard
+    from experiments.report import render
+
+    suite = cfg.suite if os.path.isdir(cfg.suite) else os.path.join(cfg.suite_root, cfg.suite)
+    names = (render.RESULTS_MD, render.TABLE_PNG, render.CLUSTERS_PNG, render.ASSIGNMENT_PNG, render.RESULTS_JSON)
+    output_guard.claim_files(cfg.output_dir, names, what="report file", flag="--output_dir", inputs=[suite],
+                             ours=lambda d: output_guard.json_keys("command", "suite")(
+                                 os.path.join(d, render.RESULTS_JSON)))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -40,6 +58,7 @@ def main(argv: Sequence[str]) -> None:
 
     def body() -> None:
         cfg = config_from_flags(flags.FLAGS, command)
+        check_output(cfg)
         print(command, flush=True)
         start = time.time()
 
@@ -54,4 +73,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

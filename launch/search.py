@@ -48,8 +48,15 @@ config_flags.define_flags(RunConfig)  # one flag per RunConfig / SearchSettings 
 
 
 def config_from_flags(f: flags.FlagValues) -> RunConfig:
-    """Every RunConfig field comes from the flag of the same name, unchanged."""
-    return config_flags.from_flags(RunConfig, f)
+    """Every RunConfig field comes from the flag of the same name, unchanged; a flag that would
+    have no effect is refused."""
+    cfg = config_flags.from_flags(RunConfig, f)
+    if cfg.budget_mode and f["num_clusters"].present:
+        from d2c_jax.errors import UserError
+
+        raise UserError(None, f"--num_clusters={cfg.search.num_clusters} has no effect with --budget/--budget_mb "
+                        "(the budget mode chooses K and the rank); drop one of them")
+    return cfg
 
 
 def main(argv: Sequence[str]) -> None:

@@ -166,6 +166,13 @@ CASES = [
     ("r_disagrees_with_weights", lambda i: edit_config(i, r=8),
      W2 + ": tensor " + KEY.format(l=0, m="k_proj", f="A") + " has shape (4, 64) but the base model and r=8 need "
      "(8, 64) (k_proj: d_in=64, d_out=32); was this adapter trained for another base model?"),
+    ("r_far_beyond_the_weights", lambda i: edit_config(i, r=1000000000),  # must not allocate [L, 1e9, d] first
+     W2 + ": tensor " + KEY.format(l=0, m="k_proj", f="A") + " has shape (4, 64) but the base model and r=1000000000 "
+     "need (1000000000, 64) (k_proj: d_in=64, d_out=32); was this adapter trained for another base model?"),
+    ("adapter_of_another_architecture", lambda i: edit_config(i, auto_mapping={
+        "base_model_class": "Qwen2ForCausalLM", "parent_library": "transformers.models.qwen2.modeling_qwen2"}),
+     A2 + ": auto_mapping.base_model_class='Qwen2ForCausalLM': this adapter was trained for another architecture "
+     "than the base model's (llama); it cannot be applied to it"),
     ("adapter_model_bin_only", lambda i: (os.remove(os.path.join(_adapter(i), WEIGHTS)),
                                           write(os.path.join(_adapter(i), "adapter_model.bin"), b"PK")),
      W2 + ": missing; found only adapter_model.bin (pickle), which is not supported: re-save the adapter with "
@@ -203,6 +210,27 @@ CASES = [
                                                       architectures=["GPT2LMHeadModel"]),
      "{base_model}/config.json: unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, "
      "Qwen2ForCausalLM, StableLmForCausalLM"),
+    ("config_rope_theta_null", lambda i: _edit_json(os.path.join(i["base_model"], "config.json"), rope_theta=None,
+                                                    rope_parameters=None),  # a transformers-4 config.json
+     "{base_model}/config.json: rope_theta=None: must be a finite number > 0"),
+    ("config_rope_parameters_theta_null", lambda i: _edit_json(os.path.join(i["base_model"], "config.json"),
+                                                               rope_parameters={"rope_theta": None}),
+     "{base_model}/config.json: rope_parameters.rope_theta=None: must be a finite number > 0"),
+    ("config_negative_hidden_size", lambda i: _edit_json(os.path.join(i["base_model"], "config.json"), hidden_size=-64),
+     "{base_model}/config.json: hidden_size=-64: must be an integer >= 1"),
+    ("config_layers_as_a_string", lambda i: _edit_json(os.path.join(i["base_model"], "config.json"),
+                                                       num_hidden_layers="2"),
+     "{base_model}/config.json: num_hidden_layers='2': must be an integer >= 1"),
+    ("config_eps_zero", lambda i: _edit_json(os.path.join(i["base_model"], "config.json"), rms_norm_eps=0),
+     "{base_model}/config.json: rms_norm_eps=0: must be a finite number > 0"),
+    ("config_eos_outside_the_vocabulary", lambda i: _edit_json(os.path.join(i["base_model"], "config.json"),
+                                                               eos_token_id=10 ** 9),
+     "{base_model}/config.json: eos_token_id=1000000000: must be a token id in [0, vocab_size={vocab}) or null"),
+    ("config_rope_scaling_factor_null", lambda i: _edit_json(os.path.join(i["base_model"], "config.json"),
+                                                             rope_parameters={
+        "rope_theta": 10000.0, "rope_type": "llama3", "factor": None, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+     "{base_model}/config.json: rope_parameters.factor=None: must be a finite number > 0"),
     ("base_without_config", lambda i: os.remove(os.path.join(i["base_model"], "config.json")),
      "{base_model}/config.json: missing config.json (expected a Hugging Face model directory)"),
     ("base_missing", lambda i: {"base_model": os.path.join(i["tmp"], "no_such_model")},
@@ -251,6 +279,41 @@ CASES = [
     ("workdir_parent_is_a_file", lambda i: (write(os.path.join(i["tmp"], "f"), "x"),
                                             {"workdir": os.path.join(i["tmp"], "f", "wd")})[1],
      "{tmp}/f/wd: cannot create --workdir: {tmp}/f is not a directory"),
+    ("workdir_holds_a_users_files", lambda i: (os.makedirs(i["wd"]), write(os.path.join(i["wd"], "notes.txt"), "x")),
+     "{wd}: --workdir exists and is not a d2c_jax search workdir (no .d2c_output); refusing to overwrite it — "
+     "choose another --workdir or remove it yourself"),
+    ("workdir_is_the_adapters_dir", lambda i: {"workdir": i["adapters_dir"]},
+     "{adapters_dir}: --workdir is the input {adapters_dir}; it would be destroyed — choose another --workdir"),
+    ("workdir_inside_the_data_dir", lambda i: {"workdir": os.path.join(i["data_dir"], "run")},
+     "{data_dir}/run: --workdir is inside the input {data_dir}; it would be destroyed — choose another --workdir"),
+    ("workdir_links_to_a_users_directory", lambda i: (os.makedirs(os.path.join(i["tmp"], "mine")),
+                                                      write(os.path.join(i["tmp"], "mine", "notes.txt"), "x"),
+                                                      os.symlink(os.path.join(i["tmp"], "mine"), i["wd"])),
+     "{tmp}/mine: --workdir exists and is not a d2c_jax search workdir (no .d2c_output); refusing to overwrite it — "
+     "choose another --workdir or remove it yourself"),
+    ("lock_file_is_a_symlink", lambda i: (_ours(i), write(os.path.join(i["tmp"], "precious"), "keep"),
+                                          os.symlink(os.path.join(i["tmp"], "precious"), os.path.join(i["wd"], ".d2c.lock"))),
+     "{wd}/.d2c.lock: is a symbolic link, which d2c_jax never creates; refusing to write through it — remove it "
+     "(what it points to is not touched)"),
+    ("checkpoints_is_a_symlink", lambda i: (_ours(i), os.makedirs(os.path.join(i["tmp"], "mine")),
+                                            os.symlink(os.path.join(i["tmp"], "mine"), os.path.join(i["wd"], "checkpoints"))),
+     "{wd}/checkpoints: is a symbolic link, which d2c_jax never creates; refusing to write through it — remove it "
+     "(what it points to is not touched)"),
+    ("lock_file_is_a_hard_link", lambda i: (_ours(i), write(os.path.join(i["tmp"], "precious"), "keep"),
+                                            os.link(os.path.join(i["tmp"], "precious"), os.path.join(i["wd"], ".d2c.lock"))),
+     "{wd}/.d2c.lock: is a hard link to another file, which d2c_jax never creates; refusing to write it — remove it"),
+    ("finished_run_given_a_tuning_flag", lambda i: (_finished(i), {"tune_weights": True})[1],
+     "{wd}: holds a finished run with --tune_weights=False (not True); use --overwrite to replace it or choose "
+     "another --workdir"),
+    ("finished_run_given_another_template_date", lambda i: (_finished(i, chat_template=True,
+                                                                     chat_template_date="2026-01-01"),
+                                                           {"chat_template": True,
+                                                            "chat_template_date": "2026-01-02"})[1],
+     "{wd}: holds a finished run with --chat_template_date='2026-01-01' (not '2026-01-02'); use --overwrite to "
+     "replace it or choose another --workdir"),
+    ("suite_beside_explicit_paths", lambda i: {"suite": "nonesuch"},
+     "--suite=nonesuch is not used: --base_model, --adapters_dir and --data_dir are all given; drop --suite (--suite= "
+     "clears one set in a flagfile)"),
     ("finished_run_of_other_settings", lambda i: _finished(i, num_clusters=3),
      "{wd}: holds a finished run with --num_clusters=3 (not 2); use --overwrite to replace it or choose another "
      "--workdir"),
@@ -268,6 +331,12 @@ def _edit_json(path, **changes):
 def _config(inp, **over) -> RunConfig:
     keys = ("base_model", "adapters_dir", "data_dir")
     return RunConfig.from_flat(**{k: inp[k] for k in keys}, workdir=inp["wd"], **{**SETTINGS, **over})
+
+
+def _ours(inp):
+    """A workdir of ours (its config.json) holding no run yet."""
+    os.makedirs(inp["wd"])
+    write(os.path.join(inp["wd"], "config.json"), _config(inp).to_json())
 
 
 def _finished(inp, **saved):
@@ -316,6 +385,8 @@ def test_bad_input_is_one_line_exit_1_and_nothing_written(inp, pristine, capsys,
               **SETTINGS, **over}
     rc, lines, _ = _run_in_process(kwargs, capsys)
     fields = {**inp, "pristine_base": pristine["base_model"]}
+    if "{vocab}" in expected:
+        fields["vocab"] = json.load(open(os.path.join(inp["base_model"], "config.json")))["vocab_size"]
     if "{long_tokens}" in expected:
         fields["long_tokens"] = _response_tokens(inp, LONG)
     assert (rc, lines) == (1, ["error: " + _fill(expected, fields)])
@@ -422,6 +493,13 @@ EXTRA_CASES = [
      "{adapters_dir}/task_1/" + WEIGHTS + ": tensor " + KEY.format(l=0, m="k_proj", f="A") + " has shape (4, 32), "
      "which does not fit k_proj (d_in, d_out)=(64, 32) seen in {adapters_dir}/task_0/" + WEIGHTS + ":"
      + KEY.format(l=0, m="k_proj", f="A") + "; are these adapters for the same base model?"),
+    ("merge_different_architectures", lambda i: (
+        edit_config(i, "task_0", auto_mapping={"base_model_class": "LlamaForCausalLM", "parent_library": "x"}),
+        edit_config(i, "task_1", auto_mapping={"base_model_class": "Qwen2ForCausalLM", "parent_library": "x"})),
+     dict(dirs=("task_0", "task_1")),
+     "{adapters_dir}/task_1/" + CONFIG + ": auto_mapping.base_model_class='Qwen2ForCausalLM' differs from "
+     "'LlamaForCausalLM' of {adapters_dir}/task_0/" + CONFIG + "; adapters of different architectures cannot be "
+     "merged"),
     ("merge_density_0", None, dict(dirs=("task_0", "task_1"), density=0.0), "--density=0.0: must be in (0, 1] (the "
      "fraction of entries kept per tensor)"),
     ("merge_density_above_1", None, dict(dirs=("task_0", "task_1"), density=1.5), "--density=1.5: must be in (0, 1] "
@@ -496,9 +574,21 @@ def test_mixed_ranks_and_target_modules_are_supported(inp):
 
 
 def _cli(script, *args, cwd=None):
+    args = [a for a in args if a]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
                           text=True, env=child_env(), timeout=300, cwd=cwd)
     return proc.returncode, proc.stderr.splitlines(), proc.stdout
+
+
+def test_flags_that_would_have_no_effect_are_refused(pristine, tmp_path):
+    """One CPU device in the child: --model_shards=2 cannot take effect; --budget chooses K."""
+    common = [f"--{k}={v}" for k, v in pristine.items()] + [f"--workdir={tmp_path / 'wd'}", "--iterations=1"]
+    assert _cli("search.py", *common, "--num_clusters=2", "--model_shards=2")[:2] == (
+        1, ["error: --model_shards=2 must divide the 1 devices"])
+    assert _cli("search.py", *common, "--budget=50", "--num_clusters=2")[:2] == (
+        1, ["error: --num_clusters=2 has no effect with --budget/--budget_mb (the budget mode chooses K and the "
+            "rank); drop one of them"])
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli_flag_errors_name_the_flagfile(tmp_path):
@@ -670,3 +760,205 @@ def test_gcs_failure_is_one_line_exit_1_and_nothing_written(inp, gcs_url, capsys
     rc, lines, _ = _run_in_process(kwargs, capsys)
     assert (rc, lines) == (1, ["error: " + _fill(expected, {"endpoint": os.environ["STORAGE_EMULATOR_HOST"]})])
     assert not os.path.lexists(inp["wd"])
+
+
+# ----------------------------------------------------------------------------- outputs that are not ours
+
+
+def _marked(path, command="merge"):
+    """A directory holding an earlier output of ours (its marker) and one file."""
+    os.makedirs(path)
+    write(os.path.join(path, ".d2c_output"), json.dumps({"written_by": "d2c_jax", "command": command}))
+    write(os.path.join(path, CONFIG), "{}")
+    return path
+
+
+MERGE_OUTPUT_CASES = [
+    # (id, the --output_dir made by the case, expected line after "error: ")
+    ("output_is_an_input_adapter", lambda i: _adapter(i, "task_0"),
+     "{out}: --output_dir is the input {out}; it would be destroyed — choose another --output_dir"),
+    ("output_inside_an_input_adapter", lambda i: os.path.join(_adapter(i, "task_0"), "merged"),
+     "{out}: --output_dir is inside the input {a0}; it would be destroyed — choose another --output_dir"),
+    ("output_holds_an_input_adapter", lambda i: i["adapters_dir"],
+     "{out}: --output_dir holds the input {a0}; it would be destroyed — choose another --output_dir"),
+    ("output_is_a_users_directory", lambda i: (os.makedirs(os.path.join(i["tmp"], "mine")),
+                                               write(os.path.join(i["tmp"], "mine", "notes.txt"), "keep"))
+     and os.path.join(i["tmp"], "mine"),
+     "{out}: --output_dir exists and is not a d2c_jax merged adapter (no .d2c_output); refusing to overwrite it — "
+     "choose another --output_dir or remove it yourself"),
+    ("output_is_a_file", lambda i: write(os.path.join(i["tmp"], "f"), "keep") or os.path.join(i["tmp"], "f"),
+     "{out}: --output_dir exists and is not a directory; refusing to replace it — choose another --output_dir"),
+    ("output_is_a_symlink", lambda i: os.symlink(i["data_dir"], os.path.join(i["tmp"], "link"))
+     or os.path.join(i["tmp"], "link"),
+     "{out}: --output_dir is a symbolic link; refusing to write through it — choose another --output_dir"),
+    ("output_of_another_command", lambda i: _marked(os.path.join(i["tmp"], "bench"), "benchmark"),
+     "{out}: --output_dir exists and is not a d2c_jax merged adapter (no .d2c_output); refusing to overwrite it — "
+     "choose another --output_dir or remove it yourself"),
+    ("our_output_without_overwrite", lambda i: _marked(os.path.join(i["tmp"], "merged_out")),
+     "{out}: --output_dir holds an earlier merged adapter; pass --overwrite to replace it or choose another "
+     "--output_dir"),
+]
+
+
+@pytest.mark.parametrize("case_id, make, expected", MERGE_OUTPUT_CASES, ids=[c[0] for c in MERGE_OUTPUT_CASES])
+def test_merge_refuses_an_output_that_is_not_its_own(inp, case_id, make, expected):
+    out = make(inp)
+    before = _tree(inp["tmp"])
+    rc, err, stdout = _cli("merge.py", f"--adapters={_adapter(inp, 'task_0')},{_adapter(inp, 'task_1')}",
+                           f"--output_dir={out}", "--overwrite" if case_id == "output_of_another_command" else "")
+    assert (rc, err, stdout) == (1, ["error: " + _fill(expected, {"out": out, "a0": _adapter(inp, "task_0")})], "")
+    assert _tree(inp["tmp"]) == before  # nothing written or removed anywhere
+
+
+def test_merge_overwrite_replaces_its_own_output_and_removes_dead_temps(inp):
+    import fcntl
+
+    out = _marked(os.path.join(inp["tmp"], "merged_out"))
+    dead = os.path.join(inp["tmp"], ".merged_out.tmp-dead")  # a merge killed mid-write left this
+    os.makedirs(os.path.join(dead, "sub"))
+    live = os.path.join(inp["tmp"], ".merged_out.tmp-live")  # a merge writing right now holds this
+    os.makedirs(live)
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        rc, err, stdout = _cli("merge.py", f"--adapters={_adapter(inp, 'task_0')},{_adapter(inp, 'task_1')}",
+                               f"--output_dir={out}", "--overwrite")
+    finally:
+        os.close(fd)
+    assert (rc, err, stdout) == (0, [], f"wrote {out}\n")
+    assert sorted(os.listdir(out)) == [".d2c_output", CONFIG, WEIGHTS]
+    assert sorted(n for n in os.listdir(inp["tmp"]) if n.startswith(".merged_out")) == [".merged_out.tmp-live"]
+
+
+def test_evaluate_refuses_an_output_that_is_an_input_or_a_users_file(inp):
+    data_file = os.path.join(inp["data_dir"], "task_0.jsonl")
+    users = os.path.join(inp["tmp"], "notes.json")
+    write(users, '{"mine": 1}')
+    before = _tree(inp["tmp"])
+    common = (f"--base_model={inp['base_model']}", f"--adapters_dir={inp['adapters_dir']}",
+              f"--data_dir={inp['data_dir']}")
+    assert _cli("evaluate.py", *common, f"--output={data_file}")[:2] == (
+        1, [f"error: {data_file}: --output is inside the input {inp['data_dir']}; it would be destroyed — choose "
+            "another --output"])
+    assert _cli("evaluate.py", *common, f"--output={users}")[:2] == (
+        1, [f"error: {users}: --output exists and is not a d2c_jax evaluation (JSON with tasks and summary); "
+            "refusing to overwrite it — choose another --output or remove it yourself"])
+    assert _tree(inp["tmp"]) == before
+
+
+def test_report_and_benchmark_refuse_outputs_that_are_not_theirs(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("my own notes")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "notes.txt").write_text("keep")
+    before = _tree(str(tmp_path))
+    assert _cli("report.py", f"--suite={tmp_path / 'nosuite'}", f"--output_dir={docs}")[:2] == (
+        1, [f"error: {docs}/results.md: --output_dir exists and is not a d2c_jax report file; refusing to overwrite "
+            "it — choose another --output_dir or remove it yourself"])
+    assert _cli("benchmark.py", "--tiny", f"--out_dir={bench}", f"--fixture_dir={tmp_path / 'fx'}")[:2] == (
+        1, [f"error: {bench}: --out_dir exists and is not a d2c_jax benchmark output directory (no .d2c_output); "
+            "refusing to overwrite it — choose another --out_dir or remove it yourself"])
+    assert _tree(str(tmp_path)) == before
+
+
+# ----------------------------------------------------------------------------- prompts that change with the day
+
+
+def test_a_resume_on_another_day_sees_the_prompts_of_the_first_day(inp, capsys, monkeypatch):
+    """Llama 3.2's chat template writes "Today Date": the date is pinned at the run's start (kept in
+    config.json), so a run stopped on one day and resumed on the next ends exactly like an
+    uninterrupted run of the first day; a resume with another date is refused, not mixed."""
+    from fixtures_chat_templates import LLAMA_3_2
+
+    from d2c_jax import data
+    from d2c_jax.signals import PreemptionFlag
+
+    write(os.path.join(inp["base_model"], "chat_template.jinja"), LLAMA_3_2)
+    kwargs = {**{k: inp[k] for k in ("base_model", "adapters_dir", "data_dir")}, "workdir": inp["wd"],
+              **SETTINGS, "chat_template": True, "max_seq_len": 512}
+    monkeypatch.setattr(data, "today", lambda: "2026-01-01")
+    with monkeypatch.context() as m:
+        m.setattr(PreemptionFlag, "__call__", lambda self: True)  # stop after the first iteration
+        rc, _, out = _run_in_process(kwargs, capsys)
+    assert rc == 0 and "checkpoint of iteration 1/2 saved" in out
+
+    monkeypatch.setattr(data, "today", lambda: "2026-01-02")  # the next day
+    before = _tree(inp["wd"])
+    rc, lines, _ = _run_in_process({**kwargs, "chat_template_date": "2026-01-02"}, capsys)
+    assert (rc, lines) == (1, [f"error: the checkpoint in {inp['wd']}/checkpoints belongs to other inputs: the "
+                               "prompts of task task_0, as the model sees them, changed (the chat template or a "
+                               "value it reads, such as --chat_template_date); use --overwrite or another --workdir"])
+    assert _tree(inp["wd"]) == before
+
+    rc, lines, _ = _run_in_process(kwargs, capsys)  # resumed on the next day, no date given
+    assert (rc, lines) == (0, [])
+    assert json.load(open(os.path.join(inp["wd"], "config.json")))["chat_template_date"] == "2026-01-01"
+    resumed = json.load(open(os.path.join(inp["wd"], "partition.json")))
+
+    other = os.path.join(inp["tmp"], "wd_uninterrupted")  # one run on the first day
+    rc, lines, _ = _run_in_process({**kwargs, "workdir": other, "chat_template_date": "2026-01-01"}, capsys)
+    assert (rc, lines) == (0, [])
+    reference = json.load(open(os.path.join(other, "partition.json")))
+    assert resumed["clusters"] == reference["clusters"]
+    assert resumed["task_losses"] == reference["task_losses"]  # the same prompts: bit-identical losses
+    assert resumed["chat_template_date"] == reference["chat_template_date"] == "2026-01-01"
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_the_run_resumes(inp, capsys, monkeypatch):
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    kwargs = {**{k: inp[k] for k in ("base_model", "adapters_dir", "data_dir")}, "workdir": inp["wd"], **SETTINGS}
+    with monkeypatch.context() as m:
+        m.setattr(ocp.CheckpointManager, "save", full)
+        rc, lines, _ = _run_in_process(kwargs, capsys)
+    assert (rc, lines) == (1, [f"error: {inp['wd']}/checkpoints: cannot save the checkpoint of iteration 1 (OSError: "
+                               "[Errno 28] No space left on device); free disk space or make the directory writable, "
+                               "then re-run the same command to resume from the last saved checkpoint"])
+    rc, lines, _ = _run_in_process(kwargs, capsys)  # space freed: the same command
+    assert (rc, lines) == (0, [])
+    assert os.path.isfile(os.path.join(inp["wd"], "partition.json"))
+
+
+def test_the_lock_file_is_never_opened_through_a_link(tmp_path):
+    """Even when a link appears after the workdir was checked (O_NOFOLLOW at the open)."""
+    precious = tmp_path / "precious"
+    precious.write_text("keep")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    os.symlink(precious, wd / ".d2c.lock")
+    with pytest.raises(UserError) as e:
+        WorkdirLock(wd).acquire()
+    assert str(e.value) == (f"{wd}/.d2c.lock: is a symbolic link, which d2c_jax never creates; refusing to open it "
+                            "— remove it (the file it points to is not touched)")
+    assert precious.read_text() == "keep" and os.path.islink(wd / ".d2c.lock")
+
+
+def test_an_os_error_of_a_save_names_the_path_and_what_to_do(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from d2c_jax import atomic_io
+
+    (tmp_path / "file").write_text("keep")
+    out = tmp_path / "file" / "eval.json"  # a path through a file
+    assert run_cli(lambda: atomic_io.write_json_atomic(str(out), {})) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out}: cannot write: [Errno 17] File exists: '{tmp_path / 'file'}' — a component of the path is a "
+        "file; remove it or choose another path"]
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic_io.os, "replace", full)
+    out = tmp_path / "merged"
+    assert run_cli(lambda: atomic_io.write_dir_atomic(str(out), lambda tmp: None, what="adapter")) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out}: cannot write the adapter: [Errno 28] No space left on device — free some disk space, then "
+        "re-run the same command"]
+    assert sorted(os.listdir(tmp_path)) == ["file"]  # no temp left

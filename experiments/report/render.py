@@ -22,6 +22,7 @@ RESULTS_MD = "results.md"
 TABLE_PNG = "results_table1.png"
 CLUSTERS_PNG = "results_clusters.png"
 ASSIGNMENT_PNG = "results_assignment.png"
+RESULTS_JSON = "results.json"
 
 
 def _pm(xs: Sequence[float], digits: int) -> str:
@@ -327,7 +328,7 @@ def write_report(res: ReportResult, output_dir: str) -> dict[str, str]:
     path = os.path.join(output_dir, RESULTS_MD)
     write_text_atomic(path, render_markdown(res, images))
     written["markdown"] = path
-    raw = os.path.join(output_dir, "results.json")
+    raw = os.path.join(output_dir, RESULTS_JSON)
     write_text_atomic(raw, json.dumps(result_json(res), indent=1) + "\n")
     written["json"] = raw
     return written
