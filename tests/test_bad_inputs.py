@@ -665,7 +665,7 @@ def _recorded(inp, commit):
     """A workdir whose config.json recorded org/ads@main at `commit` (a run started earlier)."""
     os.makedirs(inp["wd"])
     with open(os.path.join(inp["wd"], "config.json"), "w") as f:
-        json.dump({"hub_commits": {"org/ads@main": commit}}, f)
+        json.dump({"strategy": "d2c", "workdir": inp["wd"], "num_clusters": 2, "hub_commits": {"org/ads@main": commit}}, f)
     return _hub_ads(*(f"org/ads/{n}" for n in NAMES))
 
 
