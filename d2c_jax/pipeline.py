@@ -513,7 +513,9 @@ def write_outputs(
     """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
     write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model,
                  weights_k, merge_fn, loras_k)
-    write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(metrics, f"{doc['strategy']} search"))
+    write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(
+        metrics, f"{doc['strategy']} search", random_start=doc.get("random_start_objective"),
+        all_in_one=doc.get("all_in_one_objective")))
     write_bytes_atomic(
         os.path.join(workdir, ASSIGNMENT_PNG),
         plots.assignment_png(partition_n, names, int(doc["num_clusters"]), tags, f"{doc['strategy']}: K={doc['num_clusters']}"),
