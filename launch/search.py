@@ -1,6 +1,7 @@
 r"""Clusters N LoRA adapters into K groups whose TIES merges score best (D²C), or a baseline.
 
   python launch/search.py --flagfile=configs/llama.flags [--workdir=DIR] [overrides]
+  python launch/search.py --workdir=DIR --show     # a finished run's summary table again
 
 Writes into --workdir: partition.json, merged/cluster_<k>/ (PEFT adapters), metrics.jsonl,
 objective.png, assignment.png, config.json and checkpoints/. Re-running the same command resumes
@@ -45,6 +46,8 @@ from d2c_jax.errors import run_cli  # noqa: E402
 from d2c_jax.run_config import RunConfig  # noqa: E402
 
 config_flags.define_flags(RunConfig)  # one flag per RunConfig / SearchSettings field, same name
+flags.DEFINE_bool("show", False, "Print the summary table and gain line of the finished run in --workdir, and exit "
+                  "(nothing else is needed or touched).")
 
 
 def config_from_flags(f: flags.FlagValues) -> RunConfig:
@@ -60,6 +63,8 @@ def main(argv: Sequence[str]) -> None:
     def body() -> int:
         from d2c_jax import pipeline
 
+        if flags.FLAGS.show:
+            return pipeline.show(flags.FLAGS.workdir)
         return pipeline.run(config_from_flags(flags.FLAGS))  # starts jax.distributed if asked
 
     sys.exit(run_cli(body))

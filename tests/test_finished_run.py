@@ -117,3 +117,45 @@ def test_unfinished_run_is_one_error_line(tmp_path):
         f"error: {tmp_path / 'wd'}: holds no partition.json: the search has not finished (re-run its command to "
         "resume it)"]
     assert os.listdir(tmp_path / "wd") == []
+
+
+def _summary(stdout):
+    """The summary table through the gain line and the outputs' line, as the search prints it."""
+    lines = stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("cluster  size"))
+    last = next(i for i, line in enumerate(lines) if line.startswith("outputs in "))
+    return lines[first:last + 1]
+
+
+def test_run_seconds_are_reported_per_phase(run):
+    part = read_partition(run["workdir"])
+    phases = part["phase_seconds"]
+    assert list(phases) == ["load", "search", "references"] and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= part["seconds"] + 4 * 0.0005  # each of the four rounded to 3 decimals
+    assert f"{part['seconds']:.1f} s (load {phases['load']:.1f} s, search {phases['search']:.1f} s" in run["stdout"]
+
+
+def test_show_and_a_rerun_reprint_the_summary(run):
+    table = _summary(run["stdout"])
+    assert table[-2].startswith("found ") and "random start" in table[-2]
+    proc = _run(SEARCH, f"--workdir={run['workdir']}", "--show")
+    assert proc.returncode == 0 and proc.stdout.splitlines() == table, proc.stderr
+    proc = _run(SEARCH, *search_argv(run["inputs"], run["workdir"]), "--noprogress")
+    assert proc.returncode == 0 and _summary(proc.stdout) == table
+    assert proc.stdout.splitlines()[-1].startswith("already finished: ")
+    proc = _run(SEARCH, f"--workdir={run['workdir'] / 'missing'}", "--show")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: {run['workdir'] / 'missing'}: holds no finished run (partition.json)"]
+
+
+def test_a_resumed_run_says_from_which_checkpoint(run, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(run["workdir"], workdir)
+    os.remove(workdir / "partition.json")  # unfinished again: its last checkpoint remains
+    proc = _run(SEARCH, *search_argv(run["inputs"], workdir), "--noprogress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = f"resumed from iteration 6 of 6 (checkpoint {workdir / 'checkpoints' / '6'})"
+    assert want in proc.stdout.splitlines()
+    assert read_partition(workdir)["clusters"] == read_partition(run["workdir"])["clusters"]
