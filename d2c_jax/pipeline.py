@@ -327,7 +327,10 @@ def run(cfg: RunConfig) -> int:
     start = time.perf_counter()  # the run's seconds exclude the suite build
     done = finished_run(workdir, cfg)
     if done is not None:
-        show(workdir)
+        try:
+            show(workdir)
+        except UserError:  # a partition.json without the summary (written by other tools): its path only
+            pass
         print(f"already finished: {done} (use --overwrite to run again)")
         return 0
     settings = cfg.engine_settings()

@@ -1,4 +1,4 @@
-"""Evaluates a search run's merged adapters against the references, or any adapters on their own.
+r"""Evaluates a search run's merged adapters against the references, or any adapters on their own.
 
   python launch/evaluate.py --workdir=runs/demo-d2c-k3        # or --partition=RUN/partition.json
   python launch/evaluate.py --base_model=DIR --adapters_dir=DIR --data_dir=DIR \
@@ -40,6 +40,15 @@ if __name__ == "__main__":
 from d2c_jax import config_flags  # noqa: E402
 from d2c_jax.errors import run_cli  # noqa: E402
 from d2c_jax.evaluation import EvalConfig  # noqa: E402
+
+# --help: these first, by group; every other flag below them as "advanced".
+HELP_GROUPS = {
+    "inputs": ("workdir", "partition", "base_model", "adapters_dir", "data_dir", "suite", "flagfile"),
+    "evaluation": ("compare", "metrics", "zero_shot", "examples_per_task", "max_new_tokens"),
+    "settings (default: the run's)": ("dtype", "max_seq_len", "chat_template"),
+    "outputs": ("output",),
+    "run control": ("progress", "batch_size", "generation_batch_size"),
+}
 
 
 def define_flags() -> None:
@@ -92,4 +101,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=cli.parser(HELP_GROUPS))

@@ -49,6 +49,16 @@ config_flags.define_flags(RunConfig)  # one flag per RunConfig / SearchSettings 
 flags.DEFINE_bool("show", False, "Print the summary table and gain line of the finished run in --workdir, and exit "
                   "(nothing else is needed or touched).")
 
+# --help: these first, by group; every other flag below them as "advanced".
+HELP_GROUPS = {
+    "inputs": ("flagfile", "base_model", "adapters_dir", "data_dir", "suite", "examples_per_task", "max_seq_len",
+               "chat_template", "dtype"),
+    "search": ("strategy", "num_clusters", "iterations", "objective", "population", "proposals", "seed"),
+    "merge": ("merge", "density", "output_rank", "budget", "tune_weights"),
+    "outputs": ("workdir", "show", "overwrite"),
+    "run control": ("checkpoint_every", "progress", "batch_size", "model_shards"),
+}
+
 
 def config_from_flags(f: flags.FlagValues) -> RunConfig:
     """Every RunConfig field comes from the flag of the same name, unchanged."""
@@ -71,4 +81,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=cli.parser(HELP_GROUPS))
