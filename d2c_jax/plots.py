@@ -39,6 +39,12 @@ def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C searc
                   random_start: float | None = None, all_in_one: float | None = None) -> bytes:
     """Global objective (summed per-task loss) per chain against the iteration, with the random
     start's and the all-in-one merge's objectives as labelled reference lines."""
+    return png(objective_figure(metrics, title, random_start=random_start, all_in_one=all_in_one))
+
+
+def objective_figure(metrics: Sequence[Mapping[str, Any]], title: str = "D²C search", *,
+                     random_start: float | None = None, all_in_one: float | None = None):
+    """The matplotlib figure of objective_png."""
     plt = pyplot()
     rows = [r for r in metrics if r.get("objectives")]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -58,7 +64,7 @@ def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C searc
     ax.set_ylabel("objective: summed task loss (lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return png(fig)
+    return fig
 
 
 def comparison_png(groups: Sequence[str], methods: Sequence[str], values_gm: np.ndarray, ylabel: str,
