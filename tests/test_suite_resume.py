@@ -96,3 +96,12 @@ def test_ctrl_c_during_the_build_keeps_checkpoints_and_leaves_nothing_half_writt
     build.ensure_suite(root, log=logs.append, **TINY)  # the same call again
     assert any("continuing from the checkpoint" in m for m in logs), logs
     assert sorted(os.listdir(root.parent)) == ["tiny"]  # the stage removed once the suite is in place
+
+
+def test_quality_line_is_a_short_sentence():
+    summary = {"tasks_where_own_beats_zero_shot": 12, "num_tasks": 12, "own_adapter_loss": 0.6731,
+               "zero_shot_loss": 1.8485, "other_family_loss": 2.713}
+    line = build.quality_sentence(summary)
+    assert line == ("own adapter beats zero-shot on 12 of 12 tasks; held-out loss 0.67 vs 1.85 (zero-shot), "
+                    "2.71 with another family's adapter")
+    assert len(line) < 120
