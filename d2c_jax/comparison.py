@@ -139,8 +139,13 @@ def text_tables(comparison: Mapping[str, Any]) -> str:
             lines.append("  " + LABELS.get(r["method"], r["method"]).ljust(label_w)
                          + "".join(f"  {_cell(r, c):>{w}}" for c, w in zip(cols, widths)))
         blocks.append("\n".join(lines))
-    blocks.append("loss: held-out loss (lower is better); score and metrics: higher is better; " + GAP_DEFINITION)
+    blocks.append("loss: held-out loss (lower is better); score and metrics: higher is better" + _gap_note(comparison))
     return "\n\n".join(blocks)
+
+
+def _gap_note(comparison: Mapping[str, Any]) -> str:
+    has_gap = any(r.get("gap_closed") is not None for g in comparison["groups"].values() for r in g["rows"])
+    return "; " + GAP_DEFINITION if has_gap else ""
 
 
 def markdown(comparison: Mapping[str, Any], title: str) -> str:
@@ -154,7 +159,8 @@ def markdown(comparison: Mapping[str, Any], title: str) -> str:
         out += ["| " + LABELS.get(r["method"], r["method"]) + " | " + " | ".join(_cell(r, c) for c in cols) + " |"
                 for r in rows]
         out.append("")
-    out.append("Loss: held-out loss (lower is better); score and metrics: higher is better. " + GAP_DEFINITION + ".")
+    out.append("Loss: held-out loss (lower is better); score and metrics: higher is better" + _gap_note(comparison)
+               + ".")
     return "\n".join(out) + "\n"
 
 

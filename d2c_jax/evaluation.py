@@ -568,12 +568,12 @@ def evaluate(cfg: EvalConfig, *, log: Any = None) -> dict[str, Any]:
     doc["summary"]["max_new_tokens"] = cfg.max_new_tokens if generation else None
     if cfg.run_dir:
         doc["summary"]["run"] = os.path.abspath(cfg.run_dir)
-    if len(results) > 1 or cfg.run_dir:
-        docs = {m: result_document(r, task_data, m, cfg) for m, r in results.items() if m != primary_key}
-        doc["comparison"] = comparison.comparison_document(
-            {primary_key: {"tasks": doc["tasks"], "summary": dict(doc["summary"])}, **docs}, results, inputs.tags)
-        doc["summary"]["gap_closed"] = next(r["gap_closed"] for r in doc["comparison"]["groups"]["overall"]["rows"]
-                                            if r["method"] == primary_key)
+    # The tables (one row per method, also when there is one) and every method's result.
+    docs = {m: result_document(r, task_data, m, cfg) for m, r in results.items() if m != primary_key}
+    doc["comparison"] = comparison.comparison_document(
+        {primary_key: {"tasks": doc["tasks"], "summary": dict(doc["summary"])}, **docs}, results, inputs.tags)
+    doc["summary"]["gap_closed"] = next(r["gap_closed"] for r in doc["comparison"]["groups"]["overall"]["rows"]
+                                        if r["method"] == primary_key)
     return doc
 
 

@@ -81,10 +81,11 @@ def main(argv: Sequence[str]) -> None:
             return
         output = resolve(cfg)[0].output
         summary = result["summary"]
-        comp = result.get("comparison")
-        if comp is not None:
-            print(comparison.text_tables(comp))
-            stem = os.path.splitext(output)[0]
+        comp = result["comparison"]
+        print(comparison.text_tables(comp))
+        charts = bool(summary.get("run")) or len(comp["methods"]) > 1  # beside a lone output JSON: nothing else
+        stem = os.path.splitext(output)[0]
+        if charts:
             title = f"Held-out evaluation of {summary.get('run') or output}"
             write_text_atomic(stem + ".md", comparison.markdown(comp, title))
             groups, methods, values, what = comparison.chart_values(comp)
@@ -92,7 +93,7 @@ def main(argv: Sequence[str]) -> None:
                                                                    comparison.LABELS, title="held-out evaluation"))
         write_json_atomic(output, result)
         score = f", mean score {summary['mean_score']:.2f}" if "mean_score" in summary else ""
-        extra = f" (+ {os.path.basename(stem)}.md, .png)" if comp is not None else ""
+        extra = f" (+ {os.path.basename(stem)}.md, .png)" if charts else ""
         print(f"{summary['mode']}: mean loss {summary['mean_loss']:.4f}{score} over "
               f"{summary['num_tasks']} tasks -> {output}{extra}")
 
