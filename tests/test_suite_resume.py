@@ -102,6 +102,4 @@ def test_quality_line_is_a_short_sentence():
     summary = {"tasks_where_own_beats_zero_shot": 12, "num_tasks": 12, "own_adapter_loss": 0.6731,
                "zero_shot_loss": 1.8485, "other_family_loss": 2.713}
     line = build.quality_sentence(summary)
-    assert line == ("own adapter beats zero-shot on 12 of 12 tasks; held-out loss 0.67 vs 1.85 (zero-shot), "
-                    "2.71 with another family's adapter")
-    assert len(line) < 120
+    assert line == "own adapter beats zero-shot on 12 of 12 tasks; held-out loss 0.67 vs 1.85"

@@ -516,8 +516,7 @@ def quality_sentence(summary: dict[str, Any]) -> str:
     beats = summary["tasks_where_own_beats_zero_shot"]
     of = f" of {n}" if n else ""
     return (f"own adapter beats zero-shot on {beats}{of} tasks; held-out loss {summary['own_adapter_loss']:.2f} "
-            f"vs {summary['zero_shot_loss']:.2f} (zero-shot), {summary['other_family_loss']:.2f} with another "
-            "family's adapter")
+            f"vs {summary['zero_shot_loss']:.2f}")
 
 
 def _quality(task_list, zs_loss_t, zs_acc_t, loss_at, acc_at) -> dict[str, Any]:
