@@ -101,6 +101,9 @@ class EvalConfig:
     generation_batch_size: int = setting(64, "Generation metrics: prompts decoded per call (rows of all tasks "
                                          "together, each with its own adapter).")
     seed: int = setting(0, "Seed for stochastic merges (dare_ties; default with a run: the run's).")
+    compilation_cache: str = setting("", "Persistent XLA compilation cache directory, so that a second evaluation "
+                                     "compiles nothing ('': $XDG_CACHE_HOME/d2c_jax/xla or ~/.cache/d2c_jax/xla; "
+                                     "'none': off).")
     progress: bool = setting(True, "Show a progress bar.")
 
     def __post_init__(self):
@@ -489,6 +492,9 @@ def evaluate(cfg: EvalConfig, *, log: Any = None) -> dict[str, Any]:
     for note in notes:
         log(note)
     generation = "generation" in cfg.metrics
+    from d2c_jax import compilation_cache
+
+    compilation_cache.enable(cfg.compilation_cache)  # before the first compilation (user cache dir)
     # Everything a user can get wrong is checked before the weights are loaded (inputs.params).
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="eval",
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,

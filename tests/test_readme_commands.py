@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import tomllib
 
 import pytest
@@ -91,8 +92,10 @@ def test_every_readme_command_runs_on_the_tiny_fixture(readme, tmp_path):
     env = child_env(PYTHONPATH=REPO)
 
     def run(argv):
+        start = time.perf_counter()
         proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        print(f"{time.perf_counter() - start:6.1f} s  {shlex.join(argv[1:])[:100]}")  # pytest -s: the costs
         return proc
 
     blocks = _blocks(readme)
