@@ -31,6 +31,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from absl import app, flags, logging  # noqa: E402
 
+from d2c_jax import cli  # noqa: E402
 from d2c_jax.errors import UserError, run_cli  # noqa: E402
 
 flags.DEFINE_string("fixture_dir", os.path.join("runs", "bench_fixture"), "Where the random fixtures are cached.")
@@ -112,4 +113,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)  # --help exits 0; one-line flag errors

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
-from d2c_jax import config_flags
+from d2c_jax import cli, config_flags
 from d2c_jax.errors import run_cli
 from experiments import report
 
@@ -54,4 +54,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)  # --help exits 0; one-line flag errors

@@ -1,10 +1,14 @@
 """cli.start() silences the two lines of library noise every run printed: transformers' "PyTorch
-was not found" (where torch is absent, simulated here) and jax's "Unable to initialize backend"."""
+was not found" (where torch is absent, simulated here) and jax's "Unable to initialize backend".
+cli.parser: --help / --helpfull, unknown flags, flagfile placeholders."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from fixtures_search_inputs import child_env
 
@@ -39,7 +43,6 @@ def test_start_silences_library_noise():
 
 # Flag handling of every launch script (d2c_jax/cli.py: parser, describe, placeholders, help_text).
 
-import os  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,3 +90,14 @@ def test_flagfile_placeholders_are_named_all_in_one_line(tmp_path):
         f"error: {llama}: placeholder path(s) still to edit: --adapters_dir=/path/to/adapters/llama, "
         "--base_model=/path/to/Llama-3.2-3B-Instruct (edit the file, or give these flags on the command line)"])
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("script", ["evaluate", "merge", "make_suite", "report", "benchmark"])
+def test_every_launch_script_answers_help_with_exit_0(script):
+    path = os.path.join(ROOT, "launch", f"{script}.py")
+    proc = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, env=child_env(),
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    with open(path, encoding="utf-8") as f:
+        first = f.read().split('"""')[1].splitlines()[0]
+    assert proc.stdout.startswith(first) and "\n  --" in proc.stdout

@@ -103,8 +103,9 @@ def test_every_readme_command_runs_on_the_tiny_fixture(readme, tmp_path):
     ran = []
     for lang, block in blocks:
         if lang == "python":  # the PEFT snippet, on the fixture's base model and run
-            code = block.replace(BASE, fx["base_model"])
-            run([sys.executable, "-c", code + "\nprint(type(model).__name__)\n"])
+            code = block.replace(BASE, fx["base_model"]).replace('"summarise_en"', '"task_4"')
+            proc = run([sys.executable, "-c", code + "\nprint(type(model).__name__, k)\n"])
+            assert proc.stdout.split()[0].startswith("Peft"), proc.stdout
             ran.append("python snippet")
             continue
         if lang != "bash":
