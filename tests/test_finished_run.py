@@ -9,6 +9,7 @@ the search's own code path, which is what this file checks them against.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -98,15 +99,16 @@ def test_tables_per_family_and_gap_closed(evaluated, run):
     assert (run["workdir"] / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_partition_alone_is_the_same_run(run, evaluated, tmp_path):
-    out = tmp_path / "e.json"
-    proc = _run(EVALUATE, f"--partition={run['workdir'] / 'partition.json'}", f"--output={out}", "--metrics=loss",
-                "--compare=all_in_one", "--max_seq_len=48", "--noprogress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert sorted(doc["comparison"]["methods"]) == ["all_in_one", "merged"]
-    assert doc["tasks"] == evaluated[1]["tasks"]
-    assert "overall (5 tasks)" in proc.stdout and "all-in-one" in proc.stdout
+def test_partition_alone_is_the_same_run(run):
+    """--partition=RUN/partition.json alone resolves to what --workdir=RUN does (no weights read)."""
+    from d2c_jax.evaluation import EvalConfig, resolve
+
+    by_workdir, _ = resolve(EvalConfig(workdir=str(run["workdir"])))
+    by_partition, notes = resolve(EvalConfig(partition=str(run["workdir"] / "partition.json")))
+    assert notes == [] and dataclasses.replace(by_partition, workdir=by_workdir.workdir) == by_workdir
+    assert by_workdir.base_model == run["inputs"]["base_model"] and by_workdir.dtype == "float32"
+    assert by_workdir.compare == ("zero_shot", "single_task", "all_in_one", "random_start")
+    assert by_workdir.output == str(run["workdir"] / "evaluation.json")
 
 
 def test_unfinished_run_is_one_error_line(tmp_path):
