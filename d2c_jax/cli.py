@@ -1,21 +1,27 @@
-"""What every launch script does first: signals, quiet libraries, one-line flag errors.
+"""What every launch script does first: signals, quiet libraries, help, one-line flag errors.
 
 `start()` runs before jax or transformers are imported: it routes SIGTERM / SIGINT through
 `signals` and silences two lines of noise that every run printed ("[transformers] PyTorch was not
 found..." where torch is absent; jax's "Unable to initialize backend 'tpu'").
 
-Flag parsing: absl prints "FATAL Flags parsing error: Unknown command line flag 'x'" plus a usage hint and
-names neither the flagfile holding the flag nor the flagfile that is missing. `parse_flags` is
-passed to `app.run(main, flags_parser=parse_flags)`; on a flag error it names the flagfile (or
-the command line), prints one line and exits 1.
+Flag parsing: `parser(groups)` (or `parse_flags`, no groups) is passed to
+`app.run(main, flags_parser=...)`. It
+  - answers --help / -h / --helpshort (the script's basic flags by group, then the others) and
+    --helpfull (also the general absl flags, never the test frameworks' flags) and exits 0;
+  - turns a flag error into one `error:` line naming the flagfile (or the command line), with
+    the closest known name for an unknown flag, and exits 1 (absl prints "FATAL Flags parsing
+    error" plus a usage hint and names neither the flagfile holding the flag nor a missing one);
+  - refuses a flagfile whose `/path/to/` placeholders are still in effect, naming all of them.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
-from typing import Iterator, Sequence
+import textwrap
+from typing import Callable, Iterator, Mapping, Sequence
 
 from absl import flags
 
@@ -62,15 +68,37 @@ def _names(arg: str) -> set[str]:
     return {name, name[2:]} if name.startswith("no") else {name}
 
 
-def describe(argv: Sequence[str], error: flags.Error) -> str:
+PLACEHOLDER = "/path/to/"
+HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
+# Modules whose flags --helpfull shows besides the script's own (absl's general flags).
+GENERAL_MODULES = ("absl.flags", "absl.app", "absl.logging")
+Groups = Mapping[str, Sequence[str]]
+FLAGFILE_HELP = ("  --flagfile=FILE\n      Read flags from FILE, one per line (e.g. configs/demo.flags); flags given "
+                 "after it\n      on the command line override its values.")
+
+
+def _script_flags(flag_values: flags.FlagValues) -> list:
+    """The flags the running script defined (absl files them under sys.argv[0])."""
+    return list(flag_values.get_key_flags_for_module(sys.argv[0]))
+
+
+def _known_names(flag_values: flags.FlagValues) -> list[str]:
+    names = [f.name for f in _script_flags(flag_values)] or list(flag_values)
+    bools = [f"no{f.name}" for f in _script_flags(flag_values) if f.boolean]
+    return names + bools + ["flagfile"]
+
+
+def describe(argv: Sequence[str], error: flags.Error, flag_values: flags.FlagValues = flags.FLAGS) -> str:
     """The one line for a flag parsing error (without the leading "error: ")."""
     text = " ".join(str(error).split())
     if isinstance(error, flags.UnrecognizedFlagError):
         name = error.flagname
+        close = difflib.get_close_matches(name, _known_names(flag_values), n=1, cutoff=0.6)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
         for path, _, lines in _walk(argv[1:]):
             if lines and any(line.startswith("-") and name in _names(line) for line in lines):
-                return f"{path}: unknown flag --{name}"
-        return f"unknown flag --{name} (see --helpshort)"
+                return f"{path}: unknown flag --{name}{hint}"
+        return f"unknown flag --{name}{hint or ' (see --helpshort)'}"
     if "Unable to open flagfile" in text:
         for path, parent, lines in _walk(argv[1:]):
             if lines is None:
@@ -79,10 +107,107 @@ def describe(argv: Sequence[str], error: flags.Error) -> str:
     return text
 
 
+def placeholders(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> str | None:
+    """The error line (without "error: ") for flags whose parsed value still holds a `/path/to/`
+    placeholder, naming the flagfile they come from and every one of them; None when none."""
+    bad = [(name, flag_values[name].value) for name in flag_values
+           if isinstance(flag_values[name].value, str) and PLACEHOLDER in flag_values[name].value]
+    if not bad:
+        return None
+    files = [path for path, _, lines in _walk(argv[1:])
+             if lines and any(line.startswith("-") and PLACEHOLDER in line for line in lines)]
+    listed = ", ".join(f"--{name}={value}" for name, value in sorted(set(bad)))
+    where = f"{files[0]}: " if files else ""
+    return (f"{where}placeholder path(s) still to edit: {listed} (edit the file, or give these flags on the "
+            "command line)")
+
+
+def _flag_line(flag) -> str:
+    default = flag.default_as_str if flag.default is not None else ""
+    default = default.strip("'") if default else ""
+    head = f"  --{flag.name}" + (f"={default}" if default and not flag.boolean else "")
+    if flag.boolean:
+        head = f"  --[no]{flag.name}" + (" (default: on)" if flag.default else "")
+    body = textwrap.fill(" ".join((flag.help or "").split()), width=96, initial_indent="      ",
+                         subsequent_indent="      ")
+    return f"{head}\n{body}" if body.strip() else head
+
+
+def _usage() -> str:
+    """The script's docstring: its first line and its command lines."""
+    lines = (sys.modules["__main__"].__doc__ or "").strip("\n").splitlines()
+    keep, going_on = lines[:1] + [""], False
+    for line in lines[1:]:
+        if line.startswith("  python") or going_on:
+            keep.append(line)
+        going_on = (line.startswith("  python") or going_on) and line.rstrip().endswith("\\")
+    return "\n".join(keep).rstrip()
+
+
+def help_text(groups: Groups, full: bool, flag_values: flags.FlagValues = flags.FLAGS) -> str:
+    """The basic flags by group, then the script's other flags ("advanced"); with `full`, also
+    absl's general flags."""
+    own = {f.name: f for f in _script_flags(flag_values)}
+    out = [_usage(), ""]
+    shown = set()
+    for group, names in groups.items():
+        rows = [own[n] if n in own else flag_values[n] for n in names if n in own or n in flag_values]
+        if rows:
+            out.append(f"{group}:")
+            if "flagfile" in names:
+                out.append(FLAGFILE_HELP)
+            out += [_flag_line(f) for f in rows]
+            out.append("")
+            shown.update(f.name for f in rows)
+    rest = [own[n] for n in sorted(own) if n not in shown]
+    if rest:
+        out.append("advanced:" if groups else "flags:")
+        out += [_flag_line(f) for f in rest]
+        out.append("")
+    if full:
+        general = {f.name: f for m in GENERAL_MODULES for f in flag_values.get_key_flags_for_module(m)}
+        rows = [general[n] for n in sorted(general) if n not in own and n not in shown]
+        if rows:
+            out.append("general (absl):")
+            out += [_flag_line(f) for f in rows]
+            out.append("")
+    else:
+        out.append("--helpfull also lists the general absl flags (logging, flagfile handling).")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _help_request(argv: Sequence[str]) -> str | None:
+    for arg in argv[1:]:
+        if arg == "--":
+            return None
+        if arg in HELP_ARGS or arg.split("=", 1)[0] in ("--help", "--helpshort", "--helpfull"):
+            return arg
+    return None
+
+
+def parser(groups: Groups | None = None) -> Callable[[list[str]], list[str]]:
+    """The flags_parser for app.run: help (exit 0), one-line flag errors (exit 1), placeholders."""
+    groups = groups or {}
+
+    def parse(argv: list[str]) -> list[str]:
+        asked = _help_request(argv)
+        if asked is not None:
+            sys.stdout.write(help_text(groups, full="helpfull" in asked))
+            sys.exit(0)
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.Error as e:
+            print(f"error: {describe(argv, e)}", file=sys.stderr)
+            sys.exit(1)
+        problem = placeholders(argv)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(1)
+        return rest
+
+    return parse
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing of argv, with flag errors as one `error:` line and exit status 1."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {describe(argv, e)}", file=sys.stderr)
-        sys.exit(1)
+    """absl's parsing of argv (see `parser`), without help groups."""
+    return parser()(argv)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -50,67 +51,181 @@ _PROMPT_MULTIPLE = 16  # prompt slots rounded up to this (fewer distinct shapes)
 MERGE_BLOCK = 8  # masks merged per call when building a generation adapter table
 
 
+REFERENCES = ("zero_shot", "single_task", "all_in_one", "random_start")
+# What an evaluation without a run uses where a flag is unset (with a run: the run's values).
+RUN_DEFAULTS = {"dtype": "bfloat16", "max_seq_len": 1024, "chat_template": False}
+RUN_FILE = "partition.json"  # a finished search run's record (pipeline.PARTITION)
+RUN_CONFIG = "config.json"  # its resolved flags (pipeline.CONFIG)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """The resolved flags of launch/evaluate.py."""
+    """The resolved flags of launch/evaluate.py (`resolve` fills what a run supplies)."""
 
-    base_model: str = setting(None, "Hugging Face base model: a directory or a Hub id org/name[@revision].")
-    adapters_dir: str | None = setting(None, "Directory of PEFT adapters, one sub-directory per task "
-                                       "(local or gs://bucket/prefix).")
+    workdir: str | None = setting(None, "A finished search run: evaluate its merged adapters against the "
+                                  "references (--compare); its partition.json and config.json supply every path "
+                                  "and setting.")
+    partition: str | None = setting(None, "partition.json of a search run: evaluate its merges (alone, like "
+                                    "--workdir=its directory, when no --base_model is given).")
+    base_model: str | None = setting(None, "Hugging Face base model: a directory or a Hub id org/name[@revision] "
+                                     "(default: the run's).")
+    adapters_dir: str | None = setting(None, "Directory of PEFT adapters, one sub-directory per task (local or "
+                                       "gs://bucket/prefix; default: the run's).")
     adapters: tuple[str, ...] = setting((), "PEFT adapters instead of --adapters_dir: directories (local or "
                                         "gs://) or Hub ids org/name[@revision][/sub/folder], each optionally "
                                         "task=ID.")
-    data_dir: str = setting(None, "Directory of <task>.jsonl / <task>.eval.jsonl examples (local or "
-                              "gs://bucket/prefix).")
-    output: str = setting(None, "Output JSON file.")
-    partition: str | None = setting(None, "partition.json from launch/search.py: evaluate its merges.")
+    data_dir: str | None = setting(None, "Directory of <task>.jsonl / <task>.eval.jsonl examples (local or "
+                                   "gs://bucket/prefix; default: the run's).")
+    output: str | None = setting(None, "Output JSON file (default with a run: RUN/evaluation.json, with "
+                                 "evaluation.md and evaluation.png beside it).")
+    compare: tuple[str, ...] | None = setting(None, f"References evaluated beside the run's merged adapters: any "
+                                              f"of {', '.join(REFERENCES)}, or none (default with a run: all).")
+    suite: str | None = setting(None, "A built-in synthetic suite (demo | full), built on first use into "
+                                "--suite_root/<name>; it supplies --base_model/--adapters_dir/--data_dir when "
+                                "they are unset.")
+    suite_root: str = setting("runs/suites", "Where built-in suites are built and cached.")
     merged_adapters: bool = setting(True, "With --partition: score the adapters written in merged/ beside "
                                     "partition.json when they are there (what the search wrote: tuned weights or "
                                     "factors, its output rank); false: merge each cluster again.")
-    metrics: tuple[str, ...] = setting(("loss",), f"Any of {', '.join(METRIC_KINDS)}.")
+    metrics: tuple[str, ...] | None = setting(None, f"Any of {', '.join(METRIC_KINDS)} (default: both with a run, "
+                                              "else loss).")
     zero_shot: bool = setting(False, "Evaluate the base model without adapters.")
-    dtype: str = setting("bfloat16", "Base weight dtype.", choices=DTYPES)
-    max_seq_len: int = setting(1024, "Longest example (prompt cut from the left to fit).")
-    chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+    dtype: str | None = setting(None, "Base weight dtype (default: the run's, else bfloat16).", choices=DTYPES)
+    max_seq_len: int | None = setting(None, "Longest example, prompt cut from the left to fit (default: the "
+                                      "run's, else 1024).")
+    chat_template: bool | None = setting(None, "Wrap prompts in the tokenizer's chat template (default: as the "
+                                         "run did, else no).")
     examples_per_task: int | None = setting(None, "First n examples of each task file (0 or unset: all).")
     merge: str = setting("ties", "Merge method when partition.json does not store one.")
     density: float = setting(0.5, "TIES density when partition.json does not store one.")
     batch_size: int = setting(8, "Requests scored per accelerator call.")
     example_chunk: int | None = setting(8, "Examples per forward pass (0: all at once); bounds memory when "
                                         "tasks have many examples.")
-    max_new_tokens: int = setting(128, "Generation metrics: longest generated response.")
+    max_new_tokens: int = setting(0, "Generation metrics: longest generated response (0: the longest "
+                                  "reference response + 4 tokens).")
     generation_batch_size: int = setting(64, "Generation metrics: prompts decoded per call (rows of all tasks "
                                          "together, each with its own adapter).")
-    seed: int = setting(0, "Seed for stochastic merges (dare_ties).")
+    seed: int = setting(0, "Seed for stochastic merges (dare_ties; default with a run: the run's).")
+    compilation_cache: str = setting("", "Persistent XLA compilation cache directory, so that a second evaluation "
+                                     "compiles nothing ('': $XDG_CACHE_HOME/d2c_jax/xla or ~/.cache/d2c_jax/xla; "
+                                     "'none': off).")
+    progress: bool = setting(True, "Show a progress bar.")
 
     def __post_init__(self):
         for name in ("examples_per_task", "example_chunk"):  # 0 (the flags' way to say "all"): None
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, None)
-        for name in ("base_model", "data_dir", "output"):
-            if not getattr(self, name):
-                raise UserError(None, f"--{name} must be set")
-        if not self.adapters_dir and not self.adapters and not self.zero_shot:
-            raise UserError(None, "--adapters_dir (or --adapters) must be set (unless --zero_shot)")
+        if self.compare is not None and tuple(self.compare) in (("none",), ("",)):
+            object.__setattr__(self, "compare", ())
         if self.adapters_dir and self.adapters:
             raise UserError(None, "give --adapters_dir or --adapters, not both")
         if self.zero_shot and self.partition:
             raise UserError(None, "--zero_shot and --partition exclude each other")
-        bad = [m for m in self.metrics if m not in METRIC_KINDS]
-        if bad or not self.metrics:
+        if self.zero_shot and self.workdir:
+            raise UserError(None, "--zero_shot and --workdir exclude each other (a run compares with "
+                            "zero-shot by default)")
+        bad = [m for m in self.metrics or () if m not in METRIC_KINDS]
+        if bad or self.metrics == ():
             raise UserError(None, f"--metrics={','.join(self.metrics)}: each must be one of "
                             f"{', '.join(METRIC_KINDS)}")
-        if self.dtype not in DTYPES:
+        bad = [m for m in self.compare or () if m not in REFERENCES]
+        if bad:
+            raise UserError(None, f"--compare={','.join(self.compare)}: each must be one of "
+                            f"{', '.join(REFERENCES)} (or none)")
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise UserError(None, f"--dtype={self.dtype}: must be one of {', '.join(DTYPES)}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise UserError(None, f"--max_seq_len={self.max_seq_len}: must be >= 2")
         if not 0.0 < self.density <= 1.0:
             raise UserError(None, f"--density={self.density}: must be in (0, 1]")
         if self.batch_size < 1:
             raise UserError(None, f"--batch_size={self.batch_size}: must be >= 1")
-        if self.max_new_tokens < 1:
-            raise UserError(None, f"--max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.max_new_tokens < 0:
+            raise UserError(None, f"--max_new_tokens={self.max_new_tokens}: must be >= 0")
         if self.generation_batch_size < 1:
             raise UserError(None, f"--generation_batch_size={self.generation_batch_size}: "
                             "must be >= 1")
+
+    @property
+    def run_dir(self) -> str | None:
+        """The search run this evaluation reads its settings from: --workdir, or the directory of
+        --partition when no --base_model is given."""
+        if self.workdir:
+            return self.workdir
+        if self.partition and not self.base_model:
+            return os.path.dirname(os.path.abspath(self.partition))
+        return None
+
+
+def read_run(run_dir: str) -> dict[str, Any]:
+    """The run's settings: config.json (the resolved flags) under partition.json (the record of
+    the finished run, whose paths and settings win)."""
+    record = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isdir(run_dir):
+        raise UserError(run_dir, "no such run directory")
+    if not os.path.isfile(record):
+        raise UserError(run_dir, f"holds no {RUN_FILE}: the search has not finished (re-run its command to "
+                        "resume it)")
+    out: dict[str, Any] = {}
+    for name in (RUN_CONFIG, RUN_FILE):
+        path = os.path.join(run_dir, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(path, f"cannot read it: {e}") from None
+        if not isinstance(doc, dict):
+            raise UserError(path, "expected a JSON object")
+        out.update({k: v for k, v in doc.items() if v is not None})
+    return out
+
+
+def resolve(cfg: EvalConfig) -> tuple[EvalConfig, list[str]]:
+    """`cfg` with what the run (or --suite) supplies filled in, and the notes to print (each flag
+    that overrides the run's value). Raises UserError for what is still missing."""
+    notes: list[str] = []
+    run_dir = cfg.run_dir
+    run = read_run(run_dir) if run_dir else {}
+    fill: dict[str, Any] = {}
+    if run_dir:
+        fill["partition"] = cfg.partition or os.path.join(run_dir, RUN_FILE)
+        fill["output"] = cfg.output or os.path.join(run_dir, "evaluation.json")
+        fill["compare"] = REFERENCES if cfg.compare is None else cfg.compare
+        fill["metrics"] = cfg.metrics or METRIC_KINDS
+        if "seed" in run and cfg.seed == 0:
+            fill["seed"] = int(run["seed"])
+    for name in ("base_model", "adapters_dir", "data_dir"):
+        given, recorded = getattr(cfg, name), run.get(name)
+        if given and recorded and os.path.abspath(given) != os.path.abspath(recorded):
+            notes.append(f"note: --{name}={given} overrides the run's {recorded}")
+        fill[name] = given or (None if name == "adapters_dir" and cfg.adapters else recorded)
+    if not cfg.adapters and not cfg.adapters_dir and run.get("adapters"):  # the run named them by Hub id
+        fill["adapters"] = tuple(run["adapters"])
+    for name, default in RUN_DEFAULTS.items():
+        given, recorded = getattr(cfg, name), run.get(name)
+        if given is not None and recorded is not None and given != recorded:
+            notes.append(f"note: --{name}={given} overrides the run's {recorded}")
+        fill[name] = given if given is not None else (recorded if recorded is not None else default)
+    suite = cfg.suite or run.get("suite")
+    if suite and not (fill["base_model"] and fill["data_dir"] and (fill["adapters_dir"] or fill.get("adapters") or
+                                                                   cfg.adapters or cfg.zero_shot)):
+        from d2c_jax.suite import ensure_preset
+
+        paths = ensure_preset(suite, cfg.suite_root if cfg.suite else run.get("suite_root", cfg.suite_root),
+                              log=lambda msg: print(f"  suite: {msg}", file=sys.stderr, flush=True))
+        for name in ("base_model", "adapters_dir", "data_dir"):
+            fill[name] = fill[name] or getattr(paths, name)
+    out = dataclasses.replace(cfg, **fill)
+    if out.metrics is None:
+        out = dataclasses.replace(out, metrics=("loss",))
+    for name in ("base_model", "data_dir", "output"):
+        if not getattr(out, name):
+            raise UserError(None, f"--{name} must be set (or give --workdir=RUN, a finished search run)")
+    if not out.adapters_dir and not out.adapters and not out.zero_shot:
+        raise UserError(None, "--adapters_dir (or --adapters) must be set (unless --zero_shot)")
+    return out, notes
 
 
 # ----------------------------------------------------------------------------- files
@@ -370,25 +485,47 @@ def longest_response_tokens(task_data: TaskData, tokenizer: Any) -> int:
 # ----------------------------------------------------------------------------- launch/evaluate.py
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Runs the evaluation described by `cfg` and returns the output document (no files written)."""
+def _stacked(loras: Sequence[Any]) -> Any:
+    """K adapter pytrees -> one with a leading K axis."""
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *loras)
+
+
+def evaluate(cfg: EvalConfig, *, log: Any = None) -> dict[str, Any]:
+    """Runs the evaluation described by `cfg` (resolved first: see `resolve`) and returns the
+    output document (no files written). With a run (or --compare) the document's "comparison"
+    holds every reference's result and the tables (`d2c_jax.comparison`). `log`: where the notes
+    (flags overriding the run's values) go; default stderr."""
+    from d2c_jax import comparison
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cfg, notes = resolve(cfg)
+    for note in notes:
+        log(note)
     generation = "generation" in cfg.metrics
+    from d2c_jax import compilation_cache
+
+    compilation_cache.enable(cfg.compilation_cache)  # before the first compilation (user cache dir)
     # Everything a user can get wrong is checked before the weights are loaded (inputs.params).
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="eval", adapters=cfg.adapters,
                          pinned=hub.recorded_commits(cfg.partition) if cfg.partition else None,
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
                          chat_template=cfg.chat_template, dtype=cfg.dtype)
     names, task_data = inputs.names, inputs.task_data
+    fallback = [n for n, f in zip(names, task_data.files) if not f.endswith(".eval.jsonl")]
+    if fallback and cfg.run_dir:
+        log(f"note: {len(fallback)} of {len(names)} tasks have no <task>.eval.jsonl; their search examples "
+            f"are used (not held out): {', '.join(fallback[:5])}{', ...' if len(fallback) > 5 else ''}")
 
-    method, density, clusters, rank, written = cfg.merge, cfg.density, None, None, None
+    method, density, clusters, rank, written, raw = cfg.merge, cfg.density, None, None, None, {}
     if cfg.partition:
         clusters, raw = read_partition(cfg.partition, names)
         method = raw.get("merge", raw.get("method", method))
         density = float(raw.get("density", density))
         rank = int(raw.get("output_rank") or 0) or None  # the rank the search merged at (budget mode)
         written = written_adapters(cfg.partition, len(clusters)) if cfg.merged_adapters else None
+    compare = tuple(cfg.compare or ()) if not cfg.zero_shot else ()
     prepared = None
-    if clusters is not None:
+    if clusters is not None or {"all_in_one", "random_start"} & set(compare):
         try:
             prepared = inputs.prepared(method, density, seed=cfg.seed, rank=rank)
         except UserError as e:  # a bad method/density: name where it came from
@@ -397,30 +534,63 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     elif not cfg.zero_shot:
         # Single-task: one-member merges are the adapters unchanged; linear trims nothing.
         prepared = inputs.prepared("linear", 1.0)
+    if cfg.max_new_tokens == 0:
+        cfg = dataclasses.replace(cfg, max_new_tokens=longest_response_tokens(task_data, inputs.tokenizer) + 4)
     ev = Evaluator(inputs.params, inputs.model_cfg, inputs.tokenizer, task_data, inputs.task_metrics,
                    prepared=prepared, batch_size=cfg.batch_size, example_chunk=cfg.example_chunk,
                    max_new_tokens=cfg.max_new_tokens,
                    generation_batch_size=cfg.generation_batch_size)
-    partition_n = None
-    if cfg.zero_shot:
-        mode, result = "zero_shot", ev.zero_shot(generation=generation)
-    elif clusters is None:
-        mode, result = "single", ev.single(generation=generation)
-    else:
-        mode = "partition"
-        partition_n = partition_from_clusters(clusters, names)
+    partition_n = None if clusters is None else partition_from_clusters(clusters, names)
+    k = None if clusters is None else len(clusters)
+
+    def primary() -> TaskScores:
+        if cfg.zero_shot:
+            return ev.zero_shot(generation=generation)
+        if clusters is None:
+            return ev.single(generation=generation)
         if written is not None:  # the adapters the search wrote, as they are
             from d2c_jax import lora as lora_lib
 
             aset = lora_lib.load_adapter_dirs(written, inputs.model_cfg)
-            lora_k = jax.tree.map(lambda *xs: np.stack(xs), *[lora_lib.effective_lora(aset, c)
-                                                               for c in range(len(written))])
-            result = ev.clusters(lora_k, partition_n, generation=generation)
-        else:
-            result = ev.partition(partition_n, len(clusters), generation=generation)
+            lora_k = _stacked([lora_lib.effective_lora(aset, c) for c in range(len(written))])
+            return ev.clusters(lora_k, partition_n, generation=generation)
+        return ev.partition(partition_n, k, generation=generation)
+
+    mode = "zero_shot" if cfg.zero_shot else "single" if clusters is None else "partition"
+    primary_key = {"partition": "merged", "single": "single_task", "zero_shot": "zero_shot"}[mode]
+    jobs = {primary_key: primary}
+    for ref in compare:
+        if ref == primary_key:
+            continue
+        if ref == "zero_shot":
+            jobs[ref] = lambda: ev.zero_shot(generation=generation)
+        elif ref == "single_task":
+            from d2c_jax import lora as lora_lib
+
+            jobs[ref] = lambda: ev.clusters(
+                _stacked([lora_lib.effective_lora(inputs.adapters, i) for i in range(len(names))]),
+                np.arange(len(names), dtype=np.int32), generation=generation)
+        elif ref == "all_in_one":
+            jobs[ref] = lambda: ev.partition(np.zeros(len(names), np.int32), 1, generation=generation)
+        elif ref == "random_start" and k is not None:
+            from d2c_jax.strategies.baselines import random_baseline
+
+            # The partition the run's first chain started from (= --strategy=random, same seed).
+            jobs[ref] = lambda: ev.partition(random_baseline(len(names), k, cfg.seed), k, generation=generation)
+    results = comparison.run_jobs(jobs, progress=cfg.progress)
+    result = results[primary_key]
     doc = result_document(result, task_data, mode, cfg, partition_n=partition_n, merge=method, density=density)
     if clusters is not None:
         doc["summary"]["adapters"] = os.path.dirname(written[0]) if written else "merged again"
+    doc["summary"]["max_new_tokens"] = cfg.max_new_tokens if generation else None
+    if cfg.run_dir:
+        doc["summary"]["run"] = os.path.abspath(cfg.run_dir)
+    # The tables (one row per method, also when there is one) and every method's result.
+    docs = {m: result_document(r, task_data, m, cfg) for m, r in results.items() if m != primary_key}
+    doc["comparison"] = comparison.comparison_document(
+        {primary_key: {"tasks": doc["tasks"], "summary": dict(doc["summary"])}, **docs}, results, inputs.tags)
+    doc["summary"]["gap_closed"] = next(r["gap_closed"] for r in doc["comparison"]["groups"]["overall"]["rows"]
+                                        if r["method"] == primary_key)
     return doc
 
 

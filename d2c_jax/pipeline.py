@@ -232,10 +232,35 @@ def final_table(doc: Mapping[str, Any]) -> str:
     lines.append(
         f"objective {doc['objective']:.4f} (summed loss of {sum(len(c) for c in doc['clusters'])} tasks), "
         f"strategy {doc['strategy']}, {doc['evaluations']} evaluations "
-        f"({doc.get('evaluations_per_iteration', 0):.2f} per iteration), {doc['seconds']:.1f} s"
+        f"({doc.get('evaluations_per_iteration', 0):.2f} per iteration), {doc['seconds']:.1f} s{_phases(doc)}"
     )
     lines.append(gain_line(doc))
     return "\n".join(lines)
+
+
+def _phases(doc: Mapping[str, Any]) -> str:
+    """' (load 3.1 s, search 10.2 s, ...)': where the run's seconds went (the suite build excluded)."""
+    phases = doc.get("phase_seconds") or {}
+    return " (" + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")" if phases else ""
+
+
+def show(workdir: str) -> int:
+    """Prints a finished run's summary table and gain line again (launch/search.py --show)."""
+    path = os.path.join(workdir, PARTITION)
+    if not os.path.isfile(path):
+        ckpt = os.path.join(workdir, CHECKPOINTS)
+        steps = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
+        where = (f"; its checkpoint of iteration {steps[-1]} is in {ckpt}: re-run the search's command to resume"
+                 if steps else "")
+        raise UserError(workdir, f"holds no finished run ({PARTITION}){where}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        print(final_table(doc))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(path, f"cannot read the run's summary: {e}") from None
+    print(f"outputs in {os.path.abspath(workdir)}")
+    return 0
 
 
 def gain_line(doc: Mapping[str, Any]) -> str:
@@ -349,13 +374,17 @@ def run(cfg: RunConfig) -> int:
     """Runs (or resumes) the search described by `cfg`; returns the exit status (0, also for a
     finished run found in the workdir and when SIGTERM stopped it after a checkpoint; 130 when
     SIGINT did)."""
-    start = time.perf_counter()
     workdir = os.path.abspath(cfg.workdir)
     if cfg.push_to_hub:
         push.check_token(cfg.push_to_hub)  # before any work
     cfg = resolve_suite(cfg)
+    start = time.perf_counter()  # the run's seconds exclude the suite build
     done = finished_run(workdir, cfg)
     if done is not None:
+        try:
+            show(workdir)
+        except UserError:  # a partition.json without the summary (written by other tools): its path only
+            pass
         print(f"already finished: {done} (use --overwrite to run again)")
         if cfg.push_to_hub and _is_main():
             push_result(workdir, cfg)  # a push that failed before is tried again
@@ -395,12 +424,15 @@ def run(cfg: RunConfig) -> int:
             ckpt = _open_checkpointer(cfg, workdir, fp, len(names), is_main)
             step = ckpt.latest_step()
             if step is not None:
+                if is_main:
+                    print(f"resumed from iteration {step} of {settings.iterations} (checkpoint "
+                          f"{os.path.join(ckpt.directory, str(step))})", flush=True)
                 signals.set_note(f"the checkpoint of iteration {step} in {ckpt.directory} is kept; "
                                  "re-run the same command to resume")
         # After the checkpoint check: config.json always describes the checkpoints.
         _on_main(lambda: write_text_atomic(os.path.join(workdir, CONFIG), config_json(cfg, sources.commits())),
                  CONFIG, is_main)
-        return _run(cfg, workdir, inputs, ckpt, start, is_main)
+        return _run(cfg, workdir, inputs, ckpt, start, is_main, loaded=time.perf_counter())
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -446,7 +478,7 @@ def _find(cfg: RunConfig, inputs: Inputs, ckpt: Checkpointer | None, workdir: st
 
 
 def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None, start: float,
-         is_main: bool) -> int:
+         is_main: bool, loaded: float | None = None) -> int:
     names = inputs.names
     settings = cfg.engine_settings()
 
@@ -481,6 +513,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
                                 "evaluations": outcome[1].evaluations})
         if found is None or outcome[1].objective < found[1].objective:
             found = outcome
+    searched = time.perf_counter()
     scorer, result, cfg_best = found
     settings = cfg_best.engine_settings()
     k = settings.num_clusters
@@ -490,6 +523,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
     random_start, all_in_one, reference_evaluations = reference_objectives(
         scorer, result.state.cache, len(names), k, settings.seed, cfg.all_in_one_reference)
 
+    referenced = time.perf_counter()
     # Learned merge weights (after the search; --tune_during_search: of every chain's partition).
     tuning, weights_k, loras_k = None, None, None
     if cfg.tune_weights or cfg.tune_during_search:
@@ -546,6 +580,11 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "data_dir": cfg.data_dir,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    loaded = start if loaded is None else loaded
+    phases = {"load": loaded - start, "search": searched - loaded, "references": referenced - searched}
+    if tuning is not None:
+        phases["tuning"] = time.perf_counter() - referenced
+    doc["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
     if budget_rows:
         doc["budget"] = {"percent": cfg.budget, "mb": cfg.budget_mb, "ways": budget_rows,
                          "chosen": {"num_clusters": k, "rank": int(prepared.rank)}}
@@ -596,7 +635,9 @@ def write_outputs(
     """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
     write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model,
                  weights_k, merge_fn, loras_k)
-    write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(metrics, f"{doc['strategy']} search"))
+    write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(
+        metrics, f"{doc['strategy']} search", random_start=doc.get("random_start_objective"),
+        all_in_one=doc.get("all_in_one_objective")))
     write_bytes_atomic(
         os.path.join(workdir, ASSIGNMENT_PNG),
         plots.assignment_png(partition_n, names, int(doc["num_clusters"]), tags, f"{doc['strategy']}: K={doc['num_clusters']}"),

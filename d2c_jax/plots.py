@@ -1,7 +1,10 @@
 """The run's two figures, rendered to PNG bytes (matplotlib Agg; the caller writes them atomically).
 
 - objective vs iteration: every chain's global objective at the tracked iterations (metrics rows
-  with "objectives"), the best chain in bold;
+  with "objectives"), the best chain in bold, the random start's and the all-in-one merge's
+  objectives as labelled horizontal lines (lower is better);
+- comparison bars (launch/evaluate.py): one bar per method (merged, single-task, ...) in each
+  group of tasks (overall, each family);
 - assignment map: tasks (rows) × clusters (columns), tasks grouped by their tags (family, then
   language, from tasks.json) when present, so that a clustering by family shows as blocks.
 
@@ -32,8 +35,16 @@ def png(fig) -> bytes:
     return buf.getvalue()
 
 
-def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C search") -> bytes:
-    """Global objective (summed per-task loss) per chain against the iteration."""
+def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C search", *,
+                  random_start: float | None = None, all_in_one: float | None = None) -> bytes:
+    """Global objective (summed per-task loss) per chain against the iteration, with the random
+    start's and the all-in-one merge's objectives as labelled reference lines."""
+    return png(objective_figure(metrics, title, random_start=random_start, all_in_one=all_in_one))
+
+
+def objective_figure(metrics: Sequence[Mapping[str, Any]], title: str = "D²C search", *,
+                     random_start: float | None = None, all_in_one: float | None = None):
+    """The matplotlib figure of objective_png."""
     plt = pyplot()
     rows = [r for r in metrics if r.get("objectives")]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -44,11 +55,37 @@ def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C searc
         for p in range(obj_tp.shape[1]):
             ax.plot(its, obj_tp[:, p], lw=2.2 if p == best else 0.9, alpha=1.0 if p == best else 0.5,
                     marker="o" if len(its) < 30 else None, ms=3, label=f"chain {p} (best)" if p == best else None)
+    for value, label, style in ((random_start, "random start", ":"), (all_in_one, "all-in-one merge", "--")):
+        if value is not None and np.isfinite(value):
+            ax.axhline(value, color="0.35", ls=style, lw=1.2, label=f"{label} {value:.4g}")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("iteration")
-    ax.set_ylabel("objective: summed task loss")
+    ax.set_ylabel("objective: summed task loss (lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def comparison_png(groups: Sequence[str], methods: Sequence[str], values_gm: np.ndarray, ylabel: str,
+                   labels: Mapping[str, str] | None = None, title: str = "held-out evaluation") -> bytes:
+    """Grouped bars: for each group of tasks (G), one bar per method (M); values_gm [G, M]."""
+    plt = pyplot()
+    labels = labels or {}
+    values_gm = np.asarray(values_gm, np.float64)
+    g, m = values_gm.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 + 0.35 * g * m + 0.4 * g), 4))
+    width = 0.8 / max(m, 1)
+    x_g = np.arange(g)
+    for j in range(m):
+        bars = ax.bar(x_g - 0.4 + width * (j + 0.5), values_gm[:, j], width, label=labels.get(methods[j], methods[j]))
+        if g * m <= 40:
+            ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=1)
+    ax.set_xticks(x_g, list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
     return png(fig)
 
 

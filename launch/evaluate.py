@@ -1,25 +1,32 @@
-"""Evaluates adapters on every task: single-task adapters, a partition's merged adapters, or none.
+r"""Evaluates a search run's merged adapters against the references, or any adapters on their own.
 
+  python launch/evaluate.py --workdir=runs/demo-d2c-k3        # or --partition=RUN/partition.json
   python launch/evaluate.py --base_model=DIR --adapters_dir=DIR --data_dir=DIR \
-      [--partition=WORKDIR/partition.json] [--metrics=loss,generation] [--zero_shot] --output=OUT.json
+      [--partition=partition.json] [--metrics=loss,generation] [--zero_shot] --output=OUT.json
 
-Modes: without --partition each task is scored with its own adapter; with --partition each task
-is scored with its cluster's adapter written in merged/ beside partition.json (what the search
-wrote: tuned weights or factors included, at its output rank), or, when merged/ is absent or with
---nomerged_adapters, with the TIES (or --merge) merge of its cluster (method, density and output
-rank are read from partition.json when it stores them, else taken from --merge/--density);
---zero_shot scores the bare base model (--adapters_dir is then optional and only fixes the task
-list).
+A run (--workdir, or --partition without --base_model) needs nothing else: its partition.json and
+config.json give the paths and settings (dtype, max_seq_len, chat template, seed, --suite); a
+flag given as well overrides the run's value, with a note. It scores, on the held-out examples,
+the run's merged adapters and the references (--compare: zero-shot, single-task, all-in-one,
+the random start), loss and generation metrics, prints one table per task family and overall
+(with the gap closed between all-in-one and single-task) and writes RUN/evaluation.json,
+evaluation.md and evaluation.png (a bar chart).
+
+Without a run: each task with its own adapter; with --partition each task with its cluster's
+adapter from merged/ beside partition.json (what the search wrote), or, when merged/ is absent or
+with --nomerged_adapters, the --merge merge of its cluster (method, density and output rank read
+from partition.json when it stores them); --zero_shot scores the bare base model.
 Data: each task's `<task>.eval.jsonl` when it exists, else its search examples `<task>.jsonl`
-(per task; the output records which file was used), all lines unless --examples_per_task=n
-(then the first n). --metrics=generation decodes greedily (KV cache, all tasks' prompts batched
-together, each row with its task's adapter) and scores each task with its tasks.json metric.
-Writes {"tasks": {task: {"loss": float, ...}}, "summary": {"mean_loss": float, ...}} atomically.
-The logic lives in d2c_jax/evaluation.py; this script only turns flags into an EvalConfig.
+(the output records which file was used), all lines unless --examples_per_task=n. Generation
+decodes greedily (KV cache, all tasks' prompts batched together, each row with its task's
+adapter) and scores each task with its tasks.json metric.
+Writes {"tasks": {task: {"loss": float, ...}}, "summary": {"mean_loss": float, ...},
+"comparison": {...}} atomically. The logic lives in d2c_jax/evaluation.py and comparison.py.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -33,6 +40,15 @@ if __name__ == "__main__":
 from d2c_jax import config_flags  # noqa: E402
 from d2c_jax.errors import run_cli  # noqa: E402
 from d2c_jax.evaluation import EvalConfig  # noqa: E402
+
+# --help: these first, by group; every other flag below them as "advanced".
+HELP_GROUPS = {
+    "inputs": ("workdir", "partition", "base_model", "adapters_dir", "data_dir", "suite", "flagfile"),
+    "evaluation": ("compare", "metrics", "zero_shot", "examples_per_task", "max_new_tokens"),
+    "settings (default: the run's)": ("dtype", "max_seq_len", "chat_template"),
+    "outputs": ("output",),
+    "run control": ("progress", "batch_size", "generation_batch_size"),
+}
 
 
 def define_flags() -> None:
@@ -65,22 +81,38 @@ def main(argv: Sequence[str]) -> None:
     def body() -> None:
         import jax
 
-        from d2c_jax.atomic_io import write_json_atomic
-        from d2c_jax.evaluation import evaluate
+        from d2c_jax import comparison, plots
+        from d2c_jax.atomic_io import write_bytes_atomic, write_json_atomic, write_text_atomic
+        from d2c_jax.evaluation import evaluate, resolve
         from d2c_jax.sharding import initialize_distributed
 
         cfg = config_from_flags(flags.FLAGS)
         check_output(cfg)
         initialize_distributed()
         result = evaluate(cfg)
-        if jax.process_index() == 0:
-            write_json_atomic(cfg.output, result)
-            print(f"mean loss {result['summary']['mean_loss']:.4f} over "
-                  f"{result['summary']['num_tasks']} tasks -> {cfg.output}")
+        if jax.process_index() != 0:
+            return
+        output = resolve(cfg)[0].output
+        summary = result["summary"]
+        comp = result["comparison"]
+        print(comparison.text_tables(comp))
+        charts = bool(summary.get("run")) or len(comp["methods"]) > 1  # beside a lone output JSON: nothing else
+        stem = os.path.splitext(output)[0]
+        if charts:
+            title = f"Held-out evaluation of {summary.get('run') or output}"
+            write_text_atomic(stem + ".md", comparison.markdown(comp, title))
+            groups, methods, values, what = comparison.chart_values(comp)
+            write_bytes_atomic(stem + ".png", plots.comparison_png(groups, methods, values, what,
+                                                                   comparison.LABELS, title="held-out evaluation"))
+        write_json_atomic(output, result)
+        score = f", mean score {summary['mean_score']:.2f}" if "mean_score" in summary else ""
+        extra = f" (+ {os.path.basename(stem)}.md, .png)" if charts else ""
+        print(f"{summary['mode']}: mean loss {summary['mean_loss']:.4f}{score} over "
+              f"{summary['num_tasks']} tasks -> {output}{extra}")
 
     sys.exit(run_cli(body))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=cli.parser(HELP_GROUPS))

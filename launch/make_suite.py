@@ -53,6 +53,7 @@ def main(argv: Sequence[str]) -> None:
 
     def body() -> int:
         from d2c_jax.suite import PRESETS, ensure_suite, read_manifest
+        from d2c_jax.suite.build import quality_sentence
 
         # Without a preset, ensure_suite's defaults (5 families x 8 languages) apply.
         settings = dict(PRESETS[f.preset]) if f.preset else {}
@@ -73,7 +74,7 @@ def main(argv: Sequence[str]) -> None:
             "data_dir": paths.data_dir,
             "tasks": len(manifest.get("tasks", [])),
             "seconds": round(time.time() - start, 1),
-            "quality": manifest.get("quality", {}).get("summary"),
+            "quality": quality_sentence(manifest["quality"]["summary"]) if manifest.get("quality") else None,
         }, indent=1))
         return 0
 

@@ -73,4 +73,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)  # --help exits 0; one-line flag errors

@@ -1,6 +1,7 @@
 r"""Clusters N LoRA adapters into K groups whose TIES merges score best (D²C), or a baseline.
 
   python launch/search.py --flagfile=configs/llama.flags [--workdir=DIR] [overrides]
+  python launch/search.py --workdir=DIR --show     # a finished run's summary table again
 
 Writes into --workdir: partition.json, merged/cluster_<k>/ (PEFT adapters), metrics.jsonl,
 objective.png, assignment.png, config.json and checkpoints/. Re-running the same command resumes
@@ -45,6 +46,18 @@ from d2c_jax.errors import run_cli  # noqa: E402
 from d2c_jax.run_config import RunConfig  # noqa: E402
 
 config_flags.define_flags(RunConfig)  # one flag per RunConfig / SearchSettings field, same name
+flags.DEFINE_bool("show", False, "Print the summary table and gain line of the finished run in --workdir, and exit "
+                  "(nothing else is needed or touched).")
+
+# --help: these first, by group; every other flag below them as "advanced".
+HELP_GROUPS = {
+    "inputs": ("flagfile", "base_model", "adapters_dir", "data_dir", "suite", "examples_per_task", "max_seq_len",
+               "chat_template", "dtype"),
+    "search": ("strategy", "num_clusters", "iterations", "objective", "population", "proposals", "seed"),
+    "merge": ("merge", "density", "output_rank", "budget", "tune_weights"),
+    "outputs": ("workdir", "show", "overwrite"),
+    "run control": ("checkpoint_every", "progress", "batch_size", "model_shards"),
+}
 
 
 def config_from_flags(f: flags.FlagValues) -> RunConfig:
@@ -67,10 +80,12 @@ def main(argv: Sequence[str]) -> None:
     def body() -> int:
         from d2c_jax import pipeline
 
+        if flags.FLAGS.show:
+            return pipeline.show(flags.FLAGS.workdir)
         return pipeline.run(config_from_flags(flags.FLAGS))  # starts jax.distributed if asked
 
     sys.exit(run_cli(body))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(main, flags_parser=cli.parser(HELP_GROUPS))

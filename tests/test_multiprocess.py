@@ -160,6 +160,7 @@ def _tree(workdir) -> list[str]:
 def _doc(workdir) -> dict:
     doc = read_partition(workdir)
     doc.pop("seconds")  # wall time
+    doc.pop("phase_seconds")
     doc.pop("compile")  # how many executables this process compiled or found in the cache
     return doc
 

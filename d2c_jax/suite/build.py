@@ -7,6 +7,8 @@ Layout of a suite directory:
   suite.json                 manifest: settings, their hash, every file's sha256, measured losses
 The manifest is written last; the whole suite is built in a temp dir beside the target and swapped
 in (atomic_io.write_dir_atomic), so a directory holding a suite.json always holds a complete suite.
+The trainings checkpoint into a stage directory beside it (`resume`): Ctrl-C stops the build
+after a checkpoint, removes the temp dir, and the same command continues from there.
 Shape legend: T tasks, n examples, S sequence, F families, L languages.
 """
 
@@ -16,8 +18,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -26,7 +30,8 @@ import numpy as np
 
 from d2c_jax import cached_dir
 from d2c_jax.errors import UserError
-from d2c_jax.suite import checkpoint, tasks, train
+from d2c_jax import signals
+from d2c_jax.suite import checkpoint, resume, tasks, train
 from d2c_jax.suite import tokenizer as tok_lib
 from d2c_jax.types import TokenBatch
 
@@ -206,9 +211,16 @@ def _ensure(output_dir: str | os.PathLike, settings: SuiteSettings, log: Log | N
     log = log or _default_log
     settings.validate()
     final = suite_paths(output_dir)
-    cached_dir.ensure_dir(final.root, lambda tmp: _build_in_child(tmp, final, settings, log), manifest=MANIFEST,
-                          parts=PARTS, is_complete=lambda d: is_complete(d, settings), what="suite", force=force)
+    built = cached_dir.ensure_dir(final.root, lambda tmp: _build_in_child(tmp, final, settings, log),
+                                  manifest=MANIFEST, parts=PARTS, is_complete=lambda d: is_complete(d, settings),
+                                  what="suite", force=force)
+    if built:  # the checkpoints of the trainings are no longer needed
+        shutil.rmtree(resume.stage_dir(final.root, settings_hash(settings)), ignore_errors=True)
     return final
+
+
+class SuiteInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM stopped the suite build after its trainings were checkpointed."""
 
 
 # XLA CPU settings of every suite build, whatever the caller's environment. Measured (docs/results.md,
@@ -236,15 +248,38 @@ def build_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 def _build_in_child(tmp: str, final: SuitePaths, s: SuiteSettings, log: Log) -> None:
     """Builds into `tmp` in a fresh Python process (`d2c_jax.suite.worker`) whose XLA runs with
     build_env(): XLA reads its flags once per process, so the caller's own (maybe already
-    initialised) JAX cannot fix them. The child's output lines are passed to `log`."""
+    initialised) JAX cannot fix them. The child's output lines are passed to `log`.
+
+    A SIGINT / SIGTERM meanwhile (the terminal sends Ctrl-C to both processes; one sent to this
+    process alone is passed on) lets the child checkpoint its training and stop; then this
+    raises SuiteInterrupted, and write_dir_atomic removes `tmp` on the way out."""
+    stage = resume.stage_dir(final.root, settings_hash(s))
     cmd = [sys.executable, "-m", "d2c_jax.suite.worker", tmp, final.base_model,
-           json.dumps(dataclasses.asdict(s))]
+           json.dumps(dataclasses.asdict(s)), stage]
     tail: list[str] = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=build_env()) as proc:
-        for line in proc.stdout:
-            tail = (tail + [line.rstrip()])[-20:]
-            log(line.rstrip())
+    with signals.PreemptionFlag() as flag:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=build_env()) as proc:
+            done = threading.Event()
+
+            def forward() -> None:  # a signal that reached this process only
+                while not done.wait(0.2):
+                    if flag() and proc.poll() is None:
+                        proc.send_signal(flag.signum)
+                        return
+
+            threading.Thread(target=forward, daemon=True).start()
+            try:
+                for line in proc.stdout:
+                    tail = (tail + [line.rstrip()])[-20:]
+                    log(line.rstrip())
+            finally:
+                done.set()
+        if flag() or proc.returncode == EXIT_STOPPED:
+            log(f"stopped; the trainings' checkpoints are kept in {stage}: re-run the same command to continue "
+                "from them")
+            raise SuiteInterrupted(f"suite build stopped; its checkpoints are kept in {stage}: re-run the same "
+                                   "command to continue from them")
     if proc.returncode != 0:
         raise RuntimeError(f"suite build process failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
@@ -273,17 +308,27 @@ def _make_world(s: SuiteSettings) -> _World:
     return _World(world, vocab, task_list, splits)
 
 
-def build_into(tmp: str, base_model: str, s: SuiteSettings, log: Log) -> None:
+EXIT_STOPPED = 130  # the worker's exit status after a signal stopped it (checkpoint saved)
+
+
+def build_into(tmp: str, base_model: str, s: SuiteSettings, log: Log, stage: str | None = None,
+               stop: Callable[[], bool] = lambda: False) -> None:
     """Writes the whole suite into `tmp` (the adapters name `base_model` as their base), in this
-    process: `d2c_jax.suite.worker` runs it under build_env()."""
+    process: `d2c_jax.suite.worker` runs it under build_env(). With `stage` the trainings
+    checkpoint there and continue from there; `stop()` true: checkpoint and raise resume.Stopped."""
     t_start = time.time()
     w = _make_world(s)
     paths = suite_paths(tmp)
     _write_data(paths.data_dir, w)
+    hooks: dict[str, Any] = {}
+    if stage is not None:
+        os.makedirs(stage, exist_ok=True)
+        resume.remove_leftovers(stage)
+        hooks = {"pretrain": os.path.join(stage, "pretrain.npz"), "adapters": os.path.join(stage, "adapters.npz")}
     log(f"data ready; pre-training {s.pretrain_steps} steps, {len(w.names)} tasks, vocab {w.vocab.size}")
 
     t0 = time.time()
-    cfg, params, pre_losses = _pretrain_base(s, w, log)
+    cfg, params, pre_losses = _pretrain_base(s, w, log, hooks.get("pretrain"), stop)
     t_pre = time.time() - t0
     config_dict = _config_dict(s, w.vocab)
     checkpoint.save_base_model(paths.base_model, params, config_dict)
@@ -293,8 +338,11 @@ def build_into(tmp: str, base_model: str, s: SuiteSettings, log: Log) -> None:
     scaling = s.alpha / s.rank
     lora = train.init_lora(cfg, checkpoint.ATTENTION_MODULES, s.rank, len(w.names),
                            np.random.default_rng([s.seed, 7402]))
+    kw = _resumable(hooks.get("adapters"), lora, train.adapter_state(cfg, lora, scaling, s.adapter_lr,
+                                                                     s.adapter_steps), s.adapter_steps, stop, log,
+                    "adapter training")
     lora, ad_losses = train.train_adapters(cfg, params, lora, _adapter_batches(s, w), scaling=scaling,
-                                           lr=s.adapter_lr, log=log)
+                                           lr=s.adapter_lr, log=log, **kw)
     t_ad = time.time() - t0
     _save_adapters(paths.adapters_dir, lora, w.names, s, base_model)
 
@@ -304,7 +352,7 @@ def build_into(tmp: str, base_model: str, s: SuiteSettings, log: Log) -> None:
     quality = _quality(w.task_list, loss[0], acc[0], loss[1:], acc[1:])
     quality["pretrain_final_loss"] = round(float(np.mean(pre_losses[-10:])), 4)
     quality["adapter_final_loss"] = round(float(np.mean(ad_losses[-10:])), 4)
-    log(f"quality (held-out loss): {json.dumps(quality['summary'])}")
+    log(f"quality: {quality_sentence(quality['summary'])}")
     _write_manifest(tmp, s, w.names, quality)
     log(f"built {len(w.names)} tasks in {time.time() - t_start:.1f}s "
         f"(pre-training {t_pre:.1f}s, adapters {t_ad:.1f}s)")
@@ -330,16 +378,31 @@ def _config_dict(s: SuiteSettings, vocab: tok_lib.Vocab) -> dict[str, Any]:
         pad_token_id=vocab.pad_id)
 
 
-def _pretrain_base(s: SuiteSettings, w: _World, log: Log):
+def _pretrain_base(s: SuiteSettings, w: _World, log: Log, ckpt: str | None = None,
+                   stop: Callable[[], bool] = lambda: False):
     """(cfg, trained params, losses): the base model, initialised with concept-structured
-    embeddings and pre-trained on the mixture of _pretrain_batches."""
+    embeddings and pre-trained on the mixture of _pretrain_batches (continued from `ckpt` when
+    it holds a checkpoint)."""
     cfg = checkpoint.model_config(_config_dict(s, w.vocab))
     params = train.init_params(cfg, np.random.default_rng([s.seed, 7400]))
     word_ids_lc = np.array([[w.vocab.id(x) for x in lex] for lex in w.world.words], np.int64)
     params["embed"] = train.concept_embeddings(word_ids_lc, w.vocab.size, s.hidden_size,
                                                np.random.default_rng([s.seed, 7401]))
-    params, losses = train.pretrain(cfg, params, _pretrain_batches(s, w), lr=s.pretrain_lr, log=log)
+    kw = _resumable(ckpt, params, train.pretrain_state(cfg, params, s.pretrain_lr, s.pretrain_steps),
+                    s.pretrain_steps, stop, log, "pre-training")
+    params, losses = train.pretrain(cfg, params, _pretrain_batches(s, w), lr=s.pretrain_lr, log=log, **kw)
     return cfg, params, losses
+
+
+def _resumable(ckpt: str | None, tree: Any, state: Any, steps: int, stop: Callable[[], bool], log: Log,
+               what: str) -> dict[str, Any]:
+    """The resume / on_step arguments of a training that checkpoints into `ckpt` (None: none)."""
+    if ckpt is None:
+        return {}
+    previous = resume.load(ckpt, tree, state)
+    if previous is not None:
+        log(f"{what}: continuing from the checkpoint of step {previous[0]}/{steps}")
+    return {"resume": previous, "on_step": resume.hook(ckpt, steps, stop, log, what)}
 
 
 def _save_adapters(adapters_dir: str, lora: dict, names: list[str], s: SuiteSettings,
@@ -447,6 +510,15 @@ def _adapter_batches(s: SuiteSettings, w: _World) -> TokenBatch:
     return jax.tree.map(lambda x: x[t_idx, idx], per_task)
 
 
+def quality_sentence(summary: dict[str, Any]) -> str:
+    """The quality summary in one short line for the terminal."""
+    n = summary.get("num_tasks")
+    beats = summary["tasks_where_own_beats_zero_shot"]
+    of = f" of {n}" if n else ""
+    return (f"own adapter beats zero-shot on {beats}{of} tasks; held-out loss {summary['own_adapter_loss']:.2f} "
+            f"vs {summary['zero_shot_loss']:.2f}")
+
+
 def _quality(task_list, zs_loss_t, zs_acc_t, loss_at, acc_at) -> dict[str, Any]:
     """Mean eval losses: zero-shot, own adapter, and other adapters grouped by relation."""
     fam = np.array([f for _, f, _ in task_list])
@@ -468,6 +540,7 @@ def _quality(task_list, zs_loss_t, zs_acc_t, loss_at, acc_at) -> dict[str, Any]:
         "own_adapter_token_accuracy": mean(acc_at, eye),
         "other_family_token_accuracy": mean(acc_at, ~same_f),
         "tasks_where_own_beats_zero_shot": int((np.diag(loss_at) < zs_loss_t).sum()),
+        "num_tasks": len(task_list),
     }
     return {
         "summary": summary,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,9 @@ from d2c_jax.models.config import ModelConfig, module_shapes
 from d2c_jax.types import Lora, Params, TokenBatch
 
 Log = Callable[[str], None]
+# on_step(step done, params or lora, optimiser state, losses so far): the build's checkpoint hook
+# (it saves every so many steps and stops the process cleanly after a signal).
+OnStep = Callable[[int, Any, Any, list], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,19 +129,40 @@ def _pretrain_step(cfg: ModelConfig, lr: float, steps: int, warmup: int, weight_
     return opt, step
 
 
+def pretrain_state(cfg: ModelConfig, params: Params, lr: float, steps: int, warmup: int = 20,
+                   weight_decay: float = 0.01) -> Any:
+    """The initial optimiser state of `pretrain` (the template a checkpoint is restored into)."""
+    return _pretrain_step(cfg, float(lr), steps, warmup, float(weight_decay))[0].init(params)
+
+
+def adapter_state(cfg: ModelConfig, lora_raw: Lora, scaling: float, lr: float, steps: int, warmup: int = 20,
+                  weight_decay: float = 0.0) -> Any:
+    """The initial (vmapped) optimiser state of `train_adapters`."""
+    opt = _adapter_step(cfg, float(scaling), float(lr), steps, warmup, float(weight_decay))[0]
+    return jax.vmap(opt.init)(lora_raw)
+
+
 def pretrain(cfg: ModelConfig, params: Params, batches: TokenBatch, *, lr: float, weight_decay: float = 0.01,
-             warmup: int = 20, log: Log | None = None, log_every: int = 50) -> tuple[dict, list[float]]:
-    """Full-parameter AdamW on `batches` ([steps, B, S] leaves). Returns (params, losses)."""
+             warmup: int = 20, log: Log | None = None, log_every: int = 50, resume: tuple | None = None,
+             on_step: OnStep | None = None) -> tuple[dict, list[float]]:
+    """Full-parameter AdamW on `batches` ([steps, B, S] leaves). Returns (params, losses).
+    `resume`: (steps done, params, optimiser state, losses) of a checkpoint to continue from (the
+    same steps follow, so the result is bit-identical to an uninterrupted run)."""
     steps = batches.tokens.shape[0]
     opt, step = _pretrain_step(cfg, float(lr), steps, warmup, float(weight_decay))
     state = opt.init(params)
-    losses = []
+    done, losses = 0, []
+    if resume is not None:
+        done, params, state, losses = resume
+        losses = list(losses)
     t0 = time.time()
-    for i in range(steps):
+    for i in range(done, steps):
         params, state, loss = step(params, state, jax.tree.map(lambda x: x[i], batches))
         losses.append(loss)
         if log and ((i + 1) % log_every == 0 or i + 1 == steps):
             log(f"pretrain step {i + 1}/{steps} loss {float(loss):.3f} ({time.time() - t0:.1f}s)")
+        if on_step is not None:
+            on_step(i + 1, params, state, losses)
     return params, [float(x) for x in losses]
 
 
@@ -189,22 +213,29 @@ def _adapter_step(cfg: ModelConfig, scaling: float, lr: float, steps: int, warmu
 
 def train_adapters(cfg: ModelConfig, params: Params, lora_raw: Lora, batches: TokenBatch, *, scaling: float,
                    lr: float, warmup: int = 20, weight_decay: float = 0.0, log: Log | None = None,
-                   log_every: int = 50) -> tuple[dict, np.ndarray]:
+                   log_every: int = 50, resume: tuple | None = None,
+                   on_step: OnStep | None = None) -> tuple[dict, np.ndarray]:
     """Trains T adapters at once; `batches` leaves are [steps, T, B, S], the base is frozen.
 
     Each task's loss depends only on its own adapter and the AdamW update is vmapped over T, so
-    this equals T independent trainings. Returns (lora_raw, losses [steps, T])."""
+    this equals T independent trainings. Returns (lora_raw, losses [steps, T]). `resume`, `on_step`:
+    as in `pretrain`."""
     steps = batches.tokens.shape[0]
     opt, step = _adapter_step(cfg, float(scaling), float(lr), steps, warmup, float(weight_decay))
     state = jax.vmap(opt.init)(lora_raw)
-    losses = []
+    done, losses = 0, []
+    if resume is not None:
+        done, lora_raw, state, losses = resume
+        losses = list(losses)
     t0 = time.time()
-    for i in range(steps):
+    for i in range(done, steps):
         lora_raw, state, losses_t = step(lora_raw, state, params, jax.tree.map(lambda x: x[i], batches))
         losses.append(losses_t)
         if log and ((i + 1) % log_every == 0 or i + 1 == steps):
             log(f"adapter step {i + 1}/{steps} mean loss {float(jnp.mean(losses_t)):.3f} "
                 f"({time.time() - t0:.1f}s)")
+        if on_step is not None:
+            on_step(i + 1, lora_raw, state, losses)
     return lora_raw, np.asarray(jnp.stack(losses))
 
 
