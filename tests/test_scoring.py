@@ -256,3 +256,69 @@ def test_tasks_are_scored_at_their_own_length(setup):
     for t, sb in enumerate(scorer.seq_bucket_of):
         assert want[t] <= sb and sb in seq_buckets(td.tokens_tns.shape[-1])
         assert scorer._data_by_seq[sb].shape[-1] == sb
+
+
+# --------------------------------------------------------------------------- more than 8 adapters
+
+WIDE_N = 11  # > MIN_MEMBER_BUCKET: masks of up to 8 members merge gathered (G = 8 < N), larger ones at G = N
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """WIDE_N rank-2 adapters (q_proj, v_proj) on the tiny Llama, two examples per task."""
+    root = str(tmp_path_factory.mktemp("wide"))
+    model_dir = make_tiny_model(os.path.join(root, "base"), "llama", seed=5)
+    names = [f"w{i:02d}" for i in range(WIDE_N)]
+    make_peft_adapters(model_dir, os.path.join(root, "adapters"), names, r=2, alpha=4, seed=2,
+                       target_modules=("q_proj", "v_proj"))
+    ddir = os.path.join(root, "data")
+    os.makedirs(ddir)
+    for i, name in enumerate(names):
+        with open(os.path.join(ddir, f"{name}.jsonl"), "w") as f:
+            for e in range(2):
+                j = (i + e) % len(PROMPTS)
+                f.write(json.dumps({"prompt": PROMPTS[j], "response": RESPONSES[(j + i) % 6]}) + "\n")
+    cfg = load_config(model_dir)
+    adapters = lora_lib.load_adapter_set(os.path.join(root, "adapters"), cfg)
+    td = data.load_task_data(ddir, adapters.names, hf_io.load_tokenizer(model_dir), examples_per_task=2,
+                             max_seq_len=32)
+    return dict(cfg=cfg, params=hf_io.load_params(model_dir, cfg, "float32"), adapters=adapters, task_data=td)
+
+
+def _random_requests(n: int, sizes, seed: int):
+    """One random mask per size (members drawn uniformly), each with a random member task."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((len(sizes), n), bool)
+    tasks = np.zeros(len(sizes), np.int32)
+    for i, size in enumerate(sizes):
+        members = rng.choice(n, size, replace=False)
+        masks[i, members] = True
+        tasks[i] = rng.choice(members)
+    return masks, tasks
+
+
+def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_merging_the_full_stack(wide):
+    """With N > 8 a mask of at most 8 members is merged from its gathered members (G = 8 < N) and
+    a larger one over all N slots; both scorers (unbatched, batched) must give merge_mask over the
+    whole stack [N, ...] followed by task_loss, for random masks of every size."""
+    cfg, td = wide["cfg"], wide["task_data"]
+    prepared = merge.prepare_merge(wide["adapters"], "ties", 0.5)
+    masks, tasks = _random_requests(WIDE_N, [1, 2, 3, 5, 7, 8, 9, WIDE_N, 4, 6], seed=11)
+
+    @jax.jit
+    def full_stack(mask, t):
+        lora = merge.merge_mask(prepared, mask)
+        return loss.task_loss(wide["params"], cfg, lora, jax.tree.map(lambda x: jnp.asarray(x)[t], td.batch))
+
+    want = np.array([float(full_stack(m, t)) for m, t in zip(masks, tasks)])
+    unbatched = Scorer(wide["params"], cfg, prepared, td, batched=False)
+    batched = Scorer(wide["params"], cfg, prepared, td, batch_size=4, batched=True)
+    assert unbatched._member_bucket(8) == 8 < WIDE_N and unbatched._member_bucket(9) == WIDE_N
+    # float32 sums in another order (gathered slots vs the full stack) and the packed vs padded
+    # loss: a few ulps of float32 per operation; 1e-5 relative is ~100 ulps.
+    np.testing.assert_allclose(unbatched.losses(masks, tasks), want, rtol=1e-5)
+    np.testing.assert_allclose(batched.losses(masks, tasks), want, rtol=1e-5)
+    # The same masks scored on another member task each: every member's view of the merge.
+    other = np.array([np.flatnonzero(m)[-1] for m in masks], np.int32)
+    want_other = np.array([float(full_stack(m, t)) for m, t in zip(masks, other)])
+    np.testing.assert_allclose(unbatched.losses(masks, other), want_other, rtol=1e-5)
