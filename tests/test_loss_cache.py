@@ -70,3 +70,28 @@ def test_resume_with_eviction_is_exact(tmp_path):
 def test_default_cache_size_is_sized_from_memory():
     assert default_cache_size(12) >= 100_000
     assert default_cache_size(12, memory_fraction=1.0) > default_cache_size(4096, memory_fraction=1.0)
+
+
+def test_resume_with_a_smaller_cache_equals_a_run_that_had_it_from_the_start(tmp_path):
+    """--cache_size is a resource flag: a run checkpointed with an unbounded cache and resumed with
+    a smaller one evicts at the resume exactly as a run bounded from the start (LRU keeps the most
+    recently used entries, whatever the bound was before), so every later row matches."""
+    bounded = run_search(FakeScorer(families(N, 3)), SETTINGS)
+    calls = [0]
+
+    def stop_at_13():
+        calls[0] += 1
+        return calls[0] == 13
+
+    ck_args = dict(every=5, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl")
+    with Checkpointer(tmp_path, **ck_args) as ck:
+        first = run_search(FakeScorer(families(N, 3)), dataclasses.replace(SETTINGS, cache_size=0),
+                           checkpointer=ck, should_stop=stop_at_13)
+    assert first.preempted and len(first.state.cache) > SETTINGS.cache_size
+    with Checkpointer(tmp_path, **ck_args) as ck:
+        resumed = run_search(FakeScorer(families(N, 3)), SETTINGS, checkpointer=ck)
+    assert resumed.partition_n.tolist() == bounded.partition_n.tolist() and resumed.objective == bounded.objective
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "evals_per_s", "scorer_seconds")} for r in rows]  # noqa: E731
+    after = first.state.iteration + 1
+    assert strip(resumed.state.metrics[after:]) == strip(bounded.state.metrics[after:])
+    assert resumed.state.cache.to_arrays()[0].tolist() == bounded.state.cache.to_arrays()[0].tolist()
