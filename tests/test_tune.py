@@ -328,3 +328,26 @@ def test_each_cluster_stops_exactly_patience_steps_after_its_last_improvement(ed
     np.testing.assert_array_equal(res.tuned[0], thetas[2][0])
     np.testing.assert_array_equal(res.tuned[2], thetas[3][2])
     np.testing.assert_array_equal(res.weights[1], np.ones_like(res.weights[1]))
+
+
+@pytest.mark.parametrize("method", ["ties", "ties_delta", "knots_ties"])
+@pytest.mark.parametrize("granularity", ["adapter", "layer"])
+def test_a_one_member_cluster_at_weight_w_is_its_adapter_scaled_by_w(setup, method, granularity):
+    """A cluster of one adapter merged with weight w (per adapter, or per adapter and layer) is
+    that adapter's delta (scaling * B @ A, as PEFT loads it: tests/test_lora_io.py) times w, for
+    factor-wise and delta-space operators alike; a two-member cluster is left to the operator."""
+    aset = setup["aset"]
+    prepared = merge.prepare_merge(aset, method, 0.5)
+    partition = np.array([0, 1, 2, 2, 3], np.int32)  # clusters 0, 1 and 3 have one member
+    rng = np.random.default_rng(7)
+    shape = (4, 5) if granularity == "adapter" else (4, 5, aset.num_layers)
+    weights = rng.uniform(0.2, 3.0, shape).astype(np.float32)
+    merged = jax.tree.map(np.asarray, tune.merged_clusters(prepared, partition, 4, weights))
+    for c, i in ((0, 0), (1, 1), (3, 4)):
+        w_l = np.broadcast_to(np.asarray(weights[c, i], np.float64), (aset.num_layers,))
+        got = lora.lora_delta(jax.tree.map(lambda x: x[c], merged))
+        want = lora.lora_delta(lora.effective_lora(aset, i))
+        for m in want:
+            ref = w_l[:, None, None] * np.asarray(want[m], np.float64)
+            # float32 products of rank-4 factors: a few ulps of the largest entry
+            np.testing.assert_allclose(got[m], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
