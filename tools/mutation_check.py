@@ -174,7 +174,7 @@ MUTATIONS = (
              "for mask_n, task, loss in zip(np.asarray(masks_qn, bool), tasks_q, np.asarray(losses_q, np.float32)):",
              "for mask_n, task, loss in reversed(list(zip(np.asarray(masks_qn, bool), tasks_q, "
              "np.asarray(losses_q, np.float32)))):",
-             ("tests/test_loss_cache.py -k resume_with_eviction",)),
+             ("tests/test_loss_cache.py -k checkpointed_cache or smaller_cache",)),
     Mutation("speculation depth without the Laplace prior", "d2c_jax/search.py",
              "rate = (accepted + 1) / (chains + 2)", "rate = (accepted + 1) / (chains + 1)",
              ("tests/test_search_engine.py -k speculation_depth_follows",)),
