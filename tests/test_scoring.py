@@ -297,12 +297,20 @@ def _random_requests(n: int, sizes, seed: int):
     return masks, tasks
 
 
-def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_merging_the_full_stack(wide):
+@pytest.fixture(scope="module")
+def wide_scorers(wide):
+    """(prepared, unbatched Scorer, batched Scorer) of the wide set, ties at density 0.5."""
+    prepared = merge.prepare_merge(wide["adapters"], "ties", 0.5)
+    return (prepared, Scorer(wide["params"], wide["cfg"], prepared, wide["task_data"], batched=False),
+            Scorer(wide["params"], wide["cfg"], prepared, wide["task_data"], batch_size=4, batched=True))
+
+
+def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_merging_the_full_stack(wide, wide_scorers):
     """With N > 8 a mask of at most 8 members is merged from its gathered members (G = 8 < N) and
     a larger one over all N slots; both scorers (unbatched, batched) must give merge_mask over the
     whole stack [N, ...] followed by task_loss, for random masks of every size."""
     cfg, td = wide["cfg"], wide["task_data"]
-    prepared = merge.prepare_merge(wide["adapters"], "ties", 0.5)
+    prepared, unbatched, batched = wide_scorers
     masks, tasks = _random_requests(WIDE_N, [1, 2, 3, 5, 7, 8, 9, WIDE_N, 4, 6], seed=11)
 
     @jax.jit
@@ -311,8 +319,6 @@ def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_mergin
         return loss.task_loss(wide["params"], cfg, lora, jax.tree.map(lambda x: jnp.asarray(x)[t], td.batch))
 
     want = np.array([float(full_stack(m, t)) for m, t in zip(masks, tasks)])
-    unbatched = Scorer(wide["params"], cfg, prepared, td, batched=False)
-    batched = Scorer(wide["params"], cfg, prepared, td, batch_size=4, batched=True)
     assert unbatched._member_bucket(8) == 8 < WIDE_N and unbatched._member_bucket(9) == WIDE_N
     # float32 sums in another order (gathered slots vs the full stack) and the packed vs padded
     # loss: a few ulps of float32 per operation; 1e-5 relative is ~100 ulps.
@@ -322,3 +328,19 @@ def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_mergin
     other = np.array([np.flatnonzero(m)[-1] for m in masks], np.int32)
     want_other = np.array([float(full_stack(m, t)) for m, t in zip(masks, other)])
     np.testing.assert_allclose(unbatched.losses(masks, other), want_other, rtol=1e-5)
+
+
+def test_a_search_records_the_evaluations_the_real_scorer_made(wide_scorers):
+    """With speculation forced on (--speculate=3), the search's recorded evaluations (per row and
+    in total) are the requests the Scorer really scored: each distinct (mask, task) pair once."""
+    from d2c_jax.run_config import SearchSettings
+    from d2c_jax.search import run_search
+
+    scorer = wide_scorers[1]
+    before = scorer.stats.copy()
+    settings = SearchSettings(num_clusters=3, iterations=6, population=2, proposals=2, speculate=3, seed=2)
+    result = run_search(scorer, settings)
+    done = scorer.stats - before
+    assert any(r.get("speculated", 0) > 1 for r in result.state.metrics)
+    assert result.evaluations == sum(r["evaluations"] for r in result.state.metrics) == done["requests_scored"]
+    assert done["requests_scored"] == len(result.state.cache)  # unbounded cache: nothing scored twice
