@@ -252,7 +252,6 @@ def edge(setup, tmp_path_factory):
                 f.write(json.dumps({"prompt": f"{words[i]} {j}", "response": words[(i + 2 * j) % 6]}) + "\n")
     td = data.load_task_data(str(ddir), setup["aset"].names, hf_io.load_tokenizer(setup["paths"]["base_model"]),
                              examples_per_task=5, max_seq_len=64)
-    np.testing.assert_array_equal(td.num_examples, EDGE_COUNTS)
     prepared = merge.prepare_merge(setup["aset"], "ties", 0.5)
     thetas = []
     real_jit = jax.jit
@@ -304,6 +303,7 @@ def test_tasks_with_unequal_numbers_of_examples_fit_and_hold_out_only_real_examp
     are real ones (never the dummy rows of a shorter task), disjoint, and the reported unit and
     tuned losses (a one-member cluster at a tuned weight != 1 included) are the Scorer's on them."""
     res, td, prepared = edge["res"], edge["td"], edge["prepared"]
+    np.testing.assert_array_equal(td.num_examples, EDGE_COUNTS)  # the real examples, not the padded rows
     assert res.num_heldout >= 1 and res.num_fit >= 1 and res.num_fit + res.num_heldout <= min(EDGE_COUNTS)
     fit = _rows(td, [list(range(res.num_fit))] * td.num_tasks)
     held = _rows(td, [list(range(res.num_fit, res.num_fit + res.num_heldout))] * td.num_tasks)
