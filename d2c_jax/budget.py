@@ -3,9 +3,12 @@
 Shapes: N adapters, R their rank, L layers, K clusters, r output rank.
 
 A rank-r PEFT adapter stores, per adapted layer and module, lora_A [r, d_in] and lora_B [d_out, r]:
-r * (d_in + d_out) numbers, float32 (what lora.save_peft_adapter writes). So K merged adapters at
-rank r cost K * r * unit bytes, with unit = 4 * sum over adapted (layer, module) of (d_in + d_out),
-and storing all N adapters costs N * R * unit. `--budget=P` allows P % of that, `--budget_mb=M`
+r * (d_in + d_out) numbers. A merged adapter is written in float32 (lora.save_peft_adapter) with
+every layer of every module any input adapts, so K merged adapters at rank r cost K * r * unit
+bytes, unit = 4 * L * sum over those modules of (d_in + d_out): the tensor bytes of the files
+written (their safetensors headers and adapter_config.json aside). Storing all N adapters costs
+what their own tensors hold, in float32: sum over adapters i of r_i * 4 * sum over the (layer,
+module) pairs i adapts of (d_in + d_out). `--budget=P` allows P % of that, `--budget_mb=M`
 M * 10^6 bytes; `candidates` lists, for each candidate rank r, the largest K that fits, and the
 engine searches each and keeps the lowest objective (the summed search loss of every task, which
 is comparable across K).
@@ -25,12 +28,22 @@ BYTES_PER_PARAM = 4  # float32 safetensors
 
 
 def rank_unit_bytes(adapter_set: AdapterSet) -> int:
-    """Bytes of one rank of one adapter: 4 * sum over adapted (layer, module) of (d_in + d_out)."""
+    """Bytes of one rank of one merged adapter as written: 4 * L * sum over modules of (d_in + d_out)."""
     total = 0
     for m in adapter_set.a:
         d_in, d_out = adapter_set.a[m].shape[3], adapter_set.b[m].shape[2]
-        layers = np.any(adapter_set.a[m] != 0, axis=(0, 2, 3)) | np.any(adapter_set.b[m] != 0, axis=(0, 2, 3))
-        total += int(layers.sum()) * (d_in + d_out)
+        total += adapter_set.a[m].shape[1] * (d_in + d_out)
+    return BYTES_PER_PARAM * total
+
+
+def adapters_bytes(adapter_set: AdapterSet) -> int:
+    """Bytes of the N input adapters' own tensors in float32: each at its own rank, over the
+    (layer, module) pairs it adapts (those with a non-zero factor)."""
+    total = 0
+    for m in adapter_set.a:
+        d_in, d_out = adapter_set.a[m].shape[3], adapter_set.b[m].shape[2]
+        adapted_nl = np.any(adapter_set.a[m] != 0, axis=(2, 3)) | np.any(adapter_set.b[m] != 0, axis=(2, 3))
+        total += int((adapted_nl.sum(axis=1) * np.asarray(adapter_set.ranks)).sum()) * (d_in + d_out)
     return BYTES_PER_PARAM * total
 
 
@@ -41,8 +54,7 @@ def budget_bytes(adapter_set: AdapterSet, percent: float | None, mb: float | Non
     if percent is not None:
         if not (0 < percent <= 100 and math.isfinite(percent)):
             raise UserError(None, f"--budget={percent}: must be a percentage in (0, 100]")
-        full = adapter_set.num_adapters * adapter_set.rank * rank_unit_bytes(adapter_set)
-        return int(math.floor(full * percent / 100.0 + 1e-9))
+        return int(math.floor(adapters_bytes(adapter_set) * percent / 100.0 + 1e-9))
     if not (mb > 0 and math.isfinite(mb)):
         raise UserError(None, f"--budget_mb={mb}: must be > 0")
     return int(math.floor(mb * 1e6))

@@ -28,6 +28,11 @@ from d2c_jax.models.config import LORA_MODULES, ModelConfig, module_shapes, read
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# What PEFT assumes for a key adapter_config.json omits (or sets to null): peft.LoraConfig's
+# defaults, and for target_modules PEFT's default for the architecture
+# (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj for llama, qwen2, stablelm).
+PEFT_DEFAULTS: Mapping[str, Any] = {"r": 8, "lora_alpha": 8, "use_rslora": False, "bias": "none",
+                                    "target_modules": ["q_proj", "v_proj"]}
 PARENT = {
     "q_proj": "self_attn",
     "k_proj": "self_attn",
@@ -118,10 +123,11 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     cfg = read_json_object(path, CONFIG_NAME)
     if cfg.get("peft_type") != "LORA":
         raise UserError(path, f"peft_type={cfg.get('peft_type')!r} is not supported (only LORA)")
+    cfg.update({key: value for key, value in PEFT_DEFAULTS.items() if cfg.get(key) is None})
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise UserError(path, f"r={r!r} must be a positive integer")
-    alpha = cfg.get("lora_alpha", 8)
+    alpha = cfg["lora_alpha"]
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise UserError(path, f"lora_alpha={alpha!r} must be a finite number")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -141,8 +147,8 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
     for key, what in unsupported.items():
         if cfg.get(key):
             raise UserError(path, f"{key}={cfg[key]!r} is not supported ({what} cannot be merged as LoRA)")
-    bias = cfg.get("bias", "none")
-    if bias not in ("none", None):
+    bias = cfg["bias"]
+    if bias != "none":
         raise UserError(path, f"bias={bias!r} is not supported (trained bias terms cannot be merged as LoRA); "
                         "only bias=\"none\"")
     tm = cfg.get("target_modules")
@@ -279,8 +285,8 @@ def load_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig | BaseDims, na
         raise UserError(path, "contains no tensors")
     parsed = _parse_keys(tensors, path, L)
     r = int(config["r"])
-    alpha = float(config.get("lora_alpha", 8))
-    rslora = bool(config.get("use_rslora", False))
+    alpha = float(config["lora_alpha"])
+    rslora = bool(config["use_rslora"])
     targeted = _targeted_set(config, L, cfg_path)
     present = {(layer, m) for layer, m, _ in parsed}
     stray = sorted(present - targeted)

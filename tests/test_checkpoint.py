@@ -317,3 +317,79 @@ def test_only_interrupted_saves_mean_no_checkpoint(tmp_path, capsys):
     listed = ", ".join(str(s) for s in reversed(steps))
     assert f"skipping unusable checkpoint step {listed} (not committed: its save was interrupted); starting afresh" \
         in capsys.readouterr().err
+
+
+_OPENED: list[str] | None = None  # files opened while recording (a process-wide audit hook)
+
+
+def _record_opens(event, args):
+    if _OPENED is not None and event == "open" and isinstance(args[0], str):
+        _OPENED.append(os.path.abspath(args[0]))
+
+
+def test_every_input_file_a_run_reads_is_in_the_fingerprint(tmp_path, monkeypatch):
+    """Every input kind, from real files: a sharded base checkpoint (model-0000x-of-0000y
+    .safetensors + the index json), config.json, the tokenizer files, each adapter's config and
+    weights, the examples used. A changed byte (same size: a shard or an adapter re-saved in place)
+    in any file that loading the inputs opens, or in any weight file (read natively), changes the
+    fingerprint and `mismatch` names that file; so does a changed example that is used, and an
+    example past --examples_per_task does not."""
+    global _OPENED
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from d2c_jax import pipeline
+    from d2c_jax.fingerprint import mismatch
+    from d2c_jax.inputs import load_inputs
+    from d2c_jax.run_config import RunConfig
+    from fixtures_adapters import make_peft_adapters
+    from fixtures_models import make_tiny_model
+
+    monkeypatch.setenv("D2C_CACHE_DIR", str(tmp_path / "cache"))
+    base = make_tiny_model(tmp_path / "base", "llama", max_shard_size="40KB")
+    make_peft_adapters(base, tmp_path / "ad", ["t0", "t1"], r=2, alpha=4, target_modules=("q_proj", "v_proj"))
+    (tmp_path / "data").mkdir()
+    for n in ("t0", "t1"):
+        (tmp_path / "data" / f"{n}.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"one two {n} {j}", "response": f"three {j}"}) + "\n" for j in range(3)))
+    cfg = RunConfig.from_flat(base_model=base, adapters_dir=str(tmp_path / "ad"), data_dir=str(tmp_path / "data"),
+                              workdir=str(tmp_path / "wd"), examples_per_task=2, max_seq_len=64, dtype="float32")
+
+    def fingerprint():
+        inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, examples_per_task=2, max_seq_len=64,
+                             dtype="float32")
+        return pipeline._fingerprint(cfg, inputs.task_data), inputs
+
+    sys.addaudithook(_record_opens)
+    _OPENED = []
+    try:
+        ref, inputs = fingerprint()
+        inputs.params  # the base weights, read on first use
+        opened = set(_OPENED)
+    finally:
+        _OPENED = None
+    shards = sorted(f for f in os.listdir(base) if f.startswith("model-") and f.endswith(".safetensors"))
+    assert len(shards) > 1 and os.path.isfile(os.path.join(base, "model.safetensors.index.json"))
+    inputs_dirs = [base, str(tmp_path / "ad" / "t0"), str(tmp_path / "ad" / "t1")]
+    files = sorted({p for p in opened if os.path.dirname(p) in inputs_dirs}
+                   | {os.path.join(d, f) for d in inputs_dirs for f in os.listdir(d) if f.endswith(".safetensors")})
+    names = {os.path.relpath(p, tmp_path) for p in files}
+    assert {f"base/{s}" for s in shards} | {"base/model.safetensors.index.json", "base/config.json",
+                                            "base/tokenizer.json", "base/tokenizer_config.json",
+                                            "ad/t0/adapter_config.json", "ad/t0/adapter_model.safetensors"} <= names
+    for path in files:
+        old = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(old[:len(old) // 2] + bytes([old[len(old) // 2] ^ 1]) + old[len(old) // 2 + 1:])
+        try:  # hashed as they are (a changed file may not load any more)
+            why = mismatch(ref, pipeline._fingerprint(cfg, inputs.task_data))
+            assert why is not None and os.path.basename(path) in why, (path, why)
+        finally:
+            with open(path, "wb") as f:
+                f.write(old)
+    assert fingerprint()[0] == ref
+    data_file = tmp_path / "data" / "t1.jsonl"
+    lines = data_file.read_text().splitlines(keepends=True)
+    data_file.write_text("".join(lines[:2]) + lines[2].replace("three", "four"))  # past --examples_per_task=2
+    assert fingerprint()[0] == ref
+    data_file.write_text(lines[0] + lines[1].replace("three", "four") + lines[2])
+    assert mismatch(ref, fingerprint()[0]) == "the examples used for task t1 changed"

@@ -4,6 +4,7 @@ and one-line errors for bad flags and inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -171,6 +172,8 @@ def _config(inputs, workdir, **over) -> RunConfig:
 
 
 def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inputs, finished, tmp_path, monkeypatch, capsys):
+    """A preempted run resumes to the uninterrupted run's partition, also with changed resource
+    flags (the engine-level equality of every row: tests/test_loss_cache.py)."""
     from d2c_jax.signals import PreemptionFlag
 
     reference = read_partition(finished[0])
@@ -187,10 +190,13 @@ def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inp
     assert not (tmp_path / "wd" / "partition.json").exists() and not (tmp_path / "wd" / "merged").exists()
     monkeypatch.undo()
 
-    assert pipeline.run(cfg) == 0  # the same command resumes
+    # The same command resumes, also with a smaller --cache_size (a resource flag, not a setting
+    # of the result: 4 entries, fewer than one iteration's requests, so pairs are scored again).
+    assert pipeline.run(dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, cache_size=4))) == 0
     doc = read_partition(tmp_path / "wd")
     rows = read_metrics(tmp_path / "wd")
     assert [r["iteration"] for r in rows] == list(range(7))
+    assert rows[-1]["cache_size"] <= 4
     assert doc["clusters"] == reference["clusters"]
     assert doc["objective"] == pytest.approx(reference["objective"], rel=1e-5)
 

@@ -135,6 +135,49 @@ def test_save_with_layers_to_transform_writes_only_those_layers(setup, tmp_path)
     assert not ref["q_proj"][0].any() and ref["q_proj"][1].any()
 
 
+def test_keys_an_adapter_config_omits_mean_what_peft_assumes(setup, tmp_path):
+    """Our defaults are PEFT's own (peft.LoraConfig's, and PEFT's per-architecture target_modules),
+    and for every key of a PEFT-written adapter_config.json, the adapter with that key omitted
+    loads with the delta PEFT itself loads (PeftModel.from_pretrained), e.g. lora_alpha -> 8,
+    use_rslora -> False, r -> 8, target_modules -> q_proj, v_proj."""
+    import dataclasses
+
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    from d2c_jax.models.config import MODEL_TYPES
+
+    peft_defaults = {f.name: f.default for f in dataclasses.fields(LoraConfig) if f.default is not dataclasses.MISSING}
+    for key, value in lora_lib.PEFT_DEFAULTS.items():
+        if key == "target_modules":
+            assert all(PEFT_TARGETS[arch] == value for arch in MODEL_TYPES), PEFT_TARGETS
+        else:
+            assert peft_defaults[key] == value, key
+    # Values that differ from every default: a key omitted changes the delta (or nothing).
+    src = tmp_path / "src"
+    make_peft_adapters(setup["base"], src, ["qv"], r=8, alpha=12, use_rslora=True, seed=6,
+                       target_modules=("q_proj", "v_proj"))
+    written = json.loads((src / "qv" / lora_lib.CONFIG_NAME).read_text())
+    full = lora_lib.lora_delta(lora_lib.effective_lora(lora_lib.load_adapter_dirs([src / "qv"], setup["cfg"]), 0))
+    peft_loads = 0
+    for key in sorted(written):
+        if key == "peft_type":
+            continue
+        d = tmp_path / key / "qv"
+        shutil.copytree(src / "qv", d)
+        (d / lora_lib.CONFIG_NAME).write_text(json.dumps({k: v for k, v in written.items() if k != key}))
+        ours = lora_lib.lora_delta(lora_lib.effective_lora(lora_lib.load_adapter_dirs([d], setup["cfg"]), 0))
+        if key in peft_defaults and peft_defaults[key] == written[key]:
+            ref = full  # PEFT's default is the written value: nothing changes
+        else:
+            ref = _reference_deltas(setup["base"], str(d), 3)
+            peft_loads += 1
+        _assert_same_deltas(ours, ref)
+    assert peft_loads >= 4  # lora_alpha, use_rslora, target_modules, task_type at least
+    no_alpha = lora_lib.load_adapter(tmp_path / "lora_alpha" / "qv", setup["cfg"])
+    assert no_alpha.scaling == pytest.approx(8 / np.sqrt(8))
+
+
 # ----------------------------------------------------------------------------- user errors
 
 

@@ -70,3 +70,61 @@ def test_resume_with_eviction_is_exact(tmp_path):
 def test_default_cache_size_is_sized_from_memory():
     assert default_cache_size(12) >= 100_000
     assert default_cache_size(12, memory_fraction=1.0) > default_cache_size(4096, memory_fraction=1.0)
+
+
+def test_resume_with_a_smaller_cache_equals_a_run_that_had_it_from_the_start(tmp_path):
+    """--cache_size is a resource flag: a run checkpointed with an unbounded cache and resumed with
+    a smaller one evicts at the resume exactly as a run bounded from the start (LRU keeps the most
+    recently used entries, whatever the bound was before), so every later row matches."""
+    # local objective: an iteration asks for fewer pairs than the cache holds, so which entries
+    # the resumed cache keeps (and in which order) decides later hits.
+    settings = dataclasses.replace(SETTINGS, objective="local")
+    bounded = run_search(FakeScorer(families(N, 3)), settings)
+    calls = [0]
+
+    def stop_at_13():
+        calls[0] += 1
+        return calls[0] == 13
+
+    ck_args = dict(every=5, keep=2, fingerprint=FP, metrics_path=f"{tmp_path}.metrics.jsonl")
+    with Checkpointer(tmp_path, **ck_args) as ck:
+        first = run_search(FakeScorer(families(N, 3)), dataclasses.replace(settings, cache_size=0),
+                           checkpointer=ck, should_stop=stop_at_13)
+    assert first.preempted and len(first.state.cache) > settings.cache_size
+    with Checkpointer(tmp_path, **ck_args) as ck:
+        resumed = run_search(FakeScorer(families(N, 3)), settings, checkpointer=ck)
+    assert resumed.partition_n.tolist() == bounded.partition_n.tolist() and resumed.objective == bounded.objective
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "evals_per_s", "scorer_seconds")} for r in rows]  # noqa: E731
+    after = first.state.iteration + 1
+    assert strip(resumed.state.metrics[after:]) == strip(bounded.state.metrics[after:])
+    assert resumed.state.cache.to_arrays()[0].tolist() == bounded.state.cache.to_arrays()[0].tolist()
+
+
+def test_a_checkpointed_cache_keeps_its_least_recently_used_order():
+    """state -> checkpoint arrays -> state: the same entries in the same LRU order, so the restored
+    cache hits and evicts exactly as the saved one would."""
+    from d2c_jax.checkpoint import state_to_tree, tree_to_state
+    from d2c_jax.search import SearchState
+
+    scorer = TableScorer(6, lambda members, task: float(sum(members) * 10 + task))
+    rng = np.random.default_rng(0)
+
+    def some_requests(count):
+        masks = rng.random((count, 6)) < 0.5
+        masks[np.arange(count), rng.integers(0, 6, count)] = True
+        return [(m, int(rng.choice(np.flatnonzero(m)))) for m in masks]
+
+    cache = LossCache(6, max_size=12)
+    for _ in range(6):
+        cache.resolve(scorer, some_requests(5))
+    state = SearchState(np.zeros((1, 6), np.int32), 3, cache, [])
+    restored = tree_to_state(state_to_tree(state), [], 6).cache
+    restored.max_size = cache.max_size
+    for got, want in zip(restored.to_arrays(), cache.to_arrays()):
+        np.testing.assert_array_equal(got, want)
+    for _ in range(4):
+        reqs = some_requests(5)
+        a, b = cache.resolve(scorer, reqs)[1], restored.resolve(scorer, reqs)[1]
+        assert (a.hits, a.evaluations) == (b.hits, b.evaluations)
+    for got, want in zip(restored.to_arrays(), cache.to_arrays()):
+        np.testing.assert_array_equal(got, want)

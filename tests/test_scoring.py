@@ -256,3 +256,91 @@ def test_tasks_are_scored_at_their_own_length(setup):
     for t, sb in enumerate(scorer.seq_bucket_of):
         assert want[t] <= sb and sb in seq_buckets(td.tokens_tns.shape[-1])
         assert scorer._data_by_seq[sb].shape[-1] == sb
+
+
+# --------------------------------------------------------------------------- more than 8 adapters
+
+WIDE_N = 11  # > MIN_MEMBER_BUCKET: masks of up to 8 members merge gathered (G = 8 < N), larger ones at G = N
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """WIDE_N rank-2 adapters (q_proj, v_proj) on the tiny Llama, two examples per task."""
+    root = str(tmp_path_factory.mktemp("wide"))
+    model_dir = make_tiny_model(os.path.join(root, "base"), "llama", seed=5)
+    names = [f"w{i:02d}" for i in range(WIDE_N)]
+    make_peft_adapters(model_dir, os.path.join(root, "adapters"), names, r=2, alpha=4, seed=2,
+                       target_modules=("q_proj", "v_proj"))
+    ddir = os.path.join(root, "data")
+    os.makedirs(ddir)
+    for i, name in enumerate(names):
+        with open(os.path.join(ddir, f"{name}.jsonl"), "w") as f:
+            for e in range(2):
+                j = (i + e) % len(PROMPTS)
+                f.write(json.dumps({"prompt": PROMPTS[j], "response": RESPONSES[(j + i) % 6]}) + "\n")
+    cfg = load_config(model_dir)
+    adapters = lora_lib.load_adapter_set(os.path.join(root, "adapters"), cfg)
+    td = data.load_task_data(ddir, adapters.names, hf_io.load_tokenizer(model_dir), examples_per_task=2,
+                             max_seq_len=32)
+    return dict(cfg=cfg, params=hf_io.load_params(model_dir, cfg, "float32"), adapters=adapters, task_data=td)
+
+
+def _random_requests(n: int, sizes, seed: int):
+    """One random mask per size (members drawn uniformly), each with a random member task."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((len(sizes), n), bool)
+    tasks = np.zeros(len(sizes), np.int32)
+    for i, size in enumerate(sizes):
+        members = rng.choice(n, size, replace=False)
+        masks[i, members] = True
+        tasks[i] = rng.choice(members)
+    return masks, tasks
+
+
+@pytest.fixture(scope="module")
+def wide_scorers(wide):
+    """(prepared, unbatched Scorer, batched Scorer) of the wide set, ties at density 0.5."""
+    prepared = merge.prepare_merge(wide["adapters"], "ties", 0.5)
+    return (prepared, Scorer(wide["params"], wide["cfg"], prepared, wide["task_data"], batched=False),
+            Scorer(wide["params"], wide["cfg"], prepared, wide["task_data"], batch_size=4, batched=True))
+
+
+def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_merging_the_full_stack(wide, wide_scorers):
+    """With N > 8 a mask of at most 8 members is merged from its gathered members (G = 8 < N) and
+    a larger one over all N slots; both scorers (unbatched, batched) must give merge_mask over the
+    whole stack [N, ...] followed by task_loss, for random masks of every size."""
+    cfg, td = wide["cfg"], wide["task_data"]
+    prepared, unbatched, batched = wide_scorers
+    masks, tasks = _random_requests(WIDE_N, [1, 2, 3, 5, 7, 8, 9, WIDE_N, 4, 6], seed=11)
+
+    @jax.jit
+    def full_stack(mask, t):
+        lora = merge.merge_mask(prepared, mask)
+        return loss.task_loss(wide["params"], cfg, lora, jax.tree.map(lambda x: jnp.asarray(x)[t], td.batch))
+
+    want = np.array([float(full_stack(m, t)) for m, t in zip(masks, tasks)])
+    assert unbatched._member_bucket(8) == 8 < WIDE_N and unbatched._member_bucket(9) == WIDE_N
+    # float32 sums in another order (gathered slots vs the full stack) and the packed vs padded
+    # loss: a few ulps of float32 per operation; 1e-5 relative is ~100 ulps.
+    np.testing.assert_allclose(unbatched.losses(masks, tasks), want, rtol=1e-5)
+    np.testing.assert_allclose(batched.losses(masks, tasks), want, rtol=1e-5)
+    # The same masks scored on another member task each: every member's view of the merge.
+    other = np.array([np.flatnonzero(m)[-1] for m in masks], np.int32)
+    want_other = np.array([float(full_stack(m, t)) for m, t in zip(masks, other)])
+    np.testing.assert_allclose(unbatched.losses(masks, other), want_other, rtol=1e-5)
+
+
+def test_a_search_records_the_evaluations_the_real_scorer_made(wide_scorers):
+    """With speculation forced on (--speculate=3), the search's recorded evaluations (per row and
+    in total) are the requests the Scorer really scored: each distinct (mask, task) pair once."""
+    from d2c_jax.run_config import SearchSettings
+    from d2c_jax.search import run_search
+
+    scorer = wide_scorers[1]
+    before = scorer.stats.copy()
+    settings = SearchSettings(num_clusters=3, iterations=6, population=2, proposals=2, speculate=3, seed=2)
+    result = run_search(scorer, settings)
+    done = scorer.stats - before
+    assert any(r.get("speculated", 0) > 1 for r in result.state.metrics)
+    assert result.evaluations == sum(r["evaluations"] for r in result.state.metrics) == done["requests_scored"]
+    assert done["requests_scored"] == len(result.state.cache)  # unbounded cache: nothing scored twice

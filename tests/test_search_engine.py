@@ -386,3 +386,105 @@ def test_default_tracking_is_at_the_end_only():
     tracked = [row["iteration"] for row in r.state.metrics if row["tracked"]]
     assert tracked == [20] and r.state.metrics[0]["evaluations"] == 0
     assert SearchSettings(num_clusters=2).track_every == 0
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+class _CountingScorer(FakeScorer):
+    """FakeScorer that records every (mask, task) pair it is asked to score."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.scored: list[tuple[bytes, int]] = []
+
+    def losses(self, masks_cn, tasks_c):
+        self.scored += [(np.packbits(m).tobytes(), int(t)) for m, t in zip(np.asarray(masks_cn, bool), tasks_c)]
+        return super().losses(masks_cn, tasks_c)
+
+
+@pytest.mark.parametrize("kw", [dict(population=3, proposals=2, objective="local", speculate=4, track_every=3),
+                                dict(population=2, proposals=3, objective="global", speculate=6, exchange_every=5),
+                                dict(population=1, proposals=1, objective="local", speculate=8, track_every=0)])
+def test_evaluations_recorded_per_iteration_are_the_scorers_real_calls(kw):
+    """With speculation forced on (--speculate), every metrics row's `evaluations` is the number
+    of (mask, task) pairs the scorer scored during that iteration (speculated ones included), the
+    run's total is their sum, and with an unbounded cache no pair is ever scored twice."""
+    from d2c_jax.search import Speculator, speculation_depth
+
+    settings = _settings(iterations=30, seed=5, **kw)
+    scorer = _CountingScorer(families(N, F))
+    state = initial_state(settings, N)
+    state.metrics.append(initial_row(scorer, state, settings))
+    counts = [len(scorer.scored)]
+    speculator = Speculator(speculation_depth(settings, scorer))
+    assert speculator.j_max == settings.speculate
+    for _ in range(settings.iterations):
+        before = len(scorer.scored)
+        state.metrics.append(search_step(scorer, state, settings, speculator))
+        counts.append(len(scorer.scored) - before)
+    assert [r["evaluations"] for r in state.metrics] == counts
+    assert len(set(scorer.scored)) == len(scorer.scored)
+    assert any(r["speculated"] > 1 for r in state.metrics[1:])  # speculation did happen
+    # run_search records the same rows, and its total is what the scorer really scored.
+    again = _CountingScorer(families(N, F))
+    result = run_search(again, settings)
+    assert _strip_timing(result.state.metrics) == _strip_timing(state.metrics)
+    assert result.evaluations == len(again.scored) == sum(counts)
+
+
+# --------------------------------------------------------------------------- population mechanics
+
+
+@pytest.mark.parametrize("chains", [5, 6, 7])
+def test_every_chain_draws_from_its_own_stream_whatever_the_population_size(chains):
+    """Chains that start from the same partition (as after an exchange) still propose different
+    moves, the initial partitions differ pairwise, and chain p's draws do not depend on P."""
+    from d2c_jax.search import _proposals
+
+    settings = _settings(population=chains, proposals=2)
+    starts = d2c.initial_partitions(N, 3, chains, seed=4)
+    assert len({tuple(p) for p in starts}) == chains
+    np.testing.assert_array_equal(starts[:5], d2c.initial_partitions(N, 3, 5, seed=4))
+    same_pn = np.repeat(starts[:1], chains, axis=0)
+    draws = [[tuple(tuple(m) for m in moves) for moves in _proposals(settings, it, same_pn)] for it in range(1, 6)]
+    for p in range(chains):
+        for q in range(p):
+            assert [d[p] for d in draws] != [d[q] for d in draws], (p, q)
+    fewer = [[tuple(tuple(m) for m in moves) for moves in _proposals(_settings(population=5, proposals=2), it,
+                                                                    same_pn[:5])] for it in range(1, 6)]
+    assert [d[:5] for d in draws] == fewer
+
+
+class _NanScorer(FakeScorer):
+    """NaN for every task of a cluster that holds both adapters 0 and 1."""
+
+    def loss(self, mask_n, task):
+        return np.float32(np.nan) if mask_n[0] and mask_n[1] else super().loss(mask_n, task)
+
+
+@pytest.mark.parametrize("chains", [5, 6, 7])
+@pytest.mark.parametrize("objective", ["local", "global"])
+def test_a_nan_objective_never_wins_and_no_move_into_nan_is_accepted(chains, objective):
+    """Chains whose clusters score NaN: no accepted move ever creates a NaN loss (a NaN gain is
+    not an improvement), the exchanges copy finite chains over NaN ones, and the result is the
+    best finite chain."""
+    scorer = _NanScorer(families(N, F))
+    settings = _settings(population=chains, proposals=2, objective=objective, iterations=20, exchange_every=5,
+                         track_every=1, seed=1)
+    state = initial_state(settings, N)
+    nan_at_start = [bool(p[0] == p[1]) for p in state.partitions_pn]
+    assert any(nan_at_start) and not all(nan_at_start)  # the seed gives both kinds of chain
+    result = run_search(scorer, settings)
+    for row in result.state.metrics[1:]:
+        for _, task, src, dst, gain in row["moves"]:
+            assert np.isfinite(gain) and gain > 0
+        if row["exchanges"]:
+            objectives = np.asarray(row["objectives"], float)
+            for dst, src in row["exchanges"]:
+                assert np.isfinite(objectives[src])
+    finite = np.isfinite(result.objectives_p)
+    assert (~finite).sum() < sum(nan_at_start)  # exchanges replaced NaN chains
+    assert finite.any() and np.isfinite(result.objective)
+    assert result.objective == result.objectives_p[finite].min()
+    assert result.chain == int(np.flatnonzero(result.objectives_p == result.objective)[0])

@@ -1,4 +1,5 @@
-"""Baseline strategies: random, k-means on weights, mttl's SVD model-based clustering, all-in-one."""
+"""Baseline strategies: random, k-means on weights, mttl's SVD model-based clustering, all-in-one;
+the population's exchange and best chain at every population size, NaN objectives included."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from d2c_jax.search import initial_state
 from d2c_jax.run_config import SearchSettings
-from d2c_jax.strategies import baselines, d2c
+from d2c_jax.strategies import baselines, d2c, population
 
 N, K, L, R, D_IN, D_OUT = 12, 3, 2, 4, 16, 16
 
@@ -99,3 +100,33 @@ def test_random_partitions_cover_every_cluster():
     for seed in range(50):
         part = d2c.random_partition(np.random.default_rng(seed), 6, 5)
         assert sorted(set(part)) == list(range(5))
+
+
+# --------------------------------------------------------------------------- population
+
+
+def _rank(objectives_p):
+    """Chains best first by the definition: objective (NaN counts as worst), then chain index."""
+    key = lambda p: (np.isnan(objectives_p[p]), 0.0 if np.isnan(objectives_p[p]) else objectives_p[p], p)  # noqa: E731
+    return sorted(range(len(objectives_p)), key=key)
+
+
+@pytest.mark.parametrize("chains", range(1, 10))
+def test_exchange_copies_the_best_quarter_over_the_worst_at_every_population_size(chains):
+    """max(1, P // 4) of the worst chains (P >= 2) each get a copy of the i-th best, NaN
+    objectives ranking last and ties going to the lower chain index; the rest are untouched."""
+    rng = np.random.default_rng(chains)
+    parts = rng.integers(0, 3, (chains, 7)).astype(np.int32)
+    for trial in range(20):
+        objectives = rng.choice([1.0, 2.0, 3.0, np.nan], chains) if trial % 2 else rng.normal(size=chains)
+        if trial == 3:
+            objectives[:] = np.nan
+        new, pairs = population.exchange(parts, objectives)
+        count = 0 if chains < 2 else max(1, chains // 4)
+        order = _rank(objectives)
+        assert pairs == list(zip(order[::-1][:count], order[:count]))
+        want = parts.copy()
+        for dst, src in pairs:
+            want[dst] = parts[src]
+        np.testing.assert_array_equal(new, want)
+        assert population.best_chain(objectives) == order[0]

@@ -221,3 +221,131 @@ def test_merge_cli_tune_on_factors_writes_the_kept_factors(setup, tmp_path):
                              f"--tune_on={setup['paths']['data_dir']}", "--tune_steps=3", "--examples_per_task=3"])
     assert "held-out loss" in proc.stdout and "factors kept" in proc.stdout
     assert (out / "adapter_model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- edge cases
+
+EDGE_COUNTS = (4, 2, 3, 5, 3)  # examples per task: unequal, so the shorter tasks have dummy rows
+EDGE_PARTITION = np.array([0, 1, 0, 1, 2], np.int32)  # cluster 2 has one member
+EDGE_PATIENCE = 2
+# Scripted held-out losses per step (columns: clusters), below / above any real unit loss:
+#  cluster 0 improves at steps 1 and 3, not at 4 and 5, so it stops there (2 steps = the patience);
+#    its lower loss at step 6 comes after it stopped and is ignored;
+#  cluster 1 never improves in steps 1-2 and stops; its lower loss at step 3 (exactly the patience
+#    steps after its best, step 0) is ignored: it keeps the unit weights;
+#  cluster 2 improves at steps 1-4 and stops after step 6, when every cluster has stopped.
+EDGE_HELD = np.array([[-1.0, 1e4, -1.0], [-0.5, 1e4, -2.0], [-2.0, -10.0, -3.0], [-1.5, 1e4, -4.0],
+                      [-1.8, 1e4, 0.0], [-3.0, -20.0, 0.0], [-9.0, -30.0, -9.0], [-9.0, -30.0, -9.0]])
+
+
+@pytest.fixture(scope="module")
+def edge(setup, tmp_path_factory):
+    """One tuning run on tasks with unequal numbers of examples and a one-member cluster, its
+    training step's held-out losses replaced by EDGE_HELD (the weights it trains stay real)."""
+    ddir = tmp_path_factory.mktemp("edge_data")
+    words = ["one two three", "the quick fox", "hello world", "answer the question", "sort the words", "count"]
+    for i, (name, count) in enumerate(zip(NAMES, EDGE_COUNTS)):
+        with open(ddir / f"{name}.jsonl", "w") as f:
+            for j in range(count):
+                f.write(json.dumps({"prompt": f"{words[i]} {j}", "response": words[(i + 2 * j) % 6]}) + "\n")
+    td = data.load_task_data(str(ddir), setup["aset"].names, hf_io.load_tokenizer(setup["paths"]["base_model"]),
+                             examples_per_task=5, max_seq_len=64)
+    prepared = merge.prepare_merge(setup["aset"], "ties", 0.5)
+    thetas = []
+    real_jit = jax.jit
+
+    def spy_jit(fn, *args, **kwargs):
+        jitted = real_jit(fn, *args, **kwargs)
+        if getattr(fn, "__name__", "") != "train_step":
+            return jitted
+
+        def step(*a):
+            theta, opt_state, fit_c, _ = jitted(*a)
+            thetas.append(np.asarray(theta))
+            return theta, opt_state, fit_c, EDGE_HELD[len(thetas) - 1]
+        return step
+
+    settings = dataclasses.replace(SETTINGS, steps=len(EDGE_HELD), patience=EDGE_PATIENCE, learning_rate=0.3)
+    jax.jit = spy_jit
+    try:
+        res = tune.tune_partition(setup["params"], setup["cfg"], prepared, td, EDGE_PARTITION, 3, settings)
+    finally:
+        jax.jit = real_jit
+    assert thetas, "tune's training step (train_step) was not seen"
+    return dict(td=td, prepared=prepared, res=res, thetas=thetas, settings=settings)
+
+
+def _rows(td, rows_t):
+    """Task data made of the given rows of each task (all of them real examples)."""
+    for t, rows in enumerate(rows_t):
+        assert max(rows) < td.num_examples[t], "a dummy row"
+    idx = np.asarray(rows_t)
+    return dataclasses.replace(td, batch=jax.tree.map(lambda x: np.take_along_axis(
+        np.asarray(x), idx.reshape(idx.shape + (1,) * (np.ndim(x) - 2)), axis=1), td.batch),
+        num_examples=np.full(td.num_tasks, idx.shape[1], np.int32))
+
+
+def _losses_by_cluster(setup, prepared, weights, td):
+    """Reference: each task's Scorer loss under its EDGE_PARTITION cluster's (weighted) merge,
+    summed per cluster."""
+    scorer = Scorer(setup["params"], setup["cfg"], prepared, td, batch_size=2)
+    loras = tune.merged_clusters(prepared, EDGE_PARTITION, 3, weights)
+    out = np.zeros(3)
+    for t, c in enumerate(EDGE_PARTITION):
+        out[c] += scorer.loss_of_lora(jax.tree.map(lambda x: x[c], loras), t)
+    return out
+
+
+def test_tasks_with_unequal_numbers_of_examples_fit_and_hold_out_only_real_examples(setup, edge):
+    """The shortest task (2 examples) bounds both parts; every task's fitted and held-out examples
+    are real ones (never the dummy rows of a shorter task), disjoint, and the reported unit and
+    tuned losses (a one-member cluster at a tuned weight != 1 included) are the Scorer's on them."""
+    res, td, prepared = edge["res"], edge["td"], edge["prepared"]
+    np.testing.assert_array_equal(td.num_examples, EDGE_COUNTS)  # the real examples, not the padded rows
+    assert res.num_heldout >= 1 and res.num_fit >= 1 and res.num_fit + res.num_heldout <= min(EDGE_COUNTS)
+    fit = _rows(td, [list(range(res.num_fit))] * td.num_tasks)
+    held = _rows(td, [list(range(res.num_fit, res.num_fit + res.num_heldout))] * td.num_tasks)
+    # float32 losses summed in another order (vmapped padded vs the Scorer's packed examples):
+    # ~1e-6 relative; 1e-4 as everywhere in this file.
+    np.testing.assert_allclose(res.unit_fit_k, _losses_by_cluster(setup, prepared, None, fit), rtol=1e-4)
+    np.testing.assert_allclose(res.unit_heldout_k, _losses_by_cluster(setup, prepared, None, held), rtol=1e-4)
+    assert res.tuned[2][4] != 1.0  # the one-member cluster's own weight moved
+    np.testing.assert_allclose(res.tuned_fit_k, _losses_by_cluster(setup, prepared, res.tuned, fit), rtol=1e-4)
+
+
+def test_each_cluster_stops_exactly_patience_steps_after_its_last_improvement(edge):
+    """On the scripted held-out losses: a cluster's best step is its last improvement before it
+    went `patience` steps without one; what comes after is ignored (even a lower loss exactly
+    `patience` steps after its best); the loop ends at the step where the last cluster stops;
+    kept weights are those of the best step, unit weights where no step beat them."""
+    res, thetas = edge["res"], edge["thetas"]
+    assert res.best_step_k.tolist() == [3, 0, 4]
+    assert res.steps == len(thetas) == 4 + EDGE_PATIENCE < edge["settings"].steps
+    np.testing.assert_array_equal(res.tuned_heldout_k, [-2.0, res.unit_heldout_k[1], -4.0])
+    assert res.kept_k.tolist() == [True, False, True]
+    np.testing.assert_array_equal(res.tuned[0], thetas[2][0])
+    np.testing.assert_array_equal(res.tuned[2], thetas[3][2])
+    np.testing.assert_array_equal(res.weights[1], np.ones_like(res.weights[1]))
+
+
+@pytest.mark.parametrize("method", ["ties", "ties_delta", "knots_ties"])
+@pytest.mark.parametrize("granularity", ["adapter", "layer"])
+def test_a_one_member_cluster_at_weight_w_is_its_adapter_scaled_by_w(setup, method, granularity):
+    """A cluster of one adapter merged with weight w (per adapter, or per adapter and layer) is
+    that adapter's delta (scaling * B @ A, as PEFT loads it: tests/test_lora_io.py) times w, for
+    factor-wise and delta-space operators alike; a two-member cluster is left to the operator."""
+    aset = setup["aset"]
+    prepared = merge.prepare_merge(aset, method, 0.5)
+    partition = np.array([0, 1, 2, 2, 3], np.int32)  # clusters 0, 1 and 3 have one member
+    rng = np.random.default_rng(7)
+    shape = (4, 5) if granularity == "adapter" else (4, 5, aset.num_layers)
+    weights = rng.uniform(0.2, 3.0, shape).astype(np.float32)
+    merged = jax.tree.map(np.asarray, tune.merged_clusters(prepared, partition, 4, weights))
+    for c, i in ((0, 0), (1, 1), (3, 4)):
+        w_l = np.broadcast_to(np.asarray(weights[c, i], np.float64), (aset.num_layers,))
+        got = lora.lora_delta(jax.tree.map(lambda x: x[c], merged))
+        want = lora.lora_delta(lora.effective_lora(aset, i))
+        for m in want:
+            ref = w_l[:, None, None] * np.asarray(want[m], np.float64)
+            # float32 products of rank-4 factors: a few ulps of the largest entry
+            np.testing.assert_allclose(got[m], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
