@@ -388,6 +388,8 @@ def dry_run(cfg: Any, topology: str, out: Any = None) -> int:
         exes.append(final_merge_executable(prepared, len(names), settings.num_clusters, devices[0]))
     rows = compile_rows(scorer, exes, modules, rank, peak, bandwidth, len(devices), log)
     print(table(rows, scorer.batch_size), file=out)
+    if cfg.tune_weights or cfg.tune_during_search:
+        print("not compiled: the --tune_weights step (tune.py); only the rows above were checked", file=out)
     verdict, status = verdict_line(topology, rows, device_bytes, run_evaluations(cfg, len(names)), scorer.batched)
     print(verdict, file=out, flush=True)
     return status

@@ -12,7 +12,10 @@ merged mask (a bucket), T tasks, n examples per task, S sequence (a bucket), V v
      no padding, batching buys no throughput there), on accelerators rounded up to one bucket,
   4. in each call, merges each distinct mask once from its members only (the mask's adapters
      gathered from every leaf of the merge.Prepared pytree, padded to a power-of-two G: cost
-     O(cluster size), not O(N)), then scores the R requests with one vmapped loss.
+     O(cluster size), not O(N)), then scores the R requests with one vmapped packed loss (each
+     request's task packed: its real tokens through the layers, the LM head on its loss
+     positions only, as on CPU; attention and the LM head in chunks that keep one device's
+     float32 scores and logits within the logits budget).
 On one CPU device (the default there, `batched=False`) steps 3-4 run unbatched instead: each
 distinct mask is merged once (one executable per member bucket G; G = N: merge_mask on the mask,
 no gathered copy) and each request is scored alone (one executable per sequence bucket S; two
@@ -114,18 +117,21 @@ def task_lengths(task_data: TaskData) -> np.ndarray:
 
 
 def memory_per_request(cfg: Any, *, examples: int, seq: int, tokens: int, attention_chunk: int,
-                       loss_chunk: int, lora_bytes: int) -> int:
-    """Peak bytes of one request of a batched call (the packed loss under the vmap), float32
-    throughout: the packed stream's activations ([P, D] residuals, [P, F] MLP, [P, (H+2K) Dh]
-    q/k/v), q/k/v and the attention output gathered into the [n, S] grid, the attention scores
-    and softmax of `attention_chunk` examples ([chunk, H, S, S], three temporaries), the logits of
-    `loss_chunk` positions ([chunk, V], three temporaries) and its merged adapter (three copies:
-    merged, gathered per request, upcast in the projections)."""
+                       loss_chunk: int, lora_bytes: int, model_shards: int = 1) -> int:
+    """Peak bytes one device holds for one request of a batched call (the packed loss under the
+    vmap), float32 throughout: the packed stream's activations ([P, D] residuals; [P, F] MLP and
+    [P, (H+2K) Dh] q/k/v, split over the "model" axis as the projections are), q/k/v and the
+    attention output gathered into the [n, S] grid, the attention scores and softmax of
+    `attention_chunk` examples ([chunk, H, S, S], three temporaries, heads split over "model"),
+    the logits of `loss_chunk` positions ([chunk, V], three temporaries, vocab split over
+    "model") and its merged adapter (three copies: merged, gathered per request, upcast in the
+    projections). Checked against XLA's compiled memory analysis by the dry run (dry_run.py)."""
+    m = max(1, int(model_shards))
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-    stream = tokens * (2 * cfg.hidden_size + 2 * cfg.intermediate_size + qkv)
-    grid = examples * seq * (qkv + cfg.num_heads * cfg.head_dim)
-    scores = 3 * attention_chunk * cfg.num_heads * seq * seq
-    logits = 3 * loss_chunk * cfg.vocab_size
+    stream = tokens * (2 * cfg.hidden_size + (2 * cfg.intermediate_size + qkv) / m)
+    grid = examples * seq * (qkv + cfg.num_heads * cfg.head_dim) / m
+    scores = 3 * attention_chunk * cfg.num_heads * seq * seq / m
+    logits = 3 * loss_chunk * cfg.vocab_size / m
     return int((stream + grid + scores + logits) * 4 + 3 * lora_bytes)
 
 
@@ -309,12 +315,14 @@ class Scorer:
         prepared inputs' share of this device)."""
         local = max(1, requests // self.cand)
         worst = 0
+        model = 1 if self.mesh is None else self.mesh.shape[sharding_lib.MODEL]
         for sb in self._tasks_by_seq:
-            p, _ = packing.packed_sizes(self.task_batch(sb))
+            p, q = packing.packed_sizes(self.task_batch(sb))
             worst = max(worst, memory_per_request(
                 self.cfg, examples=self.num_examples_max, seq=sb, tokens=p,
-                attention_chunk=self.attention_chunk(requests, sb), loss_chunk=self.batched_loss_chunk(requests),
-                lora_bytes=self._lora_bytes))
+                attention_chunk=self.attention_chunk(requests, sb),
+                loss_chunk=min(q, self.batched_loss_chunk(requests)), lora_bytes=self._lora_bytes,
+                model_shards=model))
         return local * worst + self._prepared_bytes
 
     def attention_chunk(self, requests: int, seq: int) -> int:

@@ -196,3 +196,26 @@ def test_model_flops_count_what_xla_counts_for_a_loop_free_packed_loss():
     p, q = pb.tokens.shape[0], pb.loss_at.shape[0]
     ours = dry_run.model_flops(cfg, modules, rank, tokens=p, loss_positions=q, examples=n, seq=s)
     assert ours <= xla <= 1.05 * ours, (ours, xla)
+
+
+def test_auto_batch_size_never_picks_a_bucket_the_compiled_analysis_says_does_not_fit(header_only):
+    """An abstract Scorer on 8 CPU devices ("cand" 4 x "model" 2) given just the memory its own
+    estimate needs for 16 requests picks 16, and XLA's memory analysis of that call fits it."""
+    from d2c_jax import data, scoring, sharding
+
+    cfg = load_config(header_only["base_model"])
+    names, modules, rank = dry_run.adapter_layout(header_only["adapters_dir"], cfg)
+    td = data.load_task_data(header_only["data_dir"], names, hf_io.load_tokenizer(header_only["base_model"]),
+                             examples_per_task=3, max_seq_len=64)
+    prepared = dry_run.prepared_shapes(cfg, len(names), modules, rank, "ties", 0.5, 0, None)
+    params = hf_io.param_shape_tree(cfg, "float32")
+    mesh = sharding.make_mesh(num_candidate_shards=4, devices=jax.devices()[:8])
+    probe = scoring.Scorer(params, cfg, prepared, td, batch_size=4, mesh=mesh, device_bytes=1 << 40)
+    resident = (scoring._tree_bytes(params) + scoring._tree_bytes(td.batch) + scoring._tree_bytes(prepared)) // 2
+    budget = resident + probe.call_bytes(16)
+    scorer = scoring.Scorer(params, cfg, prepared, td, batch_size="auto", mesh=mesh, device_bytes=budget)
+    assert scorer.batch_size == 16
+    exes = scorer.executables(scorer.member_buckets(len(names)))
+    for exe in exes:
+        total = dry_run._memory(exe.jitted.lower(*exe.args, **exe.static).compile())[2]
+        assert total <= budget, (exe.name, total, budget)
