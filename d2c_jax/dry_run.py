@@ -343,8 +343,6 @@ def dry_run(cfg: Any, topology: str, out: Any = None) -> int:
     each and the verdict line; returns the exit status (0 fits, 1 does not fit)."""
     out = out or sys.stdout
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    import jax
-
     from d2c_jax import data, hf_io, scoring
     from d2c_jax import sharding as sharding_lib
     from d2c_jax.models.config import load_config
