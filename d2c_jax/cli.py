@@ -35,6 +35,38 @@ def start() -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     for name in ("httpx", "httpx2"):  # huggingface_hub's HTTP client logs each request at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
+    skip_absent_tpu()
+
+
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of this vendor (as jax's hardware_utils finds them)
+
+
+def skip_absent_tpu(environ: dict | None = None, pci_root: str = "/sys/bus/pci/devices") -> None:
+    """With libtpu installed (`.[tpu]`, for --dry_run) but no TPU chip on this machine, JAX would
+    still start the TPU runtime on first use: 0.9 s more and five lines of libtpu errors about the
+    accelerator type and worker hostnames. JAX_PLATFORMS then leaves the TPU out (cpu, plus cuda
+    when an NVIDIA GPU is visible); a JAX_PLATFORMS the user set is kept as it is."""
+    env = os.environ if environ is None else environ
+    if env.get("JAX_PLATFORMS") or env.get("JAX_PLATFORM_NAME"):
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    try:
+        vendors = [os.path.join(pci_root, d, "vendor") for d in os.listdir(pci_root)]
+    except OSError:
+        vendors = []
+    for path in vendors:
+        try:
+            with open(path, encoding="ascii") as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return  # a Google PCI device: maybe a TPU, let JAX decide
+        except OSError:
+            continue
+    gpu = any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"))
+    cuda = gpu and any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    env["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
 
 
 def _flagfile_args(args: Sequence[str]) -> Iterator[str]:

@@ -173,8 +173,26 @@ class SafetensorsReader:
         return out
 
 
-def _weight_files(model_dir: str, reader: SafetensorsReader) -> dict[str, str]:
-    """Maps each tensor name to the safetensors file holding it."""
+def read_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (dtype, shape)} of a safetensors file from its header alone: the tensor data are
+    never read (nor need to be present), so a 70B checkpoint's shapes take milliseconds."""
+    if not os.path.isfile(path):
+        raise UserError(path, "cannot read safetensors file: not found")
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 << 20:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+        return {k: (str(v["dtype"]), tuple(int(d) for d in v["shape"]))
+                for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError) as e:
+        raise UserError(path, f"not a valid safetensors header ({e})") from None
+
+
+def _weight_files(model_dir: str, reader: SafetensorsReader | None) -> dict[str, str]:
+    """Maps each tensor name to the safetensors file holding it (reader None: from the files'
+    headers alone)."""
     index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
         try:
@@ -199,7 +217,7 @@ def _weight_files(model_dir: str, reader: SafetensorsReader) -> dict[str, str]:
                         f"{INDEX_FILE} (pytorch .bin checkpoints are not supported)")
     out = {}
     for path in files:
-        for key in reader.keys(path):
+        for key in (reader.keys(path) if reader is not None else read_header(path)):
             out[key] = path
     return out
 
@@ -254,10 +272,64 @@ def load_params(
         raise UserError(model_dir, "model directory does not exist")
     np_dtype = _np_dtype(dtype)
     reader = SafetensorsReader()
-    files = _weight_files(model_dir, reader)
+    files = _checked_files(model_dir, cfg, reader)
     wanted = entries(cfg)
     shapes = param_shapes(cfg)
 
+    sharding_of = _sharding_of(shardings)
+    flat: dict[tuple[str, ...], Any] = {}
+    for e in wanted:
+        shape = shapes[e.path]
+        layered = "{l}" in e.hf
+        out = np.empty(shape, np_dtype)
+        for i in range(cfg.num_layers if layered else 1):
+            key = e.hf.format(l=i)
+            path = files[key]
+            arr = reader.read(path, key)
+            _check_shape(e, key, path, tuple(arr.shape), shape)
+            _check_finite(arr, path, key)
+            arr = arr.T if e.transpose else arr
+            if layered:
+                out[i] = arr.astype(np_dtype)
+            else:
+                out[...] = arr.astype(np_dtype)
+        sharding = sharding_of(e.path)
+        # put_global, not device_put: a sharding may span other hosts' devices (multi-host).
+        flat[e.path] = put_global(out, sharding) if sharding is not None else jnp.asarray(out)
+    return traverse_util.unflatten_dict(flat)
+
+
+def check_params_headers(model_dir: str | os.PathLike, cfg: ModelConfig) -> None:
+    """load_params' checks of names and shapes, from the safetensors headers alone (no tensor
+    data read: a dry run on a directory whose weights are absent or still downloading)."""
+    model_dir = str(model_dir)
+    if not os.path.isdir(model_dir):
+        raise UserError(model_dir, "model directory does not exist")
+    files = _checked_files(model_dir, cfg, None)
+    headers: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    shapes = param_shapes(cfg)
+    for e in entries(cfg):
+        layered = "{l}" in e.hf
+        for i in range(cfg.num_layers if layered else 1):
+            key = e.hf.format(l=i)
+            path = files[key]
+            if path not in headers:
+                headers[path] = read_header(path)
+            _check_shape(e, key, path, headers[path][key][1], shapes[e.path])
+
+
+def _check_shape(e: Entry, key: str, path: str, hf_shape: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    want = shape[1:] if "{l}" in e.hf else shape
+    hf_want = tuple(reversed(want)) if e.transpose else want
+    if tuple(hf_shape) != hf_want:
+        raise UserError(path, f"tensor {key!r} has shape {list(hf_shape)}, expected {list(hf_want)} from config.json")
+
+
+def _checked_files(model_dir: str, cfg: ModelConfig, reader: SafetensorsReader | None) -> dict[str, str]:
+    """{tensor name: file} after checking that every tensor the config needs is there and
+    nothing unexpected is (reader None: names from the headers alone)."""
+    files = _weight_files(model_dir, reader)
+    wanted = entries(cfg)
     expected: set[str] = set()
     for e in wanted:
         names = [e.hf.format(l=i) for i in range(cfg.num_layers)] if "{l}" in e.hf else [e.hf]
@@ -275,32 +347,7 @@ def load_params(
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise UserError(files[unexpected[0]], f"unexpected tensor {unexpected[0]!r}{more} "
                         f"for architecture {cfg.arch} (config.json and weights disagree?)")
-
-    sharding_of = _sharding_of(shardings)
-    flat: dict[tuple[str, ...], Any] = {}
-    for e in wanted:
-        shape = shapes[e.path]
-        layered = "{l}" in e.hf
-        out = np.empty(shape, np_dtype)
-        for i in range(cfg.num_layers if layered else 1):
-            key = e.hf.format(l=i)
-            path = files[key]
-            arr = reader.read(path, key)
-            want = shape[1:] if layered else shape
-            hf_want = tuple(reversed(want)) if e.transpose else want
-            if tuple(arr.shape) != hf_want:
-                raise UserError(path, f"tensor {key!r} has shape {list(arr.shape)}, "
-                                f"expected {list(hf_want)} from config.json")
-            _check_finite(arr, path, key)
-            arr = arr.T if e.transpose else arr
-            if layered:
-                out[i] = arr.astype(np_dtype)
-            else:
-                out[...] = arr.astype(np_dtype)
-        sharding = sharding_of(e.path)
-        # put_global, not device_put: a sharding may span other hosts' devices (multi-host).
-        flat[e.path] = put_global(out, sharding) if sharding is not None else jnp.asarray(out)
-    return traverse_util.unflatten_dict(flat)
+    return files
 
 
 def _natural(s: str):

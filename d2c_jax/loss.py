@@ -75,13 +75,13 @@ def task_loss(
 
 def packed_task_loss(
     params: Params, cfg: ModelConfig, lora: Lora | None, pb: packing.PackedBatch, *,
-    loss_chunk: int | None = None,
+    loss_chunk: int | None = None, example_chunk: int | None = None,
 ) -> jax.Array:
     """task_loss of one task's packed examples (packing.py): the same mean CE over its response
     tokens, with the dense layers on real tokens only and the last layer's output projection and
     MLP, the final norm and the LM head on the Q loss positions only, `loss_chunk` positions at a
-    time (a lax.map over chunks bounds the logits)."""
-    h_qd = packing.loss_residual(params, cfg, pb, lora)
+    time (a lax.map over chunks bounds the logits), attention `example_chunk` examples at a time."""
+    h_qd = packing.loss_residual(params, cfg, pb, lora, example_chunk)
     q = h_qd.shape[0]
     b = q if loss_chunk is None else max(1, min(int(loss_chunk), q))
     k = -(-q // b)
@@ -112,3 +112,16 @@ def candidate_losses(
         return task_loss(params, cfg, lora, batch_ns, example_chunk=example_chunk)
 
     return jax.vmap(one)(lora_c, batch_cns)
+
+
+def candidate_packed_losses(
+    params: Params, cfg: ModelConfig, lora_c: Lora, pb_c: packing.PackedBatch, *,
+    loss_chunk: int | None = None, example_chunk: int | None = None,
+) -> jax.Array:
+    """packed_task_loss for C (adapter, task) pairs at once: [C] float32 (every leaf of `lora_c`
+    and `pb_c` carries the leading candidate axis). Under the vmap the logits peak at
+    [C, loss_chunk, V] and the attention scores at [C, example_chunk, H, S, S]."""
+    def one(lora: Lora, pb: packing.PackedBatch) -> jax.Array:
+        return packed_task_loss(params, cfg, lora, pb, loss_chunk=loss_chunk, example_chunk=example_chunk)
+
+    return jax.vmap(one)(lora_c, pb_c)

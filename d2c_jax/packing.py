@@ -90,28 +90,39 @@ def pack(batch_tns: TokenBatch) -> PackedBatch:
     return PackedBatch(attn=attn.astype(np.int32), weights=out_w, **out)
 
 
-def grid_attention(pb: PackedBatch, mask_nst: jax.Array) -> Callable:
+def grid_attention(pb: PackedBatch, mask_nst: jax.Array, example_chunk: int | None = None) -> Callable:
     """attend_fn for decoder.run_layers on a packed [1, P] stream: q/k/v are gathered into the
-    [n, S] grid, attended there under `mask_nst`, and the outputs gathered back to [1, P]."""
+    [n, S] grid, attended there under `mask_nst`, and the outputs gathered back to [1, P].
+    `example_chunk` (None: all n) attends that many examples at a time (a lax.map over chunks),
+    so the float32 scores peak at [chunk, H, S, S], not [n, H, S, S]."""
     n, s = pb.attn.shape
+    b = n if example_chunk is None else max(1, min(int(example_chunk), n))
+    k = -(-n // b)
 
     def attend_fn(q_bphd: jax.Array, k_bpkd: jax.Array, v_bpkd: jax.Array) -> jax.Array:
         def to_grid(x):
             return jnp.take(x[0], pb.packed_of_grid, axis=0).reshape((n, s) + x.shape[2:])
 
-        out_nsq = decoder.attend(to_grid(q_bphd), to_grid(k_bpkd), to_grid(v_bpkd), mask_nst)
+        q, kk, v, mask = to_grid(q_bphd), to_grid(k_bpkd), to_grid(v_bpkd), mask_nst
+        if k == 1:
+            out_nsq = decoder.attend(q, kk, v, mask)
+        else:  # padded examples attend nowhere (finite garbage); no packed token reads them
+            pad = lambda x: jnp.pad(x, ((0, k * b - n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
+            chunks = [pad(x).reshape((k, b) + x.shape[1:]) for x in (q, kk, v, mask)]
+            out_nsq = jax.lax.map(lambda c: decoder.attend(*c), tuple(chunks)).reshape((k * b, s, -1))[:n]
         return jnp.take(out_nsq.reshape(n * s, -1), pb.grid_of_packed, axis=0)[None]
 
     return attend_fn
 
 
-def loss_residual(params: Params, cfg: ModelConfig, pb: PackedBatch, lora: Lora | None = None) -> jax.Array:
+def loss_residual(params: Params, cfg: ModelConfig, pb: PackedBatch, lora: Lora | None = None,
+                  example_chunk: int | None = None) -> jax.Array:
     """The residual stream [Q, D] at the loss positions after the last layer (before the final
     norm) of one task's packed examples: the layers run on the P packed tokens only, and the last
     layer's output projection and MLP on the Q loss positions only (no later layer reads the
-    other positions)."""
+    other positions). `example_chunk`: examples attended at a time (grid_attention)."""
     x_bpd = decoder.embed(params, pb.tokens[None])
-    attend_fn = grid_attention(pb, decoder.causal_padding_mask(pb.attn))
+    attend_fn = grid_attention(pb, decoder.causal_padding_mask(pb.attn), example_chunk)
     x_bqd, _ = decoder.run_layers(params, cfg, x_bpd, pb.positions[None], None, lora, attend_fn=attend_fn,
                                   last_rows=pb.loss_at)
     return x_bqd[0]

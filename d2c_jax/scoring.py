@@ -12,7 +12,10 @@ merged mask (a bucket), T tasks, n examples per task, S sequence (a bucket), V v
      no padding, batching buys no throughput there), on accelerators rounded up to one bucket,
   4. in each call, merges each distinct mask once from its members only (the mask's adapters
      gathered from every leaf of the merge.Prepared pytree, padded to a power-of-two G: cost
-     O(cluster size), not O(N)), then scores the R requests with one vmapped loss.
+     O(cluster size), not O(N)), then scores the R requests with one vmapped packed loss (each
+     request's task packed: its real tokens through the layers, the LM head on its loss
+     positions only, as on CPU; attention and the LM head in chunks that keep one device's
+     float32 scores and logits within the logits budget).
 On one CPU device (the default there, `batched=False`) steps 3-4 run unbatched instead: each
 distinct mask is merged once (one executable per member bucket G; G = N: merge_mask on the mask,
 no gathered copy) and each request is scored alone (one executable per sequence bucket S; two
@@ -29,6 +32,7 @@ with the same requests, and the losses come back fully replicated, identical on 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -112,12 +116,23 @@ def task_lengths(task_data: TaskData) -> np.ndarray:
     return last_tn.max(axis=1)
 
 
-def memory_per_request(cfg: Any, examples: int, seq: int, lora_bytes: int) -> int:
-    """Rough peak bytes of one scored request: float32 logits and their softmax temporaries, the
-    residual stream and MLP activations of the examples in flight, and its merged adapter."""
-    tokens = examples * seq
-    return int(tokens * (3 * cfg.vocab_size + 4 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4
-               + 3 * lora_bytes)
+def memory_per_request(cfg: Any, *, examples: int, seq: int, tokens: int, attention_chunk: int,
+                       loss_chunk: int, lora_bytes: int, model_shards: int = 1) -> int:
+    """Peak bytes one device holds for one request of a batched call (the packed loss under the
+    vmap), float32 throughout: the packed stream's activations ([P, D] residuals; [P, F] MLP and
+    [P, (H+2K) Dh] q/k/v, split over the "model" axis as the projections are), q/k/v and the
+    attention output gathered into the [n, S] grid, the attention scores and softmax of
+    `attention_chunk` examples ([chunk, H, S, S], three temporaries, heads split over "model"),
+    the logits of `loss_chunk` positions ([chunk, V], three temporaries, vocab split over
+    "model") and its merged adapter (three copies: merged, gathered per request, upcast in the
+    projections). Checked against XLA's compiled memory analysis by the dry run (dry_run.py)."""
+    m = max(1, int(model_shards))
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    stream = tokens * (2 * cfg.hidden_size + (2 * cfg.intermediate_size + qkv) / m)
+    grid = examples * seq * (qkv + cfg.num_heads * cfg.head_dim) / m
+    scores = 3 * attention_chunk * cfg.num_heads * seq * seq / m
+    logits = 3 * loss_chunk * cfg.vocab_size / m
+    return int((stream + grid + scores + logits) * 4 + 3 * lora_bytes)
 
 
 def device_memory_bytes() -> int:
@@ -133,6 +148,27 @@ def device_memory_bytes() -> int:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
     except (ValueError, OSError, AttributeError):
         return 8 << 30
+
+
+def _placed(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` (arrays or structs) laid out by `shardings` (one sharding, a
+    matching pytree of them, or None: unplaced)."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh), tree, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Executable:
+    """One jitted function of the Scorer at one bucket, with abstract arguments to lower it
+    (`jitted.lower(*args, **static).compile()`), as a run would call it."""
+
+    name: str  # the trace_counts key: "score r16 g64 s320", "packed s96 p512", "merge g8", ...
+    jitted: Any
+    args: tuple
+    static: dict
+    requests: int  # evaluations one call scores (0: a merge)
+    seq: int  # its sequence bucket (0: a merge)
 
 
 def _tree_bytes(tree: Any) -> int:
@@ -155,6 +191,7 @@ class Scorer:
         logits_budget_bytes: int = 2 << 30,
         exact_split: bool | None = None,
         batched: bool | None = None,
+        device_bytes: int | None = None,
     ):
         """`prepared_merge` from merge.prepare_merge (None: only `loss_of_lora` is available).
         `batch_size`: the largest request bucket ("auto": the largest that fits device memory,
@@ -165,9 +202,16 @@ class Scorer:
         buckets without padding instead of rounding up to one bucket. `batched` (default: off on
         one CPU device, where batching buys no throughput) scores requests in vmapped calls;
         off, each distinct mask is merged once and each request is scored alone, so a run
-        compiles one merge per member bucket and one loss per sequence bucket, nothing more."""
+        compiles one merge per member bucket and one loss per sequence bucket, nothing more.
+        `device_bytes`: one device's memory (default: `device_memory_bytes()`).
+
+        Abstract: with `params` and `prepared_merge` as ShapeDtypeStructs (and a mesh of any
+        devices, e.g. a TPU topology's) nothing is placed; the Scorer takes every decision of a
+        real one and `executables()` lowers what it would run (dry_run.py)."""
         self.cfg = cfg
         self.mesh = mesh
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+        self.device_bytes = device_memory_bytes() if device_bytes is None else int(device_bytes)
         self.num_tasks = task_data.num_tasks
         self.task_names = task_data.names
         self.cand = 1 if mesh is None else mesh.shape[sharding_lib.CAND]
@@ -208,6 +252,9 @@ class Scorer:
             jax.eval_shape(merge_lib.merge_mask, prepared_merge,
                            jax.ShapeDtypeStruct((self.num_adapters,), jnp.bool_)))
         self._lora_bytes = lora_bytes
+        self._host_data, self._tasks_by_seq = data, by_bucket
+        model = 1 if mesh is None else mesh.shape[sharding_lib.MODEL]
+        self._prepared_bytes = 0 if prepared_merge is None else _tree_bytes(prepared_merge) // model
         if batch_size == "auto":
             batch_size = self.auto_batch_size(params, prepared_merge, data, int(seq))
         batch_size = int(batch_size)
@@ -217,7 +264,11 @@ class Scorer:
         self.batch_size = self.request_buckets[-1]
 
         rep = None if mesh is None else sharding_lib.replicated(mesh)
-        if mesh is None:
+        if self.abstract:  # shapes with the shardings a real run places them in
+            self._params = _placed(params, None if mesh is None else sharding_lib.param_shardings(params, mesh))
+            self._prepared = None if prepared_merge is None else _placed(
+                prepared_merge, None if mesh is None else sharding_lib.prepared_shardings(prepared_merge, mesh))
+        elif mesh is None:
             self._params = params
             self._prepared = prepared_merge
         else:
@@ -225,17 +276,18 @@ class Scorer:
             self._prepared = (None if prepared_merge is None
                               else sharding_lib.shard_prepared(prepared_merge, mesh))
         # put_global: host copies -> global arrays, valid when the mesh spans several hosts.
-        put = ((lambda b: jax.tree.map(jnp.asarray, b)) if mesh is None
+        put = ((lambda b: _placed(jax.tree.map(np.asarray, b), rep)) if self.abstract
+               else (lambda b: jax.tree.map(jnp.asarray, b)) if mesh is None
                else (lambda b: sharding_lib.put_global(jax.tree.map(np.asarray, b), rep)))
         self._data = put(data)  # full length: loss_of_lora
         self._data_by_seq = {sb: put(jax.tree.map(lambda x: np.asarray(x)[tasks][:, :, :sb], data))
                              for sb, tasks in by_bucket.items()}
-        # Unbatched: each bucket's tasks packed (real tokens only; the LM head on loss positions).
-        self._packed_by_seq = {} if self.batched else {
-            sb: jax.tree.map(jnp.asarray, packing.pack(jax.tree.map(lambda x: np.asarray(x)[tasks][:, :, :sb], data)))
-            for sb, tasks in by_bucket.items() if self.packs(sb)}
+        # Each bucket's tasks packed (real tokens only; the LM head on loss positions): every
+        # bucket for batched calls, unbatched where all n examples' attention fits (`packs`).
+        self._packed_by_seq = {sb: put(packing.pack(self.task_batch(sb)))
+                               for sb in by_bucket if self.batched or self.packs(sb)}
         out = {} if mesh is None else {"out_shardings": rep}  # every host can read the losses
-        self._score = jax.jit(self._score_impl, static_argnames=("example_chunk",), **out)
+        self._score = jax.jit(self._score_impl, static_argnames=("example_chunk", "loss_chunk"), **out)
         self._single = jax.jit(self._single_impl, static_argnames=("example_chunk",), **out)
         self._merge_one = jax.jit(self._merge_one_impl)
         self._merge_all_slots = jax.jit(self._merge_all_slots_impl)
@@ -250,13 +302,44 @@ class Scorer:
         resident = _tree_bytes(params) + _tree_bytes(data) + (0 if prepared is None else _tree_bytes(prepared))
         if self.mesh is not None:  # sharded over "model"
             resident = resident // self.mesh.shape[sharding_lib.MODEL]
-        free = device_memory_bytes() - resident
-        per_request = memory_per_request(self.cfg, self.example_chunk(1, seq), seq, self._lora_bytes)
-        fit = max(1, free // max(per_request, 1)) * self.cand
+        free = self.device_bytes - resident
         b = self.cand
-        while b * 2 <= min(fit, MAX_AUTO_BATCH):
+        while b * 2 <= MAX_AUTO_BATCH and self.call_bytes(b * 2) <= free:
             b *= 2
         return b
+
+    def call_bytes(self, requests: int) -> int:
+        """Estimated temporaries of one device in a batched call of `requests` (the worst
+        sequence bucket): its share of the requests (`memory_per_request`) plus the merge's
+        gathered inputs (every member slot of one mask at a time, at most all N: a copy of the
+        prepared inputs' share of this device)."""
+        local = max(1, requests // self.cand)
+        worst = 0
+        model = 1 if self.mesh is None else self.mesh.shape[sharding_lib.MODEL]
+        for sb in self._tasks_by_seq:
+            p, q = packing.packed_sizes(self.task_batch(sb))
+            worst = max(worst, memory_per_request(
+                self.cfg, examples=self.num_examples_max, seq=sb, tokens=p,
+                attention_chunk=self.attention_chunk(requests, sb),
+                loss_chunk=min(q, self.batched_loss_chunk(requests)), lora_bytes=self._lora_bytes,
+                model_shards=model))
+        return local * worst + self._prepared_bytes
+
+    def attention_chunk(self, requests: int, seq: int) -> int:
+        """Examples attended at a time in a batched call: the most that keep one device's float32
+        attention scores (three temporaries) within the logits budget (same chunk count, least
+        padding)."""
+        n = self.num_examples_max
+        if self._example_chunk is not None:
+            return max(1, min(int(self._example_chunk), n))
+        per_example = max(1, requests // self.cand) * 3 * self.cfg.num_heads * seq * seq * 4
+        chunk = max(1, min(n, self._logits_budget // per_example))
+        return -(-n // -(-n // chunk))
+
+    def batched_loss_chunk(self, requests: int) -> int:
+        """Loss positions per LM-head pass of each request in a batched call: one device's float32
+        logits within the logits budget."""
+        return max(1, self._logits_budget // (max(1, requests // self.cand) * self.cfg.vocab_size * 4))
 
     def example_chunk(self, requests: int, seq: int) -> int:
         """Examples per forward pass: the most that keep one device's float32 logits of a call of
@@ -273,6 +356,56 @@ class Scorer:
         """How many times any of the jitted functions was traced (tests: one per bucket)."""
         return sum(self.trace_counts.values())
 
+    def task_batch(self, seq: int) -> TokenBatch:
+        """The host [T_b, n, seq] examples of sequence bucket `seq`'s tasks."""
+        return jax.tree.map(lambda x: np.asarray(x)[self._tasks_by_seq[seq]][:, :, :seq], self._host_data)
+
+    def member_buckets(self, largest_cluster: int) -> tuple[int, ...]:
+        """Every member bucket G a merge of up to `largest_cluster` adapters uses."""
+        out = {self._member_bucket(c) for c in range(1, int(largest_cluster) + 1)}
+        return tuple(sorted(out))
+
+    def executables(self, member_buckets: tuple[int, ...], all_requests: bool = False) -> list[Executable]:
+        """What this Scorer compiles for the given member buckets: batched, one score call per
+        sequence bucket at the largest member bucket and the largest request bucket (smaller
+        buckets hold less; `all_requests`: every request bucket); unbatched, one loss per
+        sequence bucket and one merge per member bucket. Arguments are abstract (shapes and the
+        shardings a run places them in)."""
+        rep = None if self.mesh is None else sharding_lib.replicated(self.mesh)
+        batch = (lambda x: x) if self.mesh is None else (
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_lib.batch_sharding(self.mesh, x.ndim)))
+        arr = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+        out = []
+        if self.batched:
+            g = max(member_buckets)
+            for sb in sorted(self._data_by_seq):
+                for r in (self.request_buckets if all_requests else self.request_buckets[-1:]):
+                    args = (self._params, self._packed_by_seq[sb], self._prepared, arr((r, g), jnp.int32),
+                            arr((r, g), jnp.bool_), arr((r,), jnp.bool_), batch(arr((r,), jnp.int32)),
+                            batch(arr((r,), jnp.int32)))
+                    out.append(Executable(f"score r{r} g{g} s{sb}", self._score, args, self._batched_chunks(r, sb),
+                                          r, sb))
+            return out
+        lora = _placed(jax.eval_shape(merge_lib.merge_mask, self._prepared,
+                                      jax.ShapeDtypeStruct((self.num_adapters,), jnp.bool_)), None)
+        task = arr((), jnp.int32)
+        for sb in sorted(self._data_by_seq):
+            if self.packs(sb):
+                pt = self._packed_by_seq[sb]
+                out.append(Executable(f"packed s{sb} p{pt.tokens.shape[-1]}", self._packed,
+                                      (self._params, pt, lora, task), {"loss_chunk": self.loss_chunk}, 1, sb))
+            else:
+                out.append(Executable(f"single s{sb}", self._single, (self._params, self._data_by_seq[sb], lora, task),
+                                      {"example_chunk": self.example_chunk(1, sb)}, 1, sb))
+        for g in member_buckets:
+            if g == self.num_adapters:
+                out.append(Executable(f"merge n{g}", self._merge_all_slots,
+                                      (self._prepared, arr((g,), jnp.bool_)), {}, 0, 0))
+            else:
+                out.append(Executable(f"merge g{g}", self._merge_one,
+                                      (self._prepared, arr((g,), jnp.int32), arr((g,), jnp.bool_)), {}, 0, 0))
+        return out
+
     # -- traced bodies ------------------------------------------------------------------------
 
     def _constrain(self, tree: Any) -> Any:
@@ -283,18 +416,21 @@ class Scorer:
             lambda x: jax.lax.with_sharding_constraint(
                 x, sharding_lib.batch_sharding(self.mesh, x.ndim)), tree)
 
-    def _score_impl(self, params: Params, data_tns: TokenBatch, prepared: Prepared, members_mg: jax.Array,
+    def _score_impl(self, params: Params, packed_t: packing.PackedBatch, prepared: Prepared, members_mg: jax.Array,
                     valid_mg: jax.Array, live_m: jax.Array, mask_of_r: jax.Array,
-                    tasks_r: jax.Array, *, example_chunk: int) -> jax.Array:
-        r, g, s = tasks_r.shape[0], members_mg.shape[1], data_tns.shape[-1]
+                    tasks_r: jax.Array, *, example_chunk: int, loss_chunk: int) -> jax.Array:
+        """A batched call: the call's masks merged from their members, then each request's packed
+        loss (real tokens through the layers, the LM head on its loss positions only)."""
+        r, g, s = tasks_r.shape[0], members_mg.shape[1], packed_t.attn.shape[-1]
         self.trace_counts[f"score r{r} g{g} s{s}"] += 1
         lora_m = merge_members(prepared, members_mg, valid_mg, live_m)
         lora_r = self._constrain(jax.tree.map(lambda x: jnp.take(x, mask_of_r, axis=0), lora_m))
-        batch_rns = self._constrain(jax.tree.map(lambda x: jnp.take(x, tasks_r, axis=0), data_tns))
+        pb_r = self._constrain(jax.tree.map(lambda x: jnp.take(x, tasks_r, axis=0), packed_t))
+        chunks = {"loss_chunk": loss_chunk, "example_chunk": example_chunk}
         if r == 1:  # no vmap: XLA:CPU runs the unbatched dots faster than batch-1 ones
-            lora, batch_ns = jax.tree.map(lambda x: x[0], (lora_r, batch_rns))
-            return loss_lib.task_loss(params, self.cfg, lora, batch_ns, example_chunk=example_chunk)[None]
-        return loss_lib.candidate_losses(params, self.cfg, lora_r, batch_rns, example_chunk=example_chunk)
+            lora, pb = jax.tree.map(lambda x: x[0], (lora_r, pb_r))
+            return loss_lib.packed_task_loss(params, self.cfg, lora, pb, **chunks)[None]
+        return loss_lib.candidate_packed_losses(params, self.cfg, lora_r, pb_r, **chunks)
 
     def _single_impl(self, params: Params, data_tns: TokenBatch, lora: Lora | None, task: jax.Array, *,
                      example_chunk: int) -> jax.Array:
@@ -440,10 +576,12 @@ class Scorer:
                           padded_requests=bucket - len(tasks))
         mask_of_r = pad_rows(mask_of_r.astype(np.int32).reshape(-1), bucket)
         tasks_r = pad_rows(self.local_task[tasks].astype(np.int32), bucket)
-        return self._score(self._params, self._data_by_seq[sb], self._prepared,
+        return self._score(self._params, self._packed_by_seq[sb], self._prepared,
                            *(self._put(x, batch=False) for x in (members_mg, valid_mg, live_m)),
-                           *(self._put(x) for x in (mask_of_r, tasks_r)),
-                           example_chunk=self.example_chunk(bucket, sb))
+                           *(self._put(x) for x in (mask_of_r, tasks_r)), **self._batched_chunks(bucket, sb))
+
+    def _batched_chunks(self, requests: int, seq: int) -> dict[str, int]:
+        return {"example_chunk": self.attention_chunk(requests, seq), "loss_chunk": self.batched_loss_chunk(requests)}
 
     def loss_of_lora(self, lora: Lora | None, task: int | str) -> float:
         """Loss of any adapter (lora pytree, scaling folded in; None = the base model) on a task."""

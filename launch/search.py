@@ -46,6 +46,9 @@ from d2c_jax.errors import run_cli  # noqa: E402
 from d2c_jax.run_config import RunConfig  # noqa: E402
 
 config_flags.define_flags(RunConfig)  # one flag per RunConfig / SearchSettings field, same name
+flags.DEFINE_string("dry_run", None, "Compile every executable of this run for a TPU topology (v4-8, v5e-1, "
+                    "v5e-4, v5e-8, v5e-16, v5p-8, v6e-8; needs libtpu, no TPU) or this machine (cpu) and print "
+                    "per-device memory and estimated time; reads only headers and examples, never --workdir.")
 flags.DEFINE_bool("show", False, "Print the summary table and gain line of the finished run in --workdir, and exit "
                   "(nothing else is needed or touched).")
 
@@ -56,7 +59,7 @@ HELP_GROUPS = {
     "search": ("strategy", "num_clusters", "iterations", "objective", "population", "proposals", "seed"),
     "merge": ("merge", "density", "output_rank", "budget", "tune_weights"),
     "outputs": ("workdir", "show", "overwrite"),
-    "run control": ("checkpoint_every", "progress", "batch_size", "model_shards"),
+    "run control": ("checkpoint_every", "progress", "batch_size", "model_shards", "dry_run"),
 }
 
 
@@ -78,6 +81,10 @@ def main(argv: Sequence[str]) -> None:
     logging.set_verbosity(logging.WARNING)
 
     def body() -> int:
+        if flags.FLAGS.dry_run:
+            from d2c_jax import dry_run
+
+            return dry_run.dry_run(config_from_flags(flags.FLAGS), flags.FLAGS.dry_run)
         from d2c_jax import pipeline
 
         if flags.FLAGS.show:
