@@ -87,7 +87,7 @@ def main(argv: Sequence[str]) -> None:
         from d2c_jax.sharding import initialize_distributed
 
         cfg = config_from_flags(flags.FLAGS)
-        check_output(cfg)
+        check_output(resolve(cfg)[0])  # the output the run's directory supplies, too
         initialize_distributed()
         result = evaluate(cfg)
         if jax.process_index() != 0:
