@@ -41,6 +41,7 @@ import numpy as np
 from d2c_jax import loss as loss_lib
 from d2c_jax import merge as merge_lib
 from d2c_jax.errors import UserError
+from d2c_jax.merge import check_weights, with_weights  # noqa: F401  (how weights enter a merge; re-exported)
 
 GRANULARITIES = ("adapter", "layer", "factors")
 LEARNING_RATES = {"adapter": 0.05, "layer": 0.05, "factors": 1e-3}  # Adam, by granularity (--tune_learning_rate unset)
@@ -138,34 +139,6 @@ class TuneResult:
         }
 
 
-def _broadcast(v: jax.Array, w: jax.Array) -> jax.Array:
-    """A [N] weight leaf against weights w [N] or [N, L]."""
-    return v.reshape(v.shape + (1,) * (w.ndim - v.ndim))
-
-
-def with_weights(prepared: Any, w: Any) -> Any:
-    """`prepared` (built with unit weights) with merge weights w [N] or [N, L] multiplied in, as the
-    module docstring says; pure and differentiable in w (so it can be vmapped per cluster)."""
-    w = jnp.asarray(w, jnp.float32)
-    if prepared.method in merge_lib.DELTA_METHODS:
-        fa = fb = w
-    else:
-        fa, fb = jnp.sign(w) * jnp.sqrt(jnp.abs(w)), jnp.sqrt(jnp.abs(w))
-    single = {m: {"a": sv["a"], "b": sv["b"] * merge_lib._expand(w, sv["b"])}
-              for m, sv in prepared.single.items()}
-    return dataclasses.replace(prepared, single=single, weight_a=_broadcast(prepared.weight_a, w) * fa,
-                               weight_b=_broadcast(prepared.weight_b, w) * fb)
-
-
-def check_weights(w: Any, num_adapters: int, num_layers: int) -> np.ndarray:
-    """Validated weights [N] or [N, L] (float32)."""
-    arr = np.asarray(w, np.float64)
-    if arr.shape not in ((num_adapters,), (num_adapters, num_layers)) or not np.all(np.isfinite(arr)):
-        raise UserError(None, f"weights must be finite, of shape ({num_adapters},) or ({num_adapters}, "
-                        f"{num_layers}); got shape {arr.shape}")
-    return arr.astype(np.float32)
-
-
 def _split(task_data: Any, holdout: float) -> tuple[Any, Any, int, int]:
     """(fit, held-out) TokenBatches [T, n_part, S]: the last ceil(holdout * n) examples (at least
     one, at most n - 1) of every task are held out."""
@@ -202,7 +175,7 @@ def tune_partitions(
     partitions_pn = np.asarray(partitions_pn, np.int32).reshape(-1, np.shape(partitions_pn)[-1])
     p, n = partitions_pn.shape
     k = int(num_clusters)
-    num_layers = next(iter(prepared.single.values()))["a"].shape[1]
+    num_layers = prepared.num_layers
     masks_cn = jnp.asarray((partitions_pn[:, None, :] == np.arange(k)[None, :, None]).reshape(p * k, n))
     cluster_q = jnp.asarray((partitions_pn + k * np.arange(p)[:, None]).reshape(-1))  # (chain, task) -> cluster
     task_q = jnp.asarray(np.tile(np.arange(n), p))
