@@ -93,10 +93,38 @@ def _triplets(x_nkr: jax.Array, y_nrc: jax.Array) -> tuple[jax.Array, jax.Array,
     return pk, sk, jnp.einsum("ncj,nij->nci", qy, zh, precision=HIGHEST)
 
 
+def _polar_parts(u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """U = P S Z^T with the components of S <= 1e-5 S_max zeroed (P, Z columns, 1 / S)."""
+    p, s, zh = plain_svd(u)
+    live = s > CORE_TOL * jnp.max(s)
+    inv = jnp.where(live, 1.0 / jnp.where(live, s, 1.0), 0.0)
+    return p * live[None, :], jnp.swapaxes(zh, 0, 1) * live[None, :], inv
+
+
+@jax.custom_jvp
 def _polar(u: jax.Array) -> jax.Array:
-    """The polar factor P Z^T of U = P S Z^T (TSV's and Iso-CTS' orthogonalisation)."""
-    p, _, zh = svd(u)
-    return _mm(p, zh)
+    """The polar factor P Z^T of U = P S Z^T (TSV's and Iso-CTS' orthogonalisation) on U's
+    non-zero singular components (zero columns of U stay zero)."""
+    p, z, _ = _polar_parts(u)
+    return _mm(p, z.T)
+
+
+@_polar.defjvp
+def _polar_jvp(primals, tangents):
+    """d(P Z^T) = P W Z^T + (I - P P^T) dU Z S^-1 Z^T + P S^-1 P^T dU (I - Z Z^T), with
+    W_ij = (Y_ij - Y_ji) / (s_i + s_j), Y = P^T dU Z: finite however close the singular values
+    (the SVD's JVP would divide by their differences; at an orthonormal U they are all 1)."""
+    (u,), (du,) = primals, tangents
+    p, z, inv = _polar_parts(u)
+    s = jnp.where(inv > 0, 1.0 / jnp.where(inv > 0, inv, 1.0), 0.0)
+    y = _mm(_mm(p.T, du), z)
+    denom = s[:, None] + s[None, :]
+    w = jnp.where(denom > 0, (y - y.T) / jnp.where(denom > 0, denom, 1.0), 0.0)
+    du_z = _mm(du, z)
+    pt_du = _mm(p.T, du)
+    left = (du_z - _mm(p, _mm(p.T, du_z))) * inv[None, :]
+    right = (pt_du - _mm(_mm(pt_du, z), z.T)) * inv[:, None]
+    return _mm(p, z.T), _mm(_mm(p, w), z.T) + _mm(left, z.T) + _mm(p, right)
 
 
 def _cat(u_nkr: jax.Array) -> jax.Array:
@@ -118,7 +146,8 @@ def _tsv(x_nkr, y_nrc, w_n, m_n, dims):
 
 
 def _iso_cts(x_nkr, y_nrc, w_n, m_n, dims, rank):
-    """Iso-CTS of the cores with subspace size D = min(r, cB', cA') (module docstring)."""
+    """Iso-CTS of the cores with subspace size D = min(r, cB', cA') (module docstring), as
+    factors (b [cB, r'], a [r', cA], r' = min(r, columns))."""
     count = jnp.maximum(jnp.sum(m_n), 1.0)
     total = _mm(jnp.transpose(x_nkr * (w_n * m_n)[:, None, None], (1, 0, 2)).reshape(x_nkr.shape[1], -1),
                 y_nrc.reshape(-1, y_nrc.shape[2]))
@@ -138,7 +167,11 @@ def _iso_cts(x_nkr, y_nrc, w_n, m_n, dims, rank):
     v = _polar(jnp.concatenate([_cat(qv * live[:, None, :]), jnp.swapaxes(qh[:c], 0, 1) * on_c[None, :]], axis=1))
     mean = (jnp.sum(sk * live) + jnp.sum(sig[:c] * on_c)) / jnp.maximum(dim, 1.0)
     on = jnp.concatenate([live.reshape(-1), on_c])
-    return _mm(u * (mean * on)[None, :], v.T)
+    # Rank D <= r with every singular value equal: its factors are the D selected columns, moved
+    # to the front (an SVD of it would differentiate wrongly through the repeated values).
+    cols = jnp.argsort(-on, stable=True)[:rank]
+    keep = jnp.take(on, cols)
+    return jnp.take(u, cols, axis=1) * (mean * keep)[None, :], jnp.take(v, cols, axis=1).T * keep[:, None]
 
 
 def _core_layer(leaves: dict, w_n: jax.Array, s_n: jax.Array, m_n: jax.Array, method: str, rank: int,
@@ -161,7 +194,8 @@ def _core_layer(leaves: dict, w_n: jax.Array, s_n: jax.Array, m_n: jax.Array, me
     elif method == "core_tsv":
         merged = _tsv(x_nkr, y_nrc, w_n, m_n, dims)
     else:
-        merged = _iso_cts(x_nkr, y_nrc, w_n, m_n, dims, rank)
+        b_core, a_core = _iso_cts(x_nkr, y_nrc, w_n, m_n, dims, rank)
+        return pad_rank(_mm(a_core, v_a.T), _mm(u_b, b_core), rank)
     p, sig, qh = svd(merged)
     k = min(rank, sig.shape[0])
     scale = jnp.sum(sig) / d_min if method == "iso_c" else sig[:k]

@@ -145,12 +145,12 @@ def test_update_space_operators_hold_factors_only(aset, method):
 @pytest.mark.parametrize("method", merge.CORE_METHODS + ("ties_delta", "knots_ties"))
 def test_weight_gradients_match_finite_differences(aset, method):
     """Tuning differentiates the merge in its weights: d/dw_j of a fixed linear functional of
-    the merged update == central differences (float64 weights' steps of 1e-3 on the float32
+    the merged update (rank 2R) == central differences (float64 weights' steps of 1e-3 on the float32
     merge: the difference quotient carries ~eps / 1e-3 ~ 1e-4 relative rounding and O(h^2)
     truncation, so 1e-2 relative to the gradient's largest entry)."""
     rng = np.random.default_rng(3)
     probe = {m: rng.normal(size=deltas(aset, m).shape[1:]) for m in aset.a}
-    unit = merge.prepare_merge(aset, method, 0.5)
+    unit = merge.prepare_merge(aset, method, 0.5, rank=2 * R)  # core_iso_cts: common and task directions
     mask = np.array(MASKS[2], bool)
 
     def f(w):
@@ -164,3 +164,47 @@ def test_weight_gradients_match_finite_differences(aset, method):
     assert np.all(np.isfinite(grad))
     assert np.abs(grad[mask]).max() > 0 and not grad[~mask].any()
     np.testing.assert_allclose(grad, fd, atol=1e-2 * np.abs(fd).max())
+
+
+@pytest.mark.parametrize("method", merge.METHODS)
+def test_prepared_shapes_are_what_prepare_merge_builds(aset, method):
+    """merge.prepared_shapes (memory reports, compiling without adapters) == the Prepared that
+    prepare_merge builds: the same tree, static fields, shapes and dtypes."""
+    dims = {m: (aset.a[m].shape[-1], aset.b[m].shape[-2]) for m in aset.a}
+    got = merge.prepared_shapes(dims, N, L, R, method, density=0.5)
+    want = merge.prepare_merge(aset, method, 0.5)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
+
+
+def test_merge_cli_writes_a_core_space_merge_that_peft_loads(tmp_path):
+    """launch/merge.py --method=core_iso_cts: the adapter it writes, loaded by PEFT, has the
+    update of merge_mask on the same adapters (float32 write and read: 1e-5 of the largest)."""
+    import os
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from fixtures_adapters import make_peft_adapters, peft_deltas
+    from fixtures_models import make_tiny_model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from d2c_jax.models.config import load_config
+
+    base = make_tiny_model(tmp_path / "base", "llama", seed=0)
+    dirs = make_peft_adapters(base, tmp_path / "adapters", ["x", "y", "z"], alphas=[16, 8, 32], seed=5)
+    out = tmp_path / "merged"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(repo, "launch", "merge.py"), f"--adapters={','.join(dirs)}",
+                           "--method=core_iso_cts", f"--output_dir={out}"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    got = peft_deltas(PeftModel.from_pretrained(model, str(out), adapter_name="m"), "m", 2)
+    aset = lora_lib.load_adapter_set(tmp_path / "adapters", load_config(base))
+    want = lora_lib.lora_delta(merge.merge_mask(merge.prepare_merge(aset, "core_iso_cts"), np.ones(3, bool)))
+    assert set(got) == set(want)
+    for m in want:
+        np.testing.assert_allclose(got[m], want[m], atol=1e-5 * np.abs(want[m]).max())
