@@ -135,12 +135,20 @@ def merge_gathered(prepared: Prepared, members_g: jax.Array, valid_g: jax.Array)
     m_g = (jnp.asarray(valid_g) != 0).astype(jnp.float32)
     unroll = members_g.shape[0] <= UNROLL_MAX
 
-    def single(p: Prepared) -> Lora:
-        return merge_single(dataclasses.replace(p, single=jax.tree.map(take, p.single),
-                                                task=jax.tree.map(take, p.task) if not p.single else p.task,
-                                                weight_a=take(p.weight_a), weight_b=take(p.weight_b)), m_g, unroll)
+    def single(p: Prepared) -> Lora:  # only the one member's slot gathered
+        one = members_g[jnp.argmax(m_g)][None]
+
+        def take1(x):
+            return jnp.take(x, one, axis=0)
+
+        return merge_single(dataclasses.replace(p, single=jax.tree.map(take1, p.single),
+                                                task=jax.tree.map(take1, p.task) if not p.single else p.task,
+                                                weight_a=take1(p.weight_a), weight_b=take1(p.weight_b)),
+                            jnp.ones(1, jnp.float32), True)
 
     def many(p: Prepared) -> Lora:
+        if p.method in DELTA_METHODS:  # layer by layer: each layer's members gathered inside the loop
+            return _OPERATORS[p.method].merge_many(p, m_g, unroll, members=members_g)
         return _merge_many(dataclasses.replace(p, task=jax.tree.map(take, p.task), weight_a=take(p.weight_a),
                                                weight_b=take(p.weight_b)), m_g, unroll)
 

@@ -242,18 +242,25 @@ def per_layer_weights(w: jax.Array, num_layers: int) -> jax.Array:
     return jnp.swapaxes(w, 0, 1)
 
 
-def map_layers(prepared: Prepared, layer_fn: Any) -> dict[str, dict[str, jax.Array]]:
-    """{module: {"a": [L, r, d_in], "b": [L, d_out, r]}} from layer_fn(leaves, w_n) -> (a, b),
-    where leaves are the module's task leaves at one layer ([N, ...] each) and w_n that layer's
-    merge weights. One layer at a time (lax.map, rematerialised under differentiation), so only
-    one layer's temporaries are ever live: a layer's updates of the members, never all layers'."""
+def map_layers(prepared: Prepared, layer_fn: Any, members: jax.Array | None = None) -> dict[str, dict[str, jax.Array]]:
+    """{module: {"a": [L, r, d_in], "b": [L, d_out, r]}} from layer_fn(leaves, w_n, s_n) -> (a, b),
+    where leaves are the module's task leaves at one layer ([N, ...] each), w_n that layer's merge
+    weights and s_n the scalings (weight_b). One layer at a time (lax.map, rematerialised under
+    differentiation), so only one layer's temporaries are ever live: a layer's updates of the
+    members, never all layers'. `members` [G]: only these adapter slots, gathered layer by layer
+    (no [G, L, ...] copy of the members' factors)."""
     num_layers = prepared.num_layers
     w_ln = per_layer_weights(prepared.weight_a, num_layers)
+    s_n = prepared.weight_b
+
+    def pick(x: jax.Array, axis: int = 0) -> jax.Array:
+        return x if members is None else jnp.take(x, members, axis=axis)
+
     out = {}
     for mod, tv in prepared.task.items():
         def body(layer, tv=tv):
-            leaves = {k: jax.lax.dynamic_index_in_dim(v, layer, axis=1, keepdims=False) for k, v in tv.items()}
-            return layer_fn(leaves, jax.lax.dynamic_index_in_dim(w_ln, layer, axis=0, keepdims=False))
+            leaves = {k: pick(jax.lax.dynamic_index_in_dim(v, layer, axis=1, keepdims=False)) for k, v in tv.items()}
+            return layer_fn(leaves, pick(jax.lax.dynamic_index_in_dim(w_ln, layer, axis=0, keepdims=False)), pick(s_n))
 
         a, b = jax.lax.map(jax.checkpoint(body), jnp.arange(num_layers))
         out[mod] = {"a": a, "b": b}

@@ -202,13 +202,14 @@ def _core_layer(leaves: dict, w_n: jax.Array, s_n: jax.Array, m_n: jax.Array, me
     return pad_rank(_mm(qh[:k], v_a.T), _mm(u_b, p[:, :k] * scale), rank)
 
 
-def merge_many(prepared: Prepared, m_n: jax.Array, unroll: bool = False) -> dict[str, dict[str, jax.Array]]:
-    """Two or more members, layer by layer in their core space."""
+def merge_many(prepared: Prepared, m_n: jax.Array, unroll: bool = False,
+               members: jax.Array | None = None) -> dict[str, dict[str, jax.Array]]:
+    """Two or more members, layer by layer in their core space; `members`: the mask m_n is over
+    these gathered slots (merge.merge_gathered)."""
     del unroll
-    s_n = prepared.weight_b
 
-    def layer(leaves, w_n):
+    def layer(leaves, w_n, s_n):
         d_min = min(leaves["a"].shape[2], leaves["b"].shape[1])
         return _core_layer(leaves, w_n, s_n, m_n, prepared.method, prepared.rank, prepared.density, d_min)
 
-    return map_layers(prepared, layer)
+    return map_layers(prepared, layer, members)

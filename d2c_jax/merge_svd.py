@@ -121,10 +121,13 @@ def _knots_layer(leaves: dict, w_n: jax.Array, s_n: jax.Array, m_n: jax.Array, r
     return pad_rank(qh[:k], jnp.matmul(u, p[:, :k] * sig[:k], precision=HIGHEST), rank)
 
 
-def merge_many(prepared: Prepared, m_n: jax.Array, unroll: bool = False) -> dict[str, dict[str, jax.Array]]:
-    """Two or more members, layer by layer (`unroll` is irrelevant: the members are looped)."""
+def merge_many(prepared: Prepared, m_n: jax.Array, unroll: bool = False,
+               members: jax.Array | None = None) -> dict[str, dict[str, jax.Array]]:
+    """Two or more members, layer by layer (`unroll` is irrelevant: the members are looped);
+    `members`: the mask m_n is over these gathered slots (merge.merge_gathered)."""
     del unroll
-    s_n, rank = prepared.weight_b, prepared.rank
+    rank = prepared.rank
     if prepared.method == "ties_delta":
-        return map_layers(prepared, lambda leaves, w_n: _ties_delta_layer(leaves, w_n, s_n, m_n, rank))
-    return map_layers(prepared, lambda leaves, w_n: _knots_layer(leaves, w_n, s_n, m_n, rank, prepared.density))
+        return map_layers(prepared, lambda leaves, w_n, s_n: _ties_delta_layer(leaves, w_n, s_n, m_n, rank), members)
+    return map_layers(prepared, lambda leaves, w_n, s_n: _knots_layer(leaves, w_n, s_n, m_n, rank, prepared.density),
+                      members)
