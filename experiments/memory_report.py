@@ -1,7 +1,7 @@
 """Per-device memory of the scorer's resident inputs, from shapes alone (no weights needed).
 
   python experiments/memory_report.py [--devices=8] [--adapters=40] [--rank=32] [--operators]
-      [--merge_temps=G [--methods=a,b]]
+      [--merge_temps=G] [--tune_temps=K] [--methods=a,b]
 
 A Llama-3.2-3B-shaped model (28 layers, D 3072, F 8192, 24 heads / 8 KV heads, V 128256, tied
 embeddings) in bfloat16 and N rank-r q/k/v/o adapters prepared for TIES (float32: the adapters as
@@ -139,6 +139,27 @@ def merge_temps(n: int, rank: int, slots: int, methods: tuple[str, ...]) -> list
     return rows
 
 
+def tune_temps(n: int, rank: int, clusters: int, methods: tuple[str, ...]) -> list[dict]:
+    """XLA:CPU's memory analysis of the merge part of one weight-tuning step (tune.py: the
+    gradient in the weights [K, N] of K clusters' merges, vmapped merge_mask over all N slots) at
+    Llama-3.2-3B shapes, compiled from shapes only."""
+    cfg = llama_3b_config()
+    dims = {m: module_shapes(cfg)[m] for m in MODULES}
+    rows = []
+    for method in methods:
+        def grad(prep, w_kn, masks_kn):
+            def total(w):
+                out = jax.vmap(lambda wk, mk: merge.merge_mask(merge.with_weights(prep, wk), mk))(w, masks_kn)
+                return sum(jnp.sum(x) for x in jax.tree.leaves(out))
+            return jax.grad(total)(w_kn)
+
+        prep = merge.prepared_shapes(dims, n, cfg.num_layers, rank, method)
+        args = (prep, jax.ShapeDtypeStruct((clusters, n), jnp.float32), jax.ShapeDtypeStruct((clusters, n), jnp.bool_))
+        mem = jax.jit(grad).lower(*args).compile().memory_analysis()
+        rows.append({"method": method, "temp_gib": mem.temp_size_in_bytes / 2**30})
+    return rows
+
+
 def main(argv: list[str]) -> int:
     opts = dict(a.lstrip("-").partition("=")[::2] for a in argv[1:])
     devices, n, rank = int(opts.get("devices", 8)), int(opts.get("adapters", 40)), int(opts.get("rank", 32))
@@ -156,6 +177,14 @@ def main(argv: list[str]) -> int:
         print(f"{'operator':<15}  {'temporaries GiB':>15}  {'output GiB':>10}")
         for r in merge_temps(n, rank, slots, methods):
             print(f"{r['method']:<15}  {r['temp_gib']:>15.3f}  {r['out_gib']:>10.3f}")
+    if "tune_temps" in opts:
+        k = int(opts["tune_temps"] or 5)
+        methods = tuple(opts.get("methods", "").split(",")) if opts.get("methods") else merge.METHODS
+        print(f"\nMerge part of one weight-tuning step ({k} clusters, gradient over all {n} slots), "
+              "XLA:CPU memory analysis")
+        print(f"{'operator':<15}  {'temporaries GiB':>15}")
+        for r in tune_temps(n, rank, k, methods):
+            print(f"{r['method']:<15}  {r['temp_gib']:>15.3f}")
     return 0
 
 
