@@ -41,6 +41,7 @@ import numpy as np
 from d2c_jax import loss as loss_lib
 from d2c_jax import merge as merge_lib
 from d2c_jax.errors import UserError
+from d2c_jax.merge import check_weights, with_weights  # noqa: F401  (how weights enter a merge; re-exported)
 
 GRANULARITIES = ("adapter", "layer", "factors")
 LEARNING_RATES = {"adapter": 0.05, "layer": 0.05, "factors": 1e-3}  # Adam, by granularity (--tune_learning_rate unset)
@@ -136,34 +137,6 @@ class TuneResult:
             "examples_heldout": self.num_heldout,
             "weights": self.weights.tolist(),  # float32 values, exactly (the written merges use them)
         }
-
-
-def _broadcast(v: jax.Array, w: jax.Array) -> jax.Array:
-    """A [N] weight leaf against weights w [N] or [N, L]."""
-    return v.reshape(v.shape + (1,) * (w.ndim - v.ndim))
-
-
-def with_weights(prepared: Any, w: Any) -> Any:
-    """`prepared` (built with unit weights) with merge weights w [N] or [N, L] multiplied in, as the
-    module docstring says; pure and differentiable in w (so it can be vmapped per cluster)."""
-    w = jnp.asarray(w, jnp.float32)
-    if prepared.method in merge_lib.DELTA_METHODS:
-        fa = fb = w
-    else:
-        fa, fb = jnp.sign(w) * jnp.sqrt(jnp.abs(w)), jnp.sqrt(jnp.abs(w))
-    single = {m: {"a": sv["a"], "b": sv["b"] * merge_lib._expand(w, sv["b"])}
-              for m, sv in prepared.single.items()}
-    return dataclasses.replace(prepared, single=single, weight_a=_broadcast(prepared.weight_a, w) * fa,
-                               weight_b=_broadcast(prepared.weight_b, w) * fb)
-
-
-def check_weights(w: Any, num_adapters: int, num_layers: int) -> np.ndarray:
-    """Validated weights [N] or [N, L] (float32)."""
-    arr = np.asarray(w, np.float64)
-    if arr.shape not in ((num_adapters,), (num_adapters, num_layers)) or not np.all(np.isfinite(arr)):
-        raise UserError(None, f"weights must be finite, of shape ({num_adapters},) or ({num_adapters}, "
-                        f"{num_layers}); got shape {arr.shape}")
-    return arr.astype(np.float32)
 
 
 def _split(task_data: Any, holdout: float) -> tuple[Any, Any, int, int]:
@@ -265,7 +238,7 @@ def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part
               settings: TuneSettings, log: Any) -> dict[str, Any]:
     """One partition's tuning loop (the module docstring): TuneResult's per-cluster fields."""
     factors = settings.granularity == "factors"
-    num_layers = next(iter(prepared.single.values()))["a"].shape[1]
+    num_layers = prepared.num_layers
     k, n = fns.k, int(part_n.shape[0])
     shape = (k, n) if settings.granularity != "layer" else (k, n, num_layers)
 

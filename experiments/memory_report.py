@@ -1,6 +1,7 @@
 """Per-device memory of the scorer's resident inputs, from shapes alone (no weights needed).
 
-  python experiments/memory_report.py [--devices=8] [--adapters=40] [--rank=32]
+  python experiments/memory_report.py [--devices=8] [--adapters=40] [--rank=32] [--operators]
+      [--merge_temps=G] [--tune_temps=K] [--methods=a,b]
   python experiments/memory_report.py --write_headers=DIR [--adapters=40] [--rank=32]
 
 --write_headers writes a Llama-3.2-3B-shaped base model (config.json, two safetensors shards and
@@ -152,8 +153,101 @@ def write_header_inputs(root: str, n: int, rank: int, examples: int = 10, seed: 
     return {"base_model": base, "adapters_dir": adapters, "data_dir": data}
 
 
+# ----------------------------------------------------------------------------- per operator
+
+def _previous_layout(cfg: ModelConfig, n: int, rank: int, method: str) -> merge.Prepared:
+    """The update-space operators' Prepared before they moved to factors only: the adapters as
+    they are plus every adapter's dense update [N, L, d_out, d_in] (knots_ties also its basis
+    factors [N, L, d_out, R]). None for operators that did not exist or did not change."""
+    if method not in ("ties_delta", "knots_ties", "knots_linear", "iso_c"):
+        return None
+    dims = {m: module_shapes(cfg)[m] for m in MODULES}
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+    L = cfg.num_layers
+    single = {m: {"a": f32(n, L, rank, di), "b": f32(n, L, do, rank)} for m, (di, do) in dims.items()}
+    task = {m: {"delta": f32(n, L, do, di)} for m, (di, do) in dims.items()}
+    if method == "knots_ties":
+        task = {m: dict(t, y=f32(n, L, dims[m][1], rank)) for m, t in task.items()}
+    return merge.Prepared(single=single, task=task, weight_a=f32(n), weight_b=f32(n), method=method, rank=rank)
+
+
+def operator_report(devices: int, n: int, rank: int) -> list[dict]:
+    """Prepared memory of every --merge operator before / after (GiB in all, and per device with
+    the prepared inputs over `devices` devices on the "model" axis), from shapes alone."""
+    cfg = llama_3b_config()
+    dims = {m: module_shapes(cfg)[m] for m in MODULES}
+    mesh = sharding.make_mesh(num_candidate_shards=1, devices=jax.devices()[:devices])
+
+    def sizes(tree):
+        if tree is None:
+            return None, None
+        total = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(tree))
+        return total / 2**30, sharding.per_device_bytes(tree, sharding.prepared_shardings(tree, mesh)) / 2**30
+
+    rows = []
+    for method in merge.METHODS:
+        after = merge.prepared_shapes(dims, n, cfg.num_layers, rank, method)
+        before = _previous_layout(cfg, n, rank, method)
+        (b_all, b_dev), (a_all, a_dev) = sizes(before), sizes(after)
+        if before is None and method in merge.CORE_METHODS:
+            b_all = b_dev = float("nan")  # new operator
+        elif before is None:
+            b_all, b_dev = a_all, a_dev  # unchanged
+        rows.append({"method": method, "before_gib": b_all, "before_dev_gib": b_dev, "after_gib": a_all,
+                     "after_dev_gib": a_dev})
+    return rows
+
+
+def print_operator_report(devices: int, n: int, rank: int) -> None:
+    print(f"Prepared memory per operator: Llama-3.2-3B shapes, {n} rank-{rank} q/k/v/o adapters (float32), "
+          f"in all and per device over {devices} devices (\"model\" axis)")
+    print(f"{'operator':<15}  {'before GiB':>10}  {'after GiB':>9}  {'before GiB/dev':>14}  {'after GiB/dev':>13}")
+    for r in operator_report(devices, n, rank):
+        def f(x):
+            return "new" if x != x else f"{x:.2f}"
+        print(f"{r['method']:<15}  {f(r['before_gib']):>10}  {f(r['after_gib']):>9}  {f(r['before_dev_gib']):>14}  "
+              f"{f(r['after_dev_gib']):>13}")
+
+
+def merge_temps(n: int, rank: int, slots: int, methods: tuple[str, ...]) -> list[dict]:
+    """XLA:CPU's memory analysis of one merge of `slots` gathered members (merge.merge_gathered,
+    the scorer's merge) at Llama-3.2-3B shapes: its temporaries, compiled from shapes only."""
+    cfg = llama_3b_config()
+    dims = {m: module_shapes(cfg)[m] for m in MODULES}
+    rows = []
+    for method in methods:
+        prep = merge.prepared_shapes(dims, n, cfg.num_layers, rank, method)
+        members = jax.ShapeDtypeStruct((slots,), jnp.int32)
+        valid = jax.ShapeDtypeStruct((slots,), jnp.bool_)
+        mem = jax.jit(merge.merge_gathered).lower(prep, members, valid).compile().memory_analysis()
+        rows.append({"method": method, "temp_gib": mem.temp_size_in_bytes / 2**30,
+                     "out_gib": mem.output_size_in_bytes / 2**30})
+    return rows
+
+
+def tune_temps(n: int, rank: int, clusters: int, methods: tuple[str, ...]) -> list[dict]:
+    """XLA:CPU's memory analysis of the merge part of one weight-tuning step (tune.py: the
+    gradient in the weights [K, N] of K clusters' merges, vmapped merge_mask over all N slots) at
+    Llama-3.2-3B shapes, compiled from shapes only."""
+    cfg = llama_3b_config()
+    dims = {m: module_shapes(cfg)[m] for m in MODULES}
+    rows = []
+    for method in methods:
+        def grad(prep, w_kn, masks_kn):
+            def total(w):
+                out = jax.vmap(lambda wk, mk: merge.merge_mask(merge.with_weights(prep, wk), mk))(w, masks_kn)
+                return sum(jnp.sum(x) for x in jax.tree.leaves(out))
+            return jax.grad(total)(w_kn)
+
+        prep = merge.prepared_shapes(dims, n, cfg.num_layers, rank, method)
+        args = (prep, jax.ShapeDtypeStruct((clusters, n), jnp.float32), jax.ShapeDtypeStruct((clusters, n), jnp.bool_))
+        mem = jax.jit(grad).lower(*args).compile().memory_analysis()
+        rows.append({"method": method, "temp_gib": mem.temp_size_in_bytes / 2**30})
+    return rows
+
+
 def main(argv: list[str]) -> int:
-    opts = dict(a.lstrip("-").split("=", 1) for a in argv[1:])
+    opts = dict(a.lstrip("-").partition("=")[::2] for a in argv[1:])
     devices, n, rank = int(opts.get("devices", 8)), int(opts.get("adapters", 40)), int(opts.get("rank", 32))
     if "write_headers" in opts:
         paths = write_header_inputs(opts["write_headers"], n, rank)
@@ -163,8 +257,27 @@ def main(argv: list[str]) -> int:
     print(f"{'devices':>7}  {'base GiB/dev':>12}  {'prepared GiB/dev':>16}  {'total GiB/dev':>13}")
     for r in report(devices, n, rank):
         print(f"{r['devices']:>7}  {r['params_gib']:>12.2f}  {r['prepared_gib']:>16.2f}  {r['total_gib']:>13.2f}")
+    if "operators" in opts:
+        print()
+        print_operator_report(devices, n, rank)
+    if "merge_temps" in opts:
+        slots = int(opts["merge_temps"] or 8)
+        methods = tuple(opts.get("methods", "").split(",")) if opts.get("methods") else merge.METHODS
+        print(f"\nOne merge of {slots} gathered members (merge_gathered), XLA:CPU memory analysis")
+        print(f"{'operator':<15}  {'temporaries GiB':>15}  {'output GiB':>10}")
+        for r in merge_temps(n, rank, slots, methods):
+            print(f"{r['method']:<15}  {r['temp_gib']:>15.3f}  {r['out_gib']:>10.3f}")
+    if "tune_temps" in opts:
+        k = int(opts["tune_temps"] or 5)
+        methods = tuple(opts.get("methods", "").split(",")) if opts.get("methods") else merge.METHODS
+        print(f"\nMerge part of one weight-tuning step ({k} clusters, gradient over all {n} slots), "
+              "XLA:CPU memory analysis")
+        print(f"{'operator':<15}  {'temporaries GiB':>15}")
+        for r in tune_temps(n, rank, k, methods):
+            print(f"{r['method']:<15}  {r['temp_gib']:>15.3f}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
+

@@ -8,41 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fixtures_merge_refs import D, L, N, R, adapter_set, deltas, ties_np, truncate
+
 from d2c_jax import lora as lora_lib
 from d2c_jax import merge, merge_svd
 
-L, D, F, R = 2, 12, 20, 3
-N = 5
-
-
-def _adapter_set() -> lora_lib.AdapterSet:
-    rng = np.random.default_rng(0)
-    shapes = {"q_proj": (D, D), "down_proj": (F, D)}  # (d_in, d_out): one square, one tall
-    a = {m: rng.normal(size=(N, L, R, di)).astype(np.float32) for m, (di, do) in shapes.items()}
-    b = {m: rng.normal(size=(N, L, do, R)).astype(np.float32) for m, (di, do) in shapes.items()}
-    return lora_lib.AdapterSet(names=tuple(f"t{i}" for i in range(N)), a=a, b=b,
-                               scaling=np.array([2.0, 0.5, 1.0, 1.5, 3.0]), ranks=np.full(N, R),
-                               paths=tuple(f"/x/t{i}" for i in range(N)))
-
-
 MASKS = [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0], [1, 0, 0, 1, 1]]
 WEIGHTS = np.array([1.0, 0.7, 1.3, 0.4, 2.0])
+_deltas, _truncate, _ties_np = deltas, truncate, ties_np
 
 
 @pytest.fixture(scope="module")
 def aset():
-    return _adapter_set()
-
-
-def _deltas(aset, m):
-    """[N, L, d_out, d_in] float64: s_i B_i A_i."""
-    return np.einsum("nlor,nlri->nloi", aset.b[m].astype(np.float64) * aset.scaling[:, None, None, None],
-                     aset.a[m].astype(np.float64))
-
-
-def _truncate(x, r):
-    u, s, vh = np.linalg.svd(x, full_matrices=False)
-    return (u[:, :r] * s[:r]) @ vh[:r]
+    return adapter_set()
 
 
 def ref_iso_c(aset, m, mask, w, r):
@@ -55,26 +33,6 @@ def ref_iso_c(aset, m, mask, w, r):
         u, s, vh = np.linalg.svd(mat, full_matrices=False)
         out.append(s.mean() * u[:, :r] @ vh[:r])
     return np.stack(out)
-
-
-def _ties_np(vectors, density):
-    """TIES on a list of same-shape arrays (rows: tasks): per task keep the top int(density*numel),
-    elect the sign of the sum of the trimmed (>= 0 -> +1), mean of the agreeing over their count.
-    `vectors` are (unweighted, weighted) pairs: election on the first, mean of the second."""
-    trimmed, weighted = [], []
-    for x, wx, numel in vectors:
-        flat = np.abs(x).ravel()
-        k = int(density * numel) if density < 1 else flat.size
-        keep = np.zeros(flat.size, bool)
-        if k > 0:
-            keep[np.argsort(-flat, kind="stable")[:k]] = True
-        keep = keep.reshape(x.shape) & (x != 0)
-        trimmed.append(np.where(keep, x, 0.0))
-        weighted.append(np.where(keep, wx, 0.0))
-    t, wt = np.stack(trimmed), np.stack(weighted)
-    sign = np.where(t.sum(0) >= 0, 1.0, -1.0)
-    agree = (np.sign(t) == sign) & (t != 0)
-    return np.where(agree, wt, 0.0).sum(0) / np.maximum(agree.sum(0), 1)
 
 
 def ref_knots(aset, m, mask, w, r, density, ties=True):

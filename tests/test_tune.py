@@ -76,6 +76,25 @@ def test_reported_losses_are_the_scorer_losses_of_the_weighted_merges(setup, met
     assert res.kept_k.any(), "6 Adam steps at lr 0.2 should beat unit weights on some held-out cluster"
 
 
+@pytest.mark.parametrize("method,granularity", [("core_ties", "adapter"), ("core_iso_cts", "layer"),
+                                                ("core_tsv", "factors")])
+def test_core_space_operators_tune_and_report_the_scorer_losses(setup, method, granularity):
+    """The core-space operators tune at every granularity through the same loop: finite weights,
+    and the reported held-out losses are the Scorer's losses of the merges with those weights
+    (for factors: of the unit-weight merge, the start)."""
+    prepared = merge.prepare_merge(setup["aset"], method, 0.5)
+    res = tune.tune_partition(setup["params"], setup["cfg"], prepared, setup["td"], PARTITION, 2,
+                              dataclasses.replace(SETTINGS, granularity=granularity, steps=3))
+    held = _part(setup["td"], 2, 3)
+    np.testing.assert_allclose(res.unit_heldout_k, _cluster_losses(setup, prepared, None, held), rtol=1e-4)
+    assert np.all(np.isfinite(res.tuned)) and np.all(np.isfinite(res.tuned_heldout_k))
+    if granularity != "factors":
+        np.testing.assert_allclose(res.tuned_heldout_k, _cluster_losses(setup, prepared, res.tuned, held),
+                                   rtol=1e-4)
+    else:
+        assert res.lora is not None and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(res.lora))
+
+
 @pytest.mark.parametrize("steps,patience", [(1, 1), (8, 2)])
 def test_partitions_tuned_together_equal_each_alone(setup, steps, patience):
     """Partitions tuned together run one after another through the same compiled steps, so each

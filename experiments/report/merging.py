@@ -215,8 +215,8 @@ def render_merging(res: Any) -> list[str]:
             ".eval.jsonl examples are never used for it. Tuned factors = the same guard, but what is "
             "trained is each cluster's merged rank-R adapter itself (its A and B, from the unit-weight merge; "
             f"Adam, lr {factor_lr:g}, at most {cfg.factor_steps} steps): a few-shot multi-task fine-tune "
-            "started from the merge, at the merge's storage. Operators: ties / ties_delta (merge.py), "
-            "knots_ties, knots_linear, iso_c (merge_svd.py), density "
+            "started from the merge, at the merge's storage. Operators: ties (merge_factor.py), ties_delta, "
+            "knots_ties (merge_svd.py), knots_linear, iso_c and the core-space core_* (merge_core.py), density "
             f"{cfg.density}, output rank {res.adapters['rank']}.", ""]
     header = ["Partition", "Operator", "Weights", "Avg score ↑", "Eval loss ↓", "Gap closed", "Runs"]
     table = []
