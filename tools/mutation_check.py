@@ -35,8 +35,8 @@ class Mutation:
 
 
 MUTATIONS = (
-    Mutation("ties sign election picks the minority sign", "d2c_jax/merge.py",
-             "majority_pos = _masked_sum(m_n, x_n, unroll) >= 0", "majority_pos = _masked_sum(m_n, x_n, unroll) < 0",
+    Mutation("ties sign election picks the minority sign", "d2c_jax/merge_common.py",
+             "majority_pos = masked_sum(m_n, x_n, unroll) >= 0", "majority_pos = masked_sum(m_n, x_n, unroll) < 0",
              ("tests/test_merge_parity.py -k matches_peft_add_weighted_adapter and ties-ties",)),
     Mutation("loss mask covers the prompt too", "d2c_jax/data.py",
              "weights[ti, ei, max(len(p_ids) - 1, 0) : m] = 1.0", "weights[ti, ei, :m] = 1.0",
@@ -67,13 +67,13 @@ MUTATIONS = (
     Mutation("generations scored against the prompts", "d2c_jax/evaluation.py",
              "zip(self.metrics, preds, self.task_data.responses)", "zip(self.metrics, preds, self.task_data.prompts)",
              ("tests/test_metric_values.py -k report_evaluation",)),
-    Mutation("DARE keeps with probability density**2", "d2c_jax/merge.py",
+    Mutation("DARE keeps with probability density**2", "d2c_jax/merge_factor.py",
              "keep = rng.random(x.shape) < density", "keep = rng.random(x.shape) < density * density",
              ("tests/test_merge_parity.py -k dare_keeps",)),
-    Mutation("DARE does not rescale by 1/density", "d2c_jax/merge.py",
+    Mutation("DARE does not rescale by 1/density", "d2c_jax/merge_factor.py",
              "np.where(keep, x / np.float32(density), np.zeros((), x.dtype))", "np.where(keep, x, np.zeros((), x.dtype))",
              ("tests/test_merge_parity.py -k dare_keeps",)),
-    Mutation("magnitude trim keeps density**2 of the entries", "d2c_jax/merge.py",
+    Mutation("magnitude trim keeps density**2 of the entries", "d2c_jax/merge_factor.py",
              "k = int(density * flat.shape[1])  # PEFT", "k = int(density * density * flat.shape[1])  # PEFT",
              ("tests/test_merge_parity.py -k density_0_3 and magnitude_prune",)),
     # (A constant shift of every position is invisible: rotary attention depends on differences.)
