@@ -87,7 +87,11 @@ def test_sigkill_anywhere_then_restart_ends_with_the_uninterrupted_partition(inp
     assert "Traceback" not in proc.stderr
     doc = read_partition(workdir)
     assert doc["clusters"] == reference["clusters"]
-    assert doc["objective"] == pytest.approx(reference["objective"], rel=1e-5)
+    # the in-process reference runs on the 8 test devices (a mesh: batched, sharded programs), the
+    # launched runs on one: a sum of positive float32 losses, LOSS_RTOL (tolerances.py)
+    from tolerances import LOSS_RTOL
+
+    assert doc["objective"] == pytest.approx(reference["objective"], rel=LOSS_RTOL)
     assert not [n for n in os.listdir(workdir) if ".tmp-" in n or ".old-" in n]
     assert sorted(os.listdir(workdir / "merged")) == ["cluster_0", "cluster_1"]
     steps = [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]

@@ -15,6 +15,7 @@ pytest.importorskip("peft")
 
 from fixtures_adapters import make_peft_adapters, peft_deltas  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402
+from tolerances import MERGE_RTOL  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["qa", "sum", "tone"]
@@ -62,7 +63,7 @@ def test_merge_cli_matches_peft_ties(setup):
     assert set(ours) == set(ref)
     scale = max(np.abs(r).max() for r in ref.values())
     err = max(np.abs(ours[m] - ref[m]).max() for m in ref) / scale
-    assert err <= 1e-5, err
+    assert err <= MERGE_RTOL, err  # ours vs PEFT's float32 TIES merge (tolerances.py)
 
 
 def _assert_clean_failure(res, out, words):

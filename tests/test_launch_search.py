@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from d2c_jax.run_config import RunConfig  # noqa: E402
 from fixtures_search_inputs import NAMES, child_env, make_search_inputs, search_argv  # noqa: E402
 from fixtures_search_inputs import read_metrics, read_partition  # noqa: E402
 from fixtures_search_inputs import SEARCH as BASE_SEARCH  # noqa: E402
+from tolerances import LOSS_RTOL  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "search.py")
@@ -109,12 +111,12 @@ def test_search_end_to_end_writes_every_output(inputs, finished):
     assert doc["strategy"] == "d2c" and doc["num_clusters"] == 2 and doc["merge"] == "ties"
     assert doc["density"] == 0.5 and doc["seed"] == 1 and doc["iterations"] == 6 and doc["evaluations"] > 0
     assert sorted(t for c in doc["clusters"] for t in c) == NAMES and all(doc["clusters"])
-    assert doc["objective"] == pytest.approx(sum(doc["task_losses"].values()), rel=1e-6)
+    assert doc["objective"] == math.fsum(doc["task_losses"].values())  # the exactly rounded sum, as written
     assert "objective" in proc.stdout and "cluster" in proc.stdout  # the final table
 
     rows = read_metrics(workdir)
     assert [r["iteration"] for r in rows] == list(range(7))
-    assert rows[-1]["best_objective"] == pytest.approx(doc["objective"])
+    assert rows[-1]["best_objective"] == doc["objective"]  # the same fsum of the same cached losses
     for key in ("accepted", "mean_objective", "cache_hits", "evals_per_s", "evaluations"):
         assert key in rows[-1]
     for png in ("objective.png", "assignment.png"):
@@ -127,7 +129,7 @@ def test_search_end_to_end_writes_every_output(inputs, finished):
     for k, tasks in enumerate(doc["clusters"]):
         ref = _hf_task_losses(inputs["base_model"], str(workdir / "merged" / f"cluster_{k}"), inputs["data_dir"], tasks)
         for t in tasks:
-            assert doc["task_losses"][t] == pytest.approx(ref[t], rel=1e-5), (k, t)
+            assert doc["task_losses"][t] == pytest.approx(ref[t], rel=LOSS_RTOL), (k, t)  # ours vs transformers + PEFT
 
 
 def test_the_final_table_shows_the_random_start_and_the_all_in_one_merge(inputs, finished):
@@ -143,8 +145,9 @@ def test_the_final_table_shows_the_random_start_and_the_all_in_one_merge(inputs,
     ref_start = _peft_ties_objective(inputs["base_model"], inputs["adapters_dir"], inputs["data_dir"],
                                      start_clusters)
     ref_all = _peft_ties_objective(inputs["base_model"], inputs["adapters_dir"], inputs["data_dir"], [NAMES])
-    assert doc["random_start_objective"] == pytest.approx(ref_start, rel=1e-5)
-    assert doc["all_in_one_objective"] == pytest.approx(ref_all, rel=1e-5)
+    # sums of positive losses, ours vs transformers + PEFT: LOSS_RTOL (tolerances.py)
+    assert doc["random_start_objective"] == pytest.approx(ref_start, rel=LOSS_RTOL)
+    assert doc["all_in_one_objective"] == pytest.approx(ref_all, rel=LOSS_RTOL)
     # The start's losses are in the search's cache; the all-in-one merge costs one evaluation per task.
     assert doc["reference_evaluations"] == len(NAMES)
     last = [line for line in proc.stdout.splitlines() if line.startswith("found ")][-1]
@@ -198,7 +201,8 @@ def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inp
     assert [r["iteration"] for r in rows] == list(range(7))
     assert rows[-1]["cache_size"] <= 4
     assert doc["clusters"] == reference["clusters"]
-    assert doc["objective"] == pytest.approx(reference["objective"], rel=1e-5)
+    # an 8-device mesh (batched, sharded reductions) here vs one device there: LOSS_RTOL of a sum of losses
+    assert doc["objective"] == pytest.approx(reference["objective"], rel=LOSS_RTOL)
 
     # --overwrite replaces the finished run; a changed setting is a fresh run, not a resume.
     # (--noall_in_one_reference: the all-in-one merge is not scored.)
@@ -209,7 +213,8 @@ def test_preempted_run_resumes_to_the_same_partition_whatever_the_batch_size(inp
     doc2 = read_partition(tmp_path / "wd")
     assert doc2["strategy"] == "kmeans" and doc2["iterations"] == 0
     assert doc2["all_in_one_objective"] is None and "all-in-one" not in capsys.readouterr().out
-    assert doc2["random_start_objective"] == pytest.approx(reference["random_start_objective"], rel=1e-5)
+    # as above: the mesh's batched programs vs the reference's one device
+    assert doc2["random_start_objective"] == pytest.approx(reference["random_start_objective"], rel=LOSS_RTOL)
     assert sorted(os.listdir(tmp_path / "wd" / "merged")) == ["cluster_0", "cluster_1"]
 
 
@@ -301,5 +306,5 @@ def test_a_second_run_compiles_nothing_and_reports_evaluations_per_iteration(inp
     assert runs[1]["compile"]["compilations"] == 0 and runs[1]["compile"]["cache_hits"] > 0
     assert runs[0]["clusters"] == runs[1]["clusters"]
     doc = runs[1]
-    assert doc["evaluations_per_iteration"] == pytest.approx(doc["evaluations"] / SEARCH["iterations"], abs=1e-3)
+    assert doc["evaluations_per_iteration"] == round(doc["evaluations"] / SEARCH["iterations"], 3)  # as written
     assert "per iteration" in proc.stdout

@@ -62,6 +62,11 @@ def _ours(aset, method, mask, density=0.5, weights=None, rank=None):
 
 
 def _close(got, want, tol=2e-4):
+    """float32 SVDs (ours) vs float64 numpy of the definition, of the largest |entry|: a float32
+    SVD is backward stable, ||E|| ~ sqrt(n) U sigma_1 = 5e-7 sigma_1 (n = N d_in <= 80 columns);
+    a rank-r truncation moves by ||E|| over the relative gap (sigma_r - sigma_r+1) / sigma_1
+    (Wedin), >= 0.018 at r = 1..4 for these deltas: 3e-5 each; the merge chains up to three
+    (stacked deltas, the merged C, the output rank): 1e-4 -> 2e-4."""
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
@@ -97,6 +102,8 @@ def test_output_rank_is_the_truncated_svd_of_the_full_rank_merge(aset, method):
     for r in (1, 2):
         got = _ours(aset, method, MASKS[1], rank=r)
         for m in aset.a:
+            # dropped directions come back only as float32 rounding, ~sqrt(n) U sigma_1 = 5e-7 of the
+            # largest entry; the kept ones are >= 0.018 sigma_1 (the gap in _close): 1e-4 lies between
             assert np.linalg.matrix_rank(got[m][0], tol=1e-4 * np.abs(got[m][0]).max()) <= r
             _close(got[m], np.stack([_truncate(x.astype(np.float64), r) for x in full[m]]))
     if method in merge.DELTA_METHODS:
@@ -105,6 +112,7 @@ def test_output_rank_is_the_truncated_svd_of_the_full_rank_merge(aset, method):
     out = jax.jit(merge.merge_mask)(wide, np.array(MASKS[1], bool))
     assert out["q_proj"]["a"].shape == (L, R + 2, D)
     for m in aset.a:
+        # zero-padded factors: no SVD, only the float32 B @ A of width R: MERGE_RTOL (tolerances.py)
         _close(lora_lib.lora_delta(out)[m], full[m], 1e-5)
 
 
@@ -133,4 +141,7 @@ def test_svd_jvp_matches_finite_differences_with_repeated_zero_singular_values()
 
     eps = 1e-5
     fd = (f64(eps) - f64(-eps)) / (2 * eps)
+    # float64 central difference: truncation eps^2 |f'''| ~ 1e-10, rounding 1e-16 / eps = 1e-11; the float32
+    # gradient through an SVD of a rank-2 matrix: U sigma_1 / sigma_2 per singular pair times the 64
+    # weights and the jvp's 1/(sigma_i^2 - sigma_j^2) terms, ~1e-4 relative: 2e-3
     np.testing.assert_allclose(float(g), fd, rtol=2e-3)

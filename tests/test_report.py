@@ -121,7 +121,7 @@ def test_cluster_counts_and_ari_sections(tiny_report):
         assert f"| D²C paper (P=1, M=1, local) | {want:.3f} |" in ari_md
     # The oracle "by family" partition is the family labelling itself.
     by_family = res.select("by_family")
-    assert len(by_family) == 1 and report.ari(family, by_family[0].partition) == pytest.approx(1.0)
+    assert len(by_family) == 1 and report.ari(family, by_family[0].partition) == 1.0  # identical labels: exactly 1
     inv = _section(md, "## Investigation")
     assert "| Group by family (oracle) | 2 |" in inv and "| Group by language (oracle) | 3 |" in inv
     assert "| D²C paper setting, T = 6 | 2 |" in inv and "A longer search" in inv
@@ -173,7 +173,8 @@ def test_merging_section_has_operators_tuned_weights_budget_and_targets(tiny_rep
     # tuned rows: scored on the held-out split with the kept weights; the unit rows are the plain merges
     tuned = [r for r in res.runs if r.variant in ("tuned", "factors")]
     assert {"tuned", "factors"} <= {r.variant for r in tuned}
-    assert all(r.extra["heldout_kept"] <= r.extra["heldout_unit"] + 1e-9 for r in tuned)
+    # kept_k only where tuned < unit: each term <=, and a float sum is monotone in its terms
+    assert all(r.extra["heldout_kept"] <= r.extra["heldout_unit"] for r in tuned)
     budget = [r for r in res.runs if r.key == "budget" and r.variant == "budget"]
     assert budget and {(w["num_clusters"], w["rank"]) for w in budget[0].extra["ways"]} == {(2, 4), (4, 2)}
     chosen = min(budget[0].extra["ways"], key=lambda w: w["search_loss"])
