@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from d2c_jax import merge
 from d2c_jax.lora import AdapterSet, lora_delta
+from tolerances import SVD_RTOL
 
 L, R, D_IN, D_OUT = 2, 3, 5, 4
 ORDER_METHODS = ("ties", "linear", "magnitude_prune", "ties_delta")  # dare_ties draws its drops in adapter order
