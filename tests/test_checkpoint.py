@@ -357,7 +357,7 @@ def test_every_input_file_a_run_reads_is_in_the_fingerprint(tmp_path, monkeypatc
     def fingerprint():
         inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, examples_per_task=2, max_seq_len=64,
                              dtype="float32")
-        return pipeline._fingerprint(cfg, inputs.task_data), inputs
+        return pipeline._fingerprint(cfg, inputs), inputs
 
     sys.addaudithook(_record_opens)
     _OPENED = []
@@ -381,7 +381,7 @@ def test_every_input_file_a_run_reads_is_in_the_fingerprint(tmp_path, monkeypatc
         with open(path, "wb") as f:
             f.write(old[:len(old) // 2] + bytes([old[len(old) // 2] ^ 1]) + old[len(old) // 2 + 1:])
         try:  # hashed as they are (a changed file may not load any more)
-            why = mismatch(ref, pipeline._fingerprint(cfg, inputs.task_data))
+            why = mismatch(ref, pipeline._fingerprint(cfg, inputs))
             assert why is not None and os.path.basename(path) in why, (path, why)
         finally:
             with open(path, "wb") as f:

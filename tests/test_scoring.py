@@ -122,9 +122,11 @@ def test_losses_do_not_depend_on_batch_size(scorers):
         np.testing.assert_allclose(r, results[0], rtol=LOSS_RTOL)  # other batch shapes: other programs
 
 
-def test_each_bucket_compiles_once_and_calls_compute_only_real_requests(scorers):
+def test_each_bucket_compiles_once_and_calls_compute_only_real_requests(setup):
+    """On a scorer of its own: trace counts start at zero whatever the other tests (in any order)
+    traced on the shared ones."""
     masks, tasks = requests()
-    scorer = scorers(8)
+    scorer = Scorer(setup["params"], setup["cfg"], setup["prepared"], setup["task_data"], batch_size=8, batched=True)
     assert scorer.request_buckets == (1, 2, 4, 8)
     more_m = np.concatenate([masks, ~masks[:3]])
     more_t = np.concatenate([tasks, tasks[:3]])
