@@ -95,6 +95,8 @@ class EvalConfig:
                                       "run's, else 1024).")
     chat_template: bool | None = setting(None, "Wrap prompts in the tokenizer's chat template (default: as the "
                                          "run did, else no).")
+    chat_template_date: str | None = setting(None, "The date a chat template writes (YYYY-MM-DD; default: the "
+                                             "run's pinned date, so the prompts are the search's; else today).")
     examples_per_task: int | None = setting(None, "First n examples of each task file (0 or unset: all).")
     merge: str = setting("ties", "Merge method when partition.json does not store one.")
     density: float = setting(0.5, "TIES density when partition.json does not store one.")
@@ -201,6 +203,7 @@ def resolve(cfg: EvalConfig) -> tuple[EvalConfig, list[str]]:
         if given and recorded and os.path.abspath(given) != os.path.abspath(recorded):
             notes.append(f"note: --{name}={given} overrides the run's {recorded}")
         fill[name] = given or (None if name == "adapters_dir" and cfg.adapters else recorded)
+    fill["chat_template_date"] = cfg.chat_template_date or run.get("chat_template_date")  # the search's prompts
     if not cfg.adapters and not cfg.adapters_dir and run.get("adapters"):  # the run named them by Hub id
         fill["adapters"] = tuple(run["adapters"])
     for name, default in RUN_DEFAULTS.items():
@@ -509,7 +512,7 @@ def evaluate(cfg: EvalConfig, *, log: Any = None) -> dict[str, Any]:
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="eval", adapters=cfg.adapters,
                          pinned=hub.recorded_commits(cfg.partition) if cfg.partition else None,
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
-                         chat_template=cfg.chat_template, dtype=cfg.dtype)
+                         chat_template=cfg.chat_template, dtype=cfg.dtype, template_date=cfg.chat_template_date)
     names, task_data = inputs.names, inputs.task_data
     fallback = [n for n, f in zip(names, task_data.files) if not f.endswith(".eval.jsonl")]
     if fallback and cfg.run_dir:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -109,6 +110,19 @@ def test_partition_alone_is_the_same_run(run):
     assert by_workdir.base_model == run["inputs"]["base_model"] and by_workdir.dtype == "float32"
     assert by_workdir.compare == ("zero_shot", "single_task", "all_in_one", "random_start")
     assert by_workdir.output == str(run["workdir"] / "evaluation.json")
+
+
+def test_the_run_pinned_chat_template_date_is_the_evaluations(run, tmp_path):
+    """A template that writes the date sees the search's pinned day, whatever day the evaluation
+    runs (a flag still overrides it)."""
+    from d2c_jax.evaluation import EvalConfig, resolve
+
+    wd = tmp_path / "wd"
+    shutil.copytree(run["workdir"], wd, ignore=shutil.ignore_patterns("checkpoints", "evaluation*"))
+    doc = json.loads((wd / "partition.json").read_text())
+    (wd / "partition.json").write_text(json.dumps({**doc, "chat_template_date": "2026-01-31"}))
+    assert resolve(EvalConfig(workdir=str(wd)))[0].chat_template_date == "2026-01-31"
+    assert resolve(EvalConfig(workdir=str(wd), chat_template_date="2026-02-01"))[0].chat_template_date == "2026-02-01"
 
 
 def test_unfinished_run_is_one_error_line(tmp_path):
