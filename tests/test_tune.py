@@ -46,12 +46,12 @@ def _part(td, lo, hi):
                                num_examples=np.full(td.num_tasks, hi - lo, np.int32))
 
 
-def _cluster_losses(setup, prepared, weights_k, td):
+def _cluster_losses(setup, prepared, weights_k, td, partition=PARTITION, k=2):
     """Reference: each task's Scorer loss under its cluster's merge, summed per cluster."""
     scorer = Scorer(setup["params"], setup["cfg"], prepared, td, batch_size=2)
-    loras = tune.merged_clusters(prepared, PARTITION, 2, weights_k)
-    out = np.zeros(2)
-    for t, c in enumerate(PARTITION):
+    loras = tune.merged_clusters(prepared, partition, k, weights_k)
+    out = np.zeros(k)
+    for t, c in enumerate(partition):
         out[c] += scorer.loss_of_lora(jax.tree.map(lambda x: x[c], loras), t)
     return out
 
@@ -316,12 +316,7 @@ def _rows(td, rows_t):
 def _losses_by_cluster(setup, prepared, weights, td):
     """Reference: each task's Scorer loss under its EDGE_PARTITION cluster's (weighted) merge,
     summed per cluster."""
-    scorer = Scorer(setup["params"], setup["cfg"], prepared, td, batch_size=2)
-    loras = tune.merged_clusters(prepared, EDGE_PARTITION, 3, weights)
-    out = np.zeros(3)
-    for t, c in enumerate(EDGE_PARTITION):
-        out[c] += scorer.loss_of_lora(jax.tree.map(lambda x: x[c], loras), t)
-    return out
+    return _cluster_losses(setup, prepared, weights, td, EDGE_PARTITION, 3)
 
 
 def test_tasks_with_unequal_numbers_of_examples_fit_and_hold_out_only_real_examples(setup, edge):
