@@ -8,10 +8,8 @@ tokens, Q loss positions, n examples per task, V vocab.
 What is read: config.json, the safetensors headers of the base model and of every adapter (never
 the tensor data: they may be absent), the adapter configs, the tokenizer and the examples. The
 base weights and the prepared merge inputs enter as shapes only (`jax.ShapeDtypeStruct`s with the
-shardings a run places them in); the prepared inputs' shapes come from `merge.prepare_merge` run
-on random adapters of the real N and dims at 1 and 2 layers (and 2 and 3 adapters), every axis
-extrapolated linearly to the real L and N, so any operator's layout is followed without holding
-its [N, L, ...] arrays. A `scoring.Scorer` built from those shapes takes every decision of a real
+shardings a run places them in); the prepared inputs' shapes come from `merge.prepared_shapes`
+(every operator's layout, without holding its [N, L, ...] arrays). A `scoring.Scorer` built from those shapes takes every decision of a real
 run (sequence buckets, `--batch_size=auto` at the topology's memory, chunks) and lists its
 executables; each is lowered and compiled, and XLA's memory analysis gives the per-device bytes.
 --workdir is never read, created or touched.
@@ -177,34 +175,13 @@ def adapter_layout(adapters_dir: str, cfg: Any) -> tuple[tuple[str, ...], tuple[
 def prepared_shapes(cfg: Any, n: int, modules: Sequence[str], rank: int, method: str, density: float,
                     seed: int, output_rank: int | None) -> Any:
     """The merge.Prepared of N rank-R adapters on `modules` as ShapeDtypeStructs, without its
-    arrays: prepare_merge runs on random adapters of the real dims at (N', L') = (2, 1), (3, 1)
-    and (2, 2), and every axis is extrapolated linearly in N and in L (an axis of size a N + b L
-    + c, as an adapter, layer or stacked-factor axis is)."""
-    import jax
-
-    from d2c_jax import lora, merge
+    arrays (`merge.prepared_shapes`; `seed` draws DARE's drops, which change values, not shapes)."""
+    from d2c_jax import merge
     from d2c_jax.models.config import module_shapes
 
     dims = module_shapes(cfg)
-
-    def shapes_at(n_: int, l_: int) -> Any:
-        rng = np.random.default_rng(0)
-        a = {m: rng.normal(0, 0.02, (n_, l_, rank, dims[m][0])).astype(np.float32) for m in modules}
-        b = {m: rng.normal(0, 0.02, (n_, l_, dims[m][1], rank)).astype(np.float32) for m in modules}
-        adapters = lora.AdapterSet(names=tuple(f"a{i}" for i in range(n_)), a=a, b=b, scaling=np.ones(n_),
-                                   ranks=np.full(n_, rank), paths=("",) * n_)
-        with jax.default_device(jax.devices("cpu")[0]):
-            prepared = merge.prepare_merge(adapters, method, density, seed=seed, rank=output_rank)
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), prepared)
-
-    base, more_n, more_l = shapes_at(2, 1), shapes_at(3, 1), shapes_at(2, 2)
-
-    def extrapolate(x, xn, xl):
-        shape = tuple(s + (sn - s) * (n - 2) + (sl - s) * (cfg.num_layers - 1)
-                      for s, sn, sl in zip(x.shape, xn.shape, xl.shape))
-        return jax.ShapeDtypeStruct(shape, x.dtype)
-
-    return jax.tree.map(extrapolate, base, more_n, more_l)
+    return merge.prepared_shapes({m: dims[m] for m in modules}, n, cfg.num_layers, rank, method,
+                                 out_rank=output_rank, density=density)
 
 
 # ----------------------------------------------------------------------------- FLOPs and rows

@@ -129,9 +129,9 @@ def test_unknown_topology_and_missing_libtpu_are_one_line_errors(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["ties", "ties_delta", "knots_ties"])
-def test_prepared_shapes_extrapolate_to_what_prepare_merge_builds(header_only, method):
-    """The dry run's shapes of a Prepared (from 1- and 2-layer, 2- and 3-adapter stand-ins) are
-    those prepare_merge gives the real adapters."""
+def test_prepared_shapes_are_what_prepare_merge_builds(header_only, method):
+    """The dry run's shapes of a Prepared (merge.prepared_shapes, from the headers) are those
+    prepare_merge gives the real adapters."""
     cfg = load_config(header_only["base_model"])
     names, modules, rank = dry_run.adapter_layout(header_only["adapters_dir"], cfg)
     rng = np.random.default_rng(0)
