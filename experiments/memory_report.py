@@ -57,11 +57,7 @@ def param_shapes(cfg: ModelConfig, dtype=jnp.bfloat16):
 
 def prepared_shapes(cfg: ModelConfig, n: int, rank: int) -> merge.Prepared:
     """The shapes of merge.prepare_merge(..., "ties") for n adapters of `rank` on MODULES."""
-    dims = module_shapes(cfg)
-    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-    factors = {m: {"a": f32(n, cfg.num_layers, rank, dims[m][0]), "b": f32(n, cfg.num_layers, dims[m][1], rank)}
-               for m in MODULES}
-    return merge.Prepared(single=factors, task=factors, weight_a=f32(n), weight_b=f32(n), method="ties", rank=rank)
+    return merge.prepared_shapes({m: module_shapes(cfg)[m] for m in MODULES}, n, cfg.num_layers, rank, "ties")
 
 
 def report(devices: int, n: int, rank: int) -> list[dict]:
