@@ -361,10 +361,10 @@ def dry_run(cfg: Any, topology: str, out: Any = None) -> int:
     exes = scorer.executables(scorer.member_buckets(largest))
     if scorer.batched:  # unbatched, the pipeline writes merged/ with the scorer's merges (above)
         exes.append(final_merge_executable(prepared, len(names), settings.num_clusters, devices[0]))
+    if cfg.tune_weights or cfg.tune_during_search:
+        exes.append(tune_step_executable(scorer, prepared, task_data, cfg.tune, settings.num_clusters, mesh))
     rows = compile_rows(scorer, exes, modules, rank, peak, bandwidth, len(devices), log)
     print(table(rows, scorer.batch_size), file=out)
-    if cfg.tune_weights or cfg.tune_during_search:
-        print("not compiled: the --tune_weights step (tune.py); only the rows above were checked", file=out)
     verdict, status = verdict_line(topology, rows, device_bytes, run_evaluations(cfg, len(names)), scorer.batched)
     print(verdict, file=out, flush=True)
     return status
@@ -382,6 +382,37 @@ def final_merge_executable(prepared: Any, n: int, k: int, device: Any) -> Any:
     args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), prepared),
             jax.ShapeDtypeStruct((k, n), np.bool_, sharding=one))
     return Executable(f"final merge k{k}", jax.jit(merge.merge_masks), args, {}, 0, 0)
+
+
+def tune_step_executable(scorer: Any, prepared: Any, task_data: Any, settings: Any, k: int, mesh: Any) -> Any:
+    """One optimiser step of --tune_weights (tune.py's train_step) as the pipeline calls it: the
+    base weights placed as the scorer places them, the prepared inputs (built in host memory) and
+    the examples replicated on every device, at the pipeline's example chunk."""
+    import jax
+    import jax.numpy as jnp
+
+    from d2c_jax import sharding as sharding_lib
+    from d2c_jax import tune
+    from d2c_jax.scoring import Executable
+
+    rep = None if mesh is None else sharding_lib.replicated(mesh)
+
+    def placed(tree: Any) -> Any:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+
+    n = len(task_data.names)
+    fit, held, _, _ = tune._split(task_data, settings.holdout)
+    fns = tune._steps(scorer.cfg, settings, k, scorer.example_chunk(n, task_data.tokens_tns.shape[-1]))
+    part_n = jax.ShapeDtypeStruct((n,), jnp.int32)
+    if settings.granularity == "factors":
+        theta = jax.eval_shape(fns.merged, prepared, jax.ShapeDtypeStruct((k, n), jnp.float32), part_n)
+    else:
+        layers = (prepared.num_layers,) if settings.granularity == "layer" else ()
+        theta = jax.ShapeDtypeStruct((k, n) + layers, jnp.float32)
+    opt_state = jax.eval_shape(fns.init, theta)
+    args = (scorer.placed_params, placed(prepared), placed(fit), placed(held), placed(part_n), placed(theta),
+            placed(opt_state))
+    return Executable(f"tune step k{k} ({settings.granularity})", fns.train_step, args, {}, 0, 0)
 
 
 def table(rows: Sequence[Row], batch_size: int) -> str:

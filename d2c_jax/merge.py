@@ -147,7 +147,7 @@ def merge_gathered(prepared: Prepared, members_g: jax.Array, valid_g: jax.Array)
                             jnp.ones(1, jnp.float32), True)
 
     def many(p: Prepared) -> Lora:
-        if p.method in DELTA_METHODS:  # layer by layer: each layer's members gathered inside the loop
+        if p.method in DELTA_METHODS or not unroll:  # layer by layer: members gathered inside the loop
             return _OPERATORS[p.method].merge_many(p, m_g, unroll, members=members_g)
         return _merge_many(dataclasses.replace(p, task=jax.tree.map(take, p.task), weight_a=take(p.weight_a),
                                                weight_b=take(p.weight_b)), m_g, unroll)

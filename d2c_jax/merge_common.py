@@ -244,14 +244,15 @@ def per_layer_weights(w: jax.Array, num_layers: int) -> jax.Array:
 
 def map_layers(prepared: Prepared, layer_fn: Any, members: jax.Array | None = None) -> dict[str, dict[str, jax.Array]]:
     """{module: {"a": [L, r, d_in], "b": [L, d_out, r]}} from layer_fn(leaves, w_n, s_n) -> (a, b),
-    where leaves are the module's task leaves at one layer ([N, ...] each), w_n that layer's merge
-    weights and s_n the scalings (weight_b). One layer at a time (lax.map, rematerialised under
+    where leaves are the module's task leaves at one layer ([N, ...] each), w_n and s_n that
+    layer's weight_a and weight_b (the merge weights and the scalings, or the factor-wise A and B
+    multipliers). One layer at a time (lax.map, rematerialised under
     differentiation), so only one layer's temporaries are ever live: a layer's updates of the
     members, never all layers'. `members` [G]: only these adapter slots, gathered layer by layer
     (no [G, L, ...] copy of the members' factors)."""
     num_layers = prepared.num_layers
     w_ln = per_layer_weights(prepared.weight_a, num_layers)
-    s_n = prepared.weight_b
+    s_ln = per_layer_weights(prepared.weight_b, num_layers)  # [N, L] for tuned factor-wise weights
 
     def pick(x: jax.Array, axis: int = 0) -> jax.Array:
         return x if members is None else jnp.take(x, members, axis=axis)
@@ -260,7 +261,8 @@ def map_layers(prepared: Prepared, layer_fn: Any, members: jax.Array | None = No
     for mod, tv in prepared.task.items():
         def body(layer, tv=tv):
             leaves = {k: pick(jax.lax.dynamic_index_in_dim(v, layer, axis=1, keepdims=False)) for k, v in tv.items()}
-            return layer_fn(leaves, pick(jax.lax.dynamic_index_in_dim(w_ln, layer, axis=0, keepdims=False)), pick(s_n))
+            return layer_fn(leaves, *(pick(jax.lax.dynamic_index_in_dim(v_ln, layer, axis=0, keepdims=False))
+                                      for v_ln in (w_ln, s_ln)))
 
         a, b = jax.lax.map(jax.checkpoint(body), jnp.arange(num_layers))
         out[mod] = {"a": a, "b": b}

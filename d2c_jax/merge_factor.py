@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax.lora import AdapterSet
-from d2c_jax.merge_common import Prepared, fit_rank, ties, trim_topk, weighted_sum
+from d2c_jax.merge_common import Prepared, fit_rank, map_layers, ties, trim_topk, weighted_sum
 
 METHODS = ("ties", "linear", "magnitude_prune", "dare_ties")
 _SIGN_ELECTED = ("ties", "dare_ties")
@@ -85,12 +85,27 @@ def prepare(adapter_set: AdapterSet, method: str, density: float, seed: int, w: 
                     method=method, rank=rank, density=float(density))
 
 
-def merge_many(prepared: Prepared, m_n: jax.Array, unroll: bool = False) -> dict[str, dict[str, jax.Array]]:
-    """Two or more members: sign election and disjoint mean, or the weighted sum, per factor."""
+def merge_many(prepared: Prepared, m_n: jax.Array, unroll: bool = False,
+               members: jax.Array | None = None) -> dict[str, dict[str, jax.Array]]:
+    """Two or more members: sign election and disjoint mean, or the weighted sum, per factor.
+
+    unroll (a few gathered members): every layer at once, fused member by member. Otherwise one
+    layer at a time (merge_common.map_layers): the weighted factors and the sign masks are
+    [N, ...] temporaries of one layer, not of all L (for 40 Llama-3.2-3B adapters 13.8 GiB for
+    one merge, and K times that under tuning's vmap over clusters). `members` [G]: m_n is over
+    these slots, gathered layer by layer (merge.merge_gathered)."""
     combine = ties if prepared.method in _SIGN_ELECTED else weighted_sum
     out = {}
-    for mod, tv in prepared.task.items():
-        a = combine(tv["a"], prepared.weight_a, m_n, unroll)
-        b = combine(tv["b"], prepared.weight_b, m_n, unroll)
-        out[mod] = dict(zip("ab", fit_rank(a, b, prepared.rank)))
+    if unroll:
+        for mod, tv in prepared.task.items():
+            a = combine(tv["a"], prepared.weight_a, m_n, unroll)
+            b = combine(tv["b"], prepared.weight_b, m_n, unroll)
+            out[mod] = dict(zip("ab", fit_rank(a, b, prepared.rank)))
+        return out
+
+    def layer(leaves: dict[str, jax.Array], wa_n: jax.Array, wb_n: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return combine(leaves["a"], wa_n, m_n), combine(leaves["b"], wb_n, m_n)
+
+    for mod, ab in map_layers(prepared, layer, members).items():
+        out[mod] = dict(zip("ab", fit_rank(ab["a"], ab["b"], prepared.rank)))
     return out

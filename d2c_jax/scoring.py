@@ -445,6 +445,12 @@ class Scorer:
         return loss_lib.packed_task_loss(params, self.cfg, lora, pb, loss_chunk=loss_chunk)
 
     @property
+    def placed_params(self) -> Params:
+        """The base weights as this scorer holds them (ShapeDtypeStructs with their shardings
+        when built from shapes)."""
+        return self._params
+
+    @property
     def loss_chunk(self) -> int:
         """Loss positions per LM-head pass of the packed path: float32 logits within the budget."""
         return max(1, self._logits_budget // (self.cfg.vocab_size * 4))

@@ -117,6 +117,18 @@ def test_a_run_that_does_not_fit_names_the_executable_and_exits_1(header_only, t
     assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.parametrize("granularity", ["adapter", "factors"])
+def test_a_tuning_run_compiles_its_tuning_step(header_only, tmp_path, capsys, granularity):
+    status = dry_run.dry_run(_config(header_only, tmp_path / "wd", tune_weights=True, tune_granularity=granularity),
+                             "cpu")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert status == 0 and VERDICT.match(lines[-1]), lines[-1]
+    rows = [line for line in lines if line.startswith(f"tune step k2 ({granularity})")]
+    assert len(rows) == 1 and float(rows[0].split(")")[1].split()[3]) > 0, lines  # its total bytes
+    assert not any("not compiled" in line for line in lines)
+    assert not (tmp_path / "wd").exists()
+
+
 def test_unknown_topology_and_missing_libtpu_are_one_line_errors(monkeypatch):
     with pytest.raises(UserError, match="unknown topology; use one of v4-8, v5e-1"):
         dry_run.topology_devices("v9-8")
