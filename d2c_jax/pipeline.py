@@ -78,7 +78,7 @@ OUTPUTS = (PARTITION, METRICS, OBJECTIVE_PNG, ASSIGNMENT_PNG, MERGED)
 
 # Settings that change the outputs but not the search (so not in a checkpoint's fingerprint): a
 # finished run given other values is refused, never reported as "already finished".
-OUTPUT_SETTINGS = ("tune_weights", "tune_granularity", "tune_steps", "tune_holdout", "tune_learning_rate",
+OUTPUT_SETTINGS = ("tune_weights", "tune_granularity", "tune_start", "tune_steps", "tune_holdout", "tune_learning_rate",
                    "tune_during_search", "all_in_one_reference", "track_every", "chat_template_date")
 
 # ----------------------------------------------------------------------------- workdir

@@ -135,9 +135,12 @@ class RunConfig:
                                 "and 2R for delta-space merges).")
     tune_weights: bool = setting(False, "After the search, tune each cluster's merge weights on its tasks' search "
                                  "examples (part held out; kept only where they beat unit weights).")
-    tune_granularity: str = setting("adapter", "One weight per adapter, per adapter and layer, or the merged "
-                                    "adapter's factors themselves (a few-shot fine-tune from the merge).",
-                                    choices=("adapter", "layer", "factors"))
+    tune_granularity: str = setting("adapter", "One weight per adapter, per adapter and layer, per cluster "
+                                    "(scale), or the merged adapter's factors themselves (a few-shot fine-tune "
+                                    "from the merge).", choices=("adapter", "layer", "scale", "factors"))
+    tune_start: str = setting("merge", "With --tune_granularity=factors: start from the unit-weight merge, or "
+                              "from a fresh LoRA (PEFT's initialisation, B = 0): the fine-tune-only control.",
+                              choices=("merge", "fresh"))
     tune_steps: int = setting(60, "Most optimiser steps of the weight tuning (Adam).")
     tune_holdout: float = setting(0.3, "Fraction of each task's search examples held out for early stopping.")
     tune_learning_rate: float | None = setting(None, "Adam learning rate of the tuning (default: 0.05 for "
@@ -218,7 +221,8 @@ class RunConfig:
         from d2c_jax.tune import TuneSettings
 
         return TuneSettings(granularity=self.tune_granularity, steps=self.tune_steps,
-                            learning_rate=self.tune_learning_rate, holdout=self.tune_holdout)
+                            learning_rate=self.tune_learning_rate, holdout=self.tune_holdout,
+                            start=self.tune_start, seed=self.search.seed)
 
     @classmethod
     def from_flat(cls, **settings: Any) -> RunConfig:

@@ -14,7 +14,12 @@ equal to the unit-weight merge at w = 1.
 Granularity `factors` tunes the merged adapter itself: each cluster's rank-R factors (a, b of every
 module and layer, scaling folded in) start from its unit-weight merge and are trained directly, a
 few-shot multi-task fine-tune from the merge. The merge weights stay 1; the result carries the
-kept factors (`TuneResult.lora`), which are what gets written.
+kept factors (`TuneResult.lora`), which are what gets written. With start `fresh` the factors
+start instead from PEFT's initialisation of a new LoRA of the same rank (A uniform in
+±1/sqrt(d_in), kaiming_uniform with a = sqrt(5); B = 0: the base model): a LoRA trained from
+scratch on the cluster's pooled examples under the same optimiser, steps and held-out guard, the
+control that tells the merge's part from the fine-tune's. Granularity `scale` tunes one weight per
+cluster, shared by all its members (task arithmetic with a tuned scale, with --merge=core_ta).
 
 Guard against fitting 10 examples per task: the last `holdout` fraction of each task's search
 examples is held out. Training minimises the summed loss of every cluster's tasks on the other
@@ -43,19 +48,22 @@ from d2c_jax import merge as merge_lib
 from d2c_jax.errors import UserError
 from d2c_jax.merge import check_weights, with_weights  # noqa: F401  (how weights enter a merge; re-exported)
 
-GRANULARITIES = ("adapter", "layer", "factors")
-LEARNING_RATES = {"adapter": 0.05, "layer": 0.05, "factors": 1e-3}  # Adam, by granularity (--tune_learning_rate unset)
+GRANULARITIES = ("adapter", "layer", "scale", "factors")
+LEARNING_RATES = {"adapter": 0.05, "layer": 0.05, "scale": 0.05, "factors": 1e-3}  # Adam (--tune_learning_rate unset)
+STARTS = ("merge", "fresh")
 
 
 @dataclasses.dataclass(frozen=True)
 class TuneSettings:
-    granularity: str = "adapter"  # one weight per adapter, per adapter and layer, or the merged factors
+    granularity: str = "adapter"  # one weight per adapter, per adapter and layer, per cluster, or the merged factors
     steps: int = 60  # at most this many optimiser steps
     learning_rate: float | None = None  # Adam; None: LEARNING_RATES[granularity]
     holdout: float = 0.3  # fraction of each task's search examples held out (at least one)
     patience: int = 15  # a cluster stops when its held-out loss has not improved for this many steps
     min_weight: float = 0.01  # weights are kept in [min_weight, max_weight] (sqrt|w| at 0 has no gradient)
     max_weight: float = 8.0
+    start: str = "merge"  # factors: from the unit-weight merge, or a fresh LoRA (PEFT's initialisation)
+    seed: int = 0  # the fresh LoRA's initial A
 
     def __post_init__(self):
         def bad(flag: str, msg: str):
@@ -63,6 +71,11 @@ class TuneSettings:
 
         if self.granularity not in GRANULARITIES:
             raise UserError(None, f"--tune_granularity={self.granularity}: must be one of {', '.join(GRANULARITIES)}")
+        if self.start not in STARTS:
+            raise UserError(None, f"--tune_start={self.start}: must be one of {', '.join(STARTS)}")
+        if self.start == "fresh" and self.granularity != "factors":
+            raise UserError(None, f"--tune_start=fresh: trains a new LoRA, so it needs --tune_granularity=factors "
+                            f"(got {self.granularity})")
         if self.steps < 1:
             bad("tune_steps", "must be >= 1")
         if self.learning_rate is not None and not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -207,6 +220,7 @@ def _steps(cfg: Any, settings: TuneSettings, k: int, example_chunk: int | None) 
 
     def merged(prepared, w_k, part_n):
         masks_kn = part_n[None, :] == jnp.arange(k, dtype=part_n.dtype)[:, None]
+        w_k = jnp.broadcast_to(w_k, masks_kn.shape + w_k.shape[2:])  # scale: [K, 1] -> [K, N]
         return jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_k, masks_kn)
 
     def cluster_losses(params, prepared, theta_k, arrays, part_n):
@@ -249,8 +263,13 @@ def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part
         return jax.tree.map(lambda a, b: np.where(mask_k.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b),
                             jax.tree.map(np.asarray, new), old)
 
+    if settings.granularity == "scale":
+        shape = (k, 1)
     ones = jnp.ones(shape, jnp.float32)
-    theta = fns.merged(prepared, ones, part_n) if factors else ones  # the start: the paper's unit-weight merge
+    if factors and settings.start == "fresh":
+        theta = fresh_lora(jax.eval_shape(fns.merged, prepared, ones, part_n), settings.seed)
+    else:
+        theta = fns.merged(prepared, ones, part_n) if factors else ones  # the start: the paper's unit-weight merge
     unit = jax.tree.map(np.asarray, theta)
     unit_held, unit_fit = losses(theta, held), losses(theta, fit)
     best_held, best = unit_held.copy(), unit
@@ -276,11 +295,26 @@ def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part
     tuned_fit = losses(jax.tree.map(jnp.asarray, best), fit)
     kept = best_step > 0  # strictly better than the unit merge on the held-out part
     kept_theta = select(kept, best, unit)
+    if settings.granularity == "scale":  # one weight per cluster, as the [K, N] weights of its merge
+        kept_theta, best, shape = np.broadcast_to(kept_theta, (k, n)), np.broadcast_to(best, (k, n)), (k, n)
     return {"weights": np.ones(shape, np.float32) if factors else kept_theta.astype(np.float32),
             "tuned": np.ones(shape, np.float32) if factors else best, "kept_k": kept,
             "unit_fit_k": unit_fit, "tuned_fit_k": tuned_fit, "unit_heldout_k": unit_held,
             "tuned_heldout_k": best_held, "best_step_k": best_step, "steps": steps,
             "lora": kept_theta if factors else None}
+
+
+def fresh_lora(shapes: Any, seed: int) -> Any:
+    """PEFT's initialisation of a new LoRA for lora leaves of these shapes ({module: {"a": [K, L,
+    R, d_in], "b": [K, L, d_out, R]}}): A by kaiming_uniform_(a=sqrt(5)), i.e. uniform in
+    ±1/sqrt(d_in), B = 0 (so the update starts at 0: the base model)."""
+    key = jax.random.PRNGKey(seed)
+    out = {}
+    for i, (mod, ab) in enumerate(sorted(shapes.items())):
+        bound = 1.0 / math.sqrt(ab["a"].shape[-1])
+        a = jax.random.uniform(jax.random.fold_in(key, i), ab["a"].shape, jnp.float32, -bound, bound)
+        out[mod] = {"a": a, "b": jnp.zeros(ab["b"].shape, jnp.float32)}
+    return out
 
 
 def tune_partition(params: Any, cfg: Any, prepared: Any, task_data: Any, partition_n: Any, num_clusters: int,

@@ -3,7 +3,7 @@
   python launch/merge.py --adapters=DIR1,DIR2,... --method=ties --density=0.5 --output_dir=OUT \\
       [--weights=1,1,...] [--seed=0] [--base_model=DIR] [--output_rank=R]
   python launch/merge.py --adapters=... --output_dir=OUT --base_model=DIR --tune_on=DATA_DIR \\
-      [--tune_granularity=adapter|layer|factors]
+      [--tune_granularity=adapter|layer|scale|factors]
   python launch/merge.py --adapters=org/a,org/b@v1,org/c/sub --output_dir=OUT --push_to_hub=me/merged
 
 --adapters and --base_model take directories or Hub ids (org/name[@revision], adapters also with a
@@ -44,8 +44,9 @@ flags.DEFINE_string("base_model", None, "Optional base model (directory or Hub i
 flags.DEFINE_integer("output_rank", 0, "Rank of the merged adapter (0: the adapters' rank).")
 flags.DEFINE_string("tune_on", None, "Tune the merge weights on this data directory's search examples "
                     "(<task>.jsonl per adapter directory name); needs --base_model.")
-flags.DEFINE_enum("tune_granularity", "adapter", ["adapter", "layer", "factors"],
-                  "One weight per adapter, per adapter and layer, or the merged factors themselves.")
+flags.DEFINE_enum("tune_granularity", "adapter", ["adapter", "layer", "scale", "factors"],
+                  "One weight per adapter, per adapter and layer, one for all (scale), or the merged factors "
+                  "themselves.")
 flags.DEFINE_integer("tune_steps", 60, "Most optimiser steps of the tuning.")
 flags.DEFINE_integer("examples_per_task", 10, "Search examples per task used by --tune_on.")
 flags.DEFINE_integer("max_seq_len", 1024, "Longest example in tokens (--tune_on).")
