@@ -577,9 +577,15 @@ def evaluate(cfg: EvalConfig, *, log: Any = None) -> dict[str, Any]:
             jobs[ref] = lambda: ev.partition(np.zeros(len(names), np.int32), 1, generation=generation)
         elif ref == "random_start" and k is not None:
             from d2c_jax.strategies.baselines import random_baseline
+            from d2c_jax.strategies.d2c import STARTS
 
-            # The partition the run's first chain started from (= --strategy=random, same seed).
-            jobs[ref] = lambda: ev.partition(random_baseline(len(names), k, cfg.seed), k, generation=generation)
+            # The partition the run's first chain started from (= --strategy=random, same seed and
+            # --start; a run written before --start existed started at random).
+            start = read_run(cfg.run_dir).get("start", "random") if cfg.run_dir else "random"
+            if start not in STARTS:
+                raise UserError(os.path.join(cfg.run_dir, RUN_CONFIG), f"start={start!r}: must be one of {STARTS}")
+            jobs[ref] = lambda: ev.partition(random_baseline(len(names), k, cfg.seed, start), k,
+                                             generation=generation)
     results = comparison.run_jobs(jobs, progress=cfg.progress)
     result = results[primary_key]
     doc = result_document(result, task_data, mode, cfg, partition_n=partition_n, merge=method, density=density)

@@ -277,20 +277,20 @@ def gain_line(doc: Mapping[str, Any]) -> str:
 
 
 def reference_objectives(scorer: Scorer, cache: LossCache, num_adapters: int, num_clusters: int,
-                         seed: int, all_in_one: bool) -> tuple[float, float | None, int]:
+                         seed: int, all_in_one: bool, start: str = "random") -> tuple[float, float | None, int]:
     """(random start's objective, all-in-one merge's objective or None, evaluations they cost).
 
     The random start is the partition the first D²C chain starts from (= --strategy=random with
-    the same seed); after a d2c run its losses are already in `cache`. The all-in-one merge costs
-    N evaluations of one merged mask, in one scorer call."""
-    start, _, stats = evaluate_partition(scorer, random_baseline(num_adapters, num_clusters, seed),
-                                         num_clusters, cache)
+    the same seed and --start); after a d2c run its losses are already in `cache`. The all-in-one
+    merge costs N evaluations of one merged mask, in one scorer call."""
+    start_objective, _, stats = evaluate_partition(
+        scorer, random_baseline(num_adapters, num_clusters, seed, start), num_clusters, cache)
     evaluations = stats.evaluations
     merged_all = None
     if all_in_one:
         merged_all, _, stats = evaluate_partition(scorer, np.zeros(num_adapters, np.int32), 1, cache)
         evaluations += stats.evaluations
-    return start, merged_all, evaluations
+    return start_objective, merged_all, evaluations
 
 
 # ----------------------------------------------------------------------------- the run
@@ -521,7 +521,7 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
     partition_n, objective, task_losses_n = result.partition_n, result.objective, result.task_losses_n
     metrics, evaluations, chain = result.state.metrics, result.evaluations, result.chain
     random_start, all_in_one, reference_evaluations = reference_objectives(
-        scorer, result.state.cache, len(names), k, settings.seed, cfg.all_in_one_reference)
+        scorer, result.state.cache, len(names), k, settings.seed, cfg.all_in_one_reference, settings.start)
 
     referenced = time.perf_counter()
     # Learned merge weights (after the search; --tune_during_search: of every chain's partition).
@@ -562,6 +562,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
         "iterations": settings.iterations,
         "population": settings.population,
         "proposals": settings.proposals,
+        "proposal": settings.proposal,
+        "start": settings.start,
         "exchange_every": settings.exchange_every,
         "best_chain": int(chain),
         "evaluations": int(evaluations),

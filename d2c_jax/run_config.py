@@ -17,6 +17,7 @@ from typing import Any
 from d2c_jax.config_flags import setting
 from d2c_jax.errors import UserError
 from d2c_jax.merge import METHODS as MERGE_METHODS
+from d2c_jax.strategies.d2c import PROPOSALS, STARTS
 from d2c_jax.types import DTYPES
 
 STRATEGIES = ("d2c", "random", "kmeans", "svd_kmeans", "all_in_one")
@@ -28,7 +29,7 @@ OBJECTIVES = ("local", "global")
 # cache_size, overwrite, progress, all_in_one_reference and the multi-process settings do not
 # change it.)
 RESULT_SETTINGS = (
-    "strategy", "objective", "num_clusters", "iterations", "population", "proposals",
+    "strategy", "objective", "proposal", "start", "num_clusters", "iterations", "population", "proposals",
     "exchange_every", "merge", "density", "examples_per_task", "max_seq_len", "chat_template",
     "dtype", "seed", "output_rank", "budget", "budget_mb", "budget_ranks",
 )
@@ -42,6 +43,13 @@ class SearchSettings:
     iterations: int = setting(200, "T: search iterations.")
     objective: str = setting("local", "local: loss of the moved task (the paper); global: summed loss of both "
                              "clusters.", choices=OBJECTIVES)
+    proposal: str = setting("paper", "How a move is drawn. paper: a cluster c uniformly among those with >= 2 "
+                            "members, then t uniformly in c (Algorithm 1's text); task_uniform: t uniformly "
+                            "among all tasks whose cluster has >= 2 members (c in proportion to its size). "
+                            "Then c' uniformly among the other clusters.", choices=PROPOSALS)
+    start: str = setting("random", "Each chain's first partition. random: one adapter per cluster, the others "
+                         "uniformly random; round_robin: the shuffled adapters dealt in turn (equal sizes).",
+                         choices=STARTS)
     population: int = setting(1, "P: search chains run in lock-step.")
     proposals: int = setting(1, "M: candidate moves per chain per iteration (best improving kept).")
     exchange_every: int = setting(0, "Every k iterations copy the best quarter of the chains over the worst "
@@ -62,6 +70,8 @@ class SearchSettings:
         _check(self.num_clusters >= 1, "num_clusters", self.num_clusters, "must be >= 1")
         _check(self.iterations >= 0, "iterations", self.iterations, "must be >= 0")
         _check(self.objective in OBJECTIVES, "objective", self.objective, f"must be one of {OBJECTIVES}")
+        _check(self.proposal in PROPOSALS, "proposal", self.proposal, f"must be one of {PROPOSALS}")
+        _check(self.start in STARTS, "start", self.start, f"must be one of {STARTS}")
         _check(self.population >= 1, "population", self.population, "must be >= 1")
         _check(self.proposals >= 1, "proposals", self.proposals, "must be >= 1")
         _check(self.exchange_every >= 0, "exchange_every", self.exchange_every, "must be >= 0")

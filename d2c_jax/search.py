@@ -184,7 +184,8 @@ def check_num_clusters(num_clusters: int, num_adapters: int) -> None:
 
 
 def initial_state(settings: SearchSettings, num_adapters: int) -> SearchState:
-    partitions_pn = d2c.initial_partitions(num_adapters, settings.num_clusters, settings.population, settings.seed)
+    partitions_pn = d2c.initial_partitions(num_adapters, settings.num_clusters, settings.population, settings.seed,
+                                           settings.start)
     return SearchState(partitions_pn, 0, LossCache(num_adapters, settings.cache_size), [])
 
 
@@ -265,7 +266,8 @@ def _proposals(settings: SearchSettings, it: int, partitions_pn: np.ndarray) -> 
     out = []
     for p in range(len(partitions_pn)):
         rng = d2c.stream(settings.seed, d2c.STREAM_PROPOSE, it, p)
-        moves = [d2c.sample_move(rng, partitions_pn[p], settings.num_clusters) for _ in range(settings.proposals)]
+        moves = [d2c.sample_move(rng, partitions_pn[p], settings.num_clusters, settings.proposal)
+                 for _ in range(settings.proposals)]
         out.append([m for m in moves if m is not None])
     return out
 
@@ -505,7 +507,7 @@ def find_partition(
     start = time.perf_counter()
     a, b = (adapters.a, adapters.b) if adapters is not None else (None, None)
     partition_n = np.asarray(baselines.baseline_partition(strategy, scorer.num_tasks, settings.num_clusters,
-                                                          settings.seed, a, b), np.int32)
+                                                          settings.seed, a, b, settings.start), np.int32)
     if agree is not None:
         partition_n = agree(partition_n)
     cache = LossCache(scorer.num_tasks)

@@ -56,7 +56,8 @@ flags.DEFINE_bool("show", False, "Print the summary table and gain line of the f
 HELP_GROUPS = {
     "inputs": ("flagfile", "base_model", "adapters_dir", "data_dir", "suite", "examples_per_task", "max_seq_len",
                "chat_template", "dtype"),
-    "search": ("strategy", "num_clusters", "iterations", "objective", "population", "proposals", "seed"),
+    "search": ("strategy", "num_clusters", "iterations", "objective", "proposal", "start", "population", "proposals",
+               "seed"),
     "merge": ("merge", "density", "output_rank", "budget", "tune_weights"),
     "outputs": ("workdir", "show", "overwrite"),
     "run control": ("checkpoint_every", "progress", "batch_size", "model_shards", "dry_run"),

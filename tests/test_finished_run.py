@@ -34,12 +34,18 @@ def _run(script, *args):
                           cwd=REPO, timeout=300)
 
 
+def _search_argv(inputs, workdir):
+    # --start=round_robin: the evaluation's "random start" must be the run's own start, which is
+    # then another partition than --start=random's (checked below).
+    return [*search_argv(inputs, workdir), "--start=round_robin"]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     inputs = make_search_inputs(root, tags=True)
     workdir = root / "run"
-    proc = _run(SEARCH, *search_argv(inputs, workdir), "--noprogress")
+    proc = _run(SEARCH, *_search_argv(inputs, workdir), "--noprogress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"inputs": inputs, "workdir": workdir, "stdout": proc.stdout}
 
@@ -77,6 +83,10 @@ def test_references_equal_the_objectives_the_search_reported(run, evaluated):
     np.testing.assert_allclose(total("merged"), part["objective"], rtol=RTOL)
     np.testing.assert_allclose(total("all_in_one"), part["all_in_one_objective"], rtol=RTOL)
     np.testing.assert_allclose(total("random_start"), part["random_start_objective"], rtol=RTOL)
+    from d2c_jax.strategies.baselines import random_baseline
+
+    dealt, drawn = (random_baseline(5, 2, part["seed"], start) for start in ("round_robin", "random"))
+    assert len({tuple(x) for x in (dealt, drawn, 1 - drawn)}) == 3  # the two starts are other partitions
     assert doc["tasks"] == methods["merged"]["tasks"]  # the pinned layout: the run's adapters
 
 
@@ -156,7 +166,7 @@ def test_show_and_a_rerun_reprint_the_summary(run):
     assert table[-2].startswith("found ") and "random start" in table[-2]
     proc = _run(SEARCH, f"--workdir={run['workdir']}", "--show")
     assert proc.returncode == 0 and proc.stdout.splitlines() == table, proc.stderr
-    proc = _run(SEARCH, *search_argv(run["inputs"], run["workdir"]), "--noprogress")
+    proc = _run(SEARCH, *_search_argv(run["inputs"], run["workdir"]), "--noprogress")
     assert proc.returncode == 0 and _summary(proc.stdout) == table
     assert proc.stdout.splitlines()[-1].startswith("already finished: ")
     proc = _run(SEARCH, f"--workdir={run['workdir'] / 'missing'}", "--show")
@@ -170,7 +180,7 @@ def test_a_resumed_run_says_from_which_checkpoint(run, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(run["workdir"], workdir)
     os.remove(workdir / "partition.json")  # unfinished again: its last checkpoint remains
-    proc = _run(SEARCH, *search_argv(run["inputs"], workdir), "--noprogress")
+    proc = _run(SEARCH, *_search_argv(run["inputs"], workdir), "--noprogress")
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = f"resumed from iteration 6 of 6 (checkpoint {workdir / 'checkpoints' / '6'})"
     assert want in proc.stdout.splitlines()

@@ -227,6 +227,11 @@ def test_a_checkpoint_of_other_settings_is_refused(inputs, tmp_path, monkeypatch
     with pytest.raises(UserError, match=r"other inputs: --num_clusters changed \(2 in the checkpoint, 3 now\); "
                        "use --overwrite"):
         pipeline.run(_config(inputs, tmp_path, iterations=4, num_clusters=3))
+    # the reading of Algorithm 1 and the start change the result too
+    with pytest.raises(UserError, match=r"--proposal changed \('paper' in the checkpoint, 'task_uniform' now\)"):
+        pipeline.run(_config(inputs, tmp_path, iterations=4, proposal="task_uniform"))
+    with pytest.raises(UserError, match=r"--start changed \('random' in the checkpoint, 'round_robin' now\)"):
+        pipeline.run(_config(inputs, tmp_path, iterations=4, start="round_robin"))
 
 
 def test_bad_inputs_fail_with_one_clear_message_and_write_nothing(inputs, tmp_path):
@@ -251,6 +256,8 @@ def test_bad_inputs_fail_with_one_clear_message_and_write_nothing(inputs, tmp_pa
         _config(inputs, wd, num_clusters=0)
     with pytest.raises(UserError, match="--population=0"):
         _config(inputs, wd, population=0)
+    with pytest.raises(UserError, match=r"--proposal=uniform: must be one of \('paper', 'task_uniform'\)"):
+        _config(inputs, wd, proposal="uniform")
 
 
 def test_flag_errors_and_flagfiles(tmp_path):
@@ -284,7 +291,8 @@ def test_flag_errors_and_flagfiles(tmp_path):
     assert out.returncode == 0, out.stderr
     cfgs = [json.loads(x) for x in out.stdout.splitlines()]
     expect = dict(num_clusters=5, iterations=200, examples_per_task=10, merge="ties", density=0.5,
-                  strategy="d2c", objective="local", population=1, proposals=1, chat_template=True, dtype="bfloat16")
+                  strategy="d2c", objective="local", population=1, proposals=1, proposal="paper", start="random",
+                  chat_template=True, dtype="bfloat16")
     for cfg, model in zip(cfgs, ("Llama-3.2-3B-Instruct", "Qwen2.5-1.5B-Instruct", "stablelm-2-1_6b-chat")):
         assert {k: cfg[k] for k in expect} == expect
         assert cfg["base_model"] == f"/path/to/{model}"

@@ -37,44 +37,120 @@ def _strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("seconds", "scorer_seconds", "evals_per_s")} for r in rows]
 
 
-def test_sample_move_follows_algorithm1_and_never_picks_a_singleton_source():
+@pytest.mark.parametrize("proposal", d2c.PROPOSALS)
+def test_sample_move_follows_algorithm1_and_never_picks_a_singleton_source(proposal):
     rng = np.random.default_rng(0)
     for _ in range(300):
-        k = int(rng.integers(2, 6))
+        k = int(rng.integers(2, 7))
         part = d2c.random_partition(rng, 7, k)
         assert set(part) == set(range(k))
-        move = d2c.sample_move(rng, part, k)
+        move = d2c.sample_move(rng, part, k, proposal)
         assert part[move.task] == move.src and move.dst != move.src and 0 <= move.dst < k
         assert np.sum(part == move.src) >= 2
-    assert d2c.sample_move(rng, np.zeros(5, np.int32), 1) is None
+        assert np.all(np.bincount(d2c.apply_move(part, move), minlength=k) >= 1)  # no cluster emptied
+    assert d2c.sample_move(rng, np.zeros(5, np.int32), 1, proposal) is None  # K = 1: no move
 
 
-def test_sample_move_draws_every_movable_task_and_other_cluster_equally_often():
-    """t uniform over the tasks of clusters with >= 2 members (src = its cluster, so big clusters
-    are drawn in proportion to their size), dst uniform over the other K - 1 clusters."""
-    part = np.array([0, 0, 0, 0, 1, 1, 2])  # sizes 4, 2, 1: task 6 alone in cluster 2 never moves
-    draws = 12000
-    counts = {}
+def _exact_move_probabilities(part, k, proposal):
+    """P(task t moves to cluster c'), written from the two readings' definitions.
+
+    paper (Algorithm 1: "sample clusters c and c'; sample adapter t from c"): c uniform over the S
+    clusters with >= 2 members, t uniform over c's s_c members, c' uniform over the other K - 1:
+    1 / (S s_c (K - 1)). task_uniform: t uniform over the M tasks in clusters with >= 2 members:
+    1 / (M (K - 1))."""
+    sizes = {c: sum(1 for x in part if x == c) for c in range(k)}
+    sources = [c for c in range(k) if sizes[c] >= 2]
+    movable = [t for t in range(len(part)) if sizes[part[t]] >= 2]
+    probs = {}
+    for t in movable:
+        for dst in range(k):
+            if dst != part[t]:
+                per_task = 1 / (len(sources) * sizes[part[t]]) if proposal == "paper" else 1 / len(movable)
+                probs[t, dst] = per_task / (k - 1)
+    return probs
+
+
+@pytest.mark.parametrize("proposal", d2c.PROPOSALS)
+def test_sample_move_draws_each_reading_with_its_exact_probabilities(proposal):
+    """Each (t, c') pair's frequency over 48,000 seeded draws against the probability of the
+    definition (`_exact_move_probabilities`), within 5 binomial standard errors of that pair.
+    The two readings differ here by 13 to 27 standard errors per pair (sizes 4, 2, 1, 1: each
+    member of the pair is drawn 1/4 of the time under paper, 1/6 under task_uniform), more than
+    twice the 5 allowed, so a swapped or mixed reading fails."""
+    part = np.array([0, 0, 0, 0, 1, 1, 2, 3])  # sizes 4, 2, 1, 1: tasks 6 and 7 never move
+    k, draws = 4, 48_000
+    counts: dict[tuple[int, int], int] = {}
     rng = np.random.default_rng(0)
     for _ in range(draws):
-        move = d2c.sample_move(rng, part, 3)
+        move = d2c.sample_move(rng, part, k, proposal)
         counts[move.task, move.dst] = counts.get((move.task, move.dst), 0) + 1
-    expected_pairs = {(t, c) for t in range(6) for c in range(3) if c != part[t]}
-    assert set(counts) == expected_pairs
-    p = 1 / len(expected_pairs)  # 6 movable tasks x 2 other clusters
-    sigma = np.sqrt(draws * p * (1 - p))
-    assert max(abs(c - draws * p) for c in counts.values()) < 5 * sigma, counts
+    probs = _exact_move_probabilities(part.tolist(), k, proposal)
+    assert set(counts) == set(probs)
+    assert math.isclose(sum(probs.values()), 1.0)
+    for pair, p in probs.items():
+        sigma = math.sqrt(draws * p * (1 - p))
+        assert abs(counts[pair] - draws * p) < 5 * sigma, (pair, counts[pair], draws * p)
+    other = _exact_move_probabilities(part.tolist(), k, "task_uniform" if proposal == "paper" else "paper")
+    assert min(abs(other[q] - probs[q]) * draws / math.sqrt(draws * probs[q] * (1 - probs[q])) for q in probs) > 10
 
 
-def test_d2c_local_is_algorithm1_exactly():
-    """Replay: each iteration draws (t, c, c') and keeps the move iff loss(c' ∪ t, t) < loss(c, t)."""
+def _sample_move_before_the_paper_reading(rng, partition_n, num_clusters):
+    """The engine's proposal before --proposal existed, verbatim: what task_uniform must reproduce."""
+    if num_clusters < 2:
+        return None
+    sizes_k = np.bincount(partition_n, minlength=num_clusters)
+    movable_n = np.flatnonzero(sizes_k[partition_n] >= 2)
+    task = int(movable_n[rng.integers(len(movable_n))])
+    src = int(partition_n[task])
+    dst = int(rng.integers(num_clusters - 1))
+    dst += dst >= src
+    return d2c.Move(task, src, dst)
+
+
+def test_task_uniform_draws_exactly_what_the_engine_drew_before():
+    """Same stream, same partition: the same moves, and the stream left at the same state (a
+    chain's M proposals come from one stream), so earlier runs reproduce with task_uniform."""
+    parts = np.random.default_rng(1)
+    for trial in range(200):
+        k = int(parts.integers(1, 8))
+        part = d2c.random_partition(parts, 9, k)
+        ours, old = d2c.stream(3, d2c.STREAM_PROPOSE, trial, 0), d2c.stream(3, d2c.STREAM_PROPOSE, trial, 0)
+        for _ in range(3):
+            assert d2c.sample_move(ours, part, k, "task_uniform") == _sample_move_before_the_paper_reading(old, part, k)
+        assert ours.integers(2**62) == old.integers(2**62)
+
+
+def test_round_robin_start_deals_equal_sizes_and_random_start_is_unchanged():
+    rng = np.random.default_rng(0)
+    for n, k in ((12, 5), (7, 7), (9, 1), (16, 4)):
+        for _ in range(20):
+            sizes = np.bincount(d2c.round_robin_partition(rng, n, k), minlength=k)
+            assert sizes.sum() == n and sizes.max() - sizes.min() <= 1 and sizes.min() >= 1
+    starts = d2c.initial_partitions(N, 3, 4, seed=2, start="round_robin")
+    assert len({tuple(p) for p in starts}) == 4  # each chain its own deal
+    for p, chain in enumerate(starts):  # chain p's deal comes from stream (seed, INIT, p)
+        rng = d2c.stream(2, d2c.STREAM_INIT, p)
+        dealt = np.empty(N, np.int32)
+        dealt[rng.permutation(N)] = np.arange(N) % 3  # the i-th adapter of the shuffle goes to cluster i mod K
+        np.testing.assert_array_equal(chain, dealt)
+    # the default start is the random partition of the same stream, as before --start existed
+    np.testing.assert_array_equal(d2c.initial_partitions(N, 3, 2, seed=2),
+                                  [d2c.random_partition(d2c.stream(2, d2c.STREAM_INIT, p), N, 3) for p in range(2)])
+    assert initial_state(_settings(start="round_robin", population=4, seed=2), N).partitions_pn.tolist() == \
+        starts.tolist()
+
+
+@pytest.mark.parametrize("proposal", d2c.PROPOSALS)
+def test_d2c_local_is_algorithm1_exactly(proposal):
+    """Replay: each iteration draws (t, c, c') under --proposal and keeps the move iff
+    loss(c' ∪ t, t) < loss(c, t)."""
     scorer = FakeScorer(families(N, F))
-    settings = _settings(iterations=60)
+    settings = _settings(iterations=60, proposal=proposal)
     parts, _ = _trajectory(scorer, settings)
     accepted = 0
     for it in range(1, settings.iterations + 1):
         prev = parts[it - 1][0]
-        move = d2c.sample_move(d2c.stream(settings.seed, d2c.STREAM_PROPOSE, it, 0), prev, 3)
+        move = d2c.sample_move(d2c.stream(settings.seed, d2c.STREAM_PROPOSE, it, 0), prev, 3, proposal)
         src_n, dst_n = prev == move.src, (prev == move.dst)
         dst_n[move.task] = True
         l, l_new = scorer.loss(src_n, move.task), scorer.loss(dst_n, move.task)
@@ -91,11 +167,13 @@ def test_equal_loss_is_not_an_improvement():
     assert sum(r["accepted"] for r in state.metrics) == 0
 
 
+@pytest.mark.parametrize("proposal", d2c.PROPOSALS)
 @pytest.mark.parametrize("objective", ["local", "global"])
-def test_never_empties_a_cluster(objective):
+def test_never_empties_a_cluster(objective, proposal):
     # K = N - 1: almost every cluster is a singleton; a loss that favours big clusters pushes to empty them.
     scorer = TableScorer(8, lambda members, t: 10.0 - len(members))
-    parts, _ = _trajectory(scorer, _settings(num_clusters=7, iterations=30, objective=objective, population=2))
+    parts, _ = _trajectory(scorer, _settings(num_clusters=7, iterations=30, objective=objective, population=2,
+                                             proposal=proposal))
     for p in parts:
         for chain in p:
             assert np.all(np.bincount(chain, minlength=7) >= 1)

@@ -81,9 +81,11 @@ def test_svd_embeddings_match_sklearn_truncated_svd(n, k):
     np.testing.assert_allclose(cosine_similarity(emb), cosine_similarity(ref), atol=1e-5)
 
 
-def test_random_baseline_is_the_first_chains_start_and_all_in_one_is_one_cluster():
-    p = baselines.baseline_partition("random", N, K, 7)
-    np.testing.assert_array_equal(p, initial_state(SearchSettings(num_clusters=K, seed=7), N).partitions_pn[0])
+@pytest.mark.parametrize("start", d2c.STARTS)
+def test_random_baseline_is_the_first_chains_start_and_all_in_one_is_one_cluster(start):
+    p = baselines.baseline_partition("random", N, K, 7, start=start)
+    np.testing.assert_array_equal(
+        p, initial_state(SearchSettings(num_clusters=K, seed=7, start=start), N).partitions_pn[0])
     assert set(p) == set(range(K))
     assert (baselines.baseline_partition("all_in_one", N, K, 7) == 0).all()
 

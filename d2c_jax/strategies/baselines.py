@@ -4,8 +4,8 @@ They take the raw PEFT factors as numpy arrays ({module: a [N, L, R, d_in]}, {mo
 [N, L, d_out, R]}, `AdapterSet.a` / `.b`) and return a partition int32[N] in [0, K) with every
 cluster non-empty. All randomness comes from `seed`.
 
-- `random`: the same random partition the first D²C chain starts from (so D²C's gain over random
-  is measured from the same point).
+- `random`: the same random partition the first D²C chain starts from, with the same `start`
+  (so D²C's gain over random is measured from the same point).
 - `kmeans`: k-means (k-means++, 10 inits) on each adapter's flattened, concatenated A and B.
 - `svd_kmeans`: mttl's model-based clustering (Ostapenko et al. 2024, `SVDEmbeddingTransform` +
   `MBCWithCosSimTransform`): flatten each adapter, zero the entries at or below its 0.5 magnitude
@@ -29,9 +29,9 @@ SVD_COMPONENTS = 64
 SVD_SPARSITY = 0.5
 
 
-def random_baseline(num_adapters: int, num_clusters: int, seed: int) -> np.ndarray:
-    """Chain 0's initial partition of the D²C search with the same seed."""
-    return d2c.initial_partitions(num_adapters, num_clusters, 1, seed)[0]
+def random_baseline(num_adapters: int, num_clusters: int, seed: int, start: str = "random") -> np.ndarray:
+    """Chain 0's initial partition of the D²C search with the same seed and start."""
+    return d2c.initial_partitions(num_adapters, num_clusters, 1, seed, start)[0]
 
 
 def all_in_one(num_adapters: int) -> np.ndarray:
@@ -122,10 +122,12 @@ def baseline_partition(
     seed: int,
     a: Mapping[str, np.ndarray] | None = None,
     b: Mapping[str, np.ndarray] | None = None,
+    start: str = "random",
 ) -> np.ndarray:
-    """Dispatches on the strategy name; kmeans / svd_kmeans need the factors `a`, `b`."""
+    """Dispatches on the strategy name; kmeans / svd_kmeans need the factors `a`, `b`; random
+    draws the D²C `start` (d2c.STARTS)."""
     if strategy == "random":
-        return random_baseline(num_adapters, num_clusters, seed)
+        return random_baseline(num_adapters, num_clusters, seed, start)
     if strategy == "all_in_one":
         return all_in_one(num_adapters)
     if strategy in ("kmeans", "svd_kmeans"):

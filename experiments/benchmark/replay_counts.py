@@ -66,7 +66,9 @@ def load_run(workdir: str):
 def replay(workdir: str, old_batch: int = 8) -> list[dict]:
     cfg, doc, state = load_run(workdir)
     n = len(doc["task_losses"])
-    base = SearchSettings(num_clusters=cfg["num_clusters"], iterations=cfg["iterations"], seed=cfg["seed"])
+    # (a config.json without proposal / start: written when task_uniform and random were the only ones)
+    base = SearchSettings(num_clusters=cfg["num_clusters"], iterations=cfg["iterations"], seed=cfg["seed"],
+                          proposal=cfg.get("proposal", "task_uniform"), start=cfg.get("start", "random"))
     variants = [
         ("this run (defaults)", base, True),
         ("old defaults: --track_every=10 (initial + every 10th)", dataclasses.replace(base, track_every=10), True),

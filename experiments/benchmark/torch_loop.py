@@ -2,15 +2,17 @@
 
   python experiments/benchmark/torch_loop.py --base_model=DIR --adapters_dir=DIR --data_dir=DIR \
       [--num_clusters=5] [--iterations=200] [--density=0.5] [--examples_per_task=10] [--seed=0] \
-      [--output=OUT.json]
+      [--proposal=paper] [--start=random] [--output=OUT.json]
 
 Every evaluation is one `add_weighted_adapter(members, [1.0] * len(members), "merged",
 combination_type="ties", density)` and one forward pass with the task's examples as one batch
 (labels -100 on the prompt), then `delete_adapter`; no cache. Each iteration evaluates the source
 cluster and the destination cluster with the task on the task (l and l'), keeps the move iff
-l' < l, and at the end every task is evaluated under its final cluster's merge. The proposals
-come from the engine's random streams (`d2c_jax.strategies.d2c`), so the decisions can be compared
-with `launch/search.py --seed=...`; torch uses every core (`torch.set_num_threads(os.cpu_count())`).
+l' < l, and at the end every task is evaluated under its final cluster's merge. The start and
+the proposals (`--proposal=paper`: c uniform among the clusters with >= 2 members, t uniform in c,
+c' uniform among the others, as Algorithm 1's text reads) come from the engine's random streams
+(`d2c_jax.strategies.d2c`), so the decisions can be compared with `launch/search.py --seed=...`
+with the same --proposal and --start; torch uses every core (`torch.set_num_threads(os.cpu_count())`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     k, iterations = int(opts.get("num_clusters", 5)), int(opts.get("iterations", 200))
     density, n_ex, seed = float(opts.get("density", 0.5)), int(opts.get("examples_per_task", 10)), int(opts.get("seed", 0))
+    proposal, start_kind = opts.get("proposal", "paper"), opts.get("start", "random")
     names = sorted(d for d in os.listdir(opts["adapters_dir"]) if os.path.isdir(os.path.join(opts["adapters_dir"], d)))
 
     tok = AutoTokenizer.from_pretrained(opts["base_model"])
@@ -80,10 +83,10 @@ def main(argv: list[str]) -> int:
         return value
 
     setup_s = time.perf_counter() - start
-    partition = d2c.initial_partitions(len(names), k, 1, seed)[0]
+    partition = d2c.initial_partitions(len(names), k, 1, seed, start_kind)[0]
     accepted = 0
     for it in range(1, iterations + 1):
-        move = d2c.sample_move(d2c.stream(seed, d2c.STREAM_PROPOSE, it, 0), partition, k)
+        move = d2c.sample_move(d2c.stream(seed, d2c.STREAM_PROPOSE, it, 0), partition, k, proposal)
         src = [int(i) for i in np.flatnonzero(partition == move.src)]
         dst = [int(i) for i in np.flatnonzero(partition == move.dst)] + [move.task]
         if loss(sorted(dst), move.task) < loss(src, move.task):
