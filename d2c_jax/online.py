@@ -190,14 +190,6 @@ def refine(scorer: Scorer, partition_n: np.ndarray, losses_n: np.ndarray, iterat
     return compact(out), losses, result
 
 
-def s_score(scores_t: Sequence[float], single_t: Sequence[float]) -> float:
-    """The S-score: mean over tasks of (score with the task's merged adapter) / (score with its own
-    adapter), over the tasks whose own score is positive (a ratio to 0 is undefined); NaN if none."""
-    merged, single = np.asarray(scores_t, np.float64), np.asarray(single_t, np.float64)
-    ok = single > 0
-    return float(np.mean(merged[ok] / single[ok])) if ok.any() else float("nan")
-
-
 def summary(partition_n: np.ndarray, losses_n: np.ndarray) -> dict[str, Any]:
     """The partition.json numbers of a partition: objective and per-cluster sums over present tasks."""
     partition_n = np.asarray(partition_n)

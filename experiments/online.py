@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from d2c_jax import kmerge, merge, online
+from d2c_jax import comparison, kmerge, merge, online
 from d2c_jax.atomic_io import write_bytes_atomic, write_text_atomic
 from d2c_jax.evaluation import Evaluator, longest_response_tokens
 from d2c_jax.inputs import load_inputs
@@ -93,7 +93,8 @@ def _record(held: Held, kind: str, loras, partition_n: np.ndarray, seen: list[in
     loras = loras() if callable(loras) else loras
     compact = online.compact(partition_n)
     scores = held.scores(_key(kind, compact), loras, compact)
-    return {"s_score": online.s_score(scores[seen], held.single[seen]), "score": float(np.mean(scores[seen]))}
+    s = comparison.s_score(scores[seen], held.single[seen])
+    return {"s_score": float("nan") if s is None else s, "score": float(np.mean(scores[seen]))}
 
 
 def _ties_loras(scorer, partition_n):
