@@ -136,6 +136,77 @@ def test_merged_adapters_are_the_new_clusters_and_unchanged_ones_are_kept_as_the
     assert not (workdir / "adding").exists()
 
 
+@pytest.fixture(scope="module")
+def tuned_added(inputs, tmp_path_factory):
+    """A run with tuned merge weights (--tune_weights, 8 steps at learning rate 0.5: at the default 0.05
+    the changed cluster's tuned weights never beat the unit ones here), then task_4 added."""
+    workdir = tmp_path_factory.mktemp("tuned") / "wd"
+    run_inputs = {"base_model": inputs["base_model"], "adapters_dir": inputs["run_adapters"],
+                  "data_dir": inputs["run_data"]}
+    proc = _launch(SEARCH, search_argv(run_inputs, workdir, **FLAGS, tune_weights=True, tune_steps=8,
+                                             tune_learning_rate=0.5)
+                   + ["--noprogress", "--noall_in_one_reference"])
+    assert proc.returncode == 0, proc.stderr
+    before = read_partition(workdir)
+    proc = _launch(ADD, [f"--workdir={workdir}", f"--adapters={os.path.join(inputs['adapters_dir'], NEW)}",
+                         f"--data_dir={inputs['data_dir']}"])
+    assert proc.returncode == 0, proc.stderr
+    return workdir, before, read_partition(workdir), proc
+
+
+def test_a_tuned_runs_changed_cluster_is_tuned_again_alone_with_the_runs_settings(inputs, tuned_added):
+    """The changed cluster's written adapter is tune.tune_partition's kept merge of that cluster alone
+    (its adapters and its tasks' search examples, K = 1) with the run's settings (the flags the search
+    was given: adapter granularity, 8 steps, learning rate 0.5, defaults otherwise), not the unit-weight
+    merge; the other
+    cluster keeps its files."""
+    import jax
+
+    from d2c_jax import data, hf_io, lora, merge, tune
+    from d2c_jax.models.config import load_config
+
+    workdir, before, doc, proc = tuned_added
+    (placed,) = doc["change"]["added"]
+    k = placed["cluster"]
+    members = doc["clusters"][k]
+    assert members[-1] == NEW and doc["tuning"]["retuned"] == [k]
+    assert f"tuning cluster {k} ({len(members)} tasks) with the run's settings" in proc.stdout
+    base = inputs["base_model"]
+    cfg = load_config(base)
+    params = hf_io.load_params(base, cfg, "float32")
+    tok = hf_io.load_tokenizer(base)
+    aset = lora.load_adapter_dirs([os.path.join(inputs["run_adapters"], t) for t in members[:-1]]
+                                  + [os.path.join(inputs["adapters_dir"], NEW)], cfg)
+    prepared = merge.prepare_merge(aset, "ties", 0.5, seed=FLAGS["seed"])
+    kw = dict(split="search", examples_per_task=3, max_seq_len=64, extra_ok=True)
+    td = data.concat_task_data([data.load_task_data(inputs["run_data"], members[:-1], tok, **kw),
+                                data.load_task_data(inputs["data_dir"], [NEW], tok, **kw)], tok.pad_token_id or 0)
+    part = np.zeros(len(members), np.int32)
+    settings = tune.TuneSettings(granularity="adapter", steps=8, learning_rate=0.5)
+    res = tune.tune_partition(params, cfg, prepared, td, part, 1, settings,
+                              example_chunk=doc["tuning"]["example_chunk"])
+    assert res.kept_k[0]  # the tuned weights beat the unit ones on the held-out examples: they are written
+    assert doc["tuning"]["weights"][k] == [float(res.weights[0][members.index(t)]) if t in members else 1.0
+                                           for t in doc["task_losses"]]
+    want = jax.tree.map(lambda x: np.asarray(x[0]), tune.merged_clusters(prepared, part, 1, res.weights))
+    unit = jax.tree.map(lambda x: np.asarray(x[0]), tune.merged_clusters(prepared, part, 1))
+    d = str(workdir / "merged" / f"cluster_{k}")
+    got = lora.lora_delta(lora.effective_lora(lora.load_adapter_dirs([d], cfg), 0))
+    want_d, unit_d = lora.lora_delta(want), lora.lora_delta(unit)
+    for m in want_d:
+        # the same function on the same inputs in another process, the factors written as float32
+        # and read back unchanged: equal, not close
+        np.testing.assert_array_equal(got[m], want_d[m])
+        assert np.abs(want_d[m] - unit_d[m]).max() > 1e-3 * np.abs(unit_d[m]).max()  # not the unit merge
+    other = 1 - k
+    was = before["clusters"].index(doc["clusters"][other])
+    assert _tree(workdir / "merged" / f"cluster_{other}") == _tree(
+        workdir / "versions" / "0" / "merged" / f"cluster_{was}")
+    assert doc["tuning"]["weights"][other] == [
+        before["tuning"]["weights"][was][list(before["task_losses"]).index(t)] if t in before["task_losses"] else 1.0
+        for t in doc["task_losses"]]
+
+
 def test_rerunning_after_success_says_so_and_exits_0(inputs, added):
     workdir, _ = added
     snapshot = _tree(workdir)
