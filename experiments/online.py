@@ -50,7 +50,9 @@ flags.DEFINE_integer("refine_iterations", 5, "D²C iterations after each placeme
 flags.DEFINE_integer("d2c_iterations", 100, "Iterations of the full D²C search at the last arrival.")
 flags.DEFINE_integer("eval_examples", 12, "Held-out examples per task.")
 flags.DEFINE_integer("record_every", 1, "Held-out evaluation after every r-th arrival (and the last).")
-flags.DEFINE_enum("objective", "local", ["local", "global"], "Objective of placement and refinement.")
+flags.DEFINE_enum("objective", "local", ["local", "global", "relative"],
+                  "Objective of placement and refinement (relative: the global one with each task's loss "
+                  "divided by its own adapter's loss, in placement; refinement then uses global).")
 flags.DEFINE_list("methods", list(("kmerge", "kmerge_pp", "kmerge+ties", "kmerge_pp+ties", "placement",
                                    "placement+refine", "d2c")), "Methods to run.")
 flags.DEFINE_string("figure", "docs/online.png", "S-score against arrivals.")
@@ -142,10 +144,18 @@ def run_placement(order, k, scorer, held, refine_iterations, seed, objective="lo
     losses_n = np.full(n, np.nan)
     cache = LossCache(n)
     records = []
+    relative = objective == "relative"
+    objective = "global" if relative else objective
+    weights_n = np.ones(n)
     for step, t in enumerate(order):
         start = time.perf_counter()
-        partition_n, placement = online.place(scorer, cache, partition_n, int(t), objective=objective, max_clusters=k)
-        evaluations = placement.evaluations
+        evaluations = 0
+        if relative:  # 1 / the arrival's loss with its own adapter (the singleton merge)
+            (own,), stats = cache.resolve(scorer, [(np.arange(n) == t, int(t))])
+            weights_n[t], evaluations = 1.0 / float(own), stats.evaluations
+        partition_n, placement = online.place(scorer, cache, partition_n, int(t), objective=objective, max_clusters=k,
+                                              weights_n=weights_n)
+        evaluations += placement.evaluations
         losses_n, _ = online.task_losses(scorer, cache, partition_n)
         if refine_iterations and len(online.labels(partition_n)) < step + 1:  # some cluster has 2+ members
             partition_n, losses_n, result = online.refine(scorer, partition_n, losses_n, refine_iterations,

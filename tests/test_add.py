@@ -382,6 +382,21 @@ def test_placement_takes_the_lowest_change_of_the_objective_at_the_stated_cost(o
     assert len(scorer.calls) == (2 if objective == "local" else 1)
 
 
+def test_weighted_placement_counts_each_tasks_loss_change_times_its_weight():
+    """Weights 1 / (own-adapter loss): A's tasks (own loss 4) count a quarter, task 4 (own loss 0.25)
+    four times; by hand: A: 4 * 0.5 + 2 * (3.0 - 1.0) / 4 = 3.0, B: 4 * 0.8 + 2 * (1.05 - 1.0) = 3.3."""
+    from fixtures_search_fakes import TableScorer
+
+    from d2c_jax import online
+
+    partition_n, cache = _run_partition()
+    w = 1.0 / np.array([4.0, 4.0, 1.0, 1.0, 0.25])
+    out, placement = online.place(TableScorer(5, _scripted), cache, partition_n, T_NEW, objective="global",
+                                  weights_n=w)
+    np.testing.assert_allclose(placement.changes, [3.0, 3.3], rtol=1e-6)  # float32 losses, float64 sums
+    assert placement.cluster == 0 and out.tolist() == [0, 0, 1, 1, 0]
+
+
 def test_a_new_cluster_is_a_candidate_only_while_there_is_room():
     from fixtures_search_fakes import TableScorer
 
