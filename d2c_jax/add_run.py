@@ -362,13 +362,13 @@ def add(cfg: AddConfig) -> int:
     scorer = Scorer(params, model_cfg, prepared, task_data,
                     batch_size="auto" if cfg.batch_size == "auto" else int(cfg.batch_size))
 
+    settings = tune_settings(run)  # a tuned run's settings, read before anything is written
     lock = WorkdirLock(run.workdir)
     lock.acquire()
     try:
         _remove_leftovers(run.workdir, os.path.join(run.workdir, VERSIONS))
         archive_version(run)
         retune = None
-        settings = tune_settings(run)
         if settings is not None:
             def retune(members: Sequence[str], adapter_dirs: Mapping[str, str], data_dirs: Mapping[str, str]):
                 chunk = scorer.example_chunk(len(members), task_data.tokens_tns.shape[-1])

@@ -207,6 +207,25 @@ def test_a_tuned_runs_changed_cluster_is_tuned_again_alone_with_the_runs_setting
         for t in doc["task_losses"]]
 
 
+def test_a_tuned_runs_settings_come_from_its_config_then_its_last_version(tmp_path):
+    import dataclasses
+
+    from d2c_jax import add_run, tune
+    from d2c_jax.errors import UserError
+
+    run = add_run.Run(str(tmp_path), {"tuning": {"kept": [True]}}, ("a",), {}, {})
+    with pytest.raises(UserError, match="tuning settings cannot be read") as e:
+        add_run.tune_settings(run)  # no config.json
+    assert e.value.path == str(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"tune_granularity": "layer", "tune_steps": 7,
+                                                      "tune_learning_rate": None, "tune_holdout": 0.25}))
+    assert add_run.tune_settings(run) == tune.TuneSettings(granularity="layer", steps=7, holdout=0.25)
+    written = dataclasses.asdict(tune.TuneSettings(steps=3, learning_rate=0.5))
+    assert add_run.tune_settings(dataclasses.replace(run, doc={"tuning": {"settings": written}})) == \
+        tune.TuneSettings(steps=3, learning_rate=0.5)
+    assert add_run.tune_settings(dataclasses.replace(run, doc={})) is None  # unit-weight merges
+
+
 def test_rerunning_after_success_says_so_and_exits_0(inputs, added):
     workdir, _ = added
     snapshot = _tree(workdir)
