@@ -136,36 +136,41 @@ def test_merged_adapters_are_the_new_clusters_and_unchanged_ones_are_kept_as_the
     assert not (workdir / "adding").exists()
 
 
-@pytest.fixture(scope="module")
-def tuned_added(inputs, tmp_path_factory):
-    """A run with tuned merge weights (--tune_weights, 8 steps at learning rate 0.5: at the default 0.05
-    the changed cluster's tuned weights never beat the unit ones here), then task_4 added."""
-    workdir = tmp_path_factory.mktemp("tuned") / "wd"
+# Tuning settings of the tuned runs: 8 steps at learning rates under which the changed cluster's tuned
+# weights (factors) beat the unit ones on the held-out examples here (at the defaults 0.05 / 1e-3 they
+# never do in 8 steps, and the unit merge would be written).
+TUNED = {"adapter": 0.5, "factors": 0.01}
+
+
+@pytest.fixture(scope="module", params=sorted(TUNED))
+def tuned_added(request, inputs, tmp_path_factory):
+    """A run with tuned merges (--tune_weights, granularity request.param), then task_4 added."""
+    granularity = request.param
+    workdir = tmp_path_factory.mktemp(f"tuned_{granularity}") / "wd"
     run_inputs = {"base_model": inputs["base_model"], "adapters_dir": inputs["run_adapters"],
                   "data_dir": inputs["run_data"]}
     proc = _launch(SEARCH, search_argv(run_inputs, workdir, **FLAGS, tune_weights=True, tune_steps=8,
-                                             tune_learning_rate=0.5)
+                                       tune_granularity=granularity, tune_learning_rate=TUNED[granularity])
                    + ["--noprogress", "--noall_in_one_reference"])
     assert proc.returncode == 0, proc.stderr
     before = read_partition(workdir)
     proc = _launch(ADD, [f"--workdir={workdir}", f"--adapters={os.path.join(inputs['adapters_dir'], NEW)}",
                          f"--data_dir={inputs['data_dir']}"])
     assert proc.returncode == 0, proc.stderr
-    return workdir, before, read_partition(workdir), proc
+    return granularity, workdir, before, read_partition(workdir), proc
 
 
 def test_a_tuned_runs_changed_cluster_is_tuned_again_alone_with_the_runs_settings(inputs, tuned_added):
-    """The changed cluster's written adapter is tune.tune_partition's kept merge of that cluster alone
-    (its adapters and its tasks' search examples, K = 1) with the run's settings (the flags the search
-    was given: adapter granularity, 8 steps, learning rate 0.5, defaults otherwise), not the unit-weight
-    merge; the other
-    cluster keeps its files."""
+    """The changed cluster's written adapter is tune.tune_partition's kept merge (weights) or kept
+    factors of that cluster alone (its adapters and its tasks' search examples, K = 1) with the run's
+    settings (the flags the search was given: granularity, 8 steps, learning rate, defaults
+    otherwise), not the unit-weight merge; the other cluster keeps its files."""
     import jax
 
     from d2c_jax import data, hf_io, lora, merge, tune
     from d2c_jax.models.config import load_config
 
-    workdir, before, doc, proc = tuned_added
+    granularity, workdir, before, doc, proc = tuned_added
     (placed,) = doc["change"]["added"]
     k = placed["cluster"]
     members = doc["clusters"][k]
@@ -182,13 +187,15 @@ def test_a_tuned_runs_changed_cluster_is_tuned_again_alone_with_the_runs_setting
     td = data.concat_task_data([data.load_task_data(inputs["run_data"], members[:-1], tok, **kw),
                                 data.load_task_data(inputs["data_dir"], [NEW], tok, **kw)], tok.pad_token_id or 0)
     part = np.zeros(len(members), np.int32)
-    settings = tune.TuneSettings(granularity="adapter", steps=8, learning_rate=0.5)
+    settings = tune.TuneSettings(granularity=granularity, steps=8, learning_rate=TUNED[granularity])
     res = tune.tune_partition(params, cfg, prepared, td, part, 1, settings,
                               example_chunk=doc["tuning"]["example_chunk"])
     assert res.kept_k[0]  # the tuned weights beat the unit ones on the held-out examples: they are written
     assert doc["tuning"]["weights"][k] == [float(res.weights[0][members.index(t)]) if t in members else 1.0
                                            for t in doc["task_losses"]]
-    want = jax.tree.map(lambda x: np.asarray(x[0]), tune.merged_clusters(prepared, part, 1, res.weights))
+    assert doc["tuning"]["granularity"] == granularity
+    want = jax.tree.map(lambda x: np.asarray(x[0]), res.lora if granularity == "factors"
+                        else tune.merged_clusters(prepared, part, 1, res.weights))
     unit = jax.tree.map(lambda x: np.asarray(x[0]), tune.merged_clusters(prepared, part, 1))
     d = str(workdir / "merged" / f"cluster_{k}")
     got = lora.lora_delta(lora.effective_lora(lora.load_adapter_dirs([d], cfg), 0))
