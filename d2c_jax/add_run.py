@@ -18,7 +18,9 @@ Order of work (every check before anything is written):
      in place; the same command then publishes v+1.
 Clusters whose members did not change keep their merged adapters (hard links to the previous
 version's files: tuned weights or factors stay as they were); changed clusters are merged again
-with the run's operator at unit weights.
+with the run's operator and, in a run with tuned merges (partition.json "tuning"), tuned again with
+the run's tuning settings (config.json's tune_* flags) on that cluster alone: its adapters and its
+tasks' search examples, each task loaded on its own and stacked (`tune_cluster`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from d2c_jax import budget as budget_lib
-from d2c_jax import data, hf_io, lora, merge, online, plots, signals
+from d2c_jax import data, hf_io, lora, merge, online, plots, signals, tune
 from d2c_jax.atomic_io import is_leftover, remove_path, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.checkpoint import Checkpointer
 from d2c_jax.config_flags import setting
@@ -180,6 +182,98 @@ def check_new_adapter(adapter: lora.Adapter, run_set: lora.AdapterSet) -> None:
                         f"(they adapt {', '.join(run_set.a)})")
 
 
+# ----------------------------------------------------------------------------- tuned merges
+
+
+def tune_settings(run: Run) -> tune.TuneSettings | None:
+    """The run's tuning settings, None for a run with unit-weight merges: partition.json's
+    tuning.settings (a version written by this module), else the search's config.json flags."""
+    tuning = run.doc.get("tuning")
+    if not tuning:
+        return None
+    settings = tuning.get("settings")
+    if settings is None:
+        path = os.path.join(run.workdir, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                flags = json.load(f)
+            settings = {f: flags[f"tune_{f}"] for f in ("granularity", "steps", "learning_rate", "holdout")}
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(path, f"the run tuned its merges but its tuning settings cannot be read: {e}") from None
+    return tune.TuneSettings(**settings)
+
+
+def _data_kw(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """load_task_data's settings of the run's search examples."""
+    return dict(split="search", examples_per_task=doc.get("examples_per_task", 10),
+                max_seq_len=doc.get("max_seq_len", 1024), chat_template=bool(doc.get("chat_template", False)),
+                extra_ok=True)
+
+
+def tune_cluster(params: Any, model_cfg: Any, tokenizer: Any, doc: Mapping[str, Any], members: Sequence[str],
+                 adapter_dirs: Mapping[str, str], data_dirs: Mapping[str, str], settings: tune.TuneSettings,
+                 example_chunk: int | None) -> tuple[Any, tune.TuneResult]:
+    """(merged lora without a K axis, TuneResult of K = 1): one cluster tuned alone with `settings`,
+    as the search tunes each cluster (`tune.tune_partition`), on the cluster's adapters prepared
+    with the run's operator, density, seed and output rank, and its tasks' search examples (each
+    task read on its own, stacked in `members` order)."""
+    aset = lora.load_adapter_dirs([adapter_dirs[t] for t in members], model_cfg)
+    prepared = merge.prepare_merge(aset, doc["merge"], float(doc["density"]), seed=int(doc.get("seed", 0)),
+                                   rank=int(doc.get("output_rank") or 0) or None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    task_data = data.concat_task_data([data.load_task_data(data_dirs[t], [t], tokenizer, **_data_kw(doc))
+                                       for t in members], pad_id)
+    part_n = np.zeros(len(members), np.int32)
+    res = tune.tune_partition(params, model_cfg, prepared, task_data, part_n, 1, settings, example_chunk=example_chunk)
+    lora_k = res.lora if res.lora is not None else tune.merged_clusters(prepared, part_n, 1, res.weights)
+    import jax
+
+    return jax.tree.map(lambda x: np.asarray(x)[0], lora_k), res
+
+
+def tuning_doc(run: Run, clusters: Sequence[Sequence[str]], names: Sequence[str], tuned: Mapping[int, tune.TuneResult],
+               settings: tune.TuneSettings, example_chunk: int | None) -> dict[str, Any]:
+    """partition.json's "tuning" of a changed tuned run: per cluster the previous version's numbers
+    (a kept cluster) or its new tuning's (`tuned`: {cluster: result}); weights [K, N(, L)] over
+    `names` (1 outside a cluster)."""
+    old = run.doc["tuning"]
+    old_index = {frozenset(c): k for k, c in enumerate(run.doc["clusters"])}
+    old_names = list(run.doc["task_losses"])
+    per = {f: [] for f in ("kept", "unit_heldout", "tuned_heldout", "unit_fit", "tuned_fit", "best_step")}
+    layers = None
+    rows = []
+    for k, members in enumerate(clusters):
+        if k in tuned:
+            res = tuned[k]
+            vals = {f: x[0] for f, x in res.summary().items() if f in per}
+            w = {t: np.asarray(res.weights[0][i]) for i, t in enumerate(members)}
+        else:
+            ko = old_index[frozenset(members)]
+            vals = {f: old[f][ko] for f in per}
+            w = {t: np.asarray(old["weights"][ko][old_names.index(t)]) for t in members}
+        for f in per:
+            per[f].append(vals[f])
+        layers = layers if layers is not None else next(iter(w.values())).shape
+        rows.append([w.get(t, np.ones(layers, np.float32)).tolist() for t in names])
+    kept_heldout = [t if kp else u for kp, t, u in zip(per["kept"], per["tuned_heldout"], per["unit_heldout"])]
+    some = next(iter(tuned.values()), None)
+    return {
+        **per,
+        "heldout_unit_total": float(sum(per["unit_heldout"])),
+        "heldout_kept_total": float(sum(kept_heldout)),
+        "steps": max([int(old.get("steps", 0))] + [int(r.steps) for r in tuned.values()]),
+        "seconds": round(sum(float(r.seconds) for r in tuned.values()), 3),
+        "examples_fit": some.num_fit if some else old.get("examples_fit"),
+        "examples_heldout": some.num_heldout if some else old.get("examples_heldout"),
+        "weights": rows,
+        "granularity": settings.granularity,
+        "during_search": bool(old.get("during_search", False)),
+        "settings": dataclasses.asdict(settings),
+        "retuned": sorted(int(k) for k in tuned),
+        "example_chunk": example_chunk,
+    }
+
+
 # ----------------------------------------------------------------------------- versions
 
 
@@ -268,12 +362,20 @@ def add(cfg: AddConfig) -> int:
     scorer = Scorer(params, model_cfg, prepared, task_data,
                     batch_size="auto" if cfg.batch_size == "auto" else int(cfg.batch_size))
 
+    settings = tune_settings(run)  # a tuned run's settings, read before anything is written
     lock = WorkdirLock(run.workdir)
     lock.acquire()
     try:
         _remove_leftovers(run.workdir, os.path.join(run.workdir, VERSIONS))
         archive_version(run)
-        return _apply(cfg, run, names, new_names, objective, scorer, prepared, fp, start, run.cluster_limit(aset))
+        retune = None
+        if settings is not None:
+            def retune(members: Sequence[str], adapter_dirs: Mapping[str, str], data_dirs: Mapping[str, str]):
+                chunk = scorer.example_chunk(len(members), task_data.tokens_tns.shape[-1])
+                return tune_cluster(params, model_cfg, tokenizer, doc, members, adapter_dirs, data_dirs, settings,
+                                    chunk) + (chunk,)
+        return _apply(cfg, run, names, new_names, objective, scorer, prepared, fp, start, run.cluster_limit(aset),
+                      retune, settings)
     finally:
         lock.release()
 
@@ -287,10 +389,7 @@ def _adapter_of(aset: lora.AdapterSet, i: int) -> lora.Adapter:
 
 def _task_data(run: Run, cfg: AddConfig, new_names: Sequence[str], tokenizer: Any) -> data.TaskData:
     """The run's tasks' examples from their data directories, then the new tasks' from --data_dir."""
-    doc = run.doc
-    kw = dict(split="search", examples_per_task=doc.get("examples_per_task", 10),
-              max_seq_len=doc.get("max_seq_len", 1024), chat_template=bool(doc.get("chat_template", False)),
-              extra_ok=True)
+    kw = _data_kw(run.doc)
     groups: dict[str, list[str]] = {}
     for n in run.names:
         groups.setdefault(run.data_dirs[n], []).append(n)
@@ -327,7 +426,8 @@ def _load_state(path: str, fp: str, version: int) -> dict[str, Any] | None:
 
 
 def _apply(cfg: AddConfig, run: Run, names: tuple[str, ...], new_names: Sequence[str], objective: str,
-           scorer: Scorer, prepared: merge.Prepared, fp: str, start: float, max_clusters: int) -> int:
+           scorer: Scorer, prepared: merge.Prepared, fp: str, start: float, max_clusters: int,
+           retune: Any = None, settings: tune.TuneSettings | None = None) -> int:
     workdir, doc = run.workdir, run.doc
     staging = os.path.join(workdir, ADDING)
     state_path = os.path.join(staging, STATE)
@@ -395,7 +495,17 @@ def _apply(cfg: AddConfig, run: Run, names: tuple[str, ...], new_names: Sequence
             state["evaluations"] += refined.evaluations
         new_doc = _new_doc(run, cfg, names, new_names, partition_n, losses_n, state, fp, objective,
                            time.perf_counter() - start, max_clusters)
-        write_dir_atomic(target, lambda tmp: _write_version(tmp, run, new_doc, names, partition_n, prepared, scorer),
+        tuned_loras: dict[int, Any] = {}
+        if retune is not None:  # the changed clusters of a tuned run, each tuned alone
+            results, chunk = {}, None
+            for k in _changed_clusters(run, new_doc["clusters"]):
+                members = new_doc["clusters"][k]
+                print(f"tuning cluster {k} ({len(members)} tasks) with the run's settings", flush=True)
+                tuned_loras[k], results[k], chunk = retune(members, new_doc["adapter_dirs"], new_doc["data_dirs"])
+            new_doc["tuning"] = tuning_doc(run, new_doc["clusters"], list(new_doc["task_losses"]), results, settings,
+                                           chunk)
+        write_dir_atomic(target, lambda tmp: _write_version(tmp, run, new_doc, names, partition_n, prepared, scorer,
+                                                            tuned_loras),
                          what=f"version {run.version + 1}")
         publish(workdir, target)
         remove_path(staging)
@@ -448,11 +558,17 @@ def _new_doc(run: Run, cfg: AddConfig, names: Sequence[str], new_names: Sequence
     for key in ("adapter_dirs", "data_dirs"):
         doc[key] = {n: doc[key][n] for n in names if partition_n[names.index(n)] >= 0}
     # Clusters whose members did not change keep their written adapters (tuned ones stay tuned);
-    # the others are merged again at unit weights, so the per-cluster tuning summary no longer applies.
-    old = {frozenset(c) for c in run.doc["clusters"]}
-    doc["change"]["kept_clusters"] = [k for k, c in enumerate(doc["clusters"]) if frozenset(c) in old]
+    # the others are merged (and, in a tuned run, tuned: `_apply` replaces "tuning") again.
+    changed = _changed_clusters(run, doc["clusters"])
+    doc["change"]["kept_clusters"] = [k for k in range(len(doc["clusters"])) if k not in changed]
     doc.pop("tuning", None)
     return doc
+
+
+def _changed_clusters(run: Run, clusters: Sequence[Sequence[str]]) -> list[int]:
+    """The clusters whose members are not those of a cluster of the previous version."""
+    old = {frozenset(c) for c in run.doc["clusters"]}
+    return [k for k, c in enumerate(clusters) if frozenset(c) not in old]
 
 
 def version_line(doc: Mapping[str, Any]) -> str:
@@ -468,8 +584,9 @@ def version_line(doc: Mapping[str, Any]) -> str:
 
 
 def _write_version(tmp: str, run: Run, doc: Mapping[str, Any], names: Sequence[str], partition_n: np.ndarray,
-                   prepared: merge.Prepared, scorer: Scorer) -> None:
-    """partition.json, merged/ (unchanged clusters linked from the previous version), assignment.png."""
+                   prepared: merge.Prepared, scorer: Scorer, tuned: Mapping[int, Any]) -> None:
+    """partition.json, merged/ (unchanged clusters linked from the previous version, `tuned`
+    {cluster: lora} written as they are, the others merged at unit weights), assignment.png."""
     import jax
 
     partition_n = online.compact(partition_n)
@@ -482,8 +599,11 @@ def _write_version(tmp: str, run: Run, doc: Mapping[str, Any], names: Sequence[s
         if was is not None and os.path.isdir(src):
             _link_or_copy(src, out)
             continue
-        lora_k = jax.tree.map(np.asarray, scorer.merge(partition_n == k) if not scorer.batched
-                              else merge.merge_mask(prepared, partition_n == k))
+        if k in tuned:
+            lora_k = tuned[k]
+        else:
+            lora_k = jax.tree.map(np.asarray, scorer.merge(partition_n == k) if not scorer.batched
+                                  else merge.merge_mask(prepared, partition_n == k))
         lora.save_peft_adapter(out, lora_k, rank=prepared.rank, alpha=prepared.rank,
                                base_model_path=run.doc["base_model"])
     idx = [i for i in range(len(names)) if partition_n[i] >= 0]

@@ -10,7 +10,10 @@ mean held-out loss, the mean task score (each task scored with its own metric, i
 the mean of each metric over the tasks that use it, and the gap closed:
   gap closed = (m - all_in_one) / (single_task - all_in_one)
 of the mean score (of the mean loss without generation): 0 is no better than one adapter for
-every task, 1 (100 %) as good as keeping all N single-task adapters.
+every task, 1 (100 %) as good as keeping all N single-task adapters; and, with generation
+metrics and the single-task reference, the S-score (K-Merge's measure):
+  S = mean over the group's tasks of score(m, t) / score(single_task, t)
+over the tasks whose single-task score is positive (a ratio to 0 is undefined).
 
 Shapes: T tasks.
 """
@@ -28,6 +31,8 @@ LABELS = {"merged": "merged (the run)", "single_task": "single-task", "all_in_on
 GAP_DEFINITION = ("gap closed = (m - all_in_one) / (single_task - all_in_one) of the mean score (of the mean "
                   "loss without generation metrics): 0 % = one adapter for every task, 100 % = every task's own "
                   "adapter")
+S_SCORE_DEFINITION = ("S-score = mean over tasks of score(m) / score(single-task), over tasks whose single-task "
+                      "score is positive")
 
 
 def run_jobs(jobs: Mapping[str, Callable[[], Any]], progress: bool = True) -> dict[str, Any]:
@@ -64,6 +69,14 @@ def groups_of(names: Sequence[str], tags: Mapping[str, Mapping[str, str]]) -> di
     return out
 
 
+def s_score(scores_t: Sequence[float], single_t: Sequence[float]) -> float | None:
+    """The S-score: mean over tasks of (score with the task's merged adapter) / (score with its own
+    adapter), over the tasks whose own score is positive; None if there is none."""
+    merged, single = np.asarray(scores_t, np.float64), np.asarray(single_t, np.float64)
+    ok = single > 0
+    return float(np.mean(merged[ok] / single[ok])) if ok.any() else None
+
+
 def _gap(value: float | None, low: float | None, high: float | None) -> float | None:
     if value is None or low is None or high is None or high == low:
         return None
@@ -83,7 +96,11 @@ def group_rows(results: Mapping[str, Any], idx: Sequence[int]) -> list[dict[str,
         rows.append(row)
     by = {row["method"]: row for row in rows}
     lo, hi = by.get("all_in_one"), by.get("single_task")
+    single = results.get("single_task")
     for row in rows:
+        r = results[row["method"]]
+        row["s_score"] = (None if single is None or single.scores_t is None or r.scores_t is None
+                          else s_score(r.scores_t[idx], single.scores_t[idx]))
         row["gap_closed_loss"] = None if lo is None or hi is None else _gap(row["loss"], lo["loss"], hi["loss"])
         row["gap_closed_score"] = (None if lo is None or hi is None or "score" not in row
                                    else _gap(row["score"], lo["score"], hi["score"]))
@@ -106,8 +123,10 @@ def comparison_document(docs: Mapping[str, Any], results: Mapping[str, Any],
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     metrics = sorted({k for r in rows for k in r} - {"method", "loss", "score", "gap_closed", "gap_closed_loss",
-                                                     "gap_closed_score"})
+                                                     "gap_closed_score", "s_score"})
     cols = ["loss"] + (["score"] if any("score" in r for r in rows) else []) + metrics
+    if any(r.get("s_score") is not None for r in rows):
+        cols.append("s_score")
     if any(r.get("gap_closed") is not None for r in rows):
         cols.append("gap_closed")
     return cols
@@ -119,7 +138,7 @@ def _cell(row: Mapping[str, Any], col: str) -> str:
         return "-"
     if col == "gap_closed":
         return f"{100 * value:.0f} %"
-    return f"{value:.4f}" if col == "loss" else f"{value:.2f}"
+    return f"{value:.4f}" if col == "loss" else f"{value:.3f}" if col == "s_score" else f"{value:.2f}"
 
 
 def _header(group: str, n: int) -> str:
@@ -134,7 +153,7 @@ def text_tables(comparison: Mapping[str, Any]) -> str:
         label_w = max(len(LABELS.get(r["method"], r["method"])) for r in rows)
         widths = [max(len(c), 8) for c in cols]
         lines = [_header(group, len(g["tasks"])),
-                 "  " + "method".ljust(label_w) + "".join(f"  {c.replace('_', ' '):>{w}}" for c, w in zip(cols, widths))]
+                 "  " + "method".ljust(label_w) + "".join(f"  {_title(c):>{w}}" for c, w in zip(cols, widths))]
         for r in rows:
             lines.append("  " + LABELS.get(r["method"], r["method"]).ljust(label_w)
                          + "".join(f"  {_cell(r, c):>{w}}" for c, w in zip(cols, widths)))
@@ -145,7 +164,12 @@ def text_tables(comparison: Mapping[str, Any]) -> str:
 
 def _gap_note(comparison: Mapping[str, Any]) -> str:
     has_gap = any(r.get("gap_closed") is not None for g in comparison["groups"].values() for r in g["rows"])
-    return "; " + GAP_DEFINITION if has_gap else ""
+    has_s = any(r.get("s_score") is not None for g in comparison["groups"].values() for r in g["rows"])
+    return ("; " + GAP_DEFINITION if has_gap else "") + ("; " + S_SCORE_DEFINITION if has_s else "")
+
+
+def _title(col: str) -> str:
+    return "S-score" if col == "s_score" else col.replace("_", " ")
 
 
 def markdown(comparison: Mapping[str, Any], title: str) -> str:
@@ -154,7 +178,7 @@ def markdown(comparison: Mapping[str, Any], title: str) -> str:
     for group, g in comparison["groups"].items():
         rows, cols = g["rows"], _columns(g["rows"])
         out += [f"## {_header(group, len(g['tasks']))}", "",
-                "| method | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+                "| method | " + " | ".join(_title(c) for c in cols) + " |",
                 "|---|" + "---:|" * len(cols)]
         out += ["| " + LABELS.get(r["method"], r["method"]) + " | " + " | ".join(_cell(r, c) for c in cols) + " |"
                 for r in rows]

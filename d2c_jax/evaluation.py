@@ -598,8 +598,9 @@ def evaluate(cfg: EvalConfig, *, log: Any = None) -> dict[str, Any]:
     docs = {m: result_document(r, task_data, m, cfg) for m, r in results.items() if m != primary_key}
     doc["comparison"] = comparison.comparison_document(
         {primary_key: {"tasks": doc["tasks"], "summary": dict(doc["summary"])}, **docs}, results, inputs.tags)
-    doc["summary"]["gap_closed"] = next(r["gap_closed"] for r in doc["comparison"]["groups"]["overall"]["rows"]
-                                        if r["method"] == primary_key)
+    overall = next(r for r in doc["comparison"]["groups"]["overall"]["rows"] if r["method"] == primary_key)
+    doc["summary"]["gap_closed"] = overall["gap_closed"]
+    doc["summary"]["s_score"] = overall["s_score"]  # None without generation or the single-task reference
     return doc
 
 

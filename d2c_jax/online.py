@@ -8,6 +8,9 @@ Placement of a new adapter t under the run's objective (lower is better):
   local   Δ_c = loss(merge(c ∪ {t}), t)
   global  Δ_c = loss(merge(c ∪ {t}), t) + Σ_{u ∈ c} [loss(merge(c ∪ {t}), u) − loss(merge(c), u)]
   a new cluster, while fewer than `max_clusters` exist: Δ = loss(t's own adapter, t)
+With per-task weights w (`weights_n`), every loss of task u above counts w_u times: e.g. w_u = 1 /
+loss(u's own adapter, u) makes each term a change relative to what u's own adapter reaches, the
+loss analogue of the S-score's per-task ratio (tasks with large losses no longer dominate).
 t joins the candidate of lowest Δ (the first on ties); only that cluster's merge changes. The
 candidates are scored in ONE `LossCache.resolve` call (the current losses loss(merge(c), u) are in
 the cache already); with the local objective the chosen cluster's other tasks are then scored under
@@ -99,9 +102,10 @@ def task_losses(scorer: Scorer, cache: LossCache, partition_n: np.ndarray) -> tu
 
 
 def place(scorer: Scorer, cache: LossCache, partition_n: np.ndarray, new: int, *, objective: str = "local",
-          max_clusters: int | None = None) -> tuple[np.ndarray, Placement]:
+          max_clusters: int | None = None, weights_n: np.ndarray | None = None) -> tuple[np.ndarray, Placement]:
     """(new partition, Placement) of adapter `new` (absent from `partition_n`), see the module
-    docstring. `max_clusters`: the most clusters allowed (None: no new cluster is opened)."""
+    docstring. `max_clusters`: the most clusters allowed (None: no new cluster is opened);
+    `weights_n`: float[N] each task's weight in Δ (None: 1)."""
     start = time.perf_counter()
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -125,10 +129,11 @@ def place(scorer: Scorer, cache: LossCache, partition_n: np.ndarray, new: int, *
         raise ValueError("no cluster to place the adapter in")
     requests = [r for _, after, before in candidates for r in after + before]
     losses_c, stats = cache.resolve(scorer, requests)
+    w_n = np.ones(len(partition_n)) if weights_n is None else np.asarray(weights_n, np.float64)
     changes, i = [], 0
     for _, after, before in candidates:
-        a = losses_c[i:i + len(after)]
-        b = losses_c[i + len(after):i + len(after) + len(before)]
+        a = [w_n[t] * float(x) for (_, t), x in zip(after, losses_c[i:i + len(after)])]
+        b = [w_n[t] * float(x) for (_, t), x in zip(before, losses_c[i + len(after):i + len(after) + len(before)])]
         i += len(after) + len(before)
         changes.append(math.fsum(a) - math.fsum(b))
     best = int(np.argmin(changes))  # the first of equal minima
@@ -188,14 +193,6 @@ def refine(scorer: Scorer, partition_n: np.ndarray, losses_n: np.ndarray, iterat
     losses = np.full(len(partition_n), np.nan)
     losses[idx] = result.task_losses_n
     return compact(out), losses, result
-
-
-def s_score(scores_t: Sequence[float], single_t: Sequence[float]) -> float:
-    """The S-score: mean over tasks of (score with the task's merged adapter) / (score with its own
-    adapter), over the tasks whose own score is positive (a ratio to 0 is undefined); NaN if none."""
-    merged, single = np.asarray(scores_t, np.float64), np.asarray(single_t, np.float64)
-    ok = single > 0
-    return float(np.mean(merged[ok] / single[ok])) if ok.any() else float("nan")
 
 
 def summary(partition_n: np.ndarray, losses_n: np.ndarray) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from d2c_jax import kmerge, merge, online
+from d2c_jax import comparison, kmerge, merge, online
 from d2c_jax.atomic_io import write_bytes_atomic, write_text_atomic
 from d2c_jax.evaluation import Evaluator, longest_response_tokens
 from d2c_jax.inputs import load_inputs
@@ -50,7 +50,9 @@ flags.DEFINE_integer("refine_iterations", 5, "D²C iterations after each placeme
 flags.DEFINE_integer("d2c_iterations", 100, "Iterations of the full D²C search at the last arrival.")
 flags.DEFINE_integer("eval_examples", 12, "Held-out examples per task.")
 flags.DEFINE_integer("record_every", 1, "Held-out evaluation after every r-th arrival (and the last).")
-flags.DEFINE_enum("objective", "local", ["local", "global"], "Objective of placement and refinement.")
+flags.DEFINE_enum("objective", "local", ["local", "global", "relative"],
+                  "Objective of placement and refinement (relative: the global one with each task's loss "
+                  "divided by its own adapter's loss, in placement; refinement then uses global).")
 flags.DEFINE_list("methods", list(("kmerge", "kmerge_pp", "kmerge+ties", "kmerge_pp+ties", "placement",
                                    "placement+refine", "d2c")), "Methods to run.")
 flags.DEFINE_string("figure", "docs/online.png", "S-score against arrivals.")
@@ -93,7 +95,8 @@ def _record(held: Held, kind: str, loras, partition_n: np.ndarray, seen: list[in
     loras = loras() if callable(loras) else loras
     compact = online.compact(partition_n)
     scores = held.scores(_key(kind, compact), loras, compact)
-    return {"s_score": online.s_score(scores[seen], held.single[seen]), "score": float(np.mean(scores[seen]))}
+    s = comparison.s_score(scores[seen], held.single[seen])
+    return {"s_score": float("nan") if s is None else s, "score": float(np.mean(scores[seen]))}
 
 
 def _ties_loras(scorer, partition_n):
@@ -141,10 +144,18 @@ def run_placement(order, k, scorer, held, refine_iterations, seed, objective="lo
     losses_n = np.full(n, np.nan)
     cache = LossCache(n)
     records = []
+    relative = objective == "relative"
+    objective = "global" if relative else objective
+    weights_n = np.ones(n)
     for step, t in enumerate(order):
         start = time.perf_counter()
-        partition_n, placement = online.place(scorer, cache, partition_n, int(t), objective=objective, max_clusters=k)
-        evaluations = placement.evaluations
+        evaluations = 0
+        if relative:  # 1 / the arrival's loss with its own adapter (the singleton merge)
+            (own,), stats = cache.resolve(scorer, [(np.arange(n) == t, int(t))])
+            weights_n[t], evaluations = 1.0 / float(own), stats.evaluations
+        partition_n, placement = online.place(scorer, cache, partition_n, int(t), objective=objective, max_clusters=k,
+                                              weights_n=weights_n)
+        evaluations += placement.evaluations
         losses_n, _ = online.task_losses(scorer, cache, partition_n)
         if refine_iterations and len(online.labels(partition_n)) < step + 1:  # some cluster has 2+ members
             partition_n, losses_n, result = online.refine(scorer, partition_n, losses_n, refine_iterations,

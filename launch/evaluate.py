@@ -106,6 +106,8 @@ def main(argv: Sequence[str]) -> None:
                                                                    comparison.LABELS, title="held-out evaluation"))
         write_json_atomic(output, result)
         score = f", mean score {summary['mean_score']:.2f}" if "mean_score" in summary else ""
+        if summary.get("s_score") is not None:
+            score += f", S-score {summary['s_score']:.3f}"
         extra = f" (+ {os.path.basename(stem)}.md, .png)" if charts else ""
         print(f"{summary['mode']}: mean loss {summary['mean_loss']:.4f}{score} over "
               f"{summary['num_tasks']} tasks -> {output}{extra}")

@@ -136,6 +136,103 @@ def test_merged_adapters_are_the_new_clusters_and_unchanged_ones_are_kept_as_the
     assert not (workdir / "adding").exists()
 
 
+# Tuning settings of the tuned runs: 8 steps at learning rates under which the changed cluster's tuned
+# weights (factors) beat the unit ones on the held-out examples here (at the defaults 0.05 / 1e-3 they
+# never do in 8 steps, and the unit merge would be written).
+TUNED = {"adapter": 0.5, "factors": 0.01}
+
+
+@pytest.fixture(scope="module", params=sorted(TUNED))
+def tuned_added(request, inputs, tmp_path_factory):
+    """A run with tuned merges (--tune_weights, granularity request.param), then task_4 added."""
+    granularity = request.param
+    workdir = tmp_path_factory.mktemp(f"tuned_{granularity}") / "wd"
+    run_inputs = {"base_model": inputs["base_model"], "adapters_dir": inputs["run_adapters"],
+                  "data_dir": inputs["run_data"]}
+    proc = _launch(SEARCH, search_argv(run_inputs, workdir, **FLAGS, tune_weights=True, tune_steps=8,
+                                       tune_granularity=granularity, tune_learning_rate=TUNED[granularity])
+                   + ["--noprogress", "--noall_in_one_reference"])
+    assert proc.returncode == 0, proc.stderr
+    before = read_partition(workdir)
+    proc = _launch(ADD, [f"--workdir={workdir}", f"--adapters={os.path.join(inputs['adapters_dir'], NEW)}",
+                         f"--data_dir={inputs['data_dir']}"])
+    assert proc.returncode == 0, proc.stderr
+    return granularity, workdir, before, read_partition(workdir), proc
+
+
+def test_a_tuned_runs_changed_cluster_is_tuned_again_alone_with_the_runs_settings(inputs, tuned_added):
+    """The changed cluster's written adapter is tune.tune_partition's kept merge (weights) or kept
+    factors of that cluster alone (its adapters and its tasks' search examples, K = 1) with the run's
+    settings (the flags the search was given: granularity, 8 steps, learning rate, defaults
+    otherwise), not the unit-weight merge; the other cluster keeps its files."""
+    import jax
+
+    from d2c_jax import data, hf_io, lora, merge, tune
+    from d2c_jax.models.config import load_config
+
+    granularity, workdir, before, doc, proc = tuned_added
+    (placed,) = doc["change"]["added"]
+    k = placed["cluster"]
+    members = doc["clusters"][k]
+    assert members[-1] == NEW and doc["tuning"]["retuned"] == [k]
+    assert f"tuning cluster {k} ({len(members)} tasks) with the run's settings" in proc.stdout
+    base = inputs["base_model"]
+    cfg = load_config(base)
+    params = hf_io.load_params(base, cfg, "float32")
+    tok = hf_io.load_tokenizer(base)
+    aset = lora.load_adapter_dirs([os.path.join(inputs["run_adapters"], t) for t in members[:-1]]
+                                  + [os.path.join(inputs["adapters_dir"], NEW)], cfg)
+    prepared = merge.prepare_merge(aset, "ties", 0.5, seed=FLAGS["seed"])
+    kw = dict(split="search", examples_per_task=3, max_seq_len=64, extra_ok=True)
+    td = data.concat_task_data([data.load_task_data(inputs["run_data"], members[:-1], tok, **kw),
+                                data.load_task_data(inputs["data_dir"], [NEW], tok, **kw)], tok.pad_token_id or 0)
+    part = np.zeros(len(members), np.int32)
+    settings = tune.TuneSettings(granularity=granularity, steps=8, learning_rate=TUNED[granularity])
+    res = tune.tune_partition(params, cfg, prepared, td, part, 1, settings,
+                              example_chunk=doc["tuning"]["example_chunk"])
+    assert res.kept_k[0]  # the tuned weights beat the unit ones on the held-out examples: they are written
+    assert doc["tuning"]["weights"][k] == [float(res.weights[0][members.index(t)]) if t in members else 1.0
+                                           for t in doc["task_losses"]]
+    assert doc["tuning"]["granularity"] == granularity
+    want = jax.tree.map(lambda x: np.asarray(x[0]), res.lora if granularity == "factors"
+                        else tune.merged_clusters(prepared, part, 1, res.weights))
+    unit = jax.tree.map(lambda x: np.asarray(x[0]), tune.merged_clusters(prepared, part, 1))
+    d = str(workdir / "merged" / f"cluster_{k}")
+    got = lora.lora_delta(lora.effective_lora(lora.load_adapter_dirs([d], cfg), 0))
+    want_d, unit_d = lora.lora_delta(want), lora.lora_delta(unit)
+    for m in want_d:
+        # the same function on the same inputs in another process, the factors written as float32
+        # and read back unchanged: equal, not close
+        np.testing.assert_array_equal(got[m], want_d[m])
+        assert np.abs(want_d[m] - unit_d[m]).max() > 1e-3 * np.abs(unit_d[m]).max()  # not the unit merge
+    other = 1 - k
+    was = before["clusters"].index(doc["clusters"][other])
+    assert _tree(workdir / "merged" / f"cluster_{other}") == _tree(
+        workdir / "versions" / "0" / "merged" / f"cluster_{was}")
+    assert doc["tuning"]["weights"][other] == [
+        before["tuning"]["weights"][was][list(before["task_losses"]).index(t)] if t in before["task_losses"] else 1.0
+        for t in doc["task_losses"]]
+
+
+def test_a_tuned_runs_settings_come_from_its_config_then_its_last_version(tmp_path):
+    import dataclasses
+
+    from d2c_jax import add_run, tune
+    from d2c_jax.errors import UserError
+
+    run = add_run.Run(str(tmp_path), {"tuning": {"kept": [True]}}, ("a",), {}, {})
+    with pytest.raises(UserError, match="tuning settings cannot be read") as e:
+        add_run.tune_settings(run)  # no config.json
+    assert e.value.path == str(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"tune_granularity": "layer", "tune_steps": 7,
+                                                      "tune_learning_rate": None, "tune_holdout": 0.25}))
+    assert add_run.tune_settings(run) == tune.TuneSettings(granularity="layer", steps=7, holdout=0.25)
+    written = dataclasses.asdict(tune.TuneSettings(steps=3, learning_rate=0.5))
+    assert add_run.tune_settings(dataclasses.replace(run, doc={"tuning": {"settings": written}})) == \
+        tune.TuneSettings(steps=3, learning_rate=0.5)
+    assert add_run.tune_settings(dataclasses.replace(run, doc={})) is None  # unit-weight merges
+
+
 def test_rerunning_after_success_says_so_and_exits_0(inputs, added):
     workdir, _ = added
     snapshot = _tree(workdir)
@@ -309,6 +406,21 @@ def test_placement_takes_the_lowest_change_of_the_objective_at_the_stated_cost(o
     np.testing.assert_allclose(placement.changes, changes, rtol=1e-6)  # float32 losses summed in float64
     assert placement.evaluations == evaluations == sum(scorer.calls)
     assert len(scorer.calls) == (2 if objective == "local" else 1)
+
+
+def test_weighted_placement_counts_each_tasks_loss_change_times_its_weight():
+    """Weights 1 / (own-adapter loss): A's tasks (own loss 4) count a quarter, task 4 (own loss 0.25)
+    four times; by hand: A: 4 * 0.5 + 2 * (3.0 - 1.0) / 4 = 3.0, B: 4 * 0.8 + 2 * (1.05 - 1.0) = 3.3."""
+    from fixtures_search_fakes import TableScorer
+
+    from d2c_jax import online
+
+    partition_n, cache = _run_partition()
+    w = 1.0 / np.array([4.0, 4.0, 1.0, 1.0, 0.25])
+    out, placement = online.place(TableScorer(5, _scripted), cache, partition_n, T_NEW, objective="global",
+                                  weights_n=w)
+    np.testing.assert_allclose(placement.changes, [3.0, 3.3], rtol=1e-6)  # float32 losses, float64 sums
+    assert placement.cluster == 0 and out.tolist() == [0, 0, 1, 1, 0]
 
 
 def test_a_new_cluster_is_a_candidate_only_while_there_is_room():

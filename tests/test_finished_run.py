@@ -110,6 +110,50 @@ def test_tables_per_family_and_gap_closed(evaluated, run):
     assert (run["workdir"] / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(scope="module")
+def scored(run, tmp_path_factory):
+    """The run evaluated with generation metrics, on a copy of its data whose tasks.json names chrF
+    (character n-grams: the tiny random model's output shares some with every reference, so every
+    single-task score is positive; its exact-match and ROUGE-L scores are 0)."""
+    data = tmp_path_factory.mktemp("scored") / "data"
+    shutil.copytree(run["inputs"]["data_dir"], data)
+    doc = json.loads((data / "tasks.json").read_text())
+    (data / "tasks.json").write_text(json.dumps({t: {**e, "metric": "chrf"} for t, e in doc.items()}))
+    out = data.parent / "evaluation.json"
+    proc = _run(EVALUATE, f"--workdir={run['workdir']}", f"--data_dir={data}", "--metrics=loss,generation",
+                f"--output={out}", "--noprogress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_s_score_is_the_mean_ratio_of_merged_to_single_task_scores_and_printed(scored):
+    """K-Merge's S-score: mean over tasks of score(merged) / score(single-task), recomputed here by
+    plain arithmetic from the per-task scores the evaluation wrote, for every method and group."""
+    proc, doc = scored
+    methods, groups = doc["comparison"]["methods"], doc["comparison"]["groups"]
+
+    def want(method, tasks):
+        single = [methods["single_task"]["tasks"][t]["chrf"] for t in tasks]
+        mine = [methods[method]["tasks"][t]["chrf"] for t in tasks]
+        assert all(s > 0 for s in single)
+        return sum(m / s for m, s in zip(mine, single)) / len(tasks)
+
+    # float64 means of <= 5 ratios summed in another order: ~1e-16 relative; 1e-12 is the bound.
+    for g in groups.values():
+        for row in g["rows"]:
+            assert row["s_score"] == pytest.approx(want(row["method"], g["tasks"]), rel=1e-12, abs=0)
+    s = want("merged", list(doc["tasks"]))
+    assert doc["summary"]["s_score"] == pytest.approx(s, rel=1e-12, abs=0)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("partition: ") and f", S-score {s:.3f} over 5 tasks" in last
+    assert "S-score" in proc.stdout.splitlines()[1]  # a column of every table
+
+
+def test_without_scores_there_is_no_s_score(evaluated):
+    proc, doc = evaluated  # --metrics=loss
+    assert doc["summary"]["s_score"] is None and "S-score" not in proc.stdout
+
+
 def test_partition_alone_is_the_same_run(run):
     """--partition=RUN/partition.json alone resolves to what --workdir=RUN does (no weights read)."""
     from d2c_jax.evaluation import EvalConfig, resolve

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -14,6 +15,7 @@ from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from d2c_jax import lora as lora_lib  # noqa: E402
 from experiments import report  # noqa: E402
+from experiments.report import render  # noqa: E402
 from d2c_jax.errors import UserError  # noqa: E402
 from d2c_jax.models.config import load_config  # noqa: E402
 from fixtures_models import make_tiny_model  # noqa: E402
@@ -95,10 +97,40 @@ def test_table1_has_every_row_with_storage(tiny_report):
     assert rows["All-in-one merge"][:2] == ["1", "16.7"]
     for key in ("Random clusters", "K-means (A, B)", "D²C paper (P=1, M=1, local)"):
         assert rows[key][:2] == ["2", "33.3"]
-        assert float(rows[key][2]) >= 0.0 and float(rows[key][3]) > 0.0  # score, eval loss
+        assert float(rows[key][2]) >= 0.0 and float(rows[key][4]) > 0.0  # score, eval loss
     for role in ("table", "clusters", "assignment"):
         with open(written[role], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table1_s_score_is_each_runs_mean_ratio_to_the_single_task_scores(tiny_report):
+    """Every run's S-score (results.json) and Table 1's S-score cells are the mean over tasks of (the
+    run's task score) / (the single-task adapters' task score), tasks whose single-task score is 0
+    left out. The tiny suite's random adapters score 0 everywhere, so the runs' per-task scores are
+    replaced by chosen ones (one single-task 0) and the expected values computed here by hand."""
+    res, _, _ = tiny_report
+    single = (40.0, 0.0, 25.0, 10.0, 50.0, 20.0)
+    runs = []
+    for i, r in enumerate(res.runs):
+        scores = single if r.key == "single" else tuple(float((7 * i + 3 * t) % 11) for t in range(6))
+        runs.append(dataclasses.replace(r, task_scores=scores))
+    res = dataclasses.replace(res, runs=runs)
+
+    def want(scores):
+        ratios = [scores[t] / single[t] for t in (0, 2, 3, 4, 5)]
+        return sum(ratios) / 5
+
+    doc = render.result_json(res)
+    for r in doc["runs"]:
+        # float64 means of 5 ratios summed in another order: ~1e-16 relative; 1e-12 is the bound.
+        assert r["s_score"] == pytest.approx(want(r["task_scores"]), rel=1e-12, abs=0)
+    table = _section(render.render_markdown(res), "## Table 1").split("\n\n")[1]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["Single-task adapters (upper bound)"][3] == "1.000"
+    for key, label in (("d2c", "D²C paper (P=1, M=1, local)"), ("all_in_one", "All-in-one merge")):
+        (run,) = res.select(key, 1 if key == "all_in_one" else 2)
+        assert rows[label][3] == f"{want(run.task_scores):.3f}"  # one seed: the value itself
 
 
 def test_setup_names_the_suites_settings_and_weights_hashes(tiny_report):

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from d2c_jax import comparison
 from experiments.report.run import ReportResult, Run, tag_labels
 
 
@@ -40,6 +41,12 @@ def table1_rows(res: ReportResult) -> list[dict[str, Any]]:
     for m in res.cfg.methods():
         rows.append({"key": m.key, "label": m.label, "k": k, "runs": res.select(m.key, k)})
     return rows
+
+
+def s_score_of(res: ReportResult, run: Run) -> float | None:
+    """The run's S-score (`comparison.s_score`) against the single-task adapters' held-out scores."""
+    single = res.select("single")
+    return comparison.s_score(run.task_scores, single[0].task_scores) if single else None
 
 
 def families(res: ReportResult) -> list[str]:

@@ -15,7 +15,8 @@ import numpy as np
 from d2c_jax import plots
 from d2c_jax.atomic_io import write_bytes_atomic, write_text_atomic
 from experiments.report.analysis import (ari, best_d2c, count_runs, explanations, families, findings,
-                                         loss_score_correlations, mean_of, per_family, stats, table1_rows)
+                                         loss_score_correlations, mean_of, per_family, s_score_of, stats,
+                                         table1_rows)
 from experiments.report.run import ReportResult, tag_labels
 
 RESULTS_MD = "results.md"
@@ -36,13 +37,14 @@ def _storage(k: int, n: int) -> str:
     return f"{100.0 * k / n:.1f}"
 
 
-def _row_cells(row: Mapping[str, Any], n: int) -> list[str]:
+def _row_cells(res: ReportResult, row: Mapping[str, Any], n: int) -> list[str]:
     runs = row["runs"]
     sl = [r.search_loss for r in runs if r.search_loss is not None]
+    ss = [s for s in (s_score_of(res, r) for r in runs) if s is not None]
     searched = row["key"] in ("random", "kmeans", "svd_kmeans", "d2c", "d2c_ours")
     return [
         row["label"], str(row["k"]) if row["k"] else "—", _storage(row["k"], n),
-        _pm([r.score for r in runs], 2), _pm([r.loss for r in runs], 4),
+        _pm([r.score for r in runs], 2), _pm(ss, 3), _pm([r.loss for r in runs], 4),
         _pm(sl, 4) if sl else "—",
         f"{np.mean([r.seconds for r in runs]):.1f}" if searched and runs else "—",
         f"{np.mean([r.evaluations for r in runs]):.0f}" if searched and runs else "—",
@@ -124,10 +126,12 @@ def render_markdown(res: ReportResult, images: Mapping[str, str] | None = None) 
         out += [ACROSS_MACHINES]
 
     out += ["", f"## Table 1 (K = {k}, storage {_storage(k, n)} %)", ""]
-    header = ["Method", "K", "Storage %", "Avg score ↑", "Eval loss ↓", "Search loss ↓",
+    header = ["Method", "K", "Storage %", "Avg score ↑", "S-score ↑", "Eval loss ↓", "Search loss ↓",
               "Search time (s)", "Evaluations", "Seeds"]
     rows = table1_rows(res)
-    out.append(_md_table(header, [_row_cells(r, n) for r in rows]))
+    out.append(_md_table(header, [_row_cells(res, r, n) for r in rows]))
+    out += ["", "S-score (K-Merge's measure): the mean over tasks of the task's score with the method's adapter "
+            "divided by its score with its own single-task adapter (tasks whose single-task score is 0 left out)."]
     if "table" in images:
         out += ["", f"![Table 1: average score per method]({images['table']})"]
     out += ["", "Average score per family (mean over seeds):", ""]
@@ -350,5 +354,6 @@ def result_json(res: ReportResult) -> dict[str, Any]:
         "max_new_tokens": res.max_new_tokens,
         "loss_score_correlations": loss_score_correlations(res),
         "runs": [{**dataclasses.asdict(r), "partition": None if r.partition is None else list(r.partition),
-                  "task_scores": list(r.task_scores), "task_losses": list(r.task_losses)} for r in res.runs],
+                  "task_scores": list(r.task_scores), "task_losses": list(r.task_losses),
+                  "s_score": s_score_of(res, r)} for r in res.runs],
     }
