@@ -28,11 +28,24 @@ def pyplot():
     return plt
 
 
+SOFTWARE = "d2c_jax"  # each PNG's Software text: how a later run tells its own figure from a user's file
+
+
 def png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": SOFTWARE})
     pyplot().close(fig)
     return buf.getvalue()
+
+
+def is_our_png(path: str) -> bool:
+    """Whether `path` is a figure `png` wrote (its Software text chunk, before the image data)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + SOFTWARE.encode() in head
 
 
 def objective_png(metrics: Sequence[Mapping[str, Any]], title: str = "D²C search", *,

@@ -28,6 +28,7 @@ waits in XLA for seconds (a Python handler would only run when that call returns
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import threading
@@ -104,6 +105,14 @@ def _python_handler(signum: int, frame: Any) -> None:
     """The watchdog acts on the wakeup byte; a Python-level handler must exist for it to be sent."""
 
 
+def _ignore_at_exit() -> None:
+    """The last exit handler (registered first): the exit status is decided and its line printed.
+    Past this point the interpreter's teardown would restore the default actions (the process
+    killed by the signal, silently, its status lost); ignored signals it leaves alone."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def install() -> None:
     """Routes SIGTERM, SIGINT and SIGHUP through the watchdog for the rest of the process (main thread)."""
     global _installed
@@ -115,6 +124,7 @@ def install() -> None:
         signal.signal(s, _python_handler)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     threading.Thread(target=_watch, args=(read_fd,), name="d2c-signals", daemon=True).start()
+    atexit.register(_ignore_at_exit)
     _installed = True
 
 

@@ -3,7 +3,9 @@ chosen moments, for the signal and kill tests (no sleeps: each moment is hit det
 
 A plan is a comma-separated list of `kind:pattern:n:SIGNAME`: at the n-th audit event of `kind`
 ("import": a module whose name contains the pattern; "fs": a file-system write, or the read of a
-tokenizer.json, whose path contains it) the process sends itself SIGNAME (SIGINT, SIGTERM, SIGKILL).
+tokenizer.json, whose path contains it) the process sends itself SIGNAME (SIGINT, SIGTERM, SIGHUP,
+SIGKILL), or, for SIGNAME = ENOSPC, that write fails as on a full disk (OSError ENOSPC raised by the
+hook, so the operation never happens; Python-level writes only: not inside XLA or TensorStore).
 This file holds no tests.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import sys
 
 LAUNCHER = r"""
-import os, runpy, signal, sys
+import errno, os, runpy, signal, sys
 plan = [p.split(":") for p in os.environ["D2C_TEST_SIGNALS"].split(",")]  # event:pattern:n:SIGNAME
 counts = [0] * len(plan)
 WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -38,6 +40,8 @@ def hook(event, args):
         if any(pattern in os.fsdecode(p) for p in paths_of(event, args) if not isinstance(p, int)):
             counts[i] += 1
             if counts[i] == int(n):
+                if name == "ENOSPC":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fsdecode(paths_of(event, args)[0]))
                 os.kill(os.getpid(), getattr(signal, name))
 
 sys.addaudithook(hook)

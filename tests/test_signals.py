@@ -124,3 +124,33 @@ def test_every_other_command_stopped_early_exits_non_zero_and_writes_nothing(tmp
     proc = _run_signalled(script, [a.format(tmp=tmp_path) for a in args], "import:jax._src.interpreters:1:SIGTERM")
     assert (proc.returncode, proc.stderr.splitlines()) == (143, ["stopped by SIGTERM: nothing was saved"])
     assert os.listdir(tmp_path) == []
+
+
+LATE_SIGNAL = r"""
+import os, signal, sys
+from d2c_jax import signals
+signals.install()
+
+
+class Late:
+    def __init__(self, signum, kill, pid):
+        self.args, self.kill = (pid, signum), kill
+
+    def __del__(self):  # runs in the interpreter's teardown, after its signal handling is gone
+        self.kill(*self.args)
+
+
+late = Late(getattr(signal, sys.argv[1]), os.kill, os.getpid())
+print("error: x: the command's one line", file=sys.stderr)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_in_the_teardown_keeps_the_decided_exit_status(sig):
+    """A signal after the command ended (its status decided, its line printed) used to kill the
+    process silently in the interpreter's teardown (the default action restored): its status
+    lost. The property test of whole commands hit this with a signal sent after a delay."""
+    proc = subprocess.run([sys.executable, "-c", LATE_SIGNAL, sig], capture_output=True, text=True,
+                          env=child_env(), timeout=60)
+    assert (proc.returncode, proc.stderr) == (1, "error: x: the command's one line\n")
