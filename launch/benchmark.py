@@ -30,6 +30,11 @@ from typing import Sequence
 # JAX's default 75 % of the memory from the commands it starts (they get the default back: _env).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+if __name__ == "__main__":  # first: a signal during the imports below ends the command cleanly
+    from d2c_jax import signals
+
+    signals.install()
+
 from absl import app, flags, logging  # noqa: E402
 
 from d2c_jax import cli  # noqa: E402

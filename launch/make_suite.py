@@ -17,6 +17,11 @@ import sys
 import time
 from typing import Sequence
 
+if __name__ == "__main__":  # first: a signal during the imports below ends the command cleanly
+    from d2c_jax import signals
+
+    signals.install()
+
 from absl import app, flags
 
 from d2c_jax import cli

@@ -34,6 +34,11 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+if __name__ == "__main__":  # first: a signal during the imports below ends the command cleanly
+    from d2c_jax import signals
+
+    signals.install()
+
 from absl import app, flags, logging
 
 from d2c_jax import cli

@@ -126,6 +126,16 @@ def test_every_other_command_stopped_early_exits_non_zero_and_writes_nothing(tmp
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_while_a_command_imports_its_flags_library_ends_it_with_one_line(tmp_path, sig, code):
+    """The signal handling is installed before anything else is imported: a Ctrl-C in the first
+    tenths of a second is the same one line as later, never a KeyboardInterrupt traceback."""
+    for script in ("search.py", "merge.py", "evaluate.py", "add.py", "make_suite.py", "report.py", "benchmark.py"):
+        proc = _run_signalled(script, [f"--output_dir={tmp_path}/out"], f"import:absl.flags:1:{sig}")
+        assert (proc.returncode, proc.stderr.splitlines()) == (code, [f"stopped by {sig}: nothing was saved"]), script
+    assert os.listdir(tmp_path) == []
+
+
 LATE_SIGNAL = r"""
 import os, signal, sys
 from d2c_jax import signals
