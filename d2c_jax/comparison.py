@@ -35,6 +35,19 @@ S_SCORE_DEFINITION = ("S-score = mean over tasks of score(m) / score(single-task
                       "score is positive")
 
 
+EVALUATION_TITLE = "Held-out evaluation of"  # the first line of an evaluation's .md table: "# TITLE ..."
+EVALUATION_FILES = ("evaluation.json", "evaluation.md", "evaluation.png")  # a run's own evaluation, in its workdir
+
+
+def is_our_table(path: str) -> bool:
+    """Whether `path` is an evaluation table `markdown` wrote (its title line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(f"# {EVALUATION_TITLE} ")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def run_jobs(jobs: Mapping[str, Callable[[], Any]], progress: bool = True) -> dict[str, Any]:
     """Runs each evaluation in order with a progress bar (one step per method) on stderr."""
     bar = None

@@ -168,8 +168,11 @@ def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> WorkdirLock
             raise UserError(workdir, f"cannot create --workdir: {e.strerror}") from None
         lock.acquire()
         if overwrite and os.path.exists(os.path.join(workdir, PARTITION)):  # a finished run
+            stale = _own_evaluation(workdir)  # of the partition about to be removed
             for name in OUTPUTS + (CHECKPOINTS,):
                 _remove(os.path.join(workdir, name))
+            for path in stale:
+                _remove(path)
         for name in os.listdir(workdir):  # leftovers of atomic writes killed midway
             if is_leftover(name):
                 _remove(os.path.join(workdir, name))
@@ -184,6 +187,18 @@ def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> WorkdirLock
         raise UserError(workdir, "--workdir, created by process 0, is not visible on every host; it must be "
                         "on storage that all hosts share (NFS, a mounted bucket)")
     return lock
+
+
+def _own_evaluation(workdir: str) -> list[str]:
+    """The files launch/evaluate.py wrote into the run's directory (evaluation.json with its table
+    and chart), each recognised as ours: by the evaluation beside it or its own content. A file of
+    those names that is not ours is left alone."""
+    from d2c_jax import comparison, output_guard, plots
+
+    json_path, md_path, png_path = (os.path.join(workdir, n) for n in comparison.EVALUATION_FILES)
+    ours_json = not os.path.islink(json_path) and output_guard.json_keys("tasks", "summary")(json_path)
+    tests = ((json_path, lambda p: ours_json), (md_path, comparison.is_our_table), (png_path, plots.is_our_png))
+    return [p for p, ours in tests if os.path.isfile(p) and not os.path.islink(p) and (ours_json or ours(p))]
 
 
 def _is_main() -> bool:

@@ -66,23 +66,12 @@ def config_from_flags(f: flags.FlagValues) -> EvalConfig:
     return config_flags.from_flags(EvalConfig, f)
 
 
-TITLE = "Held-out evaluation of"  # the first line of the .md table beside the output: "# TITLE ..."
-
-
-def _our_table(path: str) -> bool:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.readline().startswith(f"# {TITLE} ")
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
 def check_output(cfg: EvalConfig) -> None:
     """--output is a new file or an earlier evaluation of ours, never an input or a user's file;
     so are the table and chart written beside it (OUT.md, OUT.png) with a run or --compare: ours
     when the evaluation beside them is, or by their content (a killed run may have written them
     and not the evaluation)."""
-    from d2c_jax import output_guard, plots
+    from d2c_jax import comparison, output_guard, plots
 
     merged = os.path.join(os.path.dirname(cfg.partition), "merged") if cfg.partition else None
     inputs = [cfg.base_model, cfg.adapters_dir, cfg.data_dir, cfg.partition, merged]
@@ -92,7 +81,7 @@ def check_output(cfg: EvalConfig) -> None:
     if cfg.run_dir or (cfg.compare and not cfg.zero_shot):  # charts may be written beside it
         earlier = evaluation(cfg.output)
         stem = os.path.splitext(cfg.output)[0]
-        for path, ours in ((stem + ".md", _our_table), (stem + ".png", plots.is_our_png)):
+        for path, ours in ((stem + ".md", comparison.is_our_table), (stem + ".png", plots.is_our_png)):
             output_guard.claim_file(path, what="evaluation table or chart", flag="--output", inputs=inputs,
                                     ours=lambda p, ours=ours: earlier or ours(p))
 
@@ -123,7 +112,7 @@ def main(argv: Sequence[str]) -> None:
         charts = bool(summary.get("run")) or len(comp["methods"]) > 1  # beside a lone output JSON: nothing else
         stem = os.path.splitext(output)[0]
         if charts:
-            title = f"{TITLE} {summary.get('run') or output}"
+            title = f"{comparison.EVALUATION_TITLE} {summary.get('run') or output}"
             write_text_atomic(stem + ".md", comparison.markdown(comp, title))
             groups, methods, values, what = comparison.chart_values(comp)
             write_bytes_atomic(stem + ".png", plots.comparison_png(groups, methods, values, what,

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from d2c_jax import plots
+from d2c_jax import comparison, plots
 from d2c_jax.errors import UserError
 from d2c_jax.evaluation import EvalConfig
 
@@ -63,7 +63,7 @@ def test_without_charts_a_users_table_beside_the_output_is_not_in_the_way(script
 
 def test_our_table_and_chart_are_replaced_even_without_the_evaluation_beside_them(script, tmp_path):
     """A run killed after writing the table and chart, before the JSON (written last)."""
-    (tmp_path / "ev.md").write_text(f"# {script.TITLE} runs/demo\n\n...")
+    (tmp_path / "ev.md").write_text(f"# {comparison.EVALUATION_TITLE} runs/demo\n\n...")
     fig = plots.pyplot().figure()
     (tmp_path / "ev.png").write_bytes(plots.png(fig))
     script.check_output(_cfg(tmp_path, compare=("zero_shot",)))
@@ -84,3 +84,27 @@ def test_an_earlier_evaluation_makes_its_table_and_chart_ours(script, tmp_path):
     (tmp_path / "ev.json").write_text(json.dumps({"tasks": {}, "summary": {}}))
     (tmp_path / "ev.md").write_text("edited by hand\n")  # an earlier output of ours, edited: still replaced
     script.check_output(_cfg(tmp_path, compare=("zero_shot",)))
+
+
+@pytest.mark.parametrize("evaluation_is_ours", [True, False])
+def test_search_overwrite_removes_the_runs_own_evaluation_and_nothing_of_the_users(tmp_path, evaluation_is_ours):
+    """`search.py --overwrite` on a finished run removes its outputs; the evaluation launch/evaluate.py
+    wrote beside them (of the partition being removed) goes too, never a user's file of that name."""
+    from d2c_jax import pipeline
+
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "partition.json").write_text("{}")
+    (wd / "evaluation.json").write_text(json.dumps({"tasks": {}, "summary": {}}) if evaluation_is_ours
+                                        else json.dumps({"my": "numbers"}))
+    (wd / "evaluation.md").write_text("# my notes\n")  # not our table: ours only beside our evaluation
+    (wd / "evaluation.png").write_bytes(plots.png(plots.pyplot().figure()))
+    (wd / "notes.txt").write_text("keep")
+    lock = pipeline.prepare_workdir(str(wd), overwrite=True, is_main=True)
+    lock.release()
+    left = sorted(n for n in os.listdir(wd) if not n.startswith("."))
+    if evaluation_is_ours:
+        assert left == ["notes.txt"]
+    else:  # the user's evaluation.json and table stay; our chart (its own content says so) goes
+        assert left == ["evaluation.json", "evaluation.md", "notes.txt"]
+        assert json.loads((wd / "evaluation.json").read_text()) == {"my": "numbers"}
