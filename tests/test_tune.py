@@ -126,13 +126,13 @@ def _ok(proc):
     return proc
 
 
-def _run(script, args):
-    return _ok(subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
-                              text=True, env=child_env(), timeout=600))
-
-
 def _launch_argv(script, args):
     return [sys.executable, os.path.join(ROOT, "launch", script), *args]
+
+
+def _run(script, args):
+    return _ok(subprocess.run(_launch_argv(script, args), capture_output=True, text=True, env=child_env(),
+                              timeout=600))
 
 
 @pytest.fixture(scope="module")
