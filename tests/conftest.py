@@ -1,6 +1,10 @@
-"""Test set-up: 8 host CPU devices for the sharding tests, set before jax is imported."""
+"""Test set-up, before jax is imported: 8 host CPU devices for the sharding tests; one persistent
+XLA compilation cache for the session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -8,6 +12,13 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The session's compilation cache, in a directory of its own (removed at exit): a program that
+# another fixture compiles again (the same shapes, a new function object) and every launched
+# child share it, and no test reads or fills the user's cache (~/.cache/d2c_jax/xla), so a run
+# costs here what it costs on a fresh machine. A cache named from outside is used instead.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="d2c-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 
 def pytest_terminal_summary(terminalreporter, config):

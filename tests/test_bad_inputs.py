@@ -736,9 +736,11 @@ def gcs_url():
 
 
 def _unreachable_gcs(mp):
-    import gcsfs.core
+    import gcsfs.retry
 
-    mp.setattr(gcsfs.core.GCSFileSystem, "retries", 1)
+    # Retries off: gcsfs retries a refused connection 6 times with backoff (~31 s of sleeps); the
+    # first failure is the same error, reaching storage.local_dir the same way.
+    mp.setattr(gcsfs.retry, "is_retriable", lambda e: False)
     mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
     return {"data_dir": "gs://bkt/data"}
 

@@ -13,15 +13,37 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from fixtures_processes import Started  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "benchmark.py")
 
 
-def test_tiny_benchmark_runs_every_column_and_the_scaling_figure(tmp_path):
+def _bf16_argv(tmp_path):
+    return [sys.executable, SCRIPT, "--tiny", "--iterations=2", "--dtype=bfloat16",
+            f"--fixture_dir={tmp_path / 'fixture'}", f"--out_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture(scope="module")
+def benchmarks(tmp_path_factory):
+    """(tiny dir, bfloat16 dir, Started): the benchmark runs of the tests below, each in its own
+    directories, started together when the first of them asks."""
+    tiny, bf16 = tmp_path_factory.mktemp("tiny"), tmp_path_factory.mktemp("bf16")
+    started = Started({
+        "tiny": [sys.executable, SCRIPT, "--tiny", "--iterations=3", "--scaling", f"--fixture_dir={tiny / 'fixture'}",
+                 f"--out_dir={tiny / 'runs'}", f"--output={tiny / 'bench.json'}"],
+        # refused at its flags, before it builds a fixture: the run beside it owns that directory
+        "bf16_refused": _bf16_argv(bf16),
+        "bf16": _bf16_argv(bf16) + ["--columns=default", f"--output={bf16 / 'bench.json'}"],
+    }, timeout=900, cwd=ROOT)
+    yield tiny, bf16, started
+    started.close()
+
+
+def test_tiny_benchmark_runs_every_column_and_the_scaling_figure(benchmarks):
+    tmp_path, _, started = benchmarks
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, SCRIPT, "--tiny", "--iterations=3", "--scaling",
-                           f"--fixture_dir={tmp_path / 'fixture'}", f"--out_dir={tmp_path / 'runs'}",
-                           f"--output={out}"], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    proc = started.result("tiny")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = result["rows"]
@@ -46,17 +68,15 @@ def test_tiny_benchmark_runs_every_column_and_the_scaling_figure(tmp_path):
     assert this_run.split("|")[2].strip() == str(default["evaluations"])
 
 
-def test_bfloat16_columns_run_and_the_torch_loop_is_refused_in_bfloat16(tmp_path):
+def test_bfloat16_columns_run_and_the_torch_loop_is_refused_in_bfloat16(benchmarks):
     """--dtype=bfloat16 (the accelerator figure's dtype) runs our columns in bfloat16; the torch
     loop is float32 only, so asking for it in bfloat16 ends with one line, before any work."""
-    common = [sys.executable, SCRIPT, "--tiny", "--iterations=2", "--dtype=bfloat16",
-              f"--fixture_dir={tmp_path / 'fixture'}", f"--out_dir={tmp_path / 'runs'}"]
-    refused = subprocess.run(common, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    _, tmp_path, started = benchmarks
+    refused = started.result("bf16_refused")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "the torch loop runs float32 only" in refused.stderr.strip().splitlines()[-1]
     out = tmp_path / "bench.json"
-    proc = subprocess.run(common + ["--columns=default", f"--output={out}"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    proc = started.result("bf16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["exit"] == 0 and "--dtype=bfloat16" in row["command"] and row["evaluations"] > 0

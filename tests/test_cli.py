@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from fixtures_processes import run_together
 from fixtures_search_inputs import child_env
 
 _CHILD = r"""
@@ -27,17 +28,17 @@ print("done")
 """
 
 
-def _stderr(mode: str) -> str:
+def _stderrs(*modes: str) -> list[str]:
     env = child_env(JAX_PLATFORMS="")  # let jax probe its backends, as a user's run does
-    proc = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
-    return proc.stderr
+    procs = run_together([[sys.executable, "-c", _CHILD, mode] for mode in modes], env=env)
+    for proc in procs:
+        assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
+    return [proc.stderr for proc in procs]
 
 
 def test_start_silences_library_noise():
-    noisy = _stderr("plain")
+    noisy, quiet = _stderrs("plain", "start")
     assert "PyTorch was not found" in noisy  # the simulation reproduces the noise
-    quiet = _stderr("start")
     assert "PyTorch was not found" not in quiet and "Unable to initialize backend" not in quiet, quiet
 
 
@@ -52,8 +53,14 @@ def _search(*args: str) -> subprocess.CompletedProcess:
                           text=True, env=child_env(), cwd=ROOT, timeout=300)
 
 
+def _searches(*argvs: list[str]) -> list[subprocess.CompletedProcess]:
+    """launch/search.py once per argument list, side by side."""
+    return run_together([[sys.executable, os.path.join(ROOT, "launch", "search.py"), *args] for args in argvs],
+                         env=child_env(), cwd=ROOT)
+
+
 def test_help_exits_0_with_the_basic_flags_first_by_group():
-    proc = _search("--help")
+    proc, *aliases = _searches(["--help"], ["-h"], ["--helpshort"])
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     out = proc.stdout
     heads = [out.index(f"\n{g}:\n") for g in ("inputs", "search", "merge", "outputs", "run control", "advanced")]
@@ -63,8 +70,8 @@ def test_help_exits_0_with_the_basic_flags_first_by_group():
     assert "--speculate" in advanced and "--speculate" not in out[:heads[5]]
     assert out.startswith("Clusters N LoRA adapters")
     assert "absl" not in out.split("\n--helpfull")[0]  # no general flags in the short help
-    for arg in ("-h", "--helpshort"):
-        assert _search(arg).stdout == out
+    for alias in aliases:  # -h, --helpshort
+        assert alias.stdout == out
 
 
 def test_helpfull_has_the_general_flags_but_no_test_framework_flags():
@@ -76,11 +83,10 @@ def test_helpfull_has_the_general_flags_but_no_test_framework_flags():
 
 
 def test_unknown_flag_gets_the_closest_name():
-    proc = _search("--num_cluster=4")
+    proc, other = _searches(["--num_cluster=4"], ["--noprogres"])
     assert (proc.returncode, proc.stderr.splitlines()) == (
         1, ["error: unknown flag --num_cluster (did you mean --num_clusters?)"])
-    proc = _search("--noprogres")
-    assert proc.stderr.splitlines() == ["error: unknown flag --noprogres (did you mean --noprogress?)"]
+    assert other.stderr.splitlines() == ["error: unknown flag --noprogres (did you mean --noprogress?)"]
 
 
 def test_flagfile_placeholders_are_named_all_in_one_line(tmp_path):
@@ -92,11 +98,21 @@ def test_flagfile_placeholders_are_named_all_in_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("script", ["evaluate", "merge", "make_suite", "report", "benchmark"])
-def test_every_launch_script_answers_help_with_exit_0(script):
+SCRIPTS = ["evaluate", "merge", "make_suite", "report", "benchmark"]
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict[str, subprocess.CompletedProcess]:
+    """Every other launch script's --help, the scripts run side by side once for the module."""
+    procs = run_together([[sys.executable, os.path.join(ROOT, "launch", f"{s}.py"), "--help"] for s in SCRIPTS],
+                          env=child_env(), cwd=ROOT)
+    return dict(zip(SCRIPTS, procs))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_launch_script_answers_help_with_exit_0(script, helps):
     path = os.path.join(ROOT, "launch", f"{script}.py")
-    proc = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, env=child_env(),
-                          cwd=ROOT, timeout=300)
+    proc = helps[script]
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     with open(path, encoding="utf-8") as f:
         first = f.read().split('"""')[1].splitlines()[0]

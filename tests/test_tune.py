@@ -22,6 +22,7 @@ pytest.importorskip("peft")
 from d2c_jax import data, hf_io, lora, merge, tune  # noqa: E402
 from d2c_jax.models.config import load_config  # noqa: E402
 from d2c_jax.scoring import Scorer  # noqa: E402
+from fixtures_processes import Started  # noqa: E402
 from fixtures_search_inputs import NAMES, child_env, make_search_inputs, read_partition, search_argv  # noqa: E402
 from tolerances import LOSS_RTOL  # noqa: E402
 
@@ -120,18 +121,54 @@ def test_partitions_tuned_together_equal_each_alone(setup, steps, patience):
         assert totals[p] == want  # the same numpy sum of the same K numbers
 
 
-def _run(script, args):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
-                          text=True, env=child_env(), timeout=600)
+def _ok(proc):
     assert proc.returncode == 0, proc.stderr
     return proc
 
 
-def test_search_with_tuned_weights_and_budget_writes_what_it_reports(setup, tmp_path):
-    wd = tmp_path / "wd"
-    argv = search_argv(setup["paths"], wd, tune_weights=True, tune_during_search=True, tune_steps=4,
-                       budget=50, budget_ranks="2,4", iterations=2, checkpoint_every=1)
-    _run("search.py", [a for a in argv if not a.startswith("--num_clusters=")] + ["--noprogress"])  # K: the budget's
+def _launch_argv(script, args):
+    return [sys.executable, os.path.join(ROOT, "launch", script), *args]
+
+
+def _run(script, args):
+    return _ok(subprocess.run(_launch_argv(script, args), capture_output=True, text=True, env=child_env(),
+                              timeout=600))
+
+
+@pytest.fixture(scope="module")
+def launched(setup, tmp_path_factory):
+    """(directory, Started): the launch-script runs of the tests below, started together when the
+    first of them asks (each test then checks its own run's outputs, as if it had run it alone)."""
+    root = tmp_path_factory.mktemp("launched")
+    paths = setup["paths"]
+    dirs = [os.path.join(paths["adapters_dir"], n) for n in NAMES]  # the data dir's tasks, all
+    weights = search_argv(paths, root / "weights_wd", tune_weights=True, tune_during_search=True, tune_steps=4,
+                          budget=50, budget_ranks="2,4", iterations=2, checkpoint_every=1)
+    merge_common = [f"--adapters={','.join(dirs)}", f"--base_model={paths['base_model']}",
+                    f"--tune_on={paths['data_dir']}", "--tune_steps=3", "--examples_per_task=3"]
+    commands = {
+        # K: the budget's
+        "search_weights": _launch_argv("search.py", [a for a in weights if not a.startswith("--num_clusters=")]
+                                       + ["--noprogress"]),
+        "merge_weights": _launch_argv("merge.py", merge_common + [f"--output_dir={root / 'merged_weights'}",
+                                                                  "--method=ties"]),
+        "merge_one_adapter": _launch_argv("merge.py", [f"--adapters={dirs[0]}", f"--output_dir={root / 'x'}",
+                                                       f"--tune_on={paths['data_dir']}"]),
+        "search_factors": _launch_argv("search.py", search_argv(
+            paths, root / "factors_wd", tune_weights=True, tune_granularity="factors", tune_steps=6,
+            tune_learning_rate=0.05, merge="ties_delta", iterations=2) + ["--noprogress"]),
+        "merge_factors": _launch_argv("merge.py", merge_common + [f"--output_dir={root / 'merged_factors'}",
+                                                                  "--method=ties_delta", "--tune_granularity=factors"]),
+    }
+    started = Started(commands, env=child_env())
+    yield root, started
+    started.close()
+
+
+def test_search_with_tuned_weights_and_budget_writes_what_it_reports(setup, launched):
+    root, started = launched
+    wd = root / "weights_wd"
+    _ok(started.result("search_weights"))
     doc = read_partition(wd)
     totals = doc["tuning"]["chain_totals"]  # --tune_during_search: both chains tuned, the lowest kept
     assert len(totals) == 2 and doc["best_chain"] == int(np.argmin(totals))
@@ -163,19 +200,15 @@ def test_search_with_tuned_weights_and_budget_writes_what_it_reports(setup, tmp_
             np.testing.assert_allclose(got[m], ref[m], rtol=1e-5, atol=1e-6 * np.abs(ref[m]).max())
 
 
-def test_merge_cli_tune_on_writes_the_merge_with_the_kept_weights(setup, tmp_path):
-    dirs = [os.path.join(setup["paths"]["adapters_dir"], n) for n in NAMES]  # the data dir's tasks, all
-    out = tmp_path / "merged"
-    proc = _run("merge.py", [f"--adapters={','.join(dirs)}", f"--output_dir={out}", "--method=ties",
-                             f"--base_model={setup['paths']['base_model']}",
-                             f"--tune_on={setup['paths']['data_dir']}", "--tune_steps=3", "--examples_per_task=3"])
+def test_merge_cli_tune_on_writes_the_merge_with_the_kept_weights(launched):
+    root, started = launched
+    out = root / "merged_weights"
+    proc = _ok(started.result("merge_weights"))
     assert "held-out loss" in proc.stdout and "weights kept" in proc.stdout
     assert (out / "adapter_model.safetensors").exists()
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "merge.py"), f"--adapters={dirs[0]}",
-                          f"--output_dir={tmp_path / 'x'}", f"--tune_on={setup['paths']['data_dir']}"],
-                         capture_output=True, text=True, env=child_env(), timeout=300)
+    bad = started.result("merge_one_adapter")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error:")
-    assert not (tmp_path / "x").exists()
+    assert not (root / "x").exists()
 
 
 def _cluster_losses_of(setup, prepared, lora_k, td, partition=PARTITION):
@@ -209,11 +242,10 @@ def test_factor_tuning_starts_from_the_merge_and_keeps_only_factors_that_win_hel
     assert res.kept_k.any(), "6 Adam steps at lr 0.05 on the factors should win on some held-out cluster"
 
 
-def test_search_with_tuned_factors_writes_the_adapters_whose_losses_it_reports(setup, tmp_path):
-    wd = tmp_path / "wd"
-    _run("search.py", search_argv(setup["paths"], wd, tune_weights=True, tune_granularity="factors",
-                                  tune_steps=6, tune_learning_rate=0.05, merge="ties_delta", iterations=2)
-         + ["--noprogress"])
+def test_search_with_tuned_factors_writes_the_adapters_whose_losses_it_reports(setup, launched, tmp_path):
+    root, started = launched
+    wd = root / "factors_wd"
+    _ok(started.result("search_factors"))
     doc = read_partition(wd)
     k = doc["num_clusters"]
     tuning = doc["tuning"]
@@ -241,12 +273,10 @@ def test_search_with_tuned_factors_writes_the_adapters_whose_losses_it_reports(s
         assert doc["tasks"][name]["loss"] == pytest.approx(want, rel=LOSS_RTOL)  # evaluate.py's program
 
 
-def test_merge_cli_tune_on_factors_writes_the_kept_factors(setup, tmp_path):
-    dirs = [os.path.join(setup["paths"]["adapters_dir"], n) for n in NAMES]
-    out = tmp_path / "merged"
-    proc = _run("merge.py", [f"--adapters={','.join(dirs)}", f"--output_dir={out}", "--method=ties_delta",
-                             f"--base_model={setup['paths']['base_model']}", "--tune_granularity=factors",
-                             f"--tune_on={setup['paths']['data_dir']}", "--tune_steps=3", "--examples_per_task=3"])
+def test_merge_cli_tune_on_factors_writes_the_kept_factors(launched):
+    root, started = launched
+    out = root / "merged_factors"
+    proc = _ok(started.result("merge_factors"))
     assert "held-out loss" in proc.stdout and "factors kept" in proc.stdout
     assert (out / "adapter_model.safetensors").exists()
 

@@ -119,8 +119,9 @@ def _env(cache_home: str | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
     env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)  # JAX's default allocation (launch/benchmark.py sets it)
-    if cache_home is not None:
+    if cache_home is not None:  # the column's compilation cache is $XDG_CACHE_HOME/d2c_jax/xla alone
         env["XDG_CACHE_HOME"] = cache_home
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)  # else jax's own setting would win (a warm "cold" column)
     return env
 
 
