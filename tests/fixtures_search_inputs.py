@@ -41,6 +41,20 @@ def make_search_inputs(root: str | os.PathLike, *, tags: bool = False) -> dict[s
     return {"base_model": str(base), "adapters_dir": adapters, "data_dir": data}
 
 
+def load_search_inputs(root: str | os.PathLike) -> dict[str, Any]:
+    """make_search_inputs, loaded in-process as the engine loads them (3 search examples per task,
+    float32 weights): paths, model config, adapter set, task data and params."""
+    from d2c_jax import data, hf_io, lora
+    from d2c_jax.models.config import load_config
+
+    paths = make_search_inputs(root)
+    cfg = load_config(paths["base_model"])
+    aset = lora.load_adapter_set(paths["adapters_dir"], cfg)
+    td = data.load_task_data(paths["data_dir"], aset.names, hf_io.load_tokenizer(paths["base_model"]),
+                             examples_per_task=3, max_seq_len=64)
+    return dict(paths=paths, cfg=cfg, aset=aset, td=td, params=hf_io.load_params(paths["base_model"], cfg, "float32"))
+
+
 def search_argv(inputs: dict[str, str], workdir: str | os.PathLike, **over: Any) -> list[str]:
     """launch/search.py flags: the inputs, SEARCH and --workdir, then `over` (overrides or extra)."""
     flags = {**inputs, **SEARCH, "workdir": str(workdir), **over}

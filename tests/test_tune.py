@@ -20,10 +20,9 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from d2c_jax import data, hf_io, lora, merge, tune  # noqa: E402
-from d2c_jax.models.config import load_config  # noqa: E402
 from d2c_jax.scoring import Scorer  # noqa: E402
 from fixtures_processes import Started  # noqa: E402
-from fixtures_search_inputs import NAMES, child_env, make_search_inputs, read_partition, search_argv  # noqa: E402
+from fixtures_search_inputs import NAMES, child_env, load_search_inputs, read_partition, search_argv  # noqa: E402
 from tolerances import LOSS_RTOL  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,13 +32,7 @@ SETTINGS = tune.TuneSettings(steps=6, learning_rate=0.2, holdout=0.3, patience=6
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    paths = make_search_inputs(tmp_path_factory.mktemp("tune"))
-    cfg = load_config(paths["base_model"])
-    aset = lora.load_adapter_set(paths["adapters_dir"], cfg)
-    td = data.load_task_data(paths["data_dir"], aset.names, hf_io.load_tokenizer(paths["base_model"]),
-                             examples_per_task=3, max_seq_len=64)
-    params = hf_io.load_params(paths["base_model"], cfg, "float32")
-    return dict(paths=paths, cfg=cfg, aset=aset, td=td, params=params)
+    return load_search_inputs(tmp_path_factory.mktemp("tune"))
 
 
 def _part(td, lo, hi):

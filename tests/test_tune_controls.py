@@ -15,11 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from d2c_jax import data, hf_io, lora, merge, tune  # noqa: E402
+from d2c_jax import merge, tune  # noqa: E402
 from d2c_jax.errors import UserError  # noqa: E402
-from d2c_jax.models.config import load_config  # noqa: E402
 from d2c_jax.scoring import Scorer  # noqa: E402
-from fixtures_search_inputs import make_search_inputs  # noqa: E402
+from fixtures_search_inputs import load_search_inputs  # noqa: E402
 from tolerances import LOSS_RTOL  # noqa: E402
 
 PARTITION = np.array([0, 1, 0, 1, 1], np.int32)
@@ -28,12 +27,7 @@ SETTINGS = tune.TuneSettings(steps=6, holdout=0.3, patience=6)
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    paths = make_search_inputs(tmp_path_factory.mktemp("controls"))
-    cfg = load_config(paths["base_model"])
-    aset = lora.load_adapter_set(paths["adapters_dir"], cfg)
-    td = data.load_task_data(paths["data_dir"], aset.names, hf_io.load_tokenizer(paths["base_model"]),
-                             examples_per_task=3, max_seq_len=64)
-    return dict(paths=paths, cfg=cfg, aset=aset, td=td, params=hf_io.load_params(paths["base_model"], cfg, "float32"))
+    return load_search_inputs(tmp_path_factory.mktemp("controls"))
 
 
 def _held(td):
