@@ -33,7 +33,7 @@ SHORT = {
 # Inline commands the README names as the source of a figure or for the test suite: not run here.
 NOT_RUN = {
     "python launch/report.py --suite=full --seeds=3": "16 minutes; its output is docs/results.md",
-    "python -m pytest -q": "the whole test suite",
+    "python -m pytest -q -n 2": "the whole test suite",
 }
 
 
