@@ -386,8 +386,9 @@ def final_merge_executable(prepared: Any, n: int, k: int, device: Any) -> Any:
 
 def tune_step_executable(scorer: Any, prepared: Any, task_data: Any, settings: Any, k: int, mesh: Any) -> Any:
     """One optimiser step of --tune_weights (tune.py's train_step) as the pipeline calls it: the
-    base weights placed as the scorer places them, the prepared inputs (built in host memory) and
-    the examples replicated on every device, at the pipeline's example chunk."""
+    base weights placed as the scorer places them, the prepared inputs (built in host memory)
+    replicated, the examples split over "cand" (tune.place_examples), at the pipeline's example
+    chunk, rematerialised where tune.needs_remat says so."""
     import jax
     import jax.numpy as jnp
 
@@ -400,9 +401,14 @@ def tune_step_executable(scorer: Any, prepared: Any, task_data: Any, settings: A
     def placed(tree: Any) -> Any:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
 
+    def examples(batch: Any) -> Any:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=rep if mesh is None else tune.example_sharding(mesh, x.shape)), batch)
+
     n = len(task_data.names)
-    fit, held, _, _ = tune._split(task_data, settings.holdout)
-    fns = tune._steps(scorer.cfg, settings, k, scorer.example_chunk(n, task_data.tokens_tns.shape[-1]))
+    fit, held, _, _ = tune.split_examples(task_data, settings.holdout)
+    remat = tune.needs_remat(scorer.cfg, fit)
+    fns = tune.step_functions(scorer.cfg, settings, k, scorer.example_chunk(n, task_data.tokens_tns.shape[-1]), remat)
     part_n = jax.ShapeDtypeStruct((n,), jnp.int32)
     if settings.granularity == "factors":
         theta = jax.eval_shape(fns.merged, prepared, jax.ShapeDtypeStruct((k, n), jnp.float32), part_n)
@@ -410,17 +416,19 @@ def tune_step_executable(scorer: Any, prepared: Any, task_data: Any, settings: A
         layers = (prepared.num_layers,) if settings.granularity == "layer" else ()
         theta = jax.ShapeDtypeStruct((k, n) + layers, jnp.float32)
     opt_state = jax.eval_shape(fns.init, theta)
-    args = (scorer.placed_params, placed(prepared), placed(fit), placed(held), placed(part_n), placed(theta),
+    args = (scorer.placed_params, placed(prepared), examples(fit), examples(held), placed(part_n), placed(theta),
             placed(opt_state))
-    return Executable(f"tune step k{k} ({settings.granularity})", fns.train_step, args, {}, 0, 0)
+    name = f"tune step k{k} ({settings.granularity}{', remat' if remat else ''})"
+    return Executable(name, fns.train_step, args, {}, 0, 0)
 
 
 def table(rows: Sequence[Row], batch_size: int) -> str:
-    head = (f"{'executable':<24} {'batch':>5} {'args GiB':>9} {'temp GiB':>9} {'total GiB':>9} "
+    w = max([24] + [len(r.name) for r in rows])
+    head = (f"{'executable':<{w}} {'batch':>5} {'args GiB':>9} {'temp GiB':>9} {'total GiB':>9} "
             f"{'GFLOP/eval':>10} {'XLA GFLOP/iter':>14} {'est. ms/eval':>12} {'compile s':>9}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r.name:<24} {r.batch or '-':>5} {r.argument_bytes / GIB:>9.2f} {r.temp_bytes / GIB:>9.2f} "
+        lines.append(f"{r.name:<{w}} {r.batch or '-':>5} {r.argument_bytes / GIB:>9.2f} {r.temp_bytes / GIB:>9.2f} "
                      f"{r.total_bytes / GIB:>9.2f} {r.flops_per_eval / 1e9 if r.batch else 0:>10.1f} "
                      f"{r.xla_flops / 1e9:>14.1f} {r.seconds_per_eval * 1e3 if r.batch else 0:>12.2f} "
                      f"{r.compile_seconds:>9.1f}")

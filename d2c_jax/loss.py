@@ -12,6 +12,7 @@ the peak is [C, b, S, V], never [C, n, S, V].
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -33,9 +34,15 @@ def token_ce(logits_bsv: jax.Array, targets_bs: jax.Array) -> jax.Array:
 
 def task_loss_sums(
     params: Params, cfg: ModelConfig, lora: Lora | None, batch_ns: TokenBatch, *,
-    example_chunk: int | None = None,
+    example_chunk: int | None = None, remat: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of CE * weight, sum of weight) over the task's examples, `example_chunk` at a time.
+
+    `remat` (for a gradient at a large model's size, tune.py): the same sums, but the backward
+    pass keeps only each example chunk's inputs and recomputes the chunk (so the gradient is
+    accumulated chunk by chunk), inside it keeps only each layer's input, and the LM head runs
+    REMAT_HEAD_POSITIONS positions at a time, so the float32 logits never exceed
+    [example_chunk, REMAT_HEAD_POSITIONS, V] per task.
 
     Args:
       batch_ns: one task's examples, every leaf [n, S].
@@ -51,11 +58,16 @@ def task_loss_sums(
         batch_ns = dataclasses.replace(rows, attn=rows.attn.at[n:, 0].set(1))
 
     def chunk_sums(chunk: TokenBatch):
+        w_bs = chunk.weights.astype(jnp.float32)
+        if remat:
+            return _remat_ce_sum(params, cfg, lora, chunk, w_bs), jnp.sum(w_bs)
         logits_bsv = decoder.forward(params, cfg, chunk.tokens, chunk.attn, lora=lora)
         ce_bs = token_ce(logits_bsv, chunk.targets)
-        w_bs = chunk.weights.astype(jnp.float32)
         # where(): a dummy row's logits may be anything (even NaN); it must not reach the sum.
         return jnp.sum(jnp.where(w_bs > 0, ce_bs * w_bs, 0.0)), jnp.sum(w_bs)
+
+    if remat:
+        chunk_sums = jax.checkpoint(chunk_sums, prevent_cse=False)
 
     chunks = jax.tree.map(lambda x: x.reshape(k, b, s), batch_ns)
     if k == 1:
@@ -64,12 +76,39 @@ def task_loss_sums(
     return jnp.sum(num_k), jnp.sum(den_k)
 
 
+REMAT_HEAD_POSITIONS = 64  # positions per LM-head call under remat (task_loss_sums)
+
+
+def _remat_ce_sum(params: Params, cfg: ModelConfig, lora: Lora | None, chunk: TokenBatch, w_bs: jax.Array) -> jax.Array:
+    """sum(CE * weight) of one example chunk, the layers rematerialised and the LM head
+    REMAT_HEAD_POSITIONS positions at a time (each position block recomputed in the backward)."""
+    h_bsd = decoder.hidden_states(params, cfg, chunk.tokens, chunk.attn, lora, remat=True)
+    b, s = w_bs.shape
+    p = min(REMAT_HEAD_POSITIONS, s)
+    k = -(-s // p)
+    pad = k * p - s
+    tgt_bs = chunk.targets
+    if pad:
+        h_bsd = jnp.pad(h_bsd, ((0, 0), (0, pad), (0, 0)))
+        tgt_bs, w_bs = jnp.pad(tgt_bs, ((0, 0), (0, pad))), jnp.pad(w_bs, ((0, 0), (0, pad)))
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def block_sum(args):
+        h_bpd, tgt_bp, w_bp = args
+        ce_bp = token_ce(decoder.logits_from_hidden(params, cfg, h_bpd), tgt_bp)
+        return jnp.sum(jnp.where(w_bp > 0, ce_bp * w_bp, 0.0))
+
+    blocks = (h_bsd.reshape(b, k, p, -1).swapaxes(0, 1), tgt_bs.reshape(b, k, p).swapaxes(0, 1),
+              w_bs.reshape(b, k, p).swapaxes(0, 1))
+    return jnp.sum(jax.lax.map(block_sum, blocks))
+
+
 def task_loss(
     params: Params, cfg: ModelConfig, lora: Lora | None, batch_ns: TokenBatch, *,
-    example_chunk: int | None = None,
+    example_chunk: int | None = None, remat: bool = False,
 ) -> jax.Array:
     """Mean CE over the task's response tokens (float32 scalar); `lora` None = the base model."""
-    num, den = task_loss_sums(params, cfg, lora, batch_ns, example_chunk=example_chunk)
+    num, den = task_loss_sums(params, cfg, lora, batch_ns, example_chunk=example_chunk, remat=remat)
     return num / den
 
 
@@ -104,12 +143,12 @@ def packed_task_loss(
 
 def candidate_losses(
     params: Params, cfg: ModelConfig, lora_c: Lora, batch_cns: TokenBatch, *,
-    example_chunk: int | None = None,
+    example_chunk: int | None = None, remat: bool = False,
 ) -> jax.Array:
     """task_loss for C (adapter, task) pairs at once: [C] float32. Every leaf of `lora_c` and
     of `batch_cns` ([C, n, S]) carries the leading candidate axis."""
     def one(lora: Lora, batch_ns: TokenBatch) -> jax.Array:
-        return task_loss(params, cfg, lora, batch_ns, example_chunk=example_chunk)
+        return task_loss(params, cfg, lora, batch_ns, example_chunk=example_chunk, remat=remat)
 
     return jax.vmap(one)(lora_c, batch_cns)
 

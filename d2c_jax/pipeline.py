@@ -544,7 +544,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
     if cfg.tune_weights or cfg.tune_during_search:
         chains = result.state.partitions_pn if cfg.tune_during_search else partition_n[None]
         res = tune.tune_partitions(inputs.params, inputs.model_cfg, prepared, inputs.task_data, chains, k, cfg.tune,
-                                   example_chunk=scorer.example_chunk(len(names), inputs.task_data.tokens_tns.shape[-1]))
+                                   example_chunk=scorer.example_chunk(len(names), inputs.task_data.tokens_tns.shape[-1]),
+                                   mesh=scorer.mesh)
         best = int(np.argmin(res.chain_totals())) if cfg.tune_during_search else 0
         if cfg.tune_during_search and best != chain:  # tuning changed which chain is best
             partition_n, chain = chains[best], best

@@ -152,7 +152,25 @@ class TuneResult:
         }
 
 
-def _split(task_data: Any, holdout: float) -> tuple[Any, Any, int, int]:
+REMAT_ABOVE_BYTES = 2 << 30  # a tuning step whose backward would keep more activations than this rematerialises
+
+
+def backward_bytes(cfg: Any, fit: Any) -> int:
+    """About what a plain backward pass through the fitted examples [T, n_fit, S] keeps: every
+    layer's activations (the residual stream, attention and MLP inputs and outputs: ~8 D + 3 F
+    values per token, float32) and the float32 logits with their gradient."""
+    tokens = int(np.prod(fit.tokens.shape))
+    per_layer = 8 * cfg.hidden_size + 3 * cfg.intermediate_size
+    return tokens * (cfg.num_layers * per_layer * 4 + cfg.vocab_size * 8)
+
+
+def needs_remat(cfg: Any, fit: Any) -> bool:
+    """Whether tuning rematerialises (loss.task_loss_sums' `remat`): only where the plain backward
+    would keep more than REMAT_ABOVE_BYTES (a large model), since recomputing costs time."""
+    return backward_bytes(cfg, fit) > REMAT_ABOVE_BYTES
+
+
+def split_examples(task_data: Any, holdout: float) -> tuple[Any, Any, int, int]:
     """(fit, held-out) TokenBatches [T, n_part, S]: the last ceil(holdout * n) examples (at least
     one, at most n - 1) of every task are held out."""
     counts = np.asarray(task_data.num_examples)
@@ -177,6 +195,7 @@ def tune_partitions(
     settings: TuneSettings = TuneSettings(),
     *,
     example_chunk: int | None = None,
+    mesh: Any = None,
     log: Any = None,
 ) -> TuneResult:
     """Tunes the merge weights (or, granularity "factors", the merged factors) of every cluster
@@ -190,8 +209,10 @@ def tune_partitions(
     near-zero gradient into a weight change of up to the learning rate."""
     start = time.perf_counter()
     partitions_pn = np.asarray(partitions_pn, np.int32).reshape(-1, np.shape(partitions_pn)[-1])
-    fit, held, n_fit, n_held = _split(task_data, settings.holdout)
-    fns = _steps(cfg, settings, int(num_clusters), example_chunk)
+    fit, held, n_fit, n_held = split_examples(task_data, settings.holdout)
+    if mesh is not None:  # every task's examples on the devices of its \"cand\" shard
+        fit, held = place_examples(fit, mesh), place_examples(held, mesh)
+    fns = step_functions(cfg, settings, int(num_clusters), example_chunk, needs_remat(cfg, fit))
     runs = [_tune_one(fns, params, prepared, fit, held, jnp.asarray(part_n), settings, log) for part_n in partitions_pn]
     cat = {f: np.concatenate([r[f] for r in runs]) for f in runs[0] if f not in ("lora", "steps")}
     lora = (jax.tree.map(lambda *xs: np.concatenate(xs), *[r["lora"] for r in runs])
@@ -213,7 +234,26 @@ class _Steps:
     k: int
 
 
-def _steps(cfg: Any, settings: TuneSettings, k: int, example_chunk: int | None) -> _Steps:
+def place_examples(batch: Any, mesh: Any) -> Any:
+    """A TokenBatch [T, n, S] with its task axis split over the mesh's "cand" axis (replicated
+    where T does not divide), so each device group runs the forward and backward of its tasks."""
+    from d2c_jax import sharding as sharding_lib
+
+    host = jax.tree.map(np.asarray, batch)
+    return sharding_lib.put_global(host, jax.tree.map(lambda x: example_sharding(mesh, x.shape), host))
+
+
+def example_sharding(mesh: Any, shape: tuple[int, ...]) -> Any:
+    """place_examples' sharding of an example array of this shape."""
+    from d2c_jax import sharding as sharding_lib
+
+    if shape[0] % mesh.shape[sharding_lib.CAND]:
+        return sharding_lib.replicated(mesh)
+    return sharding_lib.batch_sharding(mesh, len(shape))
+
+
+def step_functions(cfg: Any, settings: TuneSettings, k: int, example_chunk: int | None, remat: bool = False) -> _Steps:
+    """The jitted steps (see _Steps); `remat`: the loss rematerialised (needs_remat)."""
     import optax
 
     factors = settings.granularity == "factors"
@@ -227,7 +267,7 @@ def _steps(cfg: Any, settings: TuneSettings, k: int, example_chunk: int | None) 
         """theta_k: weights [K, N(, L)], or (factors) the clusters' lora leaves [K, ...]."""
         lora_k = theta_k if factors else merged(prepared, theta_k, part_n)
         lora_t = jax.tree.map(lambda x: jnp.take(x, part_n, axis=0), lora_k)  # task t's cluster's merge
-        loss_t = loss_lib.candidate_losses(params, cfg, lora_t, arrays, example_chunk=example_chunk)
+        loss_t = loss_lib.candidate_losses(params, cfg, lora_t, arrays, example_chunk=example_chunk, remat=remat)
         return jax.ops.segment_sum(loss_t, part_n, num_segments=k)
 
     opt = optax.adam(settings.lr)

@@ -31,7 +31,7 @@ def inputs(tmp_path_factory):
 
 
 def _held(td):
-    """The held-out part tune._split makes of 3 examples at holdout 0.3: the last one."""
+    """The held-out part tune.split_examples makes of 3 examples at holdout 0.3: the last one."""
     return dataclasses.replace(td, batch=jax.tree.map(lambda x: x[:, 2:3], td.batch),
                                num_examples=np.ones(td.num_tasks, np.int32))
 

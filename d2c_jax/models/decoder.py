@@ -198,10 +198,13 @@ def run_layers(
     start: jax.Array | int = 0,
     attend_fn: Callable | None = None,
     last_rows: jax.Array | None = None,
+    remat: bool = False,
 ):
     """Scans the stacked layers. cache: (k_lbtkd, v_lbtkd) or None; returns (x, new cache).
     `last_rows` (int [Q], no cache): the last layer keeps only these rows (block's `rows`), so
-    x comes back [B, Q, D]; the other layers are scanned as usual."""
+    x comes back [B, Q, D]; the other layers are scanned as usual. `remat`: a gradient through
+    the layers keeps only each layer's input [B, S, D] and recomputes the layer in the backward
+    pass (tuning at a large model's size), the same values."""
     _check_lora(lora, cfg)
     cos, sin = rotary_tables(cfg, positions_bs, x_bsd.dtype)
 
@@ -210,6 +213,8 @@ def run_layers(
         x, cache_l = block(lp, lora_l, cfg, x, cos, sin, mask_bst, cache_l, start, attend_fn)
         return x, cache_l
 
+    if remat:
+        body = jax.checkpoint(body, prevent_cse=False)
     if last_rows is None:
         return jax.lax.scan(body, x_bsd, (params["layers"], lora, cache))
     if cache is not None:
@@ -245,12 +250,13 @@ def causal_padding_mask(attn_mask_bs: jax.Array) -> jax.Array:
 
 
 def hidden_states(
-    params: Params, cfg: ModelConfig, tokens_bs: jax.Array, attn_mask_bs: jax.Array, lora: Lora | None = None
+    params: Params, cfg: ModelConfig, tokens_bs: jax.Array, attn_mask_bs: jax.Array, lora: Lora | None = None,
+    remat: bool = False,
 ) -> jax.Array:
     """Final-normed hidden states [B, S, D] in the params dtype (for memory-lean loss code)."""
     x_bsd = embed(params, tokens_bs)
     positions_bs = positions_from_mask(attn_mask_bs)
-    x_bsd, _ = run_layers(params, cfg, x_bsd, positions_bs, causal_padding_mask(attn_mask_bs), lora)
+    x_bsd, _ = run_layers(params, cfg, x_bsd, positions_bs, causal_padding_mask(attn_mask_bs), lora, remat=remat)
     return norm(params["final_norm"], cfg, x_bsd)
 
 
