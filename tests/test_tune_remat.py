@@ -40,8 +40,10 @@ def _lora_t(setup):
     return jax.tree.map(lambda x: jnp.take(x, jnp.asarray(PARTITION), axis=0), lora_k)
 
 
-# Several position blocks with a padded last one, 3 examples in 2 chunks (a dummy row); one block, one chunk.
-@pytest.mark.parametrize("head_positions,example_chunk", [(5, 2), (64, None)])
+# The fixture's S is 32 with response tokens up to position 22: 20 positions per block make two
+# blocks, the last padded and holding response tokens, 3 examples in 2 chunks (a dummy row);
+# then one block, one chunk.
+@pytest.mark.parametrize("head_positions,example_chunk", [(20, 2), (64, None)])
 def test_rematerialised_loss_has_the_plain_loss_value_and_gradient(setup, monkeypatch, head_positions, example_chunk):
     monkeypatch.setattr(loss, "REMAT_HEAD_POSITIONS", head_positions)
     params, cfg, batch = setup["params"], setup["cfg"], setup["td"].batch
@@ -49,6 +51,8 @@ def test_rematerialised_loss_has_the_plain_loss_value_and_gradient(setup, monkey
     def total(lora_t, remat):
         return jnp.sum(loss.candidate_losses(params, cfg, lora_t, batch, example_chunk=example_chunk, remat=remat))
 
+    weights = np.asarray(batch.weights)
+    assert batch.tokens.shape[-1] == 32 and weights[..., 20:].any()  # the padded last block counts
     lora_t = _lora_t(setup)
     plain, g_plain = jax.value_and_grad(total)(lora_t, False)
     remat, g_remat = jax.jit(jax.value_and_grad(total), static_argnums=1)(lora_t, True)

@@ -212,6 +212,17 @@ MUTATIONS = (
              'out["targets"][ti, :len(at)] = targets[ti].reshape(-1)[grid][at]',
              'out["targets"][ti, :len(at)] = tokens[ti].reshape(-1)[grid][at]',
              ("tests/test_loss_parity.py -k packed_loss_matches_peft",)),
+    Mutation("the rematerialised loss's position blocks mix up examples", "d2c_jax/loss.py",
+             "blocks = (h_bsd.reshape(b, k, p, -1).swapaxes(0, 1),",
+             "blocks = (h_bsd.reshape(k, b, p, -1),",
+             ("tests/test_tune_remat.py -k plain_loss_value",)),
+    Mutation("the rematerialised loss skips the last position block", "d2c_jax/loss.py",
+             "    k = -(-s // p)\n    pad = k * p - s\n    tgt_bs = chunk.targets",
+             "    k = s // p\n    pad = 0\n    h_bsd = h_bsd[:, :k * p]\n    tgt_bs, w_bs = chunk.targets[:, :k * p], w_bs[:, :k * p]",
+             ("tests/test_tune_remat.py -k plain_loss_value",)),
+    Mutation("tuning rematerialises only below the threshold", "d2c_jax/tune.py",
+             "return backward_bytes(cfg, fit) > REMAT_ABOVE_BYTES", "return backward_bytes(cfg, fit) < REMAT_ABOVE_BYTES",
+             ("tests/test_tune_remat.py -k chosen_by",)),
 )
 
 
