@@ -165,7 +165,8 @@ class Checkpointer:
         return None
 
     def _drop(self, skipped: list[tuple[int, str]], then: str) -> None:
-        """Warns once about the unusable steps and removes them (process 0), then re-opens Orbax."""
+        """Warns once about the unusable steps and removes them (process 0; the other processes
+        from their own copy, where they have one), then re-opens Orbax."""
         import jax
 
         from d2c_jax.sharding import barrier
@@ -178,6 +179,10 @@ class Checkpointer:
                 remove_path(os.path.join(self.directory, str(step)))
             fsync_path(self.directory)
         barrier("d2c_drop_checkpoints")
+        if jax.process_index() != 0:  # a directory of its own (a gs:// workdir's staging copy): the same steps go
+            for step, _ in skipped:
+                if os.path.lexists(os.path.join(self.directory, str(step))):
+                    remove_path(os.path.join(self.directory, str(step)))
         self._mngr.close()
         self._mngr = self._open()
 

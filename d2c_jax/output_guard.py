@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from typing import Any, Callable, Sequence
 
 from d2c_jax.atomic_io import MARKER, is_leftover, remove_leftovers
@@ -26,10 +27,14 @@ from d2c_jax.errors import UserError
 
 
 def _real(path: str) -> str:
+    if path.startswith("gs://"):  # an object path: compared by name
+        return "gs://" + posixpath.normpath(path[len("gs://"):]).strip("/")
     return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
 
 def _inside(child: str, parent: str) -> bool:
+    if child.startswith("gs://") or parent.startswith("gs://"):
+        return child.startswith(parent + "/")
     return child != parent and os.path.commonpath([child, parent]) == parent
 
 
