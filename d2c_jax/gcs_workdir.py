@@ -61,6 +61,8 @@ def split(url: str) -> tuple[str, str]:
     bucket, _, prefix = url[len("gs://"):].strip("/").partition("/")
     if not bucket or not prefix:
         raise UserError(url, "a gs:// work directory needs a bucket and a path in it: gs://BUCKET/PATH")
+    if any(part in ("", ".", "..") for part in prefix.split("/")):  # the staging path must stay in the cache
+        raise UserError(url, "a gs:// work directory path may not hold empty, '.' or '..' components")
     return bucket, prefix
 
 

@@ -800,6 +800,8 @@ def _unreachable_workdir(mp):
 GCS_WORKDIR_CASES = [
     ("gcs_workdir_without_a_path", lambda mp: "gs://bkt",
      r"gs://bkt: a gs:// work directory needs a bucket and a path in it: gs://BUCKET/PATH"),
+    ("gcs_workdir_path_with_dot_dot", lambda mp: "gs://bkt/a/../../b",
+     r"gs://bkt/a/\.\./\.\./b: a gs:// work directory path may not hold empty, '\.' or '\.\.' components"),
     ("gcs_workdir_bucket_missing", lambda mp: "gs://nobkt/run",
      r"gs://nobkt/run: no such bucket: gs://nobkt \(create it, e\.g\. `gcloud storage buckets create gs://nobkt`, or "
      r"check the name\)"),
