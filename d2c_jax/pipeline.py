@@ -345,14 +345,14 @@ def config_json(cfg: RunConfig, commits: Mapping[str, str]) -> str:
 
 
 def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_adapters: int, is_main: bool,
-                       subdir: str = ""):
+                       subdir: str = "", shown: Callable[[str], str] = str):
     """The Checkpointer, after checking that the checkpoint there (if any) can be resumed by this run
     (--overwrite: discard one that cannot). `subdir`: one directory per (K, rank) of the budget mode,
-    each with its own metrics log beside it."""
+    each with its own metrics log beside it; `shown`: how messages name a path."""
     directory = os.path.join(workdir, CHECKPOINTS, subdir) if subdir else os.path.join(workdir, CHECKPOINTS)
     metrics_path = os.path.join(workdir, CHECKPOINTS, f"{subdir}.{METRICS}") if subdir else os.path.join(workdir, METRICS)
     ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp,
-                        metrics_path=metrics_path)
+                        metrics_path=metrics_path, name=shown(directory))
     error = None
     try:
         ckpt.restore(num_adapters)  # walks back to the newest usable step; kept for run_search
@@ -364,11 +364,11 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_
     if not cfg.overwrite:
         raise error or UserError(directory, "another process cannot read the checkpoint; see its output")
     if is_main:
-        print(f"--overwrite: discarding the checkpoints in {directory}", file=sys.stderr)
+        print(f"--overwrite: discarding the checkpoints in {shown(directory)}", file=sys.stderr)
         _remove(directory)
     barrier("d2c_discard_checkpoints")
     return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp,
-                        metrics_path=metrics_path)
+                        metrics_path=metrics_path, name=shown(directory))
 
 
 def _need_bytes(adapters: lora.AdapterSet, num_clusters: int, cfg: RunConfig) -> int:
@@ -483,7 +483,7 @@ def _run_in(cfg: RunConfig, workdir: str, remote: GcsWorkdir | None) -> int:
     ckpt = None
     try:
         if fp is not None:
-            ckpt = _open_checkpointer(cfg, workdir, fp, len(names), is_main)
+            ckpt = _open_checkpointer(cfg, workdir, fp, len(names), is_main, shown=shown)
             step = ckpt.latest_step()
             if step is not None:
                 if is_main:
@@ -572,7 +572,8 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
             print(f"budget: K = {k_way} at rank {r_way}", flush=True)
         if cfg.budget_mode and cfg.strategy in SEARCH_STRATEGIES:
             ckpt = _open_checkpointer(cfg_way, workdir, _fingerprint(cfg_way, inputs), len(names),
-                                      is_main, subdir=f"k{k_way}_r{r_way}")
+                                      is_main, subdir=f"k{k_way}_r{r_way}",
+                                      shown=remote.shown if remote is not None else str)
         try:
             outcome = _find(cfg_way, inputs, ckpt, workdir, is_main, remote)
         finally:

@@ -141,6 +141,29 @@ def test_a_run_resumes_from_the_bucket_alone_and_skips_an_uncommitted_step(input
     assert steps and all(f"checkpoints/{s}/d2c_committed" in objects for s in steps)
 
 
+def test_a_corrupt_newest_step_in_the_bucket_falls_back_to_the_previous_one(inputs, env, tmp_path, capsys):
+    url, prefix = "gs://bkt/runs/fallback", "bkt/runs/fallback"
+    rc, _, err = _run(inputs, url, capsys)
+    assert rc == 0, err
+    env.rm_file(f"{prefix}/partition.json")  # stopped after its last checkpoint
+    env.pipe_file(f"{prefix}/checkpoints/3/meta/metadata", b"{not json")  # committed, but unreadable
+    import shutil
+
+    shutil.rmtree(gcs_workdir.GcsWorkdir(url).staging)  # a fresh machine
+    rc, out, err = _run(inputs, url, capsys)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: {url}/checkpoints: skipping unusable checkpoint step 3 (") and warnings[0].endswith(
+        "resuming from step 2"), warnings
+    assert f"resumed from iteration 2 of 3 (checkpoint {url}/checkpoints/2)" in out
+    rc, _, err = _run(inputs, tmp_path / "local", capsys)
+    assert rc == 0, err
+    assert json.loads(env.cat_file(f"{prefix}/partition.json"))["clusters"] == read_partition(tmp_path / "local")[
+        "clusters"]
+    assert json.loads(env.cat_file(f"{prefix}/checkpoints/3/meta/metadata"))["iteration"] == 3  # saved anew
+
+
 def _lock_object(fs, prefix, **holder):
     fs.pipe_file(f"{prefix}/.d2c.lock", json.dumps(holder).encode())
 
