@@ -835,6 +835,24 @@ def test_gcs_workdir_failure_is_one_line_exit_1_and_nothing_written(inp, gcs_url
     assert _gcs_objects(gcs_url) == before  # no object written, changed or removed
 
 
+LOCAL_ONLY = ("{path}: {flag} must be a local path for {command} (of the outputs, only launch/search.py's --workdir "
+              "may be gs://); copy with `gcloud storage cp -r` to or from local disk")
+
+
+@pytest.mark.parametrize("script, flags, flag, command", [
+    ("evaluate.py", ["--workdir=gs://bkt/run"], "--workdir", "launch/evaluate.py"),
+    ("add.py", ["--workdir=gs://bkt/run", "--remove=task_0"], "--workdir", "launch/add.py"),
+    ("merge.py", ["--adapters={a0},{a1}", "--output_dir=gs://bkt/out"], "--output_dir", "this command"),
+], ids=["evaluate_workdir_in_a_bucket", "add_workdir_in_a_bucket", "merge_output_dir_in_a_bucket"])
+def test_a_gs_path_where_a_command_works_on_local_paths_is_one_line(inp, script, flags, flag, command):
+    argv = [f.format(a0=_adapter(inp, "task_0"), a1=_adapter(inp, "task_1")) for f in flags]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *argv], capture_output=True,
+                          text=True, env=child_env(), timeout=300)
+    path = next(a.split("=", 1)[1] for a in argv if a.startswith(flag))
+    assert (proc.returncode, proc.stderr.strip().splitlines()) == (
+        1, ["error: " + LOCAL_ONLY.format(path=path, flag=flag, command=command)]), proc.stderr
+
+
 # ----------------------------------------------------------------------------- outputs that are not ours
 
 
