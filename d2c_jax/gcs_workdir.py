@@ -113,7 +113,7 @@ class GcsWorkdir:
         self._lost: str | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
-        self.found = 0  # objects under the path at the last probe
+        self.found = 0  # objects under the path at the last probe, our temp objects left out
         self._views = [self.staging]  # local directories that stand for the gs:// path
         self._digests: dict[str, tuple[tuple[int, int], str]] = {}  # path -> ((size, mtime), md5)
 
@@ -336,7 +336,7 @@ class GcsWorkdir:
         """A fresh local directory holding the bucket's objects `names` (those present), for the
         checks made before the lock is taken; removed afterwards."""
         objects = self._list()
-        self.found = len(objects)
+        self.found = sum(not any(is_leftover(p) for p in rel.split("/")) for rel in objects)  # our temps: nothing
         os.makedirs(self.root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".probe.tmp-", dir=self.root)
         self._views.append(tmp)

@@ -198,6 +198,15 @@ def test_a_stale_lock_is_taken_over_with_one_warning(inputs, env, capsys, holder
     assert ".d2c.lock" not in _objects(env, prefix)
 
 
+def test_temp_objects_of_a_killed_writer_are_removed_not_taken_for_a_users(inputs, env, capsys):
+    prefix = "bkt/runs/temps"
+    env.pipe_file(f"{prefix}/.d2c.lock.tmp-0123456789ab", b"{}")  # killed between the temp and its copy
+    rc, _, err = _run(inputs, f"gs://{prefix}", capsys, iterations=1)
+    assert rc == 0, err
+    objects = _objects(env, prefix)
+    assert "partition.json" in objects and not [k for k in objects if ".tmp-" in k]
+
+
 def test_of_two_runs_taking_the_lock_at_once_one_wins(env):
     url = "gs://bkt/runs/race"
     results = []
