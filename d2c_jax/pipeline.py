@@ -22,7 +22,8 @@ Order of work (every check before anything is written, so a bad input leaves not
 Multi-process (one process per host, `sharding.initialize_distributed` after the cheap checks):
 every process loads the inputs and runs the same search on the global mesh; the losses come back
 replicated, so every process takes the same decisions (checked at the end). --workdir must be on
-storage that every host sees (NFS, a mounted bucket). Checkpoints are saved and restored by all
+storage that every host sees (NFS, a mounted bucket), or gs://: then every process works in a
+staging copy of its own and process 0 pushes to the bucket (`gcs_workdir`). Checkpoints are saved and restored by all
 processes together (Orbax: process 0 writes). Every other file is written by process 0 alone;
 `_on_main` makes the other processes wait for it and fail with it. SIGTERM or SIGINT on any process
 stops all of them at the same iteration (`sharding.any_process`).
