@@ -112,7 +112,7 @@ def test_a_search_in_a_gs_workdir_equals_the_local_run_and_its_rerun_reports_it(
     writes = [(m, p.split("?")[0].split("/rewriteTo/")[-1].rsplit("/o/", 1)[-1]) for m, p in gcs[1]
               if "/rewriteTo/" in p or m == "DELETE"]
     writes = [(m, name) for m, name in writes if "d2c.lock" not in name and ".tmp-" not in name]
-    assert writes[0] == ("DELETE", "runs%2Ffirst%2Fpartition.json") or writes[0] == ("DELETE", "runs/first/partition.json")
+    assert writes[0][0] == "DELETE" and writes[0][1].replace("%2F", "/") == "runs/first/partition.json"
     assert writes[-1][0] == "POST" and writes[-1][1].endswith("partition.json")
     assert [w for w in writes[1:-1] if w[1].endswith("partition.json")] == []
 
