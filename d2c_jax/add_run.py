@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from d2c_jax import budget as budget_lib
-from d2c_jax import data, hf_io, lora, merge, online, plots, signals, tune
+from d2c_jax import data, hf_io, lora, merge, online, output_guard, plots, signals, tune
 from d2c_jax.atomic_io import is_leftover, remove_path, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.checkpoint import Checkpointer
 from d2c_jax.config_flags import setting
@@ -72,6 +72,7 @@ class AddConfig:
     def __post_init__(self):
         if not self.workdir:
             raise UserError(None, "--workdir must be set")
+        output_guard.refuse_bucket(self.workdir, "--workdir", "launch/add.py")
         if not self.adapters and not self.remove:
             raise UserError(None, "nothing to do: give --adapters (with --data_dir) and/or --remove")
         if self.adapters and not self.data_dir:

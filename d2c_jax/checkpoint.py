@@ -83,12 +83,13 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, fingerprint: Mapping[str, Any],
-                 metrics_path: str | os.PathLike):
+                 metrics_path: str | os.PathLike, name: str | None = None):
         import jax
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = os.path.abspath(os.fspath(directory))
+        self.name = name or self.directory  # how warnings name it (a gs:// workdir's, for its staging copy)
         self.metrics_log = MetricsLog(metrics_path, writer=jax.process_index() == 0)
         self.fingerprint = dict(fingerprint)
         self._options = ocp.CheckpointManagerOptions(
@@ -165,19 +166,24 @@ class Checkpointer:
         return None
 
     def _drop(self, skipped: list[tuple[int, str]], then: str) -> None:
-        """Warns once about the unusable steps and removes them (process 0), then re-opens Orbax."""
+        """Warns once about the unusable steps and removes them (process 0; the other processes
+        from their own copy, where they have one), then re-opens Orbax."""
         import jax
 
         from d2c_jax.sharding import barrier
 
         steps = ", ".join(str(s) for s, _ in skipped)
         if jax.process_index() == 0:
-            print(f"warning: {self.directory}: skipping unusable checkpoint step {steps} "
+            print(f"warning: {self.name}: skipping unusable checkpoint step {steps} "
                   f"({skipped[0][1]}); {then}", file=sys.stderr, flush=True)
             for step, _ in skipped:
                 remove_path(os.path.join(self.directory, str(step)))
             fsync_path(self.directory)
         barrier("d2c_drop_checkpoints")
+        if jax.process_index() != 0:  # a directory of its own (a gs:// workdir's staging copy): the same steps go
+            for step, _ in skipped:
+                if os.path.lexists(os.path.join(self.directory, str(step))):
+                    remove_path(os.path.join(self.directory, str(step)))
         self._mngr.close()
         self._mngr = self._open()
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2c_jax import hub
+from d2c_jax import hub, output_guard
 from d2c_jax import merge as merge_lib
 from d2c_jax import metrics as metrics_lib
 from d2c_jax.config_flags import setting
@@ -121,6 +121,8 @@ class EvalConfig:
             object.__setattr__(self, "compare", ())
         if self.adapters_dir and self.adapters:
             raise UserError(None, "give --adapters_dir or --adapters, not both")
+        for name in ("workdir", "partition"):
+            output_guard.refuse_bucket(getattr(self, name), f"--{name}", "launch/evaluate.py")
         if self.zero_shot and self.partition:
             raise UserError(None, "--zero_shot and --partition exclude each other")
         if self.zero_shot and self.workdir:

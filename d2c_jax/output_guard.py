@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from typing import Any, Callable, Sequence
 
 from d2c_jax.atomic_io import MARKER, is_leftover, remove_leftovers
@@ -26,10 +27,14 @@ from d2c_jax.errors import UserError
 
 
 def _real(path: str) -> str:
+    if path.startswith("gs://"):  # an object path: compared by name
+        return "gs://" + posixpath.normpath(path[len("gs://"):]).strip("/")
     return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
 
 def _inside(child: str, parent: str) -> bool:
+    if child.startswith("gs://") or parent.startswith("gs://"):
+        return child.startswith(parent + "/")
     return child != parent and os.path.commonpath([child, parent]) == parent
 
 
@@ -71,6 +76,13 @@ def _is_empty_dir(path: str) -> bool:
         return False
 
 
+def refuse_bucket(path: str | None, flag: str, command: str) -> None:
+    """A gs:// path where `command` reads or writes local files only: one line saying what to do."""
+    if path and str(path).startswith("gs://"):
+        raise UserError(path, f"{flag} must be a local path for {command} (of the outputs, only launch/search.py's "
+                        "--workdir may be gs://); copy with `gcloud storage cp -r` to or from local disk")
+
+
 def claim_dir(path: str, *, what: str, flag: str, inputs: Sequence[str | None] = (), overwrite: bool | None = None,
               ours: Callable[[str], bool] | None = None, command: str | None = None, follow: bool = False) -> bool:
     """Checks that the directory `path` may be (re)written; returns True when it already holds
@@ -79,6 +91,7 @@ def claim_dir(path: str, *, what: str, flag: str, inputs: Sequence[str | None] =
     has no --overwrite flag (our own output is then replaced), else its value; `follow`: a
     symbolic link to a directory is judged by that directory (a workdir written into, never
     replaced), else refused (an output replaced as a whole would replace the link)."""
+    refuse_bucket(path, flag, "this command")
     if follow and os.path.islink(path) and os.path.isdir(path):
         path = os.path.realpath(path)
     if os.path.islink(path):
@@ -114,6 +127,7 @@ def json_keys(*keys: str) -> Callable[[str], bool]:
 def claim_file(path: str, *, what: str, flag: str, inputs: Sequence[str | None] = (),
                ours: Callable[[str], bool]) -> None:
     """Checks that the file `path` may be (re)written: absent, empty, or ours (`ours(path)`)."""
+    refuse_bucket(path, flag, "this command")
     if os.path.islink(path):
         raise UserError(path, f"{flag} is a symbolic link; refusing to write through it — choose another {flag}")
     refuse_inputs(path, inputs, flag)

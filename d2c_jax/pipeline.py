@@ -22,7 +22,8 @@ Order of work (every check before anything is written, so a bad input leaves not
 Multi-process (one process per host, `sharding.initialize_distributed` after the cheap checks):
 every process loads the inputs and runs the same search on the global mesh; the losses come back
 replicated, so every process takes the same decisions (checked at the end). --workdir must be on
-storage that every host sees (NFS, a mounted bucket). Checkpoints are saved and restored by all
+storage that every host sees (NFS, a mounted bucket), or gs://: then every process works in a
+staging copy of its own and process 0 pushes to the bucket (`gcs_workdir`). Checkpoints are saved and restored by all
 processes together (Orbax: process 0 writes). Every other file is written by process 0 alone;
 `_on_main` makes the other processes wait for it and fail with it. SIGTERM or SIGINT on any process
 stops all of them at the same iteration (`sharding.any_process`).
@@ -32,6 +33,7 @@ Shapes: N adapters (= tasks), K clusters, P chains.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -45,13 +47,14 @@ import jax
 import numpy as np
 
 from d2c_jax import budget as budget_lib
-from d2c_jax import compilation_cache, data, hub, lora, merge, output_guard, plots, push, signals, tune
+from d2c_jax import compilation_cache, data, hub, lora, merge, output_guard, plots, push, signals, storage, tune
 from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.checkpoint import Checkpointer
 from d2c_jax.metrics_log import jsonl_bytes
 from d2c_jax.errors import UserError
 from d2c_jax.fingerprint import run_fingerprint
+from d2c_jax.gcs_workdir import GcsWorkdir
 from d2c_jax.inputs import Inputs, load_inputs, resolve_sources
 from d2c_jax.merge import Prepared
 from d2c_jax.models.config import load_config
@@ -156,9 +159,12 @@ def check_disk(workdir: str, need_bytes: int) -> None:
                         f"checkpoints need about {need_bytes / 2**20:.1f} MiB")
 
 
-def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> WorkdirLock | None:
+def prepare_workdir(workdir: str, overwrite: bool, is_main: bool,
+                    remote: GcsWorkdir | None = None) -> WorkdirLock | None:
     """Creates and locks the workdir (process 0), then removes leftovers of interrupted writes and,
-    with --overwrite, a finished run's outputs and checkpoints. Returns the held lock (process 0)."""
+    with --overwrite, a finished run's outputs and checkpoints. Returns the held lock (process 0).
+    A gs:// workdir (`remote`, staged in `workdir`): its lock object is taken and the bucket's
+    committed state pulled first (every process pulls its own copy), the result pushed back."""
     lock = WorkdirLock(workdir) if is_main else None
 
     def prepare() -> None:
@@ -166,6 +172,9 @@ def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> WorkdirLock
             os.makedirs(workdir, exist_ok=True)
         except OSError as e:
             raise UserError(workdir, f"cannot create --workdir: {e.strerror}") from None
+        if remote is not None:
+            remote.acquire()
+            remote.pull()
         lock.acquire()
         if overwrite and os.path.exists(os.path.join(workdir, PARTITION)):  # a finished run
             stale = _own_evaluation(workdir)  # of the partition about to be removed
@@ -176,12 +185,19 @@ def prepare_workdir(workdir: str, overwrite: bool, is_main: bool) -> WorkdirLock
         for name in os.listdir(workdir):  # leftovers of atomic writes killed midway
             if is_leftover(name):
                 _remove(os.path.join(workdir, name))
+        if remote is not None:
+            remote.push()  # before the other processes pull
 
     try:
         _on_main(prepare, "--workdir", is_main)
+        if remote is not None and not is_main:
+            os.makedirs(workdir, exist_ok=True)
+            remote.pull()
     except BaseException:
         if lock is not None:
             lock.release()
+        if remote is not None:
+            remote.release()
         raise
     if any_process(not os.path.isdir(workdir)):
         raise UserError(workdir, "--workdir, created by process 0, is not visible on every host; it must be "
@@ -259,8 +275,13 @@ def _phases(doc: Mapping[str, Any]) -> str:
     return " (" + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()) + ")" if phases else ""
 
 
-def show(workdir: str) -> int:
-    """Prints a finished run's summary table and gain line again (launch/search.py --show)."""
+def show(workdir: str, shown: Callable[[str], str] = os.path.abspath) -> int:
+    """Prints a finished run's summary table and gain line again (launch/search.py --show);
+    `shown`: how the workdir is named."""
+    if storage.is_gcs(workdir):
+        remote = GcsWorkdir(workdir)
+        with remote.named(), remote.probe((PARTITION,)) as view:
+            return show(view, remote.shown)
     path = os.path.join(workdir, PARTITION)
     if not os.path.isfile(path):
         ckpt = os.path.join(workdir, CHECKPOINTS)
@@ -274,7 +295,7 @@ def show(workdir: str) -> int:
         print(final_table(doc))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(path, f"cannot read the run's summary: {e}") from None
-    print(f"outputs in {os.path.abspath(workdir)}")
+    print(f"outputs in {shown(workdir)}")
     return 0
 
 
@@ -325,14 +346,14 @@ def config_json(cfg: RunConfig, commits: Mapping[str, str]) -> str:
 
 
 def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_adapters: int, is_main: bool,
-                       subdir: str = ""):
+                       subdir: str = "", shown: Callable[[str], str] = str):
     """The Checkpointer, after checking that the checkpoint there (if any) can be resumed by this run
     (--overwrite: discard one that cannot). `subdir`: one directory per (K, rank) of the budget mode,
-    each with its own metrics log beside it."""
+    each with its own metrics log beside it; `shown`: how messages name a path."""
     directory = os.path.join(workdir, CHECKPOINTS, subdir) if subdir else os.path.join(workdir, CHECKPOINTS)
     metrics_path = os.path.join(workdir, CHECKPOINTS, f"{subdir}.{METRICS}") if subdir else os.path.join(workdir, METRICS)
     ckpt = Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp,
-                        metrics_path=metrics_path)
+                        metrics_path=metrics_path, name=shown(directory))
     error = None
     try:
         ckpt.restore(num_adapters)  # walks back to the newest usable step; kept for run_search
@@ -344,11 +365,11 @@ def _open_checkpointer(cfg: RunConfig, workdir: str, fp: Mapping[str, Any], num_
     if not cfg.overwrite:
         raise error or UserError(directory, "another process cannot read the checkpoint; see its output")
     if is_main:
-        print(f"--overwrite: discarding the checkpoints in {directory}", file=sys.stderr)
+        print(f"--overwrite: discarding the checkpoints in {shown(directory)}", file=sys.stderr)
         _remove(directory)
     barrier("d2c_discard_checkpoints")
     return Checkpointer(directory, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, fingerprint=fp,
-                        metrics_path=metrics_path)
+                        metrics_path=metrics_path, name=shown(directory))
 
 
 def _need_bytes(adapters: lora.AdapterSet, num_clusters: int, cfg: RunConfig) -> int:
@@ -388,28 +409,55 @@ def resolve_suite(cfg: RunConfig) -> RunConfig:
 def run(cfg: RunConfig) -> int:
     """Runs (or resumes) the search described by `cfg`; returns the exit status (0, also for a
     finished run found in the workdir and when SIGTERM stopped it after a checkpoint; 130 when
-    SIGINT did)."""
-    workdir = os.path.abspath(cfg.workdir)
+    SIGINT did). A gs:// workdir runs in its local staging directory (`gcs_workdir`)."""
+    if not storage.is_gcs(cfg.workdir):
+        return _run_in(cfg, os.path.abspath(cfg.workdir), None)
+    remote = GcsWorkdir(cfg.workdir)
+    with remote.named():
+        return _run_in(cfg, remote.staging, remote)
+
+
+@contextlib.contextmanager
+def _view(workdir: str, remote: GcsWorkdir | None, inputs: Sequence[str | None]):
+    """The directory the checks before the lock read (a gs:// workdir: its partition.json,
+    config.json and lock object, fetched); a bucket path holding objects not of ours is refused."""
+    if remote is None:
+        yield workdir
+        return
+    output_guard.refuse_inputs(remote.url, inputs, "--workdir")
+    with remote.probe((PARTITION, CONFIG, LOCK_NAME)) as view:
+        if remote.found and not is_workdir(view):
+            raise UserError(remote.url, "holds objects that are not a d2c_jax search run; choose a new path "
+                            "for --workdir (nothing there is touched)")
+        yield view
+
+
+def _run_in(cfg: RunConfig, workdir: str, remote: GcsWorkdir | None) -> int:
+    shown = remote.shown if remote is not None else (lambda p: p)
     if cfg.push_to_hub:
         push.check_token(cfg.push_to_hub)  # before any work
     cfg = resolve_suite(cfg)
     start = time.perf_counter()  # the run's seconds exclude the suite build
-    done = finished_run(workdir, cfg)
-    if done is not None:
-        try:
-            show(workdir)
-        except UserError:  # a partition.json without the summary (written by other tools): its path only
-            pass
-        print(f"already finished: {done} (use --overwrite to run again)")
-        if cfg.push_to_hub and _is_main():
-            push_result(workdir, cfg)  # a push that failed before is tried again
-        return 0
-    cfg = pin_template_date(cfg, workdir)
+    with _view(workdir, remote, [cfg.base_model, cfg.adapters_dir, cfg.data_dir]) as view:
+        done = finished_run(view, cfg)
+        if done is not None:
+            try:
+                show(view, shown)
+            except UserError:  # a partition.json without the summary (written by other tools): its path only
+                pass
+            print(f"already finished: {shown(done)} (use --overwrite to run again)")
+            if cfg.push_to_hub and _is_main():
+                if remote is not None:
+                    remote.pull()  # merged/ too
+                push_result(workdir, cfg)  # a push that failed before is tried again
+            return 0
+        cfg = pin_template_date(cfg, view)
+        pinned = {} if cfg.overwrite else hub.recorded_commits(os.path.join(view, CONFIG))
     settings = cfg.engine_settings()
 
     # 1.-2. Every check, before anything is written (every process makes them on its own).
     sources = resolve_sources(cfg.base_model, cfg.adapters_dir, cfg.adapters, data_dir=cfg.data_dir,
-                              pinned={} if cfg.overwrite else hub.recorded_commits(os.path.join(workdir, CONFIG)))
+                              pinned=pinned)
     names = list(sources.adapters)
     if not cfg.budget_mode:  # the budget mode chooses K itself (--num_clusters is refused with it)
         check_num_clusters(settings.num_clusters, len(names))
@@ -432,27 +480,33 @@ def run(cfg: RunConfig) -> int:
     is_main = _is_main()
 
     # 3. The workdir, locked for the whole run; the checkpoint to resume.
-    lock = prepare_workdir(workdir, cfg.overwrite, is_main)
+    lock = prepare_workdir(workdir, cfg.overwrite, is_main, remote)
     ckpt = None
     try:
         if fp is not None:
-            ckpt = _open_checkpointer(cfg, workdir, fp, len(names), is_main)
+            ckpt = _open_checkpointer(cfg, workdir, fp, len(names), is_main, shown=shown)
             step = ckpt.latest_step()
             if step is not None:
                 if is_main:
                     print(f"resumed from iteration {step} of {settings.iterations} (checkpoint "
-                          f"{os.path.join(ckpt.directory, str(step))})", flush=True)
-                signals.set_note(f"the checkpoint of iteration {step} in {ckpt.directory} is kept; "
+                          f"{shown(os.path.join(ckpt.directory, str(step)))})", flush=True)
+                signals.set_note(f"the checkpoint of iteration {step} in {shown(ckpt.directory)} is kept; "
                                  "re-run the same command to resume")
-        # After the checkpoint check: config.json always describes the checkpoints.
-        _on_main(lambda: write_text_atomic(os.path.join(workdir, CONFIG), config_json(cfg, sources.commits())),
-                 CONFIG, is_main)
-        return _run(cfg, workdir, inputs, ckpt, start, is_main, loaded=time.perf_counter())
+
+        def write_config() -> None:  # after the checkpoint check: config.json always describes the checkpoints
+            write_text_atomic(os.path.join(workdir, CONFIG), config_json(cfg, sources.commits()))
+            if remote is not None:
+                remote.push()  # and the checkpoint steps the check dropped
+
+        _on_main(write_config, CONFIG, is_main)
+        return _run(cfg, workdir, inputs, ckpt, start, is_main, loaded=time.perf_counter(), remote=remote)
     finally:
         if ckpt is not None:
             ckpt.close()
         if lock is not None:
             lock.release()
+        if remote is not None and is_main:
+            remote.release()
 
 
 def canonical_order(partition_n: np.ndarray, num_clusters: int) -> np.ndarray:
@@ -461,16 +515,21 @@ def canonical_order(partition_n: np.ndarray, num_clusters: int) -> np.ndarray:
     return np.array([int(partition_n[np.flatnonzero(out == c)[0]]) for c in range(num_clusters)])
 
 
-def _find(cfg: RunConfig, inputs: Inputs, ckpt: Checkpointer | None, workdir: str, is_main: bool):
+def _find(cfg: RunConfig, inputs: Inputs, ckpt: Checkpointer | None, workdir: str, is_main: bool,
+          remote: GcsWorkdir | None = None):
     """(scorer, SearchResult, cfg) of the search (or baseline) at cfg's K and output rank, or the
-    exit status (an int) when a signal stopped it after a checkpoint was saved."""
+    exit status (an int) when a signal stopped it after a checkpoint was saved (a gs:// workdir:
+    each committed checkpoint is pushed to the bucket before the search goes on)."""
+    shown = remote.shown if remote is not None else (lambda p: p)
     settings = dataclasses.replace(cfg.engine_settings(),
                                    cache_size=cfg.search.cache_size or default_cache_size(len(inputs.names)))
     scorer = inputs.scorer(cfg.merge, cfg.density, seed=cfg.search.seed, batch_size=cfg.scorer_batch_size,
                            rank=cfg.output_rank or None)
 
     def on_checkpoint(state: SearchState) -> None:  # metrics.jsonl: appended by the Checkpointer
-        signals.set_note(f"the checkpoint of iteration {state.iteration} in {ckpt.directory} is kept; "
+        if remote is not None:
+            _on_main(remote.push, "the checkpoint to the bucket", is_main)
+        signals.set_note(f"the checkpoint of iteration {state.iteration} in {shown(ckpt.directory)} is kept; "
                          "re-run the same command to resume")
 
     if cfg.strategy in SEARCH_STRATEGIES:
@@ -484,7 +543,7 @@ def _find(cfg: RunConfig, inputs: Inputs, ckpt: Checkpointer | None, workdir: st
             if is_main:
                 how = signals.name(flag.signum) if flag.signum else "preemption"
                 print(f"stopped by {how}: checkpoint of iteration {result.state.iteration}/{settings.iterations} "
-                      f"saved in {ckpt.directory}; re-run the same command to resume", flush=True)
+                      f"saved in {shown(ckpt.directory)}; re-run the same command to resume", flush=True)
             return signals.exit_code(flag.signum)
     else:
         # Process 0's partition for all: library k-means need not be bit-identical across hosts.
@@ -493,7 +552,7 @@ def _find(cfg: RunConfig, inputs: Inputs, ckpt: Checkpointer | None, workdir: st
 
 
 def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None, start: float,
-         is_main: bool, loaded: float | None = None) -> int:
+         is_main: bool, loaded: float | None = None, remote: GcsWorkdir | None = None) -> int:
     names = inputs.names
     settings = cfg.engine_settings()
 
@@ -514,9 +573,10 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
             print(f"budget: K = {k_way} at rank {r_way}", flush=True)
         if cfg.budget_mode and cfg.strategy in SEARCH_STRATEGIES:
             ckpt = _open_checkpointer(cfg_way, workdir, _fingerprint(cfg_way, inputs), len(names),
-                                      is_main, subdir=f"k{k_way}_r{r_way}")
+                                      is_main, subdir=f"k{k_way}_r{r_way}",
+                                      shown=remote.shown if remote is not None else str)
         try:
-            outcome = _find(cfg_way, inputs, ckpt, workdir, is_main)
+            outcome = _find(cfg_way, inputs, ckpt, workdir, is_main, remote)
         finally:
             if cfg.budget_mode and ckpt is not None:
                 ckpt.close()
@@ -608,15 +668,18 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
                          "chosen": {"num_clusters": k, "rank": int(prepared.rank)}}
     if tuning is not None:
         doc["tuning"] = tuning
+    def write() -> None:
+        write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
+                      inputs.sources.base_model.model_id, weights_k, merge_fn=None if scorer.batched else scorer.merge,
+                      loras_k=loras_k)
+        if remote is not None:
+            remote.push()  # partition.json last
+
     with PreemptionFlag() as flag:
-        _on_main(lambda: write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
-                                       inputs.sources.base_model.model_id, weights_k,
-                                       merge_fn=None if scorer.batched else scorer.merge,
-                                       loras_k=loras_k),
-                 "the outputs", is_main)
+        _on_main(write, "the outputs", is_main)
     if is_main:
         print(final_table(doc))
-        print(f"outputs in {workdir}")
+        print(f"outputs in {remote.url if remote is not None else workdir}")
         if cfg.push_to_hub:
             push_result(workdir, cfg)
     return signals.exit_code(flag.signum)

@@ -86,7 +86,8 @@ class RunConfig:
     """Every setting of one search run (the resolved flags of launch/search.py, which generates
     its flags from these fields); saved flat to workdir/config.json."""
 
-    workdir: str = setting(help="Output and checkpoint directory.", required=True)
+    workdir: str = setting(help="Output and checkpoint directory, or gs://BUCKET/PATH (the run in a bucket).",
+                           required=True)
     base_model: str | None = setting(None, "Hugging Face base model: a directory, or a Hub id org/name[@revision] "
                                      "(downloaded into the Hub cache; HF_HUB_OFFLINE=1: the cache only).")
     adapters_dir: str | None = setting(None, "Directory of PEFT LoRA adapters, one sub-directory per task "

@@ -49,24 +49,32 @@ def endpoint() -> str:
     return (emulator if "://" in emulator else f"http://{emulator}") if emulator else "https://storage.googleapis.com"
 
 
-def local_dir(path: str) -> str:
-    """`path` itself when local; a gs:// prefix's complete local mirror (see the module docstring)."""
-    if not is_gcs(path):
-        return path
-    fs = filesystem()
+def listing(fs, path: str) -> dict[str, dict]:
+    """{relative name: gcsfs object info} of every object under the gs:// prefix `path` ({} when
+    none); a refused request or an unreachable endpoint is one UserError naming `path`."""
     prefix = path[len("gs://"):].rstrip("/")
     try:
-        listing = fs.find(prefix, detail=True)
+        found = fs.find(prefix, detail=True)
     except FileNotFoundError:
-        listing = {}
+        found = {}
     except OSError:  # aiohttp's connection errors, after gcsfs's retries
         raise UserError(path, f"cannot reach the GCS endpoint {endpoint()}: check the network (or "
                         "STORAGE_EMULATOR_HOST)") from None
     except Exception as e:  # noqa: BLE001 - gcsfs raises HttpError for refusals
         raise UserError(path, f"cannot list it: {type(e).__name__}: {' '.join(str(e).split())[:200]}; check the "
                         "bucket name and that this machine's Google credentials may read it") from None
-    objects = {name[len(prefix) + 1:]: str(info.get("generation", info.get("etag", ""))) + f":{info.get('size')}"
-               for name, info in listing.items() if name.startswith(prefix + "/") and not name.endswith("/")}
+    return {name[len(prefix) + 1:]: info for name, info in found.items()
+            if name.startswith(prefix + "/") and not name.endswith("/")}
+
+
+def local_dir(path: str) -> str:
+    """`path` itself when local; a gs:// prefix's complete local mirror (see the module docstring)."""
+    if not is_gcs(path):
+        return path
+    fs = filesystem()
+    prefix = path[len("gs://"):].rstrip("/")
+    objects = {rel: str(info.get("generation", info.get("etag", ""))) + f":{info.get('size')}"
+               for rel, info in listing(fs, path).items()}
     if not objects:
         raise UserError(path, "no such directory in the bucket (no objects under this prefix)")
     key = hashlib.sha256(json.dumps([path, sorted(objects.items())]).encode()).hexdigest()[:16]

@@ -3,18 +3,19 @@ r"""Clusters N LoRA adapters into K groups whose TIES merges score best (D²C), 
   python launch/search.py --flagfile=configs/llama.flags [--workdir=DIR] [overrides]
   python launch/search.py --workdir=DIR --show     # a finished run's summary table again
 
-Writes into --workdir: partition.json, merged/cluster_<k>/ (PEFT adapters), metrics.jsonl,
-objective.png, assignment.png, config.json and checkpoints/. Re-running the same command resumes
-from the latest checkpoint; SIGTERM saves one at the end of the current iteration and exits 0.
+Writes into --workdir (a directory, or gs://BUCKET/PATH: docs/remote_inputs.md): partition.json,
+merged/cluster_<k>/ (PEFT adapters), metrics.jsonl, objective.png, assignment.png, config.json and
+checkpoints/. Re-running the same command resumes from the latest checkpoint; SIGTERM saves one at
+the end of the current iteration and exits 0.
 
 Multi-host (JAX's distributed runtime, one process per host): run the same command on every host.
 The processes build one mesh over all hosts' devices, take identical decisions, save checkpoints
-together (Orbax) and only process 0 writes the other files. --workdir must be on storage every
-host sees (NFS/Filestore, or a bucket mounted with gcsfuse) and the inputs at the same paths.
+together (Orbax) and only process 0 writes the other files. --workdir must be a gs:// path or on
+storage every host sees (NFS/Filestore, gcsfuse), and the inputs at the same paths.
 
   # Cloud TPU VM pod slice: hosts, process ids and the coordinator are auto-detected.
   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd d2c && \
-      python launch/search.py --flagfile=configs/llama.flags --workdir=/mnt/shared/run1"
+      python launch/search.py --flagfile=configs/llama.flags --workdir=gs://my-bucket/d2c/run1"
 
   # Elsewhere (GPU or CPU hosts): name the coordinator (process 0's host:port) on every host.
   python launch/search.py --flagfile=... --workdir=/shared/run1 \

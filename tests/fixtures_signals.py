@@ -3,7 +3,7 @@ chosen moments, for the signal and kill tests (no sleeps: each moment is hit det
 
 A plan is a comma-separated list of `kind:pattern:n:SIGNAME`: at the n-th audit event of `kind`
 ("import": a module whose name contains the pattern; "fs": a file-system write, or the read of a
-tokenizer.json, whose path contains it) the process sends itself SIGNAME (SIGINT, SIGTERM, SIGHUP,
+tokenizer.json, or an object written to a gs:// workdir, whose path contains it) the process sends itself SIGNAME (SIGINT, SIGTERM, SIGHUP,
 SIGKILL), or, for SIGNAME = ENOSPC, that write fails as on a full disk (OSError ENOSPC raised by the
 hook, so the operation never happens; Python-level writes only: not inside XLA or TensorStore).
 This file holds no tests.
@@ -15,7 +15,8 @@ import sys
 
 LAUNCHER = r"""
 import errno, os, runpy, signal, sys
-plan = [p.split(":") for p in os.environ["D2C_TEST_SIGNALS"].split(",")]  # event:pattern:n:SIGNAME
+plan = [(p.split(":", 1)[0], *p.split(":", 1)[1].rsplit(":", 2))  # event:pattern:n:SIGNAME (pattern may hold ":")
+        for p in os.environ["D2C_TEST_SIGNALS"].split(",")]
 counts = [0] * len(plan)
 WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -29,6 +30,8 @@ def paths_of(event, args):
         path = os.fsdecode(path)
         writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE)
         return [path] if writing or path.endswith("tokenizer.json") else []
+    if event == "d2c_jax.gcs_write":  # an object written to a gs:// workdir (gcs_workdir)
+        return [args[0]]
     if event in ("os.rename", "os.mkdir", "os.remove", "shutil.rmtree", "tempfile.mkstemp", "tempfile.mkdtemp"):
         return [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
     return []

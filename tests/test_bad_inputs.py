@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -723,16 +724,17 @@ def test_hub_failure_is_one_line_exit_1_and_nothing_written(inp, hub_env, capsys
     assert (_tree(inp["wd"]) if os.path.lexists(inp["wd"]) else None) == before
 
 
-# gs:// inputs against gcp-storage-emulator (a real GCS JSON API on 127.0.0.1, started here).
+# gs:// inputs and work directories against gcp-storage-emulator (a real GCS JSON API on
+# 127.0.0.1, started here), behind the proxy that enforces the generation preconditions it ignores.
 
 
 @pytest.fixture(scope="module")
 def gcs_url():
     pytest.importorskip("gcsfs")
-    from fixtures_gcs import gcs_emulator
+    from fixtures_gcs import gcs_emulator, preconditions_enforced
 
-    with gcs_emulator() as url:
-        yield url
+    with gcs_emulator() as url, preconditions_enforced(url) as (proxy, _):
+        yield proxy
 
 
 def _unreachable_gcs(mp):
@@ -763,6 +765,92 @@ def test_gcs_failure_is_one_line_exit_1_and_nothing_written(inp, gcs_url, capsys
     rc, lines, _ = _run_in_process(kwargs, capsys)
     assert (rc, lines) == (1, ["error: " + _fill(expected, {"endpoint": os.environ["STORAGE_EMULATOR_HOST"]})])
     assert not os.path.lexists(inp["wd"])
+
+
+def _gcs_objects(url):
+    """{name: generation} of every object in the emulator's bucket at `url`."""
+    from d2c_jax import storage
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", url)
+        fs = storage.filesystem()
+    return {k: v["generation"] for k, v in fs.find("bkt", detail=True).items()}
+
+
+def _held_lock(mp):
+    from d2c_jax import storage
+
+    storage.filesystem().pipe_file("bkt/held/.d2c.lock", json.dumps(
+        {"host": "other-host", "pid": 4242, "heartbeat": time.time()}).encode())
+    return "gs://bkt/held"
+
+
+def _not_ours(mp):
+    from d2c_jax import storage
+
+    storage.filesystem().pipe_file("bkt/mine/notes.txt", b"keep")
+    return "gs://bkt/mine"
+
+
+def _unreachable_workdir(mp):
+    _unreachable_gcs(mp)
+    return "gs://bkt/run"
+
+
+GCS_WORKDIR_CASES = [
+    ("gcs_workdir_without_a_path", lambda mp: "gs://bkt",
+     r"gs://bkt: a gs:// work directory needs a bucket and a path in it: gs://BUCKET/PATH"),
+    ("gcs_workdir_path_with_dot_dot", lambda mp: "gs://bkt/a/../../b",
+     r"gs://bkt/a/\.\./\.\./b: a gs:// work directory path may not hold empty, '\.' or '\.\.' components"),
+    ("gcs_workdir_bucket_missing", lambda mp: "gs://nobkt/run",
+     r"gs://nobkt/run: no such bucket: gs://nobkt \(create it, e\.g\. `gcloud storage buckets create gs://nobkt`, or "
+     r"check the name\)"),
+    ("gcs_workdir_unreachable", _unreachable_workdir,
+     r"gs://bkt/run: cannot reach the GCS endpoint {endpoint}: check the network \(or STORAGE_EMULATOR_HOST\)"),
+    ("gcs_workdir_locked_by_another_run", _held_lock,
+     r"gs://bkt/held: another run is using this --workdir \(process 4242 on other-host holds \.d2c\.lock, last "
+     r"heartbeat \d+ s ago\); wait for it to end or choose another --workdir"),
+    ("gcs_workdir_holds_a_users_objects", _not_ours,
+     r"gs://bkt/mine: holds objects that are not a d2c_jax search run; choose a new path for --workdir \(nothing "
+     r"there is touched\)"),
+    ("gcs_workdir_inside_an_input", lambda mp: "gs://bkt/in/data/run",
+     r"gs://bkt/in/data/run: --workdir is inside the input gs://bkt/in/data; it would be destroyed — choose another "
+     r"--workdir"),
+]
+
+
+@pytest.mark.parametrize("case_id, setup, expected", GCS_WORKDIR_CASES, ids=[c[0] for c in GCS_WORKDIR_CASES])
+def test_gcs_workdir_failure_is_one_line_exit_1_and_nothing_written(inp, gcs_url, capsys, monkeypatch, case_id,
+                                                                    setup, expected):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    workdir = setup(monkeypatch)
+    inputs = {k: inp[k] for k in ("base_model", "adapters_dir", "data_dir")}
+    if case_id == "gcs_workdir_inside_an_input":
+        inputs["data_dir"] = "gs://bkt/in/data"
+    before = _gcs_objects(gcs_url)
+    rc, lines, _ = _run_in_process({**inputs, "workdir": workdir, **SETTINGS}, capsys)
+    assert rc == 1 and len(lines) == 1, lines
+    assert re.fullmatch("error: " + expected.format(endpoint=re.escape(os.environ["STORAGE_EMULATOR_HOST"])),
+                        lines[0]), lines[0]
+    assert _gcs_objects(gcs_url) == before  # no object written, changed or removed
+
+
+LOCAL_ONLY = ("{path}: {flag} must be a local path for {command} (of the outputs, only launch/search.py's --workdir "
+              "may be gs://); copy with `gcloud storage cp -r` to or from local disk")
+
+
+@pytest.mark.parametrize("script, flags, flag, command", [
+    ("evaluate.py", ["--workdir=gs://bkt/run"], "--workdir", "launch/evaluate.py"),
+    ("add.py", ["--workdir=gs://bkt/run", "--remove=task_0"], "--workdir", "launch/add.py"),
+    ("merge.py", ["--adapters={a0},{a1}", "--output_dir=gs://bkt/out"], "--output_dir", "this command"),
+], ids=["evaluate_workdir_in_a_bucket", "add_workdir_in_a_bucket", "merge_output_dir_in_a_bucket"])
+def test_a_gs_path_where_a_command_works_on_local_paths_is_one_line(inp, script, flags, flag, command):
+    argv = [f.format(a0=_adapter(inp, "task_0"), a1=_adapter(inp, "task_1")) for f in flags]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *argv], capture_output=True,
+                          text=True, env=child_env(), timeout=300)
+    path = next(a.split("=", 1)[1] for a in argv if a.startswith(flag))
+    assert (proc.returncode, proc.stderr.strip().splitlines()) == (
+        1, ["error: " + LOCAL_ONLY.format(path=path, flag=flag, command=command)]), proc.stderr
 
 
 # ----------------------------------------------------------------------------- outputs that are not ours

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -233,6 +234,67 @@ def test_two_processes_preempted_and_resumed_match_one_process_and_only_process_
     assert tree == _tree(ref_wd)
     assert not [p for p in tree if "tmp" in p.lower() or "process_1" in p]
     assert json.loads((wd / "config.json").read_text())["process_id"] == 0
+
+
+def test_two_processes_with_a_gs_workdir_and_no_shared_disk_resume_and_match_one_process(inputs, tmp_path):
+    """--workdir=gs://... against gcp-storage-emulator (behind the precondition proxy), each process
+    with a cache directory of its own (two hosts with no shared disk): preempted on process 1, then
+    resumed with process 1's staging directory gone (a new host); the bucket ends with the
+    single-process partition, and the same command again reports the finished run."""
+    pytest.importorskip("gcsfs")
+    from d2c_jax import storage
+    from fixtures_gcs import gcs_emulator, preconditions_enforced
+
+    ref_wd = tmp_path / "single"
+    ref = subprocess.Popen([sys.executable, SCRIPT, *_argv(inputs, ref_wd)], env=_env(4),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with gcs_emulator() as url, preconditions_enforced(url) as (proxy, _):
+        def pair(sigterm_at=0):
+            """Process 1 under _AUDITED (SIGTERM at its sigterm_at-th preemption poll when given)."""
+            address = f"127.0.0.1:{_free_port()}"
+            argv = [*_argv(inputs, "gs://bkt/multi"), f"--coordinator_address={address}", "--num_processes=2"]
+            envs = [_env(2, tmp_path / "jax_cache", STORAGE_EMULATOR_HOST=proxy, D2C_CACHE_DIR=str(tmp_path / f"host{i}"))
+                    for i in range(2)]
+            envs[1].update(D2C_TEST_WATCH=str(tmp_path / "host1"), D2C_TEST_LOG=str(tmp_path / "writes1.log"),
+                           D2C_TEST_SIGTERM_AT=str(sigterm_at))
+            cmds = [[sys.executable, SCRIPT], [sys.executable, "-c", _AUDITED, SCRIPT]]
+            return _finish([subprocess.Popen([*cmds[i], *argv, f"--process_id={i}"], stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True, env=envs[i]) for i in range(2)])
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STORAGE_EMULATOR_HOST", proxy)
+            fs = storage.filesystem()
+
+        # Run 1: process 1 alone gets SIGTERM at the end of iteration 3; both stop there.
+        (rc0, out0, err0), (rc1, out1, err1) = pair(sigterm_at=3)
+        if rc0 != 0 or rc1 != 0:
+            ref.kill()
+            ref.wait()
+            _skip_unless_distributed_works()
+        assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])
+        assert "stopped by preemption: checkpoint of iteration 3/6 saved in gs://bkt/multi/checkpoints" in out0, out0
+        objects = {k[len("bkt/multi/"):] for k in fs.find("bkt/multi")}
+        assert "partition.json" not in objects and "checkpoints/3/d2c_committed" in objects
+        shutil.rmtree(tmp_path / "host1")  # run 2: process 1 on a new host, with nothing but the bucket
+
+        (rc0, out0, err0), (rc1, out1, err1) = pair()
+        assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])
+        assert "resumed from iteration 3 of 6 (checkpoint gs://bkt/multi/checkpoints/3)" in out0
+        assert "outputs in gs://bkt/multi" in out0 and "outputs in" not in out1
+        fs.invalidate_cache()
+        doc = json.loads(fs.cat_file("bkt/multi/partition.json"))
+        (rc, _, err), = _finish([ref])
+        assert rc == 0, err[-3000:]
+        for key in ("seconds", "phase_seconds", "compile", "base_model", "adapters_dir", "data_dir"):
+            doc.pop(key, None)
+        want = _doc(ref_wd)
+        for key in ("base_model", "adapters_dir", "data_dir"):
+            want.pop(key, None)
+        assert doc == want
+        assert not os.path.exists(tmp_path / "host1" / "gcs-workdirs" / "bkt" / "multi" / "run" / "partition.json")
+        (rc0, out0, err0), (rc1, out1, err1) = pair()
+        assert rc0 == rc1 == 0, (err0[-3000:], err1[-3000:])
+        assert "already finished: gs://bkt/multi/partition.json" in out0
 
 
 def test_multi_process_flags_are_checked_before_anything_starts(tmp_path):
