@@ -3,6 +3,7 @@
   python experiments/memory_report.py [--devices=8] [--adapters=40] [--rank=32] [--operators]
       [--merge_temps=G] [--tune_temps=K] [--methods=a,b]
   python experiments/memory_report.py --write_headers=DIR [--adapters=40] [--rank=32]
+  python experiments/memory_report.py --write_weights=DIR [--adapters=8] [--examples=2]
 
 --write_headers writes a Llama-3.2-3B-shaped base model (config.json, two safetensors shards and
 model.safetensors.index.json, as the Hub ships it), N rank-r q/k/v/o PEFT adapters and 10
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -72,9 +74,11 @@ def report(devices: int, n: int, rank: int) -> list[dict]:
     return rows
 
 
-def write_header_only(path: str, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+def write_header_only(path: str, tensors: dict[str, tuple[str, tuple[int, ...]]], rng: Any = None) -> None:
     """A safetensors file of `tensors` ({key: (dtype, shape)}) whose data are absent: the header
-    (with the offsets the data would have) and nothing after it."""
+    (with the offsets the data would have) and nothing after it. With `rng`, the data too:
+    normal(0, 0.02) values (norm scales 1), written one tensor at a time (a real-size model on disk
+    without ever holding it in memory)."""
     import json
     import struct
 
@@ -88,10 +92,19 @@ def write_header_only(path: str, tensors: dict[str, tuple[str, tuple[int, ...]]]
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
+        if rng is not None:
+            for key, (dtype, shape) in tensors.items():
+                x = (np.ones(shape, np.float32) if "norm" in key
+                     else rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))
+                f.write((x.view(np.uint32) >> 16).astype("<u2").tobytes() if dtype == "BF16"
+                        else x.astype("<f4").tobytes())
 
 
-def write_header_inputs(root: str, n: int, rank: int, examples: int = 10, seed: int = 0) -> dict[str, str]:
-    """root/{base,adapters,data}: the Llama-3.2-3B shapes, header-only (see the module docstring)."""
+def write_header_inputs(root: str, n: int, rank: int, examples: int = 10, seed: int = 0,
+                        weights: bool = False) -> dict[str, str]:
+    """root/{base,adapters,data}: the Llama-3.2-3B shapes, header-only (see the module docstring);
+    `weights`: with random tensor data (write_header_only) and short examples (prompts of 8-16
+    words, responses of 3-6, and as many held-out ones), for a real run at this size."""
     import json
 
     from d2c_jax import hf_io
@@ -112,6 +125,7 @@ def write_header_inputs(root: str, n: int, rank: int, examples: int = 10, seed: 
     doc["torch_dtype"] = "bfloat16"
     checkpoint.write_json(os.path.join(base, "config.json"), doc)
     shapes = hf_io.param_shapes(cfg)
+    data_rng = np.random.default_rng(seed + 1) if weights else None
     tensors = {}
     for e in hf_io.entries(cfg):
         shape = shapes[e.path][1:] if "{l}" in e.hf else shapes[e.path]
@@ -122,7 +136,7 @@ def write_header_inputs(root: str, n: int, rank: int, examples: int = 10, seed: 
     shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
               "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
     for fname, ks in shards.items():
-        write_header_only(os.path.join(base, fname), {k: tensors[k] for k in ks})
+        write_header_only(os.path.join(base, fname), {k: tensors[k] for k in ks}, rng=data_rng)
     checkpoint.write_json(os.path.join(base, hf_io.INDEX_FILE),
                           {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}})
     dims = module_shapes(cfg)
@@ -140,12 +154,14 @@ def write_header_inputs(root: str, n: int, rank: int, examples: int = 10, seed: 
                 prefix = f"base_model.model.model.layers.{layer}.self_attn.{m}"
                 lora_tensors[f"{prefix}.lora_A.weight"] = ("F32", (rank, dims[m][0]))
                 lora_tensors[f"{prefix}.lora_B.weight"] = ("F32", (dims[m][1], rank))
-        write_header_only(os.path.join(d, "adapter_model.safetensors"), lora_tensors)
-        with open(os.path.join(data, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-            for _ in range(examples):
-                prompt = " ".join(rng.choice(words, int(rng.integers(120, 240))))
-                response = " ".join(rng.choice(words, int(rng.integers(20, 60))))
-                f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+        write_header_only(os.path.join(d, "adapter_model.safetensors"), lora_tensors, rng=data_rng)
+        lengths = ((8, 16), (3, 6)) if weights else ((120, 240), (20, 60))
+        for split in ("", ".eval") if weights else ("",):
+            with open(os.path.join(data, f"{name}{split}.jsonl"), "w", encoding="utf-8") as f:
+                for _ in range(examples):
+                    prompt = " ".join(rng.choice(words, int(rng.integers(*lengths[0]))))
+                    response = " ".join(rng.choice(words, int(rng.integers(*lengths[1]))))
+                    f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
     return {"base_model": base, "adapters_dir": adapters, "data_dir": data}
 
 
@@ -245,6 +261,11 @@ def tune_temps(n: int, rank: int, clusters: int, methods: tuple[str, ...]) -> li
 def main(argv: list[str]) -> int:
     opts = dict(a.lstrip("-").partition("=")[::2] for a in argv[1:])
     devices, n, rank = int(opts.get("devices", 8)), int(opts.get("adapters", 40)), int(opts.get("rank", 32))
+    if "write_weights" in opts:  # a real-size run on a CPU: random weights, short examples
+        paths = write_header_inputs(opts["write_weights"], n, rank, examples=int(opts.get("examples", 2)),
+                                    weights=True)
+        print(" ".join(f"--{k}={v}" for k, v in paths.items()))
+        return 0
     if "write_headers" in opts:
         paths = write_header_inputs(opts["write_headers"], n, rank)
         print(" ".join(f"--{k}={v}" for k, v in paths.items()))
