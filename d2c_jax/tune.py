@@ -210,7 +210,7 @@ def tune_partitions(
     start = time.perf_counter()
     partitions_pn = np.asarray(partitions_pn, np.int32).reshape(-1, np.shape(partitions_pn)[-1])
     fit, held, n_fit, n_held = split_examples(task_data, settings.holdout)
-    if mesh is not None:  # every task's examples on the devices of its \"cand\" shard
+    if mesh is not None:  # every task's examples on the devices of its "cand" shard
         fit, held = place_examples(fit, mesh), place_examples(held, mesh)
     fns = step_functions(cfg, settings, int(num_clusters), example_chunk, needs_remat(cfg, fit))
     runs = [_tune_one(fns, params, prepared, fit, held, jnp.asarray(part_n), settings, log) for part_n in partitions_pn]
