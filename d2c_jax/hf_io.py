@@ -368,17 +368,18 @@ _VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
-    """The model's transformers tokenizer, from local files only (never the network)."""
+    """The model's transformers tokenizer (what AutoTokenizer loads), from local files only (never
+    the network)."""
     model_dir = str(model_dir)
     if not os.path.isdir(model_dir):
         raise UserError(model_dir, "model directory does not exist")
     if not any(os.path.isfile(os.path.join(model_dir, f)) for f in _VOCAB_FILES):
         raise UserError(model_dir, f"no tokenizer files (expected {' or '.join(_VOCAB_FILES)}); "
                         "copy the base model's tokenizer into this directory")
-    from transformers import AutoTokenizer
+    from d2c_jax import tokenizer_cache
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return tokenizer_cache.load(model_dir)  # AutoTokenizer's tokenizer, its class pick remembered
     except Exception as e:  # transformers raises OSError/ValueError/... for missing files
         text = " ".join(str(e).split())
         raise UserError(model_dir, f"cannot load the tokenizer: {type(e).__name__}: {text[:300]}") from None

@@ -1,5 +1,5 @@
 """Test set-up, before jax is imported: 8 host CPU devices for the sharding tests; one persistent
-XLA compilation cache for the session."""
+XLA compilation cache and one d2c_jax cache dir for the session."""
 
 import atexit
 import os
@@ -19,6 +19,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="d2c-tests-xla-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+# Likewise d2c_jax's own cache (file hashes, tokenizer class picks), unless named from outside.
+if not os.environ.get("D2C_CACHE_DIR"):
+    os.environ["D2C_CACHE_DIR"] = tempfile.mkdtemp(prefix="d2c-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["D2C_CACHE_DIR"], True)
 
 
 def pytest_terminal_summary(terminalreporter, config):
