@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
@@ -31,3 +33,41 @@ def pytest_terminal_summary(terminalreporter, config):
     seed = getattr(config.option, "randomly_seed", None)
     if seed is not None:
         terminalreporter.write_line(f"test order: pytest-randomly seed {seed} (replay: python -m pytest --randomly-seed={seed})")
+
+
+# Seconds each of the slower test files takes on one worker of a 2-core machine (measured with
+# --durations=0; rounded). With -n, --dist=loadfile hands whole files to the workers; dealing the
+# longest first (any file not listed counts a second per test) keeps the run from ending with one
+# worker on a long file and the other idle.
+FILE_SECONDS = {
+    "test_tune.py": 323, "test_add.py": 250, "test_multiprocess.py": 91, "test_signals.py": 89,
+    "test_report.py": 78, "test_finished_run.py": 75, "test_kill_resume.py": 70, "test_launch_search.py": 65,
+    "test_scoring.py": 64, "test_generate.py": 61, "test_tune_remat.py": 58, "test_bf16_parity.py": 57,
+    "test_loss_parity.py": 56, "test_benchmark_smoke.py": 55, "test_suite.py": 48, "test_merge_parity.py": 46,
+    "test_dry_run.py": 46, "test_launch_evaluate.py": 43, "test_tune_controls.py": 37,
+    "test_command_properties.py": 35, "test_gcs_workdir.py": 32, "test_merge_properties.py": 32,
+    "test_cli.py": 25, "test_merge_svd.py": 25, "test_hub.py": 24, "test_bad_inputs.py": 23,
+    "test_checkpoint.py": 21, "test_readme_commands.py": 21, "test_suite_resume.py": 21,
+    "test_model_parity.py": 20, "test_merge_core.py": 18, "test_cli_errors.py": 16, "test_merge_vmap.py": 15,
+    "test_metric_values.py": 15,
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist=loadfile with the files dealt out longest first (FILE_SECONDS)."""
+    if getattr(config.option, "dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFileFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            if not getattr(self, "_ordered", False):  # the queue is whole before the first unit goes
+                self._ordered = True
+                units = sorted(self.workqueue.items(),
+                               key=lambda unit: -FILE_SECONDS.get(os.path.basename(unit[0]), len(unit[1])))
+                self.workqueue.clear()
+                self.workqueue.update(units)
+            super()._assign_work_unit(node)
+
+    return LongestFileFirst(config, log)
