@@ -299,7 +299,8 @@ class Scorer:
         model = 1 if mesh is None else mesh.shape[sharding_lib.MODEL]
         self._prepared_bytes = 0 if prepared_merge is None else _tree_bytes(prepared_merge) // model
         if batch_size == "auto":
-            batch_size = self.auto_batch_size(params, prepared_merge, data, int(seq))
+            padded_data = pad_axis0(data, slots(self.num_tasks))  # as held below
+            batch_size = self.auto_batch_size(params, prepared_merge, padded_data, int(seq))
         batch_size = int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -324,8 +324,9 @@ def wide_scorers(wide):
 
 def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_merging_the_full_stack(wide, wide_scorers):
     """With N > 8 a mask of at most 8 members is merged from its gathered members (G = 8 < N) and
-    a larger one over all N slots (padded to 16 with zero adapters); both scorers (unbatched, batched) must give merge_mask over the
-    whole stack [N, ...] followed by task_loss, for random masks of every size."""
+    a larger one over all N slots (padded to 16 with zero adapters); both scorers (unbatched,
+    batched) must give merge_mask over the whole stack [N, ...] followed by task_loss, for random
+    masks of every size."""
     cfg, td = wide["cfg"], wide["task_data"]
     prepared, unbatched, batched = wide_scorers
     masks, tasks = _random_requests(WIDE_N, [1, 2, 3, 5, 7, 8, 9, WIDE_N, 4, 6], seed=11)
