@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from d2c_jax import budget as budget_lib
-from d2c_jax import data, hf_io, lora, merge, online, output_guard, plots, signals, tune
+from d2c_jax import compilation_cache, data, hf_io, lora, merge, online, output_guard, plots, signals, tune
 from d2c_jax.atomic_io import is_leftover, remove_path, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.checkpoint import Checkpointer
 from d2c_jax.config_flags import setting
@@ -67,6 +67,9 @@ class AddConfig:
                                      "(any task may move; 0: none).")
     objective: str = setting("", "Placement objective (local | global; default: the run's).")
     batch_size: str = setting("auto", "Largest number of evaluation requests per accelerator call.")
+    compilation_cache: str = setting("", "Persistent XLA compilation cache directory ('': the run's "
+                                     "--compilation_cache, so that the add reuses what the search compiled; "
+                                     "'none': off).")
     progress: bool = setting(True, "Show a progress bar during refinement.")
 
     def __post_init__(self):
@@ -202,6 +205,16 @@ def tune_settings(run: Run) -> tune.TuneSettings | None:
         except (OSError, ValueError, KeyError) as e:
             raise UserError(path, f"the run tuned its merges but its tuning settings cannot be read: {e}") from None
     return tune.TuneSettings(**settings)
+
+
+def search_flag(run: Run, name: str, default: Any = None) -> Any:
+    """A flag of the run's search (config.json), `default` when the file or the flag is missing."""
+    try:
+        with open(os.path.join(run.workdir, "config.json"), encoding="utf-8") as f:
+            flags = json.load(f)
+    except (OSError, ValueError):
+        return default
+    return flags.get(name, default) if isinstance(flags, dict) else default
 
 
 def _data_kw(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,6 +359,9 @@ def add(cfg: AddConfig) -> int:
 
     # Every input read and checked before anything is written.
     doc = run.doc
+    # Before the first compilation: the search's cache, whose scorer executables fit this Scorer
+    # too (scoring.slots: the padded N and T are the same unless they cross a multiple of 8).
+    compilation_cache.enable(cfg.compilation_cache or search_flag(run, "compilation_cache", "") or "")
     model_cfg = load_config(doc["base_model"])
     run_set = lora.load_adapter_dirs([run.adapter_dirs[n] for n in run.names], model_cfg)
     new_adapters = [lora.load_adapter(os.path.abspath(d), model_cfg, name=n) for d, n in zip(cfg.adapters, new_names)]
@@ -457,10 +473,13 @@ def _apply(cfg: AddConfig, run: Run, names: tuple[str, ...], new_names: Sequence
             if j < len(state["placements"]):
                 continue
             t = n_run + j
+            before = compilation_cache.counts()
             partition_n, placement = online.place(scorer, cache, partition_n, t, objective=objective,
                                                   max_clusters=max_clusters)
             losses_n, _ = online.task_losses(scorer, cache, partition_n)  # cached: no evaluation
-            state["placements"].append({"task": name, **_placement_doc(placement, partition_n)})
+            # The scorer's executables this placement compiled or read from the persistent cache.
+            compiled = {k: v - before[k] for k, v in compilation_cache.counts().items()}
+            state["placements"].append({"task": name, **_placement_doc(placement, partition_n), "compile": compiled})
             state["evaluations"] += placement.evaluations
             print(f"{name}: cluster {placement.cluster}{' (new)' if placement.opened else ''}, "
                   f"{placement.evaluations} evaluations, {placement.seconds:.1f} s", flush=True)
@@ -612,4 +631,6 @@ def _write_version(tmp: str, run: Run, doc: Mapping[str, Any], names: Sequence[s
     write_bytes_atomic(os.path.join(tmp, ASSIGNMENT_PNG), plots.assignment_png(
         partition_n[idx], [names[i] for i in idx], int(doc["num_clusters"]), tags,
         f"version {doc['version']}: K={doc['num_clusters']}"))
+    # What this process compiled (the merges above included) and read from the persistent cache.
+    doc = {**doc, "change": {**doc["change"], "compile": compilation_cache.counts()}}
     write_text_atomic(os.path.join(tmp, PARTITION), json.dumps(doc, indent=2) + "\n")

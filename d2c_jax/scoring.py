@@ -24,6 +24,12 @@ XLA:CPU gains nothing from a request batch, and a run compiles a handful of exec
 of one per (R, G, S).
 Each (R, G, S) bucket is traced and compiled once (`trace_counts` proves it in tests); with the
 persistent compilation cache (`compilation_cache.enable`) a second run compiles nothing.
+Compiled shapes do not follow the exact N and T: the adapter axis of the prepared merge inputs is
+padded to `slots(N)` (a multiple of SLOT_MULTIPLE) with zero factors, and each sequence bucket's
+task axis to `slots(T_b)` with zero examples. Requests name real adapters and tasks only (masks
+[C, N], tasks < T), so a padded slot is never a member of a merge nor a scored task: a search over
+39 tasks and an add that makes them 40 run the same executables (launch/add.py reuses them
+through the persistent cache).
 With a mesh the request batch is split over the "cand" axis, the base weights and the prepared
 merge inputs over "model"; the mesh may span several processes (every process calls `losses`
 with the same requests, and the losses come back fully replicated, identical on every process).
@@ -59,6 +65,11 @@ MIN_MEMBER_BUCKET = 8  # merged masks gather at least this many member slots (fe
 # overlap those stretches (2 cores: -10 % seconds per request in experiments/benchmark/
 # components.py, the same losses; a third thread gained nothing). `Scorer.threads` = 1 turns it off.
 SCORING_THREADS = 2
+# The adapter axis N and each sequence bucket's task axis are padded up to a multiple of this:
+# runs whose N (or T_b) differ by a few share their executables (an add to a finished run), at
+# most SLOT_MULTIPLE - 1 zero slots of device memory (the prepared merge inputs are N adapters
+# big; a power of two would waste up to N - 1 of them).
+SLOT_MULTIPLE = 8
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -70,6 +81,34 @@ def _scoring_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="d2c-score")
         return _pool
+
+
+def slots(count: int) -> int:
+    """Padded size of an adapter or task axis of `count` rows (see SLOT_MULTIPLE)."""
+    return -(-max(int(count), 1) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+
+
+def pad_axis0(tree: Any, rows: int) -> Any:
+    """Every leaf (host or device array, or ShapeDtypeStruct) padded with zeros to `rows` on its
+    leading axis, on the host (no compilation); a leaf that already has `rows` is returned as it
+    is, and leaves that are one array stay one array (a Prepared's shared factors)."""
+    done: dict[int, Any] = {}
+
+    def pad(x: Any) -> Any:
+        if x.shape[0] == rows:
+            return x
+        if x.shape[0] > rows:
+            raise ValueError(f"cannot pad {x.shape[0]} rows down to {rows}")
+        if id(x) not in done:
+            if isinstance(x, jax.ShapeDtypeStruct):
+                done[id(x)] = jax.ShapeDtypeStruct((rows,) + tuple(x.shape[1:]), x.dtype, sharding=x.sharding)
+            else:
+                host = np.asarray(x)
+                padded = np.concatenate([host, np.zeros((rows - host.shape[0],) + host.shape[1:], host.dtype)])
+                done[id(x)] = jax.device_put(padded) if isinstance(x, jax.Array) else padded
+        return done[id(x)]
+
+    return jax.tree.map(pad, tree)
 
 
 def pow2_buckets(largest: int, multiple: int = 1) -> tuple[int, ...]:
@@ -229,6 +268,10 @@ class Scorer:
         # Work done: score calls, masks merged and requests scored (padding excluded), padding.
         self.stats: collections.Counter[str] = collections.Counter()
         self.num_adapters = None if prepared_merge is None else _num_adapters(prepared_merge)
+        # Compiled shapes: N padded to `adapter_slots` with zero factors (never a merge's member).
+        self.adapter_slots = None if prepared_merge is None else slots(self.num_adapters)
+        if prepared_merge is not None:
+            prepared_merge = pad_axis0(prepared_merge, self.adapter_slots)
 
         data = task_data.batch
         top = int(max(task_data.tokens_tns.max(), task_data.targets_tns.max()))
@@ -250,13 +293,14 @@ class Scorer:
 
         lora_bytes = 0 if prepared_merge is None else _tree_bytes(
             jax.eval_shape(merge_lib.merge_mask, prepared_merge,
-                           jax.ShapeDtypeStruct((self.num_adapters,), jnp.bool_)))
+                           jax.ShapeDtypeStruct((self.adapter_slots,), jnp.bool_)))
         self._lora_bytes = lora_bytes
         self._host_data, self._tasks_by_seq = data, by_bucket
         model = 1 if mesh is None else mesh.shape[sharding_lib.MODEL]
         self._prepared_bytes = 0 if prepared_merge is None else _tree_bytes(prepared_merge) // model
         if batch_size == "auto":
-            batch_size = self.auto_batch_size(params, prepared_merge, data, int(seq))
+            padded_data = pad_axis0(data, slots(self.num_tasks))  # as held below
+            batch_size = self.auto_batch_size(params, prepared_merge, padded_data, int(seq))
         batch_size = int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -277,14 +321,15 @@ class Scorer:
                               else sharding_lib.shard_prepared(prepared_merge, mesh))
         # put_global: host copies -> global arrays, valid when the mesh spans several hosts.
         put = ((lambda b: _placed(jax.tree.map(np.asarray, b), rep)) if self.abstract
-               else (lambda b: jax.tree.map(jnp.asarray, b)) if mesh is None
+               else jax.device_put if mesh is None  # (jnp.asarray would compile a copy per shape)
                else (lambda b: sharding_lib.put_global(jax.tree.map(np.asarray, b), rep)))
-        self._data = put(data)  # full length: loss_of_lora
-        self._data_by_seq = {sb: put(jax.tree.map(lambda x: np.asarray(x)[tasks][:, :, :sb], data))
+        # Task axes padded to `slots` with zero examples (no request ever names a padded task).
+        self._data = put(pad_axis0(data, slots(self.num_tasks)))  # full length: loss_of_lora
+        self._data_by_seq = {sb: put(pad_axis0(self.task_batch(sb), slots(len(tasks))))
                              for sb, tasks in by_bucket.items()}
         # Each bucket's tasks packed (real tokens only; the LM head on loss positions): every
         # bucket for batched calls, unbatched where all n examples' attention fits (`packs`).
-        self._packed_by_seq = {sb: put(packing.pack(self.task_batch(sb)))
+        self._packed_by_seq = {sb: put(pad_axis0(packing.pack(self.task_batch(sb)), slots(len(by_bucket[sb]))))
                                for sb in by_bucket if self.batched or self.packs(sb)}
         out = {} if mesh is None else {"out_shardings": rep}  # every host can read the losses
         self._score = jax.jit(self._score_impl, static_argnames=("example_chunk", "loss_chunk"), **out)
@@ -387,7 +432,7 @@ class Scorer:
                                           r, sb))
             return out
         lora = _placed(jax.eval_shape(merge_lib.merge_mask, self._prepared,
-                                      jax.ShapeDtypeStruct((self.num_adapters,), jnp.bool_)), None)
+                                      jax.ShapeDtypeStruct((self.adapter_slots,), jnp.bool_)), None)
         task = arr((), jnp.int32)
         for sb in sorted(self._data_by_seq):
             if self.packs(sb):
@@ -398,7 +443,7 @@ class Scorer:
                 out.append(Executable(f"single s{sb}", self._single, (self._params, self._data_by_seq[sb], lora, task),
                                       {"example_chunk": self.example_chunk(1, sb)}, 1, sb))
         for g in member_buckets:
-            if g == self.num_adapters:
+            if g == self.adapter_slots:
                 out.append(Executable(f"merge n{g}", self._merge_all_slots,
                                       (self._prepared, arr((g,), jnp.bool_)), {}, 0, 0))
             else:
@@ -505,8 +550,9 @@ class Scorer:
         return out[inverse.reshape(-1)]
 
     def _member_bucket(self, count: int) -> int:
-        """G: member slots of a merge of `count` adapters (a power of two >= 8, at most N)."""
-        return min(max(MIN_MEMBER_BUCKET, 1 << (int(count) - 1).bit_length()), self.num_adapters)
+        """G: member slots of a merge of `count` adapters (a power of two >= 8, at most the padded
+        N, `adapter_slots`)."""
+        return min(max(MIN_MEMBER_BUCKET, 1 << (int(count) - 1).bit_length()), self.adapter_slots)
 
     def packs(self, seq: int) -> bool:
         """Whether the unbatched scorer packs the tasks of sequence bucket `seq`: yes unless all
@@ -524,13 +570,17 @@ class Scorer:
                             example_chunk=self.example_chunk(1, sb))
 
     def merge(self, mask_n: np.ndarray) -> Lora:
-        """merge_mask of one (non-empty) mask, with the unbatched scorer's merge executables."""
-        idx = np.flatnonzero(np.asarray(mask_n, bool))
+        """merge_mask of one (non-empty) mask [N] of real adapters, with the unbatched scorer's
+        merge executables."""
+        mask_n = np.asarray(mask_n, bool)
+        if mask_n.shape != (self.num_adapters,):
+            raise ValueError(f"mask_n has shape {mask_n.shape}, expected ({self.num_adapters},)")
+        idx = np.flatnonzero(mask_n)
         if not len(idx):
             raise ValueError("a merge needs at least one member")
         g = self._member_bucket(len(idx))
-        if g == self.num_adapters:  # every slot: merge_mask on the mask, no [N, ...] gathered copy
-            return self._merge_all_slots(self._prepared, np.asarray(mask_n, bool))
+        if g == self.adapter_slots:  # every slot: merge_mask on the mask, no [N, ...] gathered copy
+            return self._merge_all_slots(self._prepared, pad_axis0(mask_n, g))
         members_g = np.zeros(g, np.int32)
         members_g[:len(idx)] = idx
         return self._merge_one(self._prepared, members_g, np.arange(g) < len(idx))

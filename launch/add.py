@@ -13,7 +13,6 @@ Ctrl-C, a crash), the same command resumes; after success it says so and exits 0
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 if __name__ == "__main__":  # first: a signal during the imports below ends the command cleanly
@@ -45,7 +44,7 @@ def main(argv: Sequence[str]) -> None:
 
         return add_run.add(config_flags.from_flags(AddConfig, flags.FLAGS))
 
-    sys.exit(run_cli(body))
+    cli.finish(run_cli(body))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ resume (a checkpoint does not depend on the number of hosts).
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 if __name__ == "__main__":  # first: a signal during the imports below ends the command cleanly
@@ -98,7 +97,7 @@ def main(argv: Sequence[str]) -> None:
             return pipeline.show(flags.FLAGS.workdir)
         return pipeline.run(config_from_flags(flags.FLAGS))  # starts jax.distributed if asked
 
-    sys.exit(run_cli(body))
+    cli.finish(run_cli(body))
 
 
 if __name__ == "__main__":

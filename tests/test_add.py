@@ -54,7 +54,10 @@ def finished(inputs, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run") / "wd"
     run_inputs = {"base_model": inputs["base_model"], "adapters_dir": inputs["run_adapters"],
                   "data_dir": inputs["run_data"]}
-    proc = _launch(SEARCH, search_argv(run_inputs, workdir, **FLAGS) + ["--noprogress", "--noall_in_one_reference"])
+    # A cache of its own (no other test's executables in it): the add finds there only what the search compiled.
+    cache = tmp_path_factory.mktemp("xla")
+    proc = _launch(SEARCH, search_argv(run_inputs, workdir, **FLAGS, compilation_cache=cache)
+                   + ["--noprogress", "--noall_in_one_reference"])
     assert proc.returncode == 0, proc.stderr
     return workdir
 
@@ -116,6 +119,16 @@ def test_the_new_adapter_joins_the_cluster_where_peft_says_its_task_loss_is_lowe
     assert doc["version"] == 1 and ch["from_version"] == 0 and doc["num_clusters"] == before["num_clusters"]
     assert doc["objective"] == pytest.approx(sum(doc["task_losses"].values()), rel=1e-9)
     assert proc.stdout.strip().splitlines()[-2].startswith("version 1: objective ")
+
+
+def test_the_placement_runs_the_executables_the_search_compiled(added):
+    """The add, in a new process, uses the run's compilation cache (config.json) and compiles no
+    scorer executable: the search over 4 tasks and the add that makes them 5 have the same padded
+    adapter and task axes (scoring.slots: 8), so every merge and loss the placement runs is a cache
+    hit (counted from JAX's monitoring events around the placement)."""
+    workdir, _ = added
+    (placed,) = read_partition(workdir)["change"]["added"]
+    assert placed["compile"]["compilations"] == 0 and placed["compile"]["cache_hits"] > 0, placed["compile"]
 
 
 def test_merged_adapters_are_the_new_clusters_and_unchanged_ones_are_kept_as_they_were(inputs, finished, added):

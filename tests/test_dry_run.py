@@ -223,7 +223,9 @@ def test_auto_batch_size_never_picks_a_bucket_the_compiled_analysis_says_does_no
     params = hf_io.param_shape_tree(cfg, "float32")
     mesh = sharding.make_mesh(num_candidate_shards=4, devices=jax.devices()[:8])
     probe = scoring.Scorer(params, cfg, prepared, td, batch_size=4, mesh=mesh, device_bytes=1 << 40)
-    resident = (scoring._tree_bytes(params) + scoring._tree_bytes(td.batch) + scoring._tree_bytes(prepared)) // 2
+    # What the Scorer holds: the examples and the prepared inputs padded to scoring.slots rows.
+    held = [scoring.pad_axis0(x, scoring.slots(len(names))) for x in (td.batch, prepared)]
+    resident = (scoring._tree_bytes(params) + sum(scoring._tree_bytes(x) for x in held)) // 2
     budget = resident + probe.call_bytes(16)
     scorer = scoring.Scorer(params, cfg, prepared, td, batch_size="auto", mesh=mesh, device_bytes=budget)
     assert scorer.batch_size == 16

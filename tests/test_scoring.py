@@ -270,26 +270,36 @@ def test_tasks_are_scored_at_their_own_length(setup):
 WIDE_N = 11  # > MIN_MEMBER_BUCKET: masks of up to 8 members merge gathered (G = 8 < N), larger ones at G = N
 
 
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    """WIDE_N rank-2 adapters (q_proj, v_proj) on the tiny Llama, two examples per task."""
-    root = str(tmp_path_factory.mktemp("wide"))
-    model_dir = make_tiny_model(os.path.join(root, "base"), "llama", seed=5)
-    names = [f"w{i:02d}" for i in range(WIDE_N)]
-    make_peft_adapters(model_dir, os.path.join(root, "adapters"), names, r=2, alpha=4, seed=2,
+def build_wide(root: str, n: int, example, *, prefix: str = "w", model_seed: int = 5, adapter_seed: int = 2,
+               **model_overrides) -> dict:
+    """n rank-2 adapters (q_proj, v_proj) on the tiny Llama, two examples per task: example(i, e) ->
+    (prompt, response) of task i's example e."""
+    model_dir = make_tiny_model(os.path.join(root, "base"), "llama", seed=model_seed, **model_overrides)
+    names = [f"{prefix}{i:02d}" for i in range(n)]
+    make_peft_adapters(model_dir, os.path.join(root, "adapters"), names, r=2, alpha=4, seed=adapter_seed,
                        target_modules=("q_proj", "v_proj"))
     ddir = os.path.join(root, "data")
     os.makedirs(ddir)
     for i, name in enumerate(names):
         with open(os.path.join(ddir, f"{name}.jsonl"), "w") as f:
             for e in range(2):
-                j = (i + e) % len(PROMPTS)
-                f.write(json.dumps({"prompt": PROMPTS[j], "response": RESPONSES[(j + i) % 6]}) + "\n")
+                prompt, response = example(i, e)
+                f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
     cfg = load_config(model_dir)
     adapters = lora_lib.load_adapter_set(os.path.join(root, "adapters"), cfg)
     td = data.load_task_data(ddir, adapters.names, hf_io.load_tokenizer(model_dir), examples_per_task=2,
                              max_seq_len=32)
     return dict(cfg=cfg, params=hf_io.load_params(model_dir, cfg, "float32"), adapters=adapters, task_data=td)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """WIDE_N adapters (build_wide)."""
+    def example(i, e):
+        j = (i + e) % len(PROMPTS)
+        return PROMPTS[j], RESPONSES[(j + i) % 6]
+
+    return build_wide(str(tmp_path_factory.mktemp("wide")), WIDE_N, example)
 
 
 def _random_requests(n: int, sizes, seed: int):
@@ -314,8 +324,9 @@ def wide_scorers(wide):
 
 def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_merging_the_full_stack(wide, wide_scorers):
     """With N > 8 a mask of at most 8 members is merged from its gathered members (G = 8 < N) and
-    a larger one over all N slots; both scorers (unbatched, batched) must give merge_mask over the
-    whole stack [N, ...] followed by task_loss, for random masks of every size."""
+    a larger one over all N slots (padded to 16 with zero adapters); both scorers (unbatched,
+    batched) must give merge_mask over the whole stack [N, ...] followed by task_loss, for random
+    masks of every size."""
     cfg, td = wide["cfg"], wide["task_data"]
     prepared, unbatched, batched = wide_scorers
     masks, tasks = _random_requests(WIDE_N, [1, 2, 3, 5, 7, 8, 9, WIDE_N, 4, 6], seed=11)
@@ -326,7 +337,8 @@ def test_scorer_with_more_adapters_than_the_smallest_member_bucket_equals_mergin
         return loss.task_loss(wide["params"], cfg, lora, jax.tree.map(lambda x: jnp.asarray(x)[t], td.batch))
 
     want = np.array([float(full_stack(m, t)) for m, t in zip(masks, tasks)])
-    assert unbatched._member_bucket(8) == 8 < WIDE_N and unbatched._member_bucket(9) == WIDE_N
+    # N = 11 is padded to 16 slots (zero factors): a mask of 9 or more members merges over all 16.
+    assert unbatched._member_bucket(8) == 8 < WIDE_N and unbatched._member_bucket(9) == unbatched.adapter_slots == 16
     # float32 sums in another order (gathered slots vs the full stack) and the packed vs padded
     # loss: a few ulps of float32 per operation; 1e-5 relative is ~100 ulps.
     np.testing.assert_allclose(unbatched.losses(masks, tasks), want, rtol=1e-5)
