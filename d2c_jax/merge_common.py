@@ -144,14 +144,63 @@ def _svd_one_vmap(axis_size, in_batched, x):
     return jax.lax.map(_svd_one, x), (True, True, True)
 
 
-def plain_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Reduced SVD over the leading batch axes (sequential on CPU, see _svd_one_vmap); no JVP."""
+def _svd_library(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """jnp.linalg.svd (LAPACK on CPU, sequential over the batch, see _svd_one_vmap; cuSOLVER)."""
     if jax.default_backend() != "cpu":
         return tuple(jnp.linalg.svd(x, full_matrices=False))
     f = _svd_one
     for _ in range(x.ndim - 2):
         f = jax.vmap(f)
     return f(x)
+
+
+GRAM_PASSES = 2  # one-sided Jacobi sweeps of gram_svd (the whole matrix as one block)
+
+
+def _jacobi_eigh(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(eigenvalues, eigenvectors) by XLA's Jacobi eigensolver: one loop, cheap to compile at any size."""
+    v, w = jax.lax.linalg.eigh(h, implementation=jax.lax.linalg.EighImplementation.JACOBI)
+    return w, v
+
+
+def gram_svd(x: jax.Array, eigh: Any = jnp.linalg.eigh) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Reduced SVD (u, s, vh) of x [..., m, n] from symmetric eigendecompositions of its k x k Gram
+    matrices only, k = min(m, n): no QR. One-sided Jacobi with the whole matrix as one block: G = X V
+    with V the eigenvectors of G^T G, twice (the second pass, on the nearly orthogonal columns,
+    cuts the first one's rounding of the squared spectrum); then s_j = |g_j| and u_j = g_j / s_j.
+    X V = G holds to rounding whatever the spectrum (V is a product of orthogonal matrices), so
+    U S V^T is as accurate as LAPACK's and so are the top triplets; a small s_j carries an error
+    of about eps s_1^2 / s_j (the squared spectrum: numerically null directions show s_j up to
+    about eps s_1^2 / the smallest non-null s) and u_j is orthogonal to the others to about
+    eps s_1^2 / s_j^2; u_j is zero where s_j <= k eps s_1. Why: TPUs lower jnp.linalg.svd to QDWH and spectral
+    divide-and-conquer, whose QR factorisations XLA unrolls per 128-column block (minutes of
+    compilation per call at 1280 columns); `eigh` = XLA's Jacobi solver compiles in seconds."""
+    m, n = x.shape[-2:]
+    if m < n:
+        u, s, vh = gram_svd(jnp.swapaxes(x, -1, -2), eigh)
+        return jnp.swapaxes(vh, -1, -2), s, jnp.swapaxes(u, -1, -2)
+    def sweep(_, gv):  # a loop, so that the program holds one eigensolver, however many passes
+        g, v = gv
+        _, w = eigh(jnp.matmul(jnp.swapaxes(g, -1, -2), g, precision=jax.lax.Precision.HIGHEST))
+        return (jnp.matmul(g, w, precision=jax.lax.Precision.HIGHEST),
+                jnp.matmul(v, w, precision=jax.lax.Precision.HIGHEST))
+
+    eye = jnp.broadcast_to(jnp.eye(n, dtype=x.dtype), x.shape[:-2] + (n, n))
+    g, v = jax.lax.fori_loop(0, GRAM_PASSES, sweep, (x, eye))
+    s = jnp.sqrt(jnp.sum(g * g, axis=-2))
+    order = jnp.argsort(-s, axis=-1, stable=True)
+    s = jnp.take_along_axis(s, order, axis=-1)
+    g = jnp.take_along_axis(g, order[..., None, :], axis=-1)
+    v = jnp.take_along_axis(v, order[..., None, :], axis=-1)
+    live = s > n * jnp.finfo(x.dtype).eps * s[..., :1]
+    u = g * jnp.where(live, 1.0 / jnp.where(live, s, 1.0), 0.0)[..., None, :]
+    return u, s, jnp.swapaxes(v, -1, -2)
+
+
+def plain_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Reduced SVD over the leading batch axes; no JVP. Compiled for a TPU, gram_svd with XLA's
+    Jacobi eigensolver; elsewhere the library's SVD."""
+    return jax.lax.platform_dependent(x, tpu=lambda y: gram_svd(y, _jacobi_eigh), default=_svd_library)
 
 
 @jax.custom_jvp
@@ -248,8 +297,10 @@ def map_layers(prepared: Prepared, layer_fn: Any, members: jax.Array | None = No
     layer's weight_a and weight_b (the merge weights and the scalings, or the factor-wise A and B
     multipliers). One layer at a time (lax.map, rematerialised under
     differentiation), so only one layer's temporaries are ever live: a layer's updates of the
-    members, never all layers'. `members` [G]: only these adapter slots, gathered layer by layer
-    (no [G, L, ...] copy of the members' factors)."""
+    members, never all layers'. Modules of equal shapes (q and o, k and v) go through one loop, so
+    the program holds one copy of layer_fn per shape (each SVD in it is minutes of compilation on
+    TPUs at the paper's scale, see gram_svd). `members` [G]: only these adapter slots, gathered
+    layer by layer (no [G, L, ...] copy of the members' factors)."""
     num_layers = prepared.num_layers
     w_ln = per_layer_weights(prepared.weight_a, num_layers)
     s_ln = per_layer_weights(prepared.weight_b, num_layers)  # [N, L] for tuned factor-wise weights
@@ -257,13 +308,20 @@ def map_layers(prepared: Prepared, layer_fn: Any, members: jax.Array | None = No
     def pick(x: jax.Array, axis: int = 0) -> jax.Array:
         return x if members is None else jnp.take(x, members, axis=axis)
 
-    out = {}
+    groups: dict[tuple, list[str]] = {}  # modules whose leaves have the same shapes share one loop
     for mod, tv in prepared.task.items():
-        def body(layer, tv=tv):
-            leaves = {k: pick(jax.lax.dynamic_index_in_dim(v, layer, axis=1, keepdims=False)) for k, v in tv.items()}
+        groups.setdefault(tuple((k, v.shape, v.dtype) for k, v in sorted(tv.items())), []).append(mod)
+    out = {}
+    for mods in groups.values():
+        def body(step, mods=mods):
+            which, layer = step // num_layers, step % num_layers
+            leaves = {k: jax.lax.select_n(which, *(pick(jax.lax.dynamic_index_in_dim(
+                prepared.task[mod][k], layer, axis=1, keepdims=False)) for mod in mods))
+                for k in prepared.task[mods[0]]}
             return layer_fn(leaves, *(pick(jax.lax.dynamic_index_in_dim(v_ln, layer, axis=0, keepdims=False))
                                       for v_ln in (w_ln, s_ln)))
 
-        a, b = jax.lax.map(jax.checkpoint(body), jnp.arange(num_layers))
-        out[mod] = {"a": a, "b": b}
-    return out
+        a, b = jax.lax.map(jax.checkpoint(body), jnp.arange(len(mods) * num_layers))
+        for i, mod in enumerate(mods):
+            out[mod] = {"a": a[i * num_layers:(i + 1) * num_layers], "b": b[i * num_layers:(i + 1) * num_layers]}
+    return {mod: out[mod] for mod in prepared.task}

@@ -77,8 +77,13 @@ def core_basis(a_nrd: jax.Array, b_nor: jax.Array, m_n: jax.Array) -> tuple[jax.
     d_out = b_nor.shape[1]
     a_stack = jax.lax.stop_gradient((a_nrd * m_n[:, None, None]).reshape(n * r_in, d_in))
     b_stack = jax.lax.stop_gradient(jnp.transpose(b_nor * m_n[:, None, None], (1, 0, 2)).reshape(d_out, n * r_in))
-    _, sa, vh_a = plain_svd(a_stack)
-    u_b, sb, _ = plain_svd(b_stack)
+    if d_in == d_out:  # one batched SVD (one eigensolver in a TPU program, see gram_svd)
+        u_ab, s_ab, _ = plain_svd(jnp.stack([a_stack.T, b_stack]))
+        (v_a, u_b), (sa, sb) = u_ab, s_ab
+        vh_a = v_a.T
+    else:
+        _, sa, vh_a = plain_svd(a_stack)
+        u_b, sb, _ = plain_svd(b_stack)
     keep_a = sa > CORE_TOL * jnp.max(sa)
     keep_b = sb > CORE_TOL * jnp.max(sb)
     return u_b * keep_b[None, :], jnp.swapaxes(vh_a, 0, 1) * keep_a[None, :]

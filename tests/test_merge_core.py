@@ -208,3 +208,29 @@ def test_merge_cli_writes_a_core_space_merge_that_peft_loads(tmp_path):
     assert set(got) == set(want)
     for m in want:
         np.testing.assert_allclose(got[m], want[m], atol=1e-5 * np.abs(want[m]).max())
+
+
+def test_core_ties_and_ties_delta_through_the_tpu_svd_match_their_definitions(aset, monkeypatch):
+    """Compiled for a TPU every SVD is merge_common.gram_svd (Gram eigensolves, no QR): the same
+    float64 definitions hold within the same TOL with it in place of LAPACK's SVD (its error
+    bounds: tests/test_merge_svd.py)."""
+    from d2c_jax import merge_common
+
+    monkeypatch.setattr(merge_common, "_svd_library", merge_common.gram_svd)
+    mask = MASKS[3]
+
+    def ours(method):  # a fresh function: no trace cached with LAPACK's SVD
+        prep = merge.prepare_merge(aset, method, 0.5, weights=WEIGHTS)
+        return lora_lib.lora_delta(jax.jit(lambda p, m: merge.merge_mask(p, m))(prep, np.array(mask, bool)))
+
+    def core_ref(ds, a_list, b_list, sel):
+        u_b, vh_a = core_space(a_list, b_list)
+        cores = [u_b.T @ x @ vh_a.T for x in ds]
+        return truncate(u_b @ ties_np([(c, WEIGHTS[i] * c, c.size) for c, i in zip(cores, sel)], 0.5) @ vh_a, R)
+
+    refs = {"core_ties": core_ref, "ties_delta": lambda ds, a, b, sel: truncate(
+        ties_np([(x, WEIGHTS[i] * x, x.size) for x, i in zip(ds, sel)], 0.5), R)}
+    for method, ref in refs.items():
+        got, want = ours(method), _per_layer(aset, mask, ref)
+        for m in aset.a:
+            _close(got[m], want[m])

@@ -145,3 +145,60 @@ def test_svd_jvp_matches_finite_differences_with_repeated_zero_singular_values()
     # gradient through an SVD of a rank-2 matrix: U sigma_1 / sigma_2 per singular pair times the 64
     # weights and the jvp's 1/(sigma_i^2 - sigma_j^2) terms, ~1e-4 relative: 2e-3
     np.testing.assert_allclose(float(g), fd, rtol=2e-3)
+
+
+def _graded(rng, m, n, spectrum):
+    """A float64 matrix [m, n] with the given singular values (random singular vectors)."""
+    k = min(m, n)
+    u = np.linalg.qr(rng.normal(size=(m, k)))[0]
+    v = np.linalg.qr(rng.normal(size=(n, k)))[0]
+    return (u * spectrum) @ v.T
+
+
+@pytest.mark.parametrize("shape, spectrum", [
+    ((96, 40), np.logspace(0, -3, 40)),  # graded over three decades
+    ((40, 96), np.logspace(0, -3, 40)),  # wide: the SVD of the transpose
+    ((96, 40), np.concatenate([np.logspace(0, -1, 20), np.zeros(20)])),  # rank 20 of 40
+])
+def test_gram_svd_matches_float64_svd_within_the_squared_spectrum_bounds(shape, spectrum):
+    """gram_svd (the SVD the TPU programs use, here with LAPACK's eigh in place of XLA's Jacobi
+    solver) against numpy's float64 SVD of the same float32 matrix. Bounds, k = min(m, n) = 40,
+    from the eigensolver's backward error k U ||G^T G|| = k U s_1^2 on each pass's Gram matrix:
+    U S V^T within 2 passes x k U x 2 (the product G W rounds by another k U) of ||X||; V
+    orthonormal to as much; s_j within k U s_1^2 / s_j (an eigenvalue s_j^2 off by k U s_1^2);
+    numerically null directions below k U s_1^2 / (the smallest non-null s); the rank-5
+    truncation (the operators' use) within the backward error times s_1 / (s_5 - s_6) (Wedin)."""
+    from d2c_jax.merge_common import GRAM_PASSES, gram_svd
+
+    from tolerances import U
+
+    x64 = _graded(np.random.default_rng(3), *shape, spectrum)
+    x = x64.astype(np.float32)
+    u, s, vh = (np.asarray(t, np.float64) for t in jax.jit(gram_svd)(jnp.asarray(x)))
+    u0, s0, vh0 = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    k = min(shape)
+    backward = 2 * GRAM_PASSES * k * U
+    assert np.linalg.norm((u * s) @ vh - x) <= backward * np.linalg.norm(x)
+    v_side = vh if shape[0] >= shape[1] else u.T  # the orthogonal one (the eigenvectors' product)
+    np.testing.assert_allclose(v_side @ v_side.T, np.eye(k), atol=backward)
+    live = s0 > 1e-6 * s0[0]
+    assert np.all(np.abs(s - s0)[live] <= k * U * s0[0] ** 2 / s0[live])
+    if not live.all():
+        assert np.all(s[~live] <= k * U * s0[0] ** 2 / s0[live].min())
+    r = 5
+    wedin = backward * np.linalg.norm(x) * s0[0] / (s0[r - 1] - s0[r])
+    top, top0 = (u[:, :r] * s[:r]) @ vh[:r], (u0[:, :r] * s0[:r]) @ vh0[:r]
+    assert np.linalg.norm(top - top0) <= wedin
+
+
+def test_svd_compiled_for_a_tpu_uses_no_qr():
+    """XLA expands a TPU QR per 128-column block (minutes of compilation each at 1280 columns):
+    the SVD compiled for a TPU is two Gram eigensolves (gram_svd), no QR."""
+    pytest.importorskip("libtpu")
+    from d2c_jax import dry_run
+    from d2c_jax.merge_common import plain_svd
+
+    devices = dry_run.topology_devices("v5e-1")[0]
+    x = jax.ShapeDtypeStruct((2, 300, 140), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(devices[0]))
+    text = jax.jit(plain_svd).lower(x).as_text()
+    assert "custom_call @Eigh" in text and "@Qr" not in text and "householder" not in text.lower()
