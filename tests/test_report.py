@@ -74,7 +74,8 @@ def tiny_report(tmp_path_factory):
         # in calls of 2 and one generation program serves every run (the batch size is no input
         # of a result; batches of 2 to 16 rows compiled one program each, ~10 s apiece).
         generation_batch_size=2, operators=OPERATORS, tune_steps=2, tune_operators=OPERATORS,
-        factor_steps=2, factor_operators=OPERATORS[1:], fresh_long_steps=3, scale_operator="linear",
+        factor_steps=2, factor_operators=OPERATORS[1:], fresh_long_steps=3, fresh_long_patience=3,
+        scale_operator="core_ta",
         command="python launch/report.py --suite=TINY",
     )
     res = report.run_report(cfg)
@@ -225,19 +226,23 @@ def test_controls_table_has_every_control_under_both_partitions_and_the_targets(
     ctl = sec[sec.index("### Controls"):]
     for part in ("D²C paper (found with ties)", "D²C ours (found with ties)"):
         for method in ("ties, unit weights (the paper's merge)", "linear, unit weights",
-                       "linear, one tuned scale per cluster", "fresh rank-4 LoRA per cluster, ≤ 2 steps",
-                       "fresh rank-4 LoRA per cluster, ≤ 3 steps", "linear, tuned factors (≤ 2 steps)"):
-            assert f"| {part} | {method} |" in ctl, (part, method)
+                       "core_ta (task arithmetic), unit weights", "core_ta (task arithmetic), one tuned scale per cluster",
+                       "core_ta (task arithmetic) at rank ", "fresh rank-4 LoRA per cluster, ≤ 2 steps |",
+                       "fresh rank-4 LoRA per cluster, ≤ 3 steps (patience 3) |", "linear, tuned factors (≤ 2 steps)"):
+            assert f"| {part} | {method}" in ctl, (part, method)
     for part in ("Random (Table 1's seeds)", "All-in-one (K = 1)"):
         for method in ("linear, unit weights", "linear, tuned factors (≤ 2 steps)"):
             assert f"| {part} | {method} |" in ctl, (part, method)
-    for line in ("- Partition:", "- Operator", "- Tuning:", "- Target (the best method beats every control by ≥ 3"):
-        assert line in ctl
+    for line in ("- Partition:", "- Operator", "- Tuning:", "- Target (the best method beats every control by ≥ 3",
+                 "- The fresh LoRA with ≤ 2 steps kept", "- The fresh LoRA with ≤ 3 steps (patience 3) kept"):
+        assert line in ctl, line
     # the fresh LoRA starts at the base model (B = 0), the scale control is one weight per cluster
     fresh = [r for r in res.runs if r.variant == "fresh_factors"]
     assert fresh and all(r.extra["start"] == "fresh" for r in fresh)
     assert {r.key for r in fresh} == {"d2c", "d2c_ours"}
     scale = [r for r in res.runs if r.variant == "scale_tuned"]
-    assert scale and all(r.extra["granularity"] == "scale" for r in scale)
+    assert scale and all(r.extra["granularity"] == "scale" and r.rank == 0 for r in scale)
+    exact = [r for r in res.runs if r.variant == "scale_tuned_exact"]  # rank min(d_out, d_in): no truncation
+    assert exact and all(r.extra["granularity"] == "scale" and r.rank > 4 for r in exact)
     k1 = [r for r in res.runs if r.key == "all_in_one" and r.variant == "factors"]
     assert len(k1) == 1 and k1[0].num_clusters == 1 and set(k1[0].partition) == {0}

@@ -52,21 +52,30 @@ def run_controls(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any],
     for key, seed, part in table1("all_in_one", 1):
         unit(key, seed, part, op, 1)
 
-    def tuned(parts, variant, settings=None, kk=k):
+    def tuned(parts, variant, settings=None, kk=k, rank=0):
         if parts:
             for r in _tuned_runs(bench, cfg, op if variant.endswith("factors") else sop, parts, kk, log,
-                                 variant=variant, settings=settings):
+                                 rank=rank, variant=variant, settings=settings):
                 record(r)
 
     # Tuned factors of `op` where the operator section has none (it has the D²C-ours ones).
     tuned([p for p in paired if not (p[0] == "d2c_ours" and mean_score(op, "factors") > -np.inf)]
           + table1("random"), "factors")
     tuned(table1("all_in_one", 1), "factors", kk=1)
-    tuned(paired, "scale_tuned", tune.TuneSettings(granularity="scale", steps=cfg.tune_steps))
+    scale = tune.TuneSettings(granularity="scale", steps=cfg.tune_steps)
+    tuned(paired, "scale_tuned", scale)
+    if sop == "core_ta":  # task arithmetic's exact sum: an output rank that truncates nothing
+        tuned(paired, "scale_tuned_exact", scale, rank=exact_rank(bench.prepared(sop)))
     tuned(paired, "fresh_factors", tune.TuneSettings(granularity="factors", steps=cfg.factor_steps, start="fresh"))
     if cfg.fresh_long_steps:
-        tuned(paired, "fresh_long_factors",
-              tune.TuneSettings(granularity="factors", steps=cfg.fresh_long_steps, start="fresh"))
+        tuned(paired, "fresh_long_factors", tune.TuneSettings(granularity="factors", steps=cfg.fresh_long_steps,
+                                                              start="fresh", patience=cfg.fresh_long_patience))
+
+
+def exact_rank(prepared: Any) -> int:
+    """The largest min(d_out, d_in) over the modules: at this output rank core_ta's merge is the
+    whole sum of its members' updates (no truncation), at that much more storage."""
+    return max(min(ab["b"].shape[-2], ab["a"].shape[-1]) for ab in prepared.task.values())
 
 
 def render_controls(res: Any, seeds: list[int], lo: float, hi: float) -> list[str]:
@@ -87,12 +96,17 @@ def render_controls(res: Any, seeds: list[int], lo: float, hi: float) -> list[st
         rr = runs(key, merge, variant, kk)
         return float(np.mean([r.score for r in rr])) if rr else None
 
-    long_label = f"fresh rank-{rank} LoRA per cluster, ≤ {cfg.fresh_long_steps} steps"
+    long_label = (f"fresh rank-{rank} LoRA per cluster, ≤ {cfg.fresh_long_steps} steps (patience "
+                  f"{cfg.fresh_long_patience})")
+    exact = [r.rank for r in res.runs if r.variant == "scale_tuned_exact"]
+    exact_label = (f"{sop}{ta} at rank {exact[0]} (the exact sum, {exact[0] / rank:g}× the storage), one tuned "
+                   "scale per cluster") if exact else ""
     per_partition = [
         (base, "", f"{base}, unit weights (the paper's merge)"),
         (op, "", f"{op}, unit weights"),
         (sop, "", f"{sop}{ta}, unit weights"),
         (sop, "scale_tuned", f"{sop}{ta}, one tuned scale per cluster"),
+        (sop, "scale_tuned_exact", exact_label),
         (op, "fresh_factors", f"fresh rank-{rank} LoRA per cluster, ≤ {cfg.factor_steps} steps"),
         (op, "fresh_long_factors", long_label),
         (op, "factors", f"{op}, tuned factors (≤ {cfg.factor_steps} steps)"),
@@ -108,12 +122,15 @@ def render_controls(res: Any, seeds: list[int], lo: float, hi: float) -> list[st
             if rr:
                 table.append([label, what] + cells(rr, lo, hi))
     out = ["", f"### Controls: partition, operator or tuning? (K = {k}, seeds {', '.join(map(str, seeds))})", "",
-           f"The same examples and the same storage (K rank-{rank} adapters) for every row. Fresh LoRA = a new "
+           f"The same examples for every row, and the same storage (K rank-{rank} adapters) but for the exact sum. Fresh LoRA = a new "
            f"rank-{rank} LoRA per cluster from PEFT's initialisation (A uniform in ±1/sqrt(d_in), B = 0: the base "
            "model), trained on the cluster's pooled search examples with the tuned factors' optimiser, learning "
            "rate and held-out guard (7 of 10 examples per task fitted, early stop and keep-if-better on the other 3). "
            f"One tuned scale = {sop} with a single merge weight per cluster shared by its members (tune.py "
-           f"granularity scale, ≤ {cfg.tune_steps} steps, same guard). Random and all-in-one partitions are Table 1's.",
+           f"granularity scale: c trained on the unit merge's B, ≤ {cfg.tune_steps} steps, same guard)"
+           + (f"; at rank {rank} it is the sum of the members' updates truncated to rank {rank}" if ta else "")
+           + ". Random and all-in-one partitions are "
+           "Table 1's.",
            ""]
     out.append(_md_table(["Partitions", "Method", "Avg score ↑", "Eval loss ↓", "Gap closed", "Runs"], table,
                          "llrrrr"))
@@ -149,7 +166,7 @@ def render_controls(res: Any, seeds: list[int], lo: float, hi: float) -> list[st
                         if np.isfinite(fresh_best) else "."))
     controls = []
     for key, label in (("d2c", "D²C paper"), ("d2c_ours", "D²C ours")):
-        for merge, variant, what in per_partition[3:6]:
+        for merge, variant, what in per_partition[3:7]:
             x = mean(key, merge, variant)
             if x is not None:
                 controls.append((x, f"{what} on the {label} partitions"))
@@ -168,9 +185,12 @@ def render_controls(res: Any, seeds: list[int], lo: float, hi: float) -> list[st
         target = lo + TARGET_GAP * (hi - lo)
         lines.append(f"Gap target (≥ {TARGET_GAP:.0%}, score ≥ {target:.2f}): {best:.2f} = {_gap(best, lo, hi)} of the "
                      "gap: " + ("met." if best >= target else "not met."))
-    fresh_steps = [r.extra["best_step"] for r in res.runs if r.variant.startswith("fresh") and r.extra
-                   and r.seed in seeds]
-    if fresh_steps:
-        lines.append(f"The fresh LoRAs kept the weights of step {min(fresh_steps)} to {max(fresh_steps)} (the "
-                     "held-out guard's best step, the latest over a partition's clusters).")
+    for variant, what in (("fresh_factors", f"≤ {cfg.factor_steps} steps"), ("fresh_long_factors", long_label[
+            long_label.index("≤"):])):
+        rr = [r for r in res.runs if r.variant == variant and r.extra and r.seed in seeds]
+        if rr:
+            best_steps, ran = [r.extra["best_step"] for r in rr], [r.extra.get("steps", 0) for r in rr]
+            lines.append(f"The fresh LoRA with {what} kept the weights of held-out best step {min(best_steps)} to "
+                         f"{max(best_steps)} (the latest over a partition's clusters) and ran {min(ran)} to "
+                         f"{max(ran)} steps.")
     return out + [""] + [f"- {line}" for line in lines]

@@ -75,7 +75,7 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
             key, k, seed, op, tuple(int(x) for x in part), float(ts.mean_score), float(ts.mean_loss),
             _search_loss_of(bench, op, lora_k, part, rank), secs / len(parts), 0,
             tuple(float(x) for x in ts.scores_t), tuple(float(x) for x in ts.losses_t), variant=variant,
-            rank=rank, extra={"kept": int(c.kept_k.sum()), "best_step": int(c.best_step_k.max()),
+            rank=rank, extra={"kept": int(c.kept_k.sum()), "best_step": int(c.best_step_k.max()), "steps": int(res.steps),
                               "start": settings.start, "granularity": settings.granularity,
                               "heldout_unit": float(c.unit_heldout_k.sum()),
                               "heldout_kept": float(np.where(c.kept_k, c.tuned_heldout_k,

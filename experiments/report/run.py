@@ -100,6 +100,8 @@ class ReportConfig:
     controls: bool = setting(True, "Controls beside the best tuned-factor method: a fresh LoRA per cluster, tuned "
                              "factors on random partitions and on K = 1, one tuned scale per cluster.")
     fresh_long_steps: int = setting(300, "Controls: the larger step budget of the fresh LoRA (0: no such row).")
+    fresh_long_patience: int = setting(100, "Controls: the held-out guard's patience of that larger budget (the "
+                                       "other tuning stops after 15 steps without a held-out improvement).")
     scale_operator: str = setting("core_ta", "Controls: the operator given one tuned scale per cluster "
                                   "(core_ta: task arithmetic).")
     operator_search: bool = setting(True, "Also run D²C (paper setting) with the best operator.")
@@ -134,6 +136,8 @@ class ReportConfig:
             raise UserError(None, "--population and --proposals must be >= 1")
         if self.fresh_long_steps < 0:
             bad("fresh_long_steps", "must be >= 0")
+        if self.fresh_long_patience < 1:
+            bad("fresh_long_patience", "must be >= 1")
         for m in (self.merge, *self.compare_merges, *self.operators, self.scale_operator):
             if m not in METHODS:
                 raise UserError(None, f"unknown merge method {m!r}; choose from {', '.join(METHODS)}")
