@@ -53,9 +53,9 @@ def run_controls(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any],
         unit(key, seed, part, op, 1)
 
     def tuned(parts, variant, settings=None, kk=k, rank=0):
-        if parts:
+        if parts:  # always in the compiled steps of K clusters (K = 1: one used, the others empty)
             for r in _tuned_runs(bench, cfg, op if variant.endswith("factors") else sop, parts, kk, log,
-                                 rank=rank, variant=variant, settings=settings):
+                                 rank=rank, variant=variant, settings=settings, tune_k=k):
                 record(r)
 
     # Tuned factors of `op` where the operator section has none (it has the D²C-ours ones).

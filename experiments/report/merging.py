@@ -47,10 +47,13 @@ def _search_loss_of(bench: Any, op: str, lora_k: Any, partition_n: np.ndarray, r
 
 
 def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None, np.ndarray]], k: int,
-                log: Log, rank: int = 0, variant: str = "tuned", settings: Any = None) -> list[Any]:
+                log: Log, rank: int = 0, variant: str = "tuned", settings: Any = None,
+                tune_k: int | None = None) -> list[Any]:
     """Tunes every cluster of every partition (one compiled loop, partitions in turn), then scores
     each; the merge weights, or the merged factors when `variant` ends in "factors" (`settings`:
-    other TuneSettings than the report's, e.g. a fresh start or one scale per cluster)."""
+    other TuneSettings than the report's, e.g. a fresh start or one scale per cluster). `tune_k` >=
+    k: tune in the compiled steps of that many clusters (the extra ones empty: no loss, no
+    gradient, never kept), e.g. K = 1 in the steps of the report's K."""
     from d2c_jax import tune
 
     factors = _base_variant(variant) == "factors"
@@ -60,7 +63,7 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
     prepared = bench.prepared(op, rank)
     t0 = time.perf_counter()
     res = tune.tune_partitions(bench.params, bench.model_cfg, prepared, bench.search_data,
-                               np.stack([p for _, _, p in parts]), k, settings,
+                               np.stack([p for _, _, p in parts]), tune_k or k, settings,
                                example_chunk=bench.scorer(op, rank=rank).example_chunk(
                                    len(bench.search_data.names), bench.search_data.tokens_tns.shape[-1]))
     secs = time.perf_counter() - t0
@@ -69,7 +72,7 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
     runs = []
     for i, (key, seed, part) in enumerate(parts):
         c = res.chain(i)
-        lora_k = c.lora if factors else tune.merged_clusters(prepared, part, k, c.weights)
+        lora_k = c.lora if factors else tune.merged_clusters(prepared, part, tune_k or k, c.weights)
         ts = bench.evaluator(op, rank).clusters(lora_k, part)
         runs.append(report.Run(
             key, k, seed, op, tuple(int(x) for x in part), float(ts.mean_score), float(ts.mean_loss),
