@@ -188,3 +188,20 @@ def test_a_second_tuning_call_of_the_same_shapes_compiles_nothing_and_gives_the_
         jax.monitoring.unregister_event_duration_listener(listen)
     for f in ("tuned", "weights", "unit_heldout_k", "tuned_heldout_k", "tuned_fit_k", "kept_k", "best_step_k"):
         np.testing.assert_array_equal(getattr(second, f), getattr(first, f), err_msg=f)
+
+
+def test_a_partition_tuned_in_the_steps_of_more_clusters_gets_its_own_result(inputs):
+    """The report tunes K = 1 in the compiled steps of its K: the extra clusters are empty (no
+    task, no loss: never kept), and the used cluster gets what tuning with K = 1 gives (the same
+    losses to the loss program's rounding, LOSS_RTOL; the same best step and choice)."""
+    prepared = merge.prepare_merge(inputs["aset"], "ties_delta", 0.5)
+    settings = dataclasses.replace(SETTINGS, granularity="factors", steps=3, learning_rate=0.05)
+    one = np.zeros(len(PARTITION), np.int32)
+    alone = tune.tune_partition(inputs["params"], inputs["cfg"], prepared, inputs["td"], one, 1, settings)
+    wider = tune.tune_partition(inputs["params"], inputs["cfg"], prepared, inputs["td"], one, 2, settings)
+    for f in ("unit_heldout_k", "tuned_heldout_k", "unit_fit_k", "tuned_fit_k"):
+        np.testing.assert_allclose(getattr(wider, f)[:1], getattr(alone, f), rtol=LOSS_RTOL, err_msg=f)
+    np.testing.assert_array_equal(wider.kept_k, [alone.kept_k[0], False])
+    np.testing.assert_array_equal(wider.best_step_k, [alone.best_step_k[0], 0])
+    assert alone.kept_k[0], "3 Adam steps at lr 0.05 should beat the unit merge held out"
+    assert wider.unit_heldout_k[1] == 0 and wider.tuned_heldout_k[1] == 0  # the empty cluster: no loss
