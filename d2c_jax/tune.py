@@ -18,8 +18,13 @@ kept factors (`TuneResult.lora`), which are what gets written. With start `fresh
 start instead from PEFT's initialisation of a new LoRA of the same rank (A uniform in
 ±1/sqrt(d_in), kaiming_uniform with a = sqrt(5); B = 0: the base model): a LoRA trained from
 scratch on the cluster's pooled examples under the same optimiser, steps and held-out guard, the
-control that tells the merge's part from the fine-tune's. Granularity `scale` tunes one weight per
-cluster, shared by all its members (task arithmetic with a tuned scale, with --merge=core_ta).
+control that tells the merge's part from the fine-tune's. Granularity `scale` tunes one weight c per
+cluster, shared by all its members (task arithmetic with a tuned scale, with --merge=core_ta). A
+weight shared by every member scales the merge: every operator here is positively homogeneous in
+it (sums, means of agreeing entries and SVDs pass a common factor c > 0 through; sign elections and
+trims read the unweighted members), so the merge at weights c is c times the unit-weight merge.
+The loop therefore merges once, at unit weights, and trains c on the merged B (b -> c b): no
+merge, SVD included, is differentiated.
 
 Guard against fitting 10 examples per task: the last `holdout` fraction of each task's search
 examples is held out. Training minimises the summed loss of every cluster's tasks on the other
@@ -35,6 +40,7 @@ examples: the `.eval.jsonl` split is never read here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any
@@ -253,39 +259,62 @@ def example_sharding(mesh: Any, shape: tuple[int, ...]) -> Any:
 
 
 def step_functions(cfg: Any, settings: TuneSettings, k: int, example_chunk: int | None, remat: bool = False) -> _Steps:
-    """The jitted steps (see _Steps); `remat`: the loss rematerialised (needs_remat)."""
+    """The jitted steps (see _Steps); `remat`: the loss rematerialised (needs_remat). Built once per
+    (model config, what the steps read of the settings, K, chunk, remat) and reused, so every call
+    of tune_partitions with the same shapes runs the executables compiled by the first."""
+    return _step_functions(cfg, settings.granularity, settings.lr, settings.min_weight, settings.max_weight,
+                           int(k), example_chunk, bool(remat))
+
+
+@functools.lru_cache(maxsize=64)
+def _step_functions(cfg: Any, granularity: str, lr: float, min_weight: float, max_weight: float, k: int,
+                    example_chunk: int | None, remat: bool) -> _Steps:
     import optax
 
-    factors = settings.granularity == "factors"
+    factors, scale = granularity == "factors", granularity == "scale"
 
     def merged(prepared, w_k, part_n):
         masks_kn = part_n[None, :] == jnp.arange(k, dtype=part_n.dtype)[:, None]
         w_k = jnp.broadcast_to(w_k, masks_kn.shape + w_k.shape[2:])  # scale: [K, 1] -> [K, N]
         return jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_k, masks_kn)
 
-    def cluster_losses(params, prepared, theta_k, arrays, part_n):
-        """theta_k: weights [K, N(, L)], or (factors) the clusters' lora leaves [K, ...]."""
-        lora_k = theta_k if factors else merged(prepared, theta_k, part_n)
+    def cluster_losses(params, source, theta_k, arrays, part_n):
+        """theta_k: weights [K, N(, L)] of the merge `source` (a Prepared); (factors) the clusters'
+        lora leaves [K, ...]; (scale) c [K, 1] scaling the unit-weight merges `source` [K, ...]."""
+        if factors:
+            lora_k = theta_k
+        elif scale:  # source: the unit-weight merges (a Prepared, e.g. from the dry run: merged here)
+            unit_k = (jax.lax.stop_gradient(merged(source, jnp.ones((k, part_n.shape[0]), jnp.float32), part_n))
+                      if isinstance(source, merge_lib.Prepared) else source)
+            lora_k = scaled(unit_k, theta_k[:, 0])
+        else:
+            lora_k = merged(source, theta_k, part_n)
         lora_t = jax.tree.map(lambda x: jnp.take(x, part_n, axis=0), lora_k)  # task t's cluster's merge
         loss_t = loss_lib.candidate_losses(params, cfg, lora_t, arrays, example_chunk=example_chunk, remat=remat)
         return jax.ops.segment_sum(loss_t, part_n, num_segments=k)
 
-    opt = optax.adam(settings.lr)
+    opt = optax.adam(lr)
 
-    def train_step(params, prepared, fit, held, part_n, theta_k, opt_state):
+    def train_step(params, source, fit, held, part_n, theta_k, opt_state):
         def total(theta):
-            per_k = cluster_losses(params, prepared, theta, fit, part_n)
+            per_k = cluster_losses(params, source, theta, fit, part_n)
             return jnp.sum(per_k), per_k
 
         (_, fit_k), grad = jax.value_and_grad(total, has_aux=True)(theta_k)
         updates, opt_state = opt.update(grad, opt_state, theta_k)
         theta_new = optax.apply_updates(theta_k, updates)
         if not factors:
-            theta_new = jnp.clip(theta_new, settings.min_weight, settings.max_weight)
-        return theta_new, opt_state, fit_k, cluster_losses(params, prepared, theta_new, held, part_n)
+            theta_new = jnp.clip(theta_new, min_weight, max_weight)
+        return theta_new, opt_state, fit_k, cluster_losses(params, source, theta_new, held, part_n)
 
     return _Steps(train_step=jax.jit(train_step), losses=jax.jit(cluster_losses), merged=jax.jit(merged),
                   init=opt.init, k=k)
+
+
+def scaled(lora_k: Any, c_k: Any) -> Any:
+    """Each cluster's adapter [K, ...] with its update scaled by c_k [K] (b -> c b)."""
+    return {m: {"a": ab["a"], "b": ab["b"] * c_k.reshape((-1,) + (1,) * (ab["b"].ndim - 1))}
+            for m, ab in lora_k.items()}
 
 
 def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part_n: jax.Array,
@@ -297,14 +326,16 @@ def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part
     shape = (k, n) if settings.granularity != "layer" else (k, n, num_layers)
 
     def losses(theta, arrays):
-        return np.asarray(fns.losses(params, prepared, theta, arrays, part_n), np.float64)
+        return np.asarray(fns.losses(params, source, theta, arrays, part_n), np.float64)
 
     def select(mask_k, new, old):  # per cluster: new where mask_k, else old (host arrays)
         return jax.tree.map(lambda a, b: np.where(mask_k.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b),
                             jax.tree.map(np.asarray, new), old)
 
+    source = prepared  # what the weights act on: the Prepared, or (scale) the unit-weight merges
     if settings.granularity == "scale":
         shape = (k, 1)
+        source = fns.merged(prepared, jnp.ones((k, n), jnp.float32), part_n)
     ones = jnp.ones(shape, jnp.float32)
     if factors and settings.start == "fresh":
         theta = fresh_lora(jax.eval_shape(fns.merged, prepared, ones, part_n), settings.seed)
@@ -318,7 +349,7 @@ def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part
     since = np.zeros(k, np.int32)  # steps since each cluster's last held-out improvement
     steps = 0
     for it in range(1, settings.steps + 1):
-        theta, opt_state, _, held_k = fns.train_step(params, prepared, fit, held, part_n, theta, opt_state)
+        theta, opt_state, _, held_k = fns.train_step(params, source, fit, held, part_n, theta, opt_state)
         held_k = np.asarray(held_k, np.float64)
         steps = it
         active = since < settings.patience  # a stopped cluster's later steps are ignored
@@ -370,6 +401,9 @@ def merged_clusters(prepared: Any, partition_n: Any, num_clusters: int, weights:
     partition_n = np.asarray(partition_n, np.int32)
     masks_kn = partition_n[None, :] == np.arange(num_clusters)[:, None]
     if weights is None:
-        return jax.jit(merge_lib.merge_masks)(prepared, masks_kn)
-    return jax.jit(jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m)))(
-        jnp.asarray(weights, jnp.float32), jnp.asarray(masks_kn))
+        return _merge_masks(prepared, masks_kn)
+    return _merge_weighted(prepared, jnp.asarray(weights, jnp.float32), jnp.asarray(masks_kn))
+
+
+_merge_masks = jax.jit(merge_lib.merge_masks)  # module-level: one compiled merge per shapes, reused
+_merge_weighted = jax.jit(jax.vmap(lambda p, w, m: merge_lib.merge_mask(with_weights(p, w), m), in_axes=(None, 0, 0)))

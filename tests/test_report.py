@@ -74,7 +74,8 @@ def tiny_report(tmp_path_factory):
         # in calls of 2 and one generation program serves every run (the batch size is no input
         # of a result; batches of 2 to 16 rows compiled one program each, ~10 s apiece).
         generation_batch_size=2, operators=OPERATORS, tune_steps=2, tune_operators=OPERATORS,
-        factor_steps=2, factor_operators=OPERATORS[1:],
+        factor_steps=2, factor_operators=OPERATORS[1:], fresh_long_steps=3, fresh_long_patience=3,
+        scale_operator="linear",  # already compiled here (core_ta's exact-sum row: a test below)
         command="python launch/report.py --suite=TINY",
     )
     res = report.run_report(cfg)
@@ -217,3 +218,46 @@ def test_merging_section_has_operators_tuned_weights_budget_and_targets(tiny_rep
     assert budget and {(w["num_clusters"], w["rank"]) for w in budget[0].extra["ways"]} == {(2, 4), (4, 2)}
     chosen = min(budget[0].extra["ways"], key=lambda w: w["search_loss"])
     assert (budget[0].num_clusters, budget[0].rank or 4) == (chosen["num_clusters"], chosen["rank"])
+
+
+def test_controls_table_has_every_control_under_both_partitions_and_the_targets(tiny_report):
+    res, _, md = tiny_report
+    sec = _section(md, "## Beyond the paper")
+    ctl = sec[sec.index("### Controls"):]
+    for part in ("D²C paper (found with ties)", "D²C ours (found with ties)"):
+        for method in ("ties, unit weights (the paper's merge)", "linear, unit weights",
+                       "linear, one tuned scale per cluster", "fresh rank-4 LoRA per cluster, ≤ 2 steps |",
+                       "fresh rank-4 LoRA per cluster, ≤ 3 steps (patience 3) |", "linear, tuned factors (≤ 2 steps)"):
+            assert f"| {part} | {method}" in ctl, (part, method)
+    for part in ("Random (Table 1's seeds)", "All-in-one (K = 1)"):
+        for method in ("linear, unit weights", "linear, tuned factors (≤ 2 steps)"):
+            assert f"| {part} | {method} |" in ctl, (part, method)
+    for line in ("- Partition:", "- Operator", "- Tuning:", "- Target (the best method beats every control by ≥ 3",
+                 "- The fresh LoRA with ≤ 2 steps kept", "- The fresh LoRA with ≤ 3 steps (patience 3) kept"):
+        assert line in ctl, line
+    # the fresh LoRA starts at the base model (B = 0), the scale control is one weight per cluster
+    fresh = [r for r in res.runs if r.variant == "fresh_factors"]
+    assert fresh and all(r.extra["start"] == "fresh" for r in fresh)
+    assert {r.key for r in fresh} == {"d2c", "d2c_ours"}
+    scale = [r for r in res.runs if r.variant == "scale_tuned"]
+    assert scale and all(r.extra["granularity"] == "scale" and r.rank == 0 for r in scale)
+    k1 = [r for r in res.runs if r.key == "all_in_one" and r.variant == "factors"]
+    assert len(k1) == 1 and k1[0].num_clusters == 1 and set(k1[0].partition) == {0}
+
+
+def test_controls_table_shows_task_arithmetics_exact_sum_at_its_rank(tiny_report):
+    """With core_ta as the scale operator the report also tunes one scale on the exact sum (an
+    output rank that truncates nothing; tune.py's test checks that merge against float64 numpy):
+    its row names that rank and storage. Rendered from the tiny report's scale runs as core_ta runs."""
+    from experiments.report.controls import render_controls
+
+    res, _, _ = tiny_report
+    ta = [dataclasses.replace(r, merge="core_ta") for r in res.runs if r.merge == "linear" and r.variant in
+          ("", "scale_tuned") and r.key in ("d2c", "d2c_ours")]
+    exact = [dataclasses.replace(r, variant="scale_tuned_exact", rank=16) for r in ta if r.variant]
+    out = "\n".join(render_controls(dataclasses.replace(res, cfg=dataclasses.replace(res.cfg, scale_operator="core_ta"),
+                                                         runs=res.runs + ta + exact), [0], 0.0, 100.0))
+    for part in ("D²C paper (found with ties)", "D²C ours (found with ties)"):
+        for method in ("core_ta (task arithmetic), unit weights", "core_ta (task arithmetic), one tuned scale per cluster",
+                       "core_ta (task arithmetic) at rank 16 (the exact sum, 4× the storage), one tuned scale per cluster"):
+            assert f"| {part} | {method} |" in out, (part, method)

@@ -1,7 +1,10 @@
 """The tuning controls (tune.py): a fresh LoRA trained from PEFT's initialisation under the same loop
 as tuned factors (what the fine-tune alone earns), and one tuned scale per cluster (task
 arithmetic with a tuned scale). Their reported losses are the Scorer's (parity-tested against
-transformers + peft) of what they keep; the fresh start is PEFT's own initialisation."""
+transformers + peft) of what they keep; the fresh start is PEFT's own initialisation; the tuned
+scale's merge is c times the members' summed updates (float64 numpy); the loop trains c on the
+unit merge, which equals weighting every member by c for every operator; a second tuning call of
+the same shapes compiles nothing."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -106,3 +110,98 @@ def test_one_tuned_scale_per_cluster_weights_every_member_alike(inputs):
 def test_a_fresh_start_needs_factor_tuning():
     with pytest.raises(UserError, match="--tune_start=fresh: trains a new LoRA, so it needs --tune_granularity=factors"):
         tune.TuneSettings(granularity="adapter", start="fresh")
+
+
+def _updates(lora_k, c):
+    """float64 {module: [L, d_out, d_in]} updates b a of cluster c's adapter (scaling 1)."""
+    return {m: np.einsum("lor,lri->loi", np.asarray(ab["b"][c], np.float64), np.asarray(ab["a"][c], np.float64))
+            for m, ab in lora_k.items()}
+
+
+# A merge made of float32 SVD factors (backward stable) reproduces an update M to a few ulps of
+# ||M||: eps32 = 1.2e-7 times a dimension factor of at most ~64 (d <= 64 here) gives 7.7e-6 ->
+# 1e-5 of the largest |entry| of the reference, per layer and module.
+MERGE_ATOL = 1e-5
+
+
+def test_one_tuned_scale_merges_c_times_the_sum_of_the_members_updates(inputs):
+    """Task arithmetic with one tuned scale: cluster k's merge is c_k sum_{i in k} s_i B_i A_i,
+    against float64 numpy of that sum (core_ta at an output rank of the largest cluster's n R keeps
+    the whole sum), and the held-out loss tuning reports is the Scorer's of that merge."""
+    aset = inputs["aset"]
+    rank = int(np.bincount(PARTITION).max()) * aset.rank  # no truncation: the exact sum
+    prepared = merge.prepare_merge(aset, "core_ta", 0.5, rank=rank)
+    res = tune.tune_partition(inputs["params"], inputs["cfg"], prepared, inputs["td"], PARTITION, 2,
+                              dataclasses.replace(SETTINGS, granularity="scale", learning_rate=0.2))
+    c_k = res.tuned[:, 0]
+    assert res.kept_k.any() and not np.allclose(c_k, 1.0)
+    loras = tune.merged_clusters(prepared, PARTITION, 2, res.tuned)
+    for c in range(2):
+        got = _updates(loras, c)
+        for m in aset.a:
+            want = c_k[c] * sum(aset.scaling[i] * np.einsum("lor,lri->loi", aset.b[m][i].astype(np.float64),
+                                                             aset.a[m][i].astype(np.float64))
+                                for i in np.flatnonzero(PARTITION == c))
+            np.testing.assert_allclose(got[m], want, rtol=0, atol=MERGE_ATOL * np.abs(want).max(), err_msg=m)
+    np.testing.assert_allclose(res.tuned_heldout_k,
+                               _per_cluster(inputs, prepared, lambda c: jax.tree.map(lambda x: x[c], loras),
+                                            _held(inputs["td"])), rtol=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("method", merge.METHODS)
+def test_a_weight_shared_by_every_member_scales_the_merge(inputs, method):
+    """Why the scale loop trains c on the unit merge (tune.scaled) instead of merging at weights c:
+    the two are the same update for every operator. At an output rank that truncates nothing (the
+    largest cluster's n R): a truncation at nearly equal singular values would turn rounding into
+    a different kept direction (an error of eps ||M|| / gap, unbounded as the gap closes)."""
+    rank = int(np.bincount(PARTITION).max()) * inputs["aset"].rank
+    prepared = merge.prepare_merge(inputs["aset"], method, 0.5, rank=rank)
+    c_k = np.array([0.37, 2.5], np.float32)
+    weighted = tune.merged_clusters(prepared, PARTITION, 2, np.repeat(c_k[:, None], len(PARTITION), axis=1))
+    scaled = tune.scaled(tune.merged_clusters(prepared, PARTITION, 2), jnp.asarray(c_k))
+    for c in range(2):
+        want, got = _updates(weighted, c), _updates(scaled, c)
+        for m in want:
+            np.testing.assert_allclose(got[m], want[m], rtol=0, atol=MERGE_ATOL * np.abs(want[m]).max(), err_msg=m)
+
+
+def test_a_second_tuning_call_of_the_same_shapes_compiles_nothing_and_gives_the_same_result(inputs):
+    """The step functions are built once per config and shapes (tune.step_functions' cache), so a
+    second call reuses the executables of the first: no backend compilation, the same result."""
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":  # jax's event of every XLA compilation
+            compiles.append(event)
+
+    prepared = merge.prepare_merge(inputs["aset"], "ties", 0.5)
+    settings = dataclasses.replace(SETTINGS, granularity="adapter", steps=3, learning_rate=0.2)
+    args = (inputs["params"], inputs["cfg"], prepared, inputs["td"], PARTITION, 2, settings)
+    first = tune.tune_partition(*args)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        second = tune.tune_partition(*args)
+        assert compiles == [], f"{len(compiles)} compilations in the second call"
+        tune.tune_partition(*args[:6], dataclasses.replace(settings, learning_rate=0.1))
+        assert compiles, "another learning rate is another optimiser step: compiled anew (the counter works)"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    for f in ("tuned", "weights", "unit_heldout_k", "tuned_heldout_k", "tuned_fit_k", "kept_k", "best_step_k"):
+        np.testing.assert_array_equal(getattr(second, f), getattr(first, f), err_msg=f)
+
+
+def test_a_partition_tuned_in_the_steps_of_more_clusters_gets_its_own_result(inputs):
+    """The report tunes K = 1 in the compiled steps of its K: the extra clusters are empty (no
+    task, no loss: never kept), and the used cluster gets what tuning with K = 1 gives (the same
+    losses to the loss program's rounding, LOSS_RTOL; the same best step and choice)."""
+    prepared = merge.prepare_merge(inputs["aset"], "ties_delta", 0.5)
+    settings = dataclasses.replace(SETTINGS, granularity="factors", steps=3, learning_rate=0.05)
+    one = np.zeros(len(PARTITION), np.int32)
+    alone = tune.tune_partition(inputs["params"], inputs["cfg"], prepared, inputs["td"], one, 1, settings)
+    wider = tune.tune_partition(inputs["params"], inputs["cfg"], prepared, inputs["td"], one, 2, settings)
+    for f in ("unit_heldout_k", "tuned_heldout_k", "unit_fit_k", "tuned_fit_k"):
+        np.testing.assert_allclose(getattr(wider, f)[:1], getattr(alone, f), rtol=LOSS_RTOL, err_msg=f)
+    np.testing.assert_array_equal(wider.kept_k, [alone.kept_k[0], False])
+    np.testing.assert_array_equal(wider.best_step_k, [alone.best_step_k[0], 0])
+    assert alone.kept_k[0], "3 Adam steps at lr 0.05 should beat the unit merge held out"
+    assert wider.unit_heldout_k[1] == 0 and wider.tuned_heldout_k[1] == 0  # the empty cluster: no loss

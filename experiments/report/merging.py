@@ -10,6 +10,8 @@ Shapes: N adapters (= tasks), K clusters, P partitions tuned together, R adapter
 that operator, "budget" = the budget mode's choice, "searched_tuned" / "budget_factors" / ... =
 those tuned; `rank` = the output rank, 0 = R); `render_merging(res)` gives the markdown section. Tuned weights are fitted on the search examples only (part held out, see
 tune.py); every score and eval loss is on the held-out .eval.jsonl split, which tuning never reads.
+The best core-space operator (core_*) also gets tuned factors, and controls.py adds the controls of
+the best tuned-factor method (a fresh LoRA, random partitions, K = 1, one tuned scale per cluster).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from d2c_jax.merge import CORE_METHODS
 from experiments.report import run as report
 from experiments.report.analysis import gap as _gap
 
@@ -44,18 +47,23 @@ def _search_loss_of(bench: Any, op: str, lora_k: Any, partition_n: np.ndarray, r
 
 
 def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None, np.ndarray]], k: int,
-                log: Log, rank: int = 0, variant: str = "tuned") -> list[Any]:
-    """Tunes every cluster of every partition at once (one vmapped loop), then scores each;
-    the merge weights, or the merged factors when `variant` ends in "factors"."""
+                log: Log, rank: int = 0, variant: str = "tuned", settings: Any = None,
+                tune_k: int | None = None) -> list[Any]:
+    """Tunes every cluster of every partition (one compiled loop, partitions in turn), then scores
+    each; the merge weights, or the merged factors when `variant` ends in "factors" (`settings`:
+    other TuneSettings than the report's, e.g. a fresh start or one scale per cluster). `tune_k` >=
+    k: tune in the compiled steps of that many clusters (the extra ones empty: no loss, no
+    gradient, never kept), e.g. K = 1 in the steps of the report's K."""
     from d2c_jax import tune
 
     factors = _base_variant(variant) == "factors"
-    settings = (tune.TuneSettings(granularity="factors", steps=cfg.factor_steps) if factors
-                else tune.TuneSettings(granularity=cfg.tune_granularity, steps=cfg.tune_steps))
+    if settings is None:
+        settings = (tune.TuneSettings(granularity="factors", steps=cfg.factor_steps) if factors
+                    else tune.TuneSettings(granularity=cfg.tune_granularity, steps=cfg.tune_steps))
     prepared = bench.prepared(op, rank)
     t0 = time.perf_counter()
     res = tune.tune_partitions(bench.params, bench.model_cfg, prepared, bench.search_data,
-                               np.stack([p for _, _, p in parts]), k, settings,
+                               np.stack([p for _, _, p in parts]), tune_k or k, settings,
                                example_chunk=bench.scorer(op, rank=rank).example_chunk(
                                    len(bench.search_data.names), bench.search_data.tokens_tns.shape[-1]))
     secs = time.perf_counter() - t0
@@ -64,13 +72,15 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
     runs = []
     for i, (key, seed, part) in enumerate(parts):
         c = res.chain(i)
-        lora_k = c.lora if factors else tune.merged_clusters(prepared, part, k, c.weights)
+        lora_k = c.lora if factors else tune.merged_clusters(prepared, part, tune_k or k, c.weights)
         ts = bench.evaluator(op, rank).clusters(lora_k, part)
         runs.append(report.Run(
             key, k, seed, op, tuple(int(x) for x in part), float(ts.mean_score), float(ts.mean_loss),
             _search_loss_of(bench, op, lora_k, part, rank), secs / len(parts), 0,
             tuple(float(x) for x in ts.scores_t), tuple(float(x) for x in ts.losses_t), variant=variant,
-            rank=rank, extra={"kept": int(c.kept_k.sum()), "heldout_unit": float(c.unit_heldout_k.sum()),
+            rank=rank, extra={"kept": int(c.kept_k.sum()), "best_step": int(c.best_step_k.max()), "steps": int(res.steps),
+                              "start": settings.start, "granularity": settings.granularity,
+                              "heldout_unit": float(c.unit_heldout_k.sum()),
                               "heldout_kept": float(np.where(c.kept_k, c.tuned_heldout_k,
                                                              c.unit_heldout_k).sum())}))
     return runs
@@ -117,11 +127,25 @@ def run_merging(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any], 
         runs = [r for r in mine if r.key == "d2c_ours" and r.merge == op and r.variant == variant]
         return float(np.mean([r.score for r in runs])) if runs else -np.inf
 
+    # The best core-space operator (by its unit-weight score) with tuned factors too.
+    core = [op for op in cfg.operators if op in CORE_METHODS]
+    if cfg.factor_steps and cfg.factor_best_core and core:
+        best_core = max(core, key=lambda op: mean_score(op, ""))
+        if best_core not in cfg.factor_operators:
+            for r in _tuned_runs(bench, cfg, best_core, parts, k, log, variant="factors"):
+                keep(record(r))
+
     options = [(op, v) for op in cfg.operators for v in ("", *TUNED)
                if not v or (v == "tuned" and cfg.tune_steps and op in cfg.tune_operators)
-               or (v == "factors" and cfg.factor_steps and op in cfg.factor_operators)]
+               or (v == "factors" and cfg.factor_steps and mean_score(op, v) > -np.inf)]
     best_op, best_variant = max(options, key=lambda ov: mean_score(*ov))
     log(f"best operator: {best_op} ({LABEL[best_variant]})")
+
+    if cfg.controls and cfg.factor_steps:
+        from experiments.report.controls import run_controls
+
+        run_controls(bench, cfg, done, record, log, unit, best_op if best_variant == "factors" else
+                  (cfg.factor_operators or (best_op,))[0], mean_score)
 
     # The baselines' partitions merged with it.
     base_parts = [(key, s, np.asarray(done[(key, k, s, cfg.merge)].partition, np.int32))
@@ -178,9 +202,26 @@ def run_merging(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any], 
 # ----------------------------------------------------------------------------- rendering
 
 
+def select(res: Any, seeds: list[int], key: str, op: str, variant: str, kk: int | None = None) -> list[Any]:
+    """The runs of a (partition key, operator, variant), at K = kk (None: any), of the section's seeds
+    (or seedless)."""
+    return [r for r in res.runs if r.key == key and r.merge == op and r.variant == variant
+            and (kk is None or r.num_clusters == kk) and (r.seed in seeds or r.seed is None)]
+
+
+def cells(runs: list[Any], lo: float, hi: float) -> list[str]:
+    """Score, eval loss (mean ± std), gap closed and the run count of a table row."""
+    from experiments.report.render import _pm  # render imports this module
+
+    if not runs:
+        return ["—", "—", "—", "—"]
+    sc = [r.score for r in runs]
+    return [_pm(sc, 2), _pm([r.loss for r in runs], 4), _gap(float(np.mean(sc)), lo, hi), str(len(runs))]
+
+
 def render_merging(res: Any) -> list[str]:
     """The markdown section (empty when the report ran without it)."""
-    from experiments.report.render import _md_table, _pm  # render imports this module
+    from experiments.report.render import _md_table  # render imports this module
 
     cfg, k = res.cfg, res.cfg.num_clusters
     rows = [r for r in res.runs if r.variant or (r.merge in cfg.operators and r.key in ("d2c_ours", "by_family"))]
@@ -191,15 +232,8 @@ def render_merging(res: Any) -> list[str]:
     seeds = list(range(min(cfg.seeds, cfg.operator_seeds)))
 
     def sel(key, op, variant, kk=None):
-        return [r for r in res.runs if r.key == key and r.merge == op and r.variant == variant
-                and (kk is None or r.num_clusters == kk) and (r.seed in seeds or r.seed is None)]
+        return select(res, seeds, key, op, variant, kk)
 
-    def cells(runs):
-        if not runs:
-            return ["—", "—", "—", "—"]
-        sc = [r.score for r in runs]
-        return [_pm(sc, 2), _pm([r.loss for r in runs], 4), _gap(float(np.mean(sc)), lo, hi),
-                str(len(runs))]
 
     from d2c_jax.tune import TuneSettings
 
@@ -225,7 +259,7 @@ def render_merging(res: Any) -> list[str]:
             for variant, wl in LABEL.items():
                 runs = sel(key, op, variant, k)
                 if runs:
-                    table.append([label, op, wl] + cells(runs))
+                    table.append([label, op, wl] + cells(runs, lo, hi))
     out.append(_md_table(header, table, "lllrrrr"))
 
     best = _best(res, seeds)
@@ -233,24 +267,24 @@ def render_merging(res: Any) -> list[str]:
         op, variant = best
         wl = LABEL[variant]
         out += ["", f"Best operator on the D²C-ours partitions: **{op}** with {PHRASE[variant]} "
-                f"({cells(sel('d2c_ours', op, variant, k))[0]}). With it:", ""]
+                f"({cells(sel('d2c_ours', op, variant, k), lo, hi)[0]}). With it:", ""]
         rows2 = []
         for key, label in (("kmeans", "K-means (A, B)"), ("svd_kmeans", "K-means (SVD, cosine)"),
                            ("d2c_ours", "D²C ours (found with " + cfg.merge + ")")):
             runs = sel(key, op, variant, k)
             if runs:
-                rows2.append([label, f"{op}, {wl}"] + cells(runs))
+                rows2.append([label, f"{op}, {wl}"] + cells(runs, lo, hi))
         for v in ("searched", "searched_tuned", "searched_factors"):
             runs = sel("d2c", op, v, k)
             if runs:
                 rows2.append([f"D²C (paper setting) searched with {op}", f"{op}, {LABEL[_base_variant(v)]}"]
-                             + cells(runs))
+                             + cells(runs, lo, hi))
         for v in ("budget", "budget_tuned", "budget_factors"):
             runs = [r for r in res.runs if r.key == "budget" and r.variant == v and r.seed in seeds]
             if runs:
                 chosen = ", ".join(f"K={r.num_clusters} r={r.rank or res.adapters['rank']}" for r in runs)
                 rows2.append([f"Budget mode, {100.0 * k / len(res.names):.1f} % storage (chose {chosen})",
-                              f"{op}, {LABEL[_base_variant(v)]}"] + cells(runs))
+                              f"{op}, {LABEL[_base_variant(v)]}"] + cells(runs, lo, hi))
         out.append(_md_table(["Partition", "Operator, weights", "Avg score ↑", "Eval loss ↓",
                                      "Gap closed", "Runs"], rows2, "llrrrr"))
         budget_runs = [r for r in res.runs if r.key == "budget" and r.variant == "budget" and r.seed in seeds]
@@ -271,7 +305,9 @@ def render_merging(res: Any) -> list[str]:
                             + f" {r.extra['heldout_unit']:.3f} → {r.extra['heldout_kept']:.3f}" for r in tuned[:12])
                 + ("; …" if len(tuned) > 12 else "") + "."]
     out += [""] + [f"- {line}" for line in merging_findings(res, seeds, lo, hi)]
-    return out
+    from experiments.report.controls import render_controls
+
+    return out + render_controls(res, seeds, lo, hi)
 
 
 def _best(res: Any, seeds: list[int]) -> tuple[str, str] | None:

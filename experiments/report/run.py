@@ -85,7 +85,8 @@ class ReportConfig:
     generation_batch_size: int = setting(128, "Prompts decoded per call.")
     command: str = ""  # the command line, recorded in the markdown
     # Beyond the paper (merging.py): operators x {unit, tuned} weights, budget mode.
-    operators: tuple[str, ...] = setting(("ties", "ties_delta", "knots_ties", "knots_linear", "iso_c"),
+    operators: tuple[str, ...] = setting(("ties", "ties_delta", "knots_ties", "knots_linear", "iso_c", "core_ta",
+                                          "core_ties", "core_tsv", "core_iso_cts"),
                                          "Merge operators applied to the D²C-ours and family-oracle partitions "
                                          "(empty: skip the section).")
     operator_seeds: int = setting(3, "Seeds of the operator section (at most --seeds).")
@@ -94,6 +95,15 @@ class ReportConfig:
     tune_granularity: str = setting("adapter", "Tuned weights per adapter or per layer.", choices=("adapter", "layer"))
     factor_steps: int = setting(100, "Most steps of the factor tuning (tune.py granularity factors; 0: no rows).")
     factor_operators: tuple[str, ...] = setting(("ties_delta",), "Operators that also get tuned-factor rows.")
+    factor_best_core: bool = setting(True, "Also tune the factors of the best core-space operator (core_*, by "
+                                     "its unit-weight score on the D²C-ours partitions).")
+    controls: bool = setting(True, "Controls beside the best tuned-factor method: a fresh LoRA per cluster, tuned "
+                             "factors on random partitions and on K = 1, one tuned scale per cluster.")
+    fresh_long_steps: int = setting(300, "Controls: the larger step budget of the fresh LoRA (0: no such row).")
+    fresh_long_patience: int = setting(100, "Controls: the held-out guard's patience of that larger budget (the "
+                                       "other tuning stops after 15 steps without a held-out improvement).")
+    scale_operator: str = setting("core_ta", "Controls: the operator given one tuned scale per cluster "
+                                  "(core_ta: task arithmetic).")
     operator_search: bool = setting(True, "Also run D²C (paper setting) with the best operator.")
     budget: bool = setting(True, "Budget mode at the storage of K rank-R adapters (operator section).")
     budget_ranks: tuple[int, ...] = setting((), "The budget mode's candidate ranks (default: R/2 and R).")
@@ -124,7 +134,11 @@ class ReportConfig:
             bad("objective", "must be local or global")
         if self.population < 1 or self.proposals < 1:
             raise UserError(None, "--population and --proposals must be >= 1")
-        for m in (self.merge, *self.compare_merges, *self.operators):
+        if self.fresh_long_steps < 0:
+            bad("fresh_long_steps", "must be >= 0")
+        if self.fresh_long_patience < 1:
+            bad("fresh_long_patience", "must be >= 1")
+        for m in (self.merge, *self.compare_merges, *self.operators, self.scale_operator):
             if m not in METHODS:
                 raise UserError(None, f"unknown merge method {m!r}; choose from {', '.join(METHODS)}")
         if not 0.0 < self.density <= 1.0:
