@@ -100,7 +100,10 @@ def test_one_tuned_scale_per_cluster_weights_every_member_alike(inputs):
     assert res.weights.shape == (2, 5)
     assert np.all(res.weights == res.weights[:, :1]) and np.all(res.tuned == res.tuned[:, :1])
     held = _held(inputs["td"])
-    loras = tune.merged_clusters(prepared, PARTITION, 2, res.tuned)
+    # The merge tuning evaluates and writes: the unit merge with its B scaled by c. (Merging at
+    # weights c is the same update in exact arithmetic, but core_ta here truncates at rank R, where
+    # rounding moves the kept directions by eps ||M|| / gap: not a loss-level comparison.)
+    loras = tune.scaled(tune.merged_clusters(prepared, PARTITION, 2), jnp.asarray(res.tuned[:, 0]))
     np.testing.assert_allclose(res.tuned_heldout_k,
                                _per_cluster(inputs, prepared, lambda c: jax.tree.map(lambda x: x[c], loras), held),
                                rtol=LOSS_RTOL)
@@ -148,7 +151,13 @@ def test_one_tuned_scale_merges_c_times_the_sum_of_the_members_updates(inputs):
                                             _held(inputs["td"])), rtol=LOSS_RTOL)
 
 
-@pytest.mark.parametrize("method", merge.METHODS)
+# Iso-CTS cuts inside the merge (its common subspace, each member's top directions), not only at
+# the output rank, so the two sides below differ there by eps ||M|| / gap, unbounded as a gap
+# closes (seen: 7e-3 relative on one machine): it is scale-equivariant in exact arithmetic only.
+EQUIVARIANT_IN_FLOAT = [m for m in merge.METHODS if m != "core_iso_cts"]
+
+
+@pytest.mark.parametrize("method", EQUIVARIANT_IN_FLOAT)
 def test_a_weight_shared_by_every_member_scales_the_merge(inputs, method):
     """Why the scale loop trains c on the unit merge (tune.scaled) instead of merging at weights c:
     the two are the same update for every operator. At an output rank that truncates nothing (the
