@@ -49,7 +49,7 @@ FILE_SECONDS = {
     "test_cli.py": 25, "test_merge_svd.py": 25, "test_hub.py": 24, "test_bad_inputs.py": 23,
     "test_checkpoint.py": 21, "test_readme_commands.py": 21, "test_suite_resume.py": 21,
     "test_model_parity.py": 20, "test_merge_core.py": 18, "test_cli_errors.py": 16, "test_merge_vmap.py": 15,
-    "test_metric_values.py": 15,
+    "test_metric_values.py": 15, "test_padded_slots.py": 25, "test_tokenizer_cache.py": 19,
 }
 
 
