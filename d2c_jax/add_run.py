@@ -197,24 +197,29 @@ def tune_settings(run: Run) -> tune.TuneSettings | None:
         return None
     settings = tuning.get("settings")
     if settings is None:
-        path = os.path.join(run.workdir, "config.json")
+        need = "the run tuned its merges but its tuning settings cannot be read"
+        flags = search_flags(run, need)
         try:
-            with open(path, encoding="utf-8") as f:
-                flags = json.load(f)
             settings = {f: flags[f"tune_{f}"] for f in ("granularity", "steps", "learning_rate", "holdout")}
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(path, f"the run tuned its merges but its tuning settings cannot be read: {e}") from None
+        except KeyError as e:
+            raise UserError(os.path.join(run.workdir, "config.json"), f"{need}: no flag {e}") from None
     return tune.TuneSettings(**settings)
 
 
-def search_flag(run: Run, name: str, default: Any = None) -> Any:
-    """A flag of the run's search (config.json), `default` when the file or the flag is missing."""
+def search_flags(run: Run, need: str | None = None) -> dict[str, Any]:
+    """The run's search flags (config.json). Unreadable: {} where the caller has defaults (`need`
+    None), else one line naming the file and what the flags were needed for."""
+    path = os.path.join(run.workdir, "config.json")
     try:
-        with open(os.path.join(run.workdir, "config.json"), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             flags = json.load(f)
-    except (OSError, ValueError):
-        return default
-    return flags.get(name, default) if isinstance(flags, dict) else default
+        if not isinstance(flags, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        if need is None:
+            return {}
+        raise UserError(path, f"{need}: {e}") from None
+    return flags
 
 
 def _data_kw(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -361,7 +366,7 @@ def add(cfg: AddConfig) -> int:
     doc = run.doc
     # Before the first compilation: the search's cache, whose scorer executables fit this Scorer
     # too (scoring.slots: the padded N and T are the same unless they cross a multiple of 8).
-    compilation_cache.enable(cfg.compilation_cache or search_flag(run, "compilation_cache", "") or "")
+    compilation_cache.enable(cfg.compilation_cache or search_flags(run).get("compilation_cache", "") or "")
     model_cfg = load_config(doc["base_model"])
     run_set = lora.load_adapter_dirs([run.adapter_dirs[n] for n in run.names], model_cfg)
     new_adapters = [lora.load_adapter(os.path.abspath(d), model_cfg, name=n) for d, n in zip(cfg.adapters, new_names)]

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import traverse_util
 
 from d2c_jax.errors import UserError
 from d2c_jax.models.config import ModelConfig, load_config, module_shapes
@@ -235,8 +234,18 @@ def _np_dtype(dtype: Any) -> np.dtype:
 
 def param_shape_tree(cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:
     """The params pytree as ShapeDtypeStructs (for sharding rules and memory; no weights read)."""
-    return traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, dtype)
-                                         for path, shape in param_shapes(cfg).items()})
+    return _nested({path: jax.ShapeDtypeStruct(shape, dtype) for path, shape in param_shapes(cfg).items()})
+
+
+def _nested(flat: Mapping[tuple[str, ...], Any]) -> Params:
+    """{("layers", "q_proj", "kernel"): x, ...} -> {"layers": {"q_proj": {"kernel": x}}, ...}."""
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return out
 
 
 def _sharding_of(shardings: Any) -> Callable[[tuple[str, ...]], Any]:
@@ -245,7 +254,8 @@ def _sharding_of(shardings: Any) -> Callable[[tuple[str, ...]], Any]:
         return lambda path: None
     if callable(shardings) and not isinstance(shardings, Mapping):
         return lambda path: shardings("/".join(path))
-    flat = traverse_util.flatten_dict(shardings)
+    flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
+        shardings, is_leaf=lambda x: not isinstance(x, Mapping))}
     return lambda path: flat.get(path)
 
 
@@ -296,7 +306,7 @@ def load_params(
         sharding = sharding_of(e.path)
         # put_global, not device_put: a sharding may span other hosts' devices (multi-host).
         flat[e.path] = put_global(out, sharding) if sharding is not None else jnp.asarray(out)
-    return traverse_util.unflatten_dict(flat)
+    return _nested(flat)
 
 
 def check_params_headers(model_dir: str | os.PathLike, cfg: ModelConfig) -> None:

@@ -26,7 +26,6 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from d2c_jax import data, hf_io, hub, lora, merge, storage
 from d2c_jax import sharding as sharding_lib

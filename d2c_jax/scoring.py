@@ -298,8 +298,8 @@ class Scorer:
         self._host_data, self._tasks_by_seq = data, by_bucket
         model = 1 if mesh is None else mesh.shape[sharding_lib.MODEL]
         self._prepared_bytes = 0 if prepared_merge is None else _tree_bytes(prepared_merge) // model
+        padded_data = pad_axis0(data, slots(self.num_tasks))  # task axis to `slots`: zero examples
         if batch_size == "auto":
-            padded_data = pad_axis0(data, slots(self.num_tasks))  # as held below
             batch_size = self.auto_batch_size(params, prepared_merge, padded_data, int(seq))
         batch_size = int(batch_size)
         if batch_size < 1:
@@ -324,7 +324,7 @@ class Scorer:
                else jax.device_put if mesh is None  # (jnp.asarray would compile a copy per shape)
                else (lambda b: sharding_lib.put_global(jax.tree.map(np.asarray, b), rep)))
         # Task axes padded to `slots` with zero examples (no request ever names a padded task).
-        self._data = put(pad_axis0(data, slots(self.num_tasks)))  # full length: loss_of_lora
+        self._data = put(padded_data)  # full length: loss_of_lora
         self._data_by_seq = {sb: put(pad_axis0(self.task_batch(sb), slots(len(tasks))))
                              for sb, tasks in by_bucket.items()}
         # Each bucket's tasks packed (real tokens only; the LM head on loss positions): every

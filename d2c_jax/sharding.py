@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from absl import logging
-from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -77,10 +76,9 @@ def param_shardings(params: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:
     """A nested dict of NamedSharding matching `params` (leaves may be arrays or ShapeDtypeStructs),
     each by the rule of its "/"-joined path ("layers/q_proj/kernel")."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return traverse_util.unflatten_dict(
-        {name: NamedSharding(mesh, spec_for(name, tuple(x.shape), mesh, rules)) for name, x in flat.items()},
-        sep="/")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, spec_for("/".join(k.key for k in path), tuple(x.shape), mesh, rules)),
+        params)
 
 
 def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAM_RULES) -> Any:

@@ -237,6 +237,13 @@ def test_a_tuned_runs_settings_come_from_its_config_then_its_last_version(tmp_pa
     with pytest.raises(UserError, match="tuning settings cannot be read") as e:
         add_run.tune_settings(run)  # no config.json
     assert e.value.path == str(tmp_path / "config.json")
+    assert add_run.search_flags(run) == {}  # flags with defaults: none read, no error
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(UserError, match="tuning settings cannot be read: not a JSON object"):
+        add_run.tune_settings(run)
+    (tmp_path / "config.json").write_text(json.dumps({"tune_steps": 7}))
+    with pytest.raises(UserError, match="tuning settings cannot be read: no flag 'tune_granularity'"):
+        add_run.tune_settings(run)
     (tmp_path / "config.json").write_text(json.dumps({"tune_granularity": "layer", "tune_steps": 7,
                                                       "tune_learning_rate": None, "tune_holdout": 0.25}))
     assert add_run.tune_settings(run) == tune.TuneSettings(granularity="layer", steps=7, holdout=0.25)
