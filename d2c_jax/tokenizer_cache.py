@@ -3,10 +3,12 @@
 `AutoTokenizer.from_pretrained` picks the class from the model's config (through `AutoConfig`,
 whose import pulls in torch) and then calls that class's `from_pretrained`. The pick costs about
 3 s of CPU per command (torch's import and teardown), more than everything else a command on a
-small model does before its first step. It depends only on the transformers version, the path
-given and the files the pick reads (config.json, tokenizer_config.json, tokenizer.json), so the
-first command records the class's module and name under the cache dir, keyed by a hash of those,
-and later commands call that class's `from_pretrained` with the arguments AutoTokenizer passes it.
+small model does before its first step. It depends only on the transformers version and the files
+the pick reads (config.json, tokenizer_config.json, tokenizer.json, tekken.json), and on the path
+given only when config.json names no `model_type` (AutoConfig then matches the path against model
+names), so the first command records the class's module and name under the cache dir, keyed by a
+hash of those, and later commands call that class's `from_pretrained` with the arguments
+AutoTokenizer passes it: the same model copied elsewhere (each test's fixture) reuses the entry.
 Anything unexpected (no entry, an unreadable or foreign entry, a class outside transformers) falls
 back to AutoTokenizer.
 """
@@ -21,28 +23,42 @@ from typing import Any
 
 from d2c_jax.fingerprint import cache_dir
 
-# The files AutoTokenizer reads to choose the class (the model config, the tokenizer config, and
-# tokenizer.json for its ByteLevel check).
-CHOICE_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
+# The files AutoTokenizer reads to choose the class (the model config, the tokenizer config,
+# tokenizer.json for its ByteLevel check, tekken.json for its Mistral probe).
+CHOICE_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "tekken.json")
 SUBDIR = "tokenizer-classes"
 
 
 def choice_key(model_dir: str) -> str:
-    """Hash of everything the class choice depends on: versions, the path as given, the files."""
+    """Hash of everything the class choice depends on: versions, the files, and the path as given
+    when config.json has no model_type."""
     import tokenizers
     import transformers
 
     h = hashlib.sha256()
-    h.update(json.dumps([transformers.__version__, tokenizers.__version__, model_dir]).encode())
+    h.update(json.dumps([transformers.__version__, tokenizers.__version__]).encode())
+    typed = False
     for name in CHOICE_FILES:
         path = os.path.join(model_dir, name)
         h.update(f"\0{name}\0".encode())
         if os.path.isfile(path):
             with open(path, "rb") as f:
-                h.update(hashlib.sha256(f.read()).digest())
+                data = f.read()
+            h.update(hashlib.sha256(data).digest())
+            typed = typed or (name == "config.json" and _names_model_type(data))
         else:
             h.update(b"absent")
+    if not typed:
+        h.update(b"\0path\0" + model_dir.encode())
     return h.hexdigest()
+
+
+def _names_model_type(config_json: bytes) -> bool:
+    try:
+        config = json.loads(config_json)
+    except ValueError:
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model_type"), str) and bool(config["model_type"])
 
 
 def _entry_path(key: str) -> str:

@@ -97,3 +97,32 @@ def test_a_changed_file_or_a_foreign_entry_goes_back_to_autotokenizer(tmp_path, 
         entry.write_text(bad if isinstance(bad, str) else json.dumps(bad))
         assert type(hf_io.load_tokenizer(d)).__name__ == "TokenizersBackend"
         assert json.loads(entry.read_text())["name"] == "TokenizersBackend"  # recorded again
+
+
+def test_the_same_files_elsewhere_load_from_the_recorded_pick_unless_only_the_path_names_the_model(
+        tmp_path, monkeypatch):
+    """With a model_type in config.json the path plays no part in AutoTokenizer's pick, so a copy
+    of the model elsewhere reuses the entry (and behaves as AutoTokenizer's tokenizer there does);
+    without one, AutoConfig matches the path against model names, so the path is part of the key."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("D2C_CACHE_DIR", str(tmp_path / "cache"))
+    d = _model_dir(tmp_path, "qwen2.5", "Qwen2Tokenizer", "qwen2")
+    hf_io.load_tokenizer(d)  # records the pick
+    copy = str(tmp_path / "elsewhere" / "model")
+    shutil.copytree(d, copy)
+    want = _behaviour(AutoTokenizer.from_pretrained(copy, local_files_only=True))
+    assert tokenizer_cache.choice_key(copy) == tokenizer_cache.choice_key(d)
+
+    def no_auto(*args, **kwargs):
+        raise AssertionError("AutoTokenizer called: the recorded pick was not used")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_auto)
+    tok = hf_io.load_tokenizer(copy)
+    assert _behaviour(tok) == want and tok.name_or_path == copy
+    for path in (d, copy):  # no model_type: the path names the model
+        (tmp_path / path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
+    assert tokenizer_cache.choice_key(copy) != tokenizer_cache.choice_key(d)
+
