@@ -40,16 +40,15 @@ def pytest_terminal_summary(terminalreporter, config):
 # longest first (any file not listed counts a second per test) keeps the run from ending with one
 # worker on a long file and the other idle.
 FILE_SECONDS = {
-    "test_tune.py": 323, "test_add.py": 250, "test_multiprocess.py": 91, "test_signals.py": 89,
-    "test_report.py": 78, "test_finished_run.py": 75, "test_kill_resume.py": 70, "test_launch_search.py": 65,
-    "test_scoring.py": 64, "test_generate.py": 61, "test_tune_remat.py": 58, "test_bf16_parity.py": 57,
-    "test_loss_parity.py": 56, "test_benchmark_smoke.py": 55, "test_suite.py": 48, "test_merge_parity.py": 46,
-    "test_dry_run.py": 46, "test_launch_evaluate.py": 43, "test_tune_controls.py": 37,
-    "test_command_properties.py": 35, "test_gcs_workdir.py": 32, "test_merge_properties.py": 32,
-    "test_cli.py": 25, "test_merge_svd.py": 25, "test_hub.py": 24, "test_bad_inputs.py": 23,
-    "test_checkpoint.py": 21, "test_readme_commands.py": 21, "test_suite_resume.py": 21,
-    "test_model_parity.py": 20, "test_merge_core.py": 18, "test_cli_errors.py": 16, "test_merge_vmap.py": 15,
-    "test_metric_values.py": 15, "test_padded_slots.py": 25, "test_tokenizer_cache.py": 19,
+    "test_tune.py": 227, "test_add.py": 184, "test_multiprocess.py": 85, "test_tune_controls.py": 81,
+    "test_gcs_workdir.py": 73, "test_report.py": 71, "test_kill_resume.py": 71, "test_merge_vmap.py": 58,
+    "test_suite.py": 53, "test_scoring.py": 51, "test_tune_remat.py": 49, "test_merge_core.py": 48,
+    "test_loss_parity.py": 40, "test_benchmark_smoke.py": 40, "test_launch_search.py": 39,
+    "test_finished_run.py": 37, "test_bf16_parity.py": 36, "test_bad_inputs.py": 35, "test_signals.py": 34,
+    "test_launch_evaluate.py": 33, "test_dry_run.py": 30, "test_merge_parity.py": 28, "test_generate.py": 27,
+    "test_checkpoint.py": 27, "test_command_properties.py": 26, "test_suite_resume.py": 23,
+    "test_readme_commands.py": 23, "test_hub.py": 23, "test_merge_properties.py": 22, "test_merge_svd.py": 20,
+    "test_sharding.py": 19, "test_model_parity.py": 18, "test_metric_values.py": 17,
 }
 
 
