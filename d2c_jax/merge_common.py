@@ -56,6 +56,14 @@ class Prepared:
         return int(next(iter(self.task.values()))["a"].shape[1])
 
 
+def to_device(x: Any, dtype: Any = None) -> jax.Array:
+    """A host array on the default device, in `dtype` (default: its own, as JAX canonicalises it:
+    float64 -> float32), converted on the host. jnp.asarray would compile a copy or convert program
+    per shape, which every prepare of new shapes (an add's placement) paid once per stack."""
+    x = np.asarray(x, dtype)
+    return jax.device_put(x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False))
+
+
 def expand(v_n: jax.Array, x: jax.Array) -> jax.Array:
     """Per-adapter [N] (or per-adapter-and-layer [N, L]) values broadcast against x [N, L, ...]."""
     return v_n.reshape(v_n.shape + (1,) * (x.ndim - v_n.ndim))

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax.lora import AdapterSet
-from d2c_jax.merge_common import Prepared, map_layers, pad_rank, plain_svd, svd, ties, trim_dynamic
+from d2c_jax.merge_common import Prepared, map_layers, pad_rank, plain_svd, svd, ties, to_device, trim_dynamic
 
 METHODS = ("core_ta", "knots_linear", "iso_c", "core_ties", "core_tsv", "core_iso_cts")
 CORE_TOL = 1e-5  # relative singular-value cut of the stacked factors' bases
@@ -60,9 +60,9 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def prepare(adapter_set: AdapterSet, method: str, density: float, w: np.ndarray, rank: int) -> Prepared:
     """The raw factors only (merge weights w in weight_a, scalings in weight_b)."""
-    task = {m: {"a": jnp.asarray(adapter_set.a[m]), "b": jnp.asarray(adapter_set.b[m])} for m in adapter_set.a}
-    return Prepared(single={}, task=task, weight_a=jnp.asarray(w, jnp.float32),
-                    weight_b=jnp.asarray(adapter_set.scaling, jnp.float32), method=method, rank=int(rank),
+    task = {m: {"a": to_device(adapter_set.a[m]), "b": to_device(adapter_set.b[m])} for m in adapter_set.a}
+    return Prepared(single={}, task=task, weight_a=to_device(w, jnp.float32),
+                    weight_b=to_device(adapter_set.scaling, jnp.float32), method=method, rank=int(rank),
                     density=float(density))
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax.lora import AdapterSet
-from d2c_jax.merge_common import Prepared, fit_rank, map_layers, ties, trim_topk, weighted_sum
+from d2c_jax.merge_common import Prepared, fit_rank, map_layers, ties, to_device, trim_topk, weighted_sum
 
 METHODS = ("ties", "linear", "magnitude_prune", "dare_ties")
 _SIGN_ELECTED = ("ties", "dare_ties")
@@ -69,10 +69,10 @@ def prepare(adapter_set: AdapterSet, method: str, density: float, seed: int, w: 
     single, task = {}, {}
     for m in adapter_set.a:
         a_nlrd, b_nldr = adapter_set.a[m], adapter_set.b[m]
-        a_dev = jnp.asarray(a_nlrd)
-        single[m] = {"a": a_dev, "b": jnp.asarray(b_nldr * ws.astype(np.float32).reshape(n, 1, 1, 1))}
+        a_dev = to_device(a_nlrd)
+        single[m] = {"a": a_dev, "b": to_device(b_nldr * ws.astype(np.float32).reshape(n, 1, 1, 1))}
         if method == "linear":
-            task[m] = {"a": a_dev, "b": jnp.asarray(b_nldr)}
+            task[m] = {"a": a_dev, "b": to_device(b_nldr)}
             continue
         if method == "dare_ties":
             ta = np.stack([_dare_factor(a_nlrd[i], adapter_set.ranks[i], 0, density, rng) for i in range(n)])
@@ -80,8 +80,8 @@ def prepare(adapter_set: AdapterSet, method: str, density: float, seed: int, w: 
         else:  # ties, magnitude_prune
             ta = np.stack([_trim_factor(a_nlrd[i], adapter_set.ranks[i], 0, density) for i in range(n)])
             tb = np.stack([_trim_factor(b_nldr[i], adapter_set.ranks[i], 1, density) for i in range(n)])
-        task[m] = {"a": jnp.asarray(ta), "b": jnp.asarray(tb)}
-    return Prepared(single=single, task=task, weight_a=jnp.asarray(weight_a), weight_b=jnp.asarray(weight_b),
+        task[m] = {"a": to_device(ta), "b": to_device(tb)}
+    return Prepared(single=single, task=task, weight_a=to_device(weight_a), weight_b=to_device(weight_b),
                     method=method, rank=rank, density=float(density))
 
 

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax.lora import AdapterSet
-from d2c_jax.merge_common import Prepared, factors, fit_rank, map_layers, pad_rank, plain_svd, svd, ties, trim_dynamic
+from d2c_jax.merge_common import (Prepared, factors, fit_rank, map_layers, pad_rank, plain_svd, svd, ties, to_device,
+                                   trim_dynamic)
 
 METHODS = ("ties_delta", "knots_ties")
 KNOTS_TOL = 1e-5  # relative singular-value cut of the KnOTS basis
@@ -66,12 +67,12 @@ def prepare(adapter_set: AdapterSet, method: str, density: float, w: np.ndarray,
     """The raw factors (merge weights w in weight_a, scalings in weight_b); ties_delta's thresholds."""
     task = {}
     for m in adapter_set.a:
-        task[m] = {"a": jnp.asarray(adapter_set.a[m]), "b": jnp.asarray(adapter_set.b[m])}
+        task[m] = {"a": to_device(adapter_set.a[m]), "b": to_device(adapter_set.b[m])}
         if method == "ties_delta":
-            task[m]["thresh"] = jnp.asarray(_thresholds(adapter_set.a[m], adapter_set.b[m], adapter_set.scaling,
+            task[m]["thresh"] = to_device(_thresholds(adapter_set.a[m], adapter_set.b[m], adapter_set.scaling,
                                                         density))
-    return Prepared(single={}, task=task, weight_a=jnp.asarray(w, jnp.float32),
-                    weight_b=jnp.asarray(adapter_set.scaling, jnp.float32), method=method, rank=int(rank),
+    return Prepared(single={}, task=task, weight_a=to_device(w, jnp.float32),
+                    weight_b=to_device(adapter_set.scaling, jnp.float32), method=method, rank=int(rank),
                     density=float(density))
 
 

@@ -158,3 +158,34 @@ def test_density_outside_0_1_is_refused(density):
                       ranks=np.full(2, R, np.int32), paths=("/a", "/b"))
     with pytest.raises(UserError, match=r"--density=.*: must be in \(0, 1\]"):
         merge.prepare_merge(aset, "ties", density)
+
+
+@pytest.mark.parametrize("method", merge.METHODS)
+def test_preparing_compiles_nothing_and_holds_float32_copies_of_the_host_arrays(method):
+    """prepare_merge only moves its host arrays onto the device (an add's placement prepares new
+    shapes: a compiled copy per stack would cost it time): no XLA compilation, every leaf float32,
+    and the raw factors and scalings (float64 on the host) as jax's own float32 conversion."""
+    from fixtures_merge_refs import adapter_set
+
+    aset = adapter_set(seed=3)
+    compiles = []
+
+    def listen(event, *args, **kwargs):  # jax's events of an XLA compilation, or of a persistent-cache lookup
+        if event in ("/jax/core/compile/backend_compile_duration",
+                     "/jax/compilation_cache/compile_requests_use_cache"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    jax.monitoring.register_event_listener(listen)
+    try:
+        prepared = merge.prepare_merge(aset, method, 0.5, seed=1)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+        jax.monitoring.unregister_event_listener(listen)
+    assert compiles == [], f"{len(compiles)} compilations"
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(prepared))
+    if method in merge.DELTA_METHODS:  # these keep the raw factors and the scalings
+        np.testing.assert_array_equal(prepared.weight_b, np.asarray(aset.scaling, np.float32))
+        for m in aset.a:
+            np.testing.assert_array_equal(prepared.task[m]["a"], aset.a[m])
+            np.testing.assert_array_equal(prepared.task[m]["b"], aset.b[m])
