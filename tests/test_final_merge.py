@@ -4,8 +4,8 @@ the merge of the cluster's mask over all N slots (merge.merge_mask, vmapped over
 definition), for every operator, at unit and at tuned weights; the dry run compiles it at the
 shapes a run calls it with.
 
-Twelve rank-4 adapters (some of lower rank, one without a module), K = 5 clusters of 5, 4, 2, 1
-and 0 members: G = 8 < N = 12.
+Twelve adapters of ranks 3 to 8 (one without a module, one without a layer: test_merge_vmap's),
+K = 5 clusters of 5, 4, 2, 1 and 0 members: G = 8 < N = 12.
 """
 
 from __future__ import annotations
@@ -16,28 +16,18 @@ import numpy as np
 import pytest
 
 from d2c_jax import dry_run, lora as lora_lib, merge, tune
+from test_merge_vmap import L, RANKS
+from test_merge_vmap import _adapter_set as adapter_set
 from tolerances import U
 
-N, L, D, F, R = 12, 2, 16, 24, 4
+N = 12
 PARTITION = np.array([0, 1, 0, 2, 1, 0, 3, 1, 0, 2, 1, 0], np.int32)  # sizes 5, 4, 2, 1 and an empty cluster 4
 K = 5
 G = 8
 
 
-def _adapter_set() -> lora_lib.AdapterSet:
-    rng = np.random.default_rng(3)
-    ranks = rng.integers(2, R + 1, N)
-    a, b = {}, {}
-    for m, (d_in, d_out) in {"q_proj": (D, D), "down_proj": (F, D)}.items():
-        a[m] = np.zeros((N, L, R, d_in), np.float32)
-        b[m] = np.zeros((N, L, d_out, R), np.float32)
-        for i, ri in enumerate(ranks):
-            a[m][i, :, :ri] = rng.normal(size=(L, ri, d_in))
-            b[m][i, :, :, :ri] = rng.normal(size=(L, d_out, ri))
-    a["down_proj"][5] = b["down_proj"][5] = 0.0
-    return lora_lib.AdapterSet(names=tuple(f"t{i}" for i in range(N)), a=a, b=b,
-                               scaling=rng.uniform(0.5, 2.0, N), ranks=ranks,
-                               paths=tuple(f"/x/t{i}" for i in range(N)))
+def _adapters() -> lora_lib.AdapterSet:
+    return adapter_set(RANKS + RANKS[:3] + RANKS[::-1][:4])
 
 
 def _reference(prepared, weights_k):
@@ -79,7 +69,7 @@ def test_each_cluster_merged_over_its_gathered_members_equals_its_mask_over_all_
     their delta B @ A, within 2e-5 of its largest entry (the SVD's backward error, eps |delta|,
     with the core bases' as margin). The empty cluster merges to no update in both (the gathered
     merge skips it: zero factors)."""
-    prepared = merge.prepare_merge(_adapter_set(), method, 0.5, seed=1)
+    prepared = merge.prepare_merge(_adapters(), method, 0.5, seed=1)
     rng = np.random.default_rng(5)
     weights_k = None if weighted is None else rng.uniform(0.3, 2.0, (K, N) if weighted == "adapter" else (K, N, L)
                                                           ).astype(np.float32)
@@ -107,7 +97,7 @@ def test_the_dry_run_compiles_the_final_merge_at_the_shapes_a_run_calls_it_with(
     """A partition whose largest cluster has N - K + 1 members (the largest a partition into K
     non-empty clusters can have) calls the final merge with exactly the abstract arguments the dry
     run compiles: the same shapes, dtypes and bucket, at unit and at tuned weights."""
-    prepared = merge.prepare_merge(_adapter_set(), "ties", 0.5)
+    prepared = merge.prepare_merge(_adapters(), "ties", 0.5)
     calls = []
     monkeypatch.setattr(tune, "_merge_members", lambda *args: calls.append(args))
     largest = np.array([0] * (N - K + 1) + list(range(1, K)), np.int32)
