@@ -359,8 +359,9 @@ def dry_run(cfg: Any, topology: str, out: Any = None) -> int:
                             device_bytes=int(device_bytes), batched=None if mesh is not None else False)
     largest = len(names) if cfg.all_in_one_reference else len(names) - settings.num_clusters + 1
     exes = scorer.executables(scorer.member_buckets(largest))
-    if scorer.batched:  # unbatched, the pipeline writes merged/ with the scorer's merges (above)
-        exes.append(final_merge_executable(prepared, len(names), settings.num_clusters, devices[0]))
+    weights = final_merge_weights(cfg, len(names), settings.num_clusters, prepared.num_layers)
+    if scorer.batched or weights is not None:  # else merged/ is written with the scorer's merges (above)
+        exes.append(final_merge_executable(prepared, len(names), settings.num_clusters, devices[0], weights))
     if cfg.tune_weights or cfg.tune_during_search:
         exes.append(tune_step_executable(scorer, prepared, task_data, cfg.tune, settings.num_clusters, mesh))
     rows = compile_rows(scorer, exes, modules, rank, peak, bandwidth, len(devices), log)
@@ -370,18 +371,34 @@ def dry_run(cfg: Any, topology: str, out: Any = None) -> int:
     return status
 
 
-def final_merge_executable(prepared: Any, n: int, k: int, device: Any) -> Any:
+def final_merge_weights(cfg: Any, n: int, k: int, num_layers: int) -> tuple[int, ...] | None:
+    """The shape of the weights the final merge is given (pipeline.write_merged): tuned merge
+    weights [K, N] or per layer [K, N, L]; None where it merges at unit weights (no tuning, or
+    tuned factors, which are written as they are)."""
+    tuned = cfg.tune_weights or cfg.tune_during_search
+    if not tuned or cfg.tune.granularity == "factors":
+        return None
+    return (k, n, num_layers) if cfg.tune.granularity == "layer" else (k, n)
+
+
+def final_merge_executable(prepared: Any, n: int, k: int, device: Any, weights: tuple[int, ...] | None = None) -> Any:
     """The final merge of the K clusters as the pipeline runs it (tune.merged_clusters: every
-    prepared input on one device)."""
+    prepared input on one device, each cluster over its members gathered into one member bucket),
+    at the bucket of the largest cluster a partition of N into K can have (N - K + 1 members:
+    smaller buckets hold less). `weights`: the shape of the tuned merge weights ([K, N] or
+    [K, N, L]; None: unit weights)."""
     import jax
 
-    from d2c_jax import merge
+    from d2c_jax import tune
     from d2c_jax.scoring import Executable
 
     one = jax.sharding.SingleDeviceSharding(device)
-    args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), prepared),
-            jax.ShapeDtypeStruct((k, n), np.bool_, sharding=one))
-    return Executable(f"final merge k{k}", jax.jit(merge.merge_masks), args, {}, 0, 0)
+    g = tune.final_member_bucket(n - k + 1, n)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)  # noqa: E731
+    args = (jax.tree.map(lambda x: spec(x.shape, x.dtype), prepared), spec((k, g), np.int32), spec((k, g), np.bool_),
+            spec((k,), np.bool_), None if weights is None else spec(weights, np.float32))
+    name = f"final merge k{k} g{g}" + ("" if weights is None else f" weighted {'x'.join(map(str, weights))}")
+    return Executable(name, tune._merge_members, args, {}, 0, 0)
 
 
 def tune_step_executable(scorer: Any, prepared: Any, task_data: Any, settings: Any, k: int, mesh: Any) -> Any:

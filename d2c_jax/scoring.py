@@ -88,6 +88,24 @@ def slots(count: int) -> int:
     return -(-max(int(count), 1) // SLOT_MULTIPLE) * SLOT_MULTIPLE
 
 
+def member_bucket(count: int, slots: int) -> int:
+    """G: member slots of a merge of `count` adapters, a power of two >= MIN_MEMBER_BUCKET (few
+    executables), at most `slots` (the adapter axis: G = slots merges over every slot)."""
+    return min(max(MIN_MEMBER_BUCKET, 1 << (int(count) - 1).bit_length()), int(slots))
+
+
+def member_lists(masks_mn: np.ndarray, rows: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """The masks [M, N] as member lists for merge_members: members_mg int32 [rows, g] (mask m's
+    adapters first, then index 0) and valid_mg bool [rows, g]; rows past M hold no member."""
+    members_mg = np.zeros((rows, g), np.int32)
+    valid_mg = np.zeros((rows, g), bool)
+    for i, mask_n in enumerate(np.asarray(masks_mn, bool)):
+        idx = np.flatnonzero(mask_n)
+        members_mg[i, :len(idx)] = idx
+        valid_mg[i, :len(idx)] = True
+    return members_mg, valid_mg
+
+
 def pad_axis0(tree: Any, rows: int) -> Any:
     """Every leaf (host or device array, or ShapeDtypeStruct) padded with zeros to `rows` on its
     leading axis, on the host (no compilation); a leaf that already has `rows` is returned as it
@@ -552,7 +570,7 @@ class Scorer:
     def _member_bucket(self, count: int) -> int:
         """G: member slots of a merge of `count` adapters (a power of two >= 8, at most the padded
         N, `adapter_slots`)."""
-        return min(max(MIN_MEMBER_BUCKET, 1 << (int(count) - 1).bit_length()), self.adapter_slots)
+        return member_bucket(count, self.adapter_slots)
 
     def packs(self, seq: int) -> bool:
         """Whether the unbatched scorer packs the tasks of sequence bucket `seq`: yes unless all
@@ -581,9 +599,8 @@ class Scorer:
         g = self._member_bucket(len(idx))
         if g == self.adapter_slots:  # every slot: merge_mask on the mask, no [N, ...] gathered copy
             return self._merge_all_slots(self._prepared, pad_axis0(mask_n, g))
-        members_g = np.zeros(g, np.int32)
-        members_g[:len(idx)] = idx
-        return self._merge_one(self._prepared, members_g, np.arange(g) < len(idx))
+        members_g, valid_g = member_lists(mask_n[None], 1, g)
+        return self._merge_one(self._prepared, members_g[0], valid_g[0])
 
     def _losses_one_by_one(self, umasks: np.ndarray, mask_of_req: np.ndarray, req_tasks: np.ndarray) -> np.ndarray:
         """Unbatched: each distinct mask merged once, each request scored alone, `threads`
@@ -621,12 +638,7 @@ class Scorer:
         distinct, mask_of_r = np.unique(mask_ids, return_inverse=True)
         masks_mn = umasks[distinct]
         g = self._member_bucket(masks_mn.sum(axis=1).max())
-        members_mg = np.zeros((bucket, g), np.int32)
-        valid_mg = np.zeros((bucket, g), bool)
-        for i, mask_n in enumerate(masks_mn):
-            idx = np.flatnonzero(mask_n)
-            members_mg[i, :len(idx)] = idx
-            valid_mg[i, :len(idx)] = True
+        members_mg, valid_mg = member_lists(masks_mn, bucket, g)
         live_m = np.arange(bucket) < len(masks_mn)
         self.stats.update(score_calls=1, masks_merged=len(masks_mn), requests_scored=len(tasks),
                           padded_requests=bucket - len(tasks))
@@ -664,24 +676,27 @@ class Scorer:
         return sharding_lib.put_global(x, sharding_lib.replicated(self.mesh))
 
 
-def merge_members(prepared: Prepared, members_mg: jax.Array, valid_mg: jax.Array, live_m: jax.Array) -> Lora:
+def merge_members(prepared: Prepared, members_mg: jax.Array, valid_mg: jax.Array, live_m: jax.Array,
+                  weights_m: jax.Array | None = None) -> Lora:
     """Merges M masks given as member lists: mask m is the adapters members_mg[m, valid_mg[m]].
 
     Each mask is merge.merge_gathered of its G member slots (the unbatched scorer's merge), so a
     merge costs O(G), not O(N). Slots past the members (index 0, not valid) are masked out.
-    Masks are merged one after the other (lax.map); rows with live_m False are padding and skip
-    the merge (zeros).
+    Masks are merged one after the other (lax.map): one merge's temporaries, one compiled merge.
+    Rows with live_m False are padding and skip the merge (zeros). `weights_m` [M, N] or
+    [M, N, L]: mask m merged with weights weights_m[m] (merge.with_weights; None: unit weights).
     """
     def one(args):
-        members_g, valid_g, live = args
+        members_g, valid_g, live, w = args
+        p = prepared if w is None else merge_lib.with_weights(prepared, w)
 
         def skip(prepared, members_g, valid_g):
             shapes = jax.eval_shape(merge_lib.merge_gathered, prepared, members_g, valid_g)
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        return jax.lax.cond(live, merge_lib.merge_gathered, skip, prepared, members_g, valid_g)
+        return jax.lax.cond(live, merge_lib.merge_gathered, skip, p, members_g, valid_g)
 
-    return jax.lax.map(one, (members_mg, valid_mg, live_m))
+    return jax.lax.map(one, (members_mg, valid_mg, live_m, weights_m))
 
 
 def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

@@ -51,6 +51,7 @@ import numpy as np
 
 from d2c_jax import loss as loss_lib
 from d2c_jax import merge as merge_lib
+from d2c_jax import scoring
 from d2c_jax.errors import UserError
 from d2c_jax.merge import check_weights, with_weights  # noqa: F401  (how weights enter a merge; re-exported)
 
@@ -397,13 +398,23 @@ def tune_partition(params: Any, cfg: Any, prepared: Any, task_data: Any, partiti
 
 def merged_clusters(prepared: Any, partition_n: Any, num_clusters: int, weights: Any | None = None) -> Any:
     """The K merges of a partition (lora leaves with a leading K axis), with per-cluster weights
-    [K, N] / [K, N, L] (None: unit weights)."""
+    [K, N] / [K, N, L] (None: unit weights). Each cluster is merged over its own members only,
+    gathered into the member bucket of the largest cluster (`final_member_bucket`), one cluster
+    after the other (scoring.merge_members, the scorer's merge): O(K G) work and one merge's
+    temporaries, not K merges over all N slots at once. An empty cluster gives zeros."""
     partition_n = np.asarray(partition_n, np.int32)
     masks_kn = partition_n[None, :] == np.arange(num_clusters)[:, None]
-    if weights is None:
-        return _merge_masks(prepared, masks_kn)
-    return _merge_weighted(prepared, jnp.asarray(weights, jnp.float32), jnp.asarray(masks_kn))
+    g = final_member_bucket(int(masks_kn.sum(axis=1).max()), masks_kn.shape[1])
+    members_kg, valid_kg = scoring.member_lists(masks_kn, num_clusters, g)
+    w = None if weights is None else jnp.asarray(weights, jnp.float32)
+    return _merge_members(prepared, members_kg, valid_kg, masks_kn.any(axis=1), w)
 
 
-_merge_masks = jax.jit(merge_lib.merge_masks)  # module-level: one compiled merge per shapes, reused
+def final_member_bucket(largest_cluster: int, num_adapters: int) -> int:
+    """G of the final merge (merged_clusters) of a partition whose largest cluster has
+    `largest_cluster` of the N adapters (the prepared merge's unpadded adapter axis)."""
+    return scoring.member_bucket(largest_cluster, num_adapters)
+
+
+_merge_members = jax.jit(scoring.merge_members)  # module-level: one compiled merge per shapes, reused
 _merge_weighted = jax.jit(jax.vmap(lambda p, w, m: merge_lib.merge_mask(with_weights(p, w), m), in_axes=(None, 0, 0)))

@@ -125,6 +125,10 @@ def test_a_tuning_run_compiles_its_tuning_step(header_only, tmp_path, capsys, gr
     assert status == 0 and VERDICT.match(lines[-1]), lines[-1]
     rows = [line for line in lines if line.startswith(f"tune step k2 ({granularity})")]
     assert len(rows) == 1 and float(rows[0].split(")")[1].split()[3]) > 0, lines  # its total bytes
+    # tuned weights reach merged/ through the final merge (tuned factors are written as they are)
+    final = [line for line in lines if line.startswith("final merge")]
+    assert [line.split()[:6] for line in final] == ([["final", "merge", "k2", "g5", "weighted", "2x5"]]
+                                                    if granularity == "adapter" else []), final
     assert not any("not compiled" in line for line in lines)
     assert not (tmp_path / "wd").exists()
 

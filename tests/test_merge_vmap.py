@@ -14,16 +14,16 @@ L, D, F = 2, 16, 24
 RANKS = [4, 8, 8, 3, 8]
 
 
-def _adapter_set() -> lora_lib.AdapterSet:
-    """5 adapters with different ranks, one without down_proj, one without layer 1."""
+def _adapter_set(ranks=RANKS) -> lora_lib.AdapterSet:
+    """len(ranks) (5) adapters with different ranks, one without down_proj, one without layer 1."""
     rng = np.random.default_rng(0)
-    n, r = len(RANKS), max(RANKS)
+    n, r = len(ranks), max(ranks)
     shapes = {"q_proj": (D, D), "down_proj": (F, D)}
     a, b = {}, {}
     for m, (d_in, d_out) in shapes.items():
         a[m] = np.zeros((n, L, r, d_in), np.float32)
         b[m] = np.zeros((n, L, d_out, r), np.float32)
-        for i, ri in enumerate(RANKS):
+        for i, ri in enumerate(ranks):
             a[m][i, :, :ri] = rng.normal(size=(L, ri, d_in))
             b[m][i, :, :, :ri] = rng.normal(size=(L, d_out, ri))
     a["down_proj"][3] = b["down_proj"][3] = 0.0
@@ -33,8 +33,8 @@ def _adapter_set() -> lora_lib.AdapterSet:
         names=tuple(f"t{i}" for i in range(n)),
         a=a,
         b=b,
-        scaling=np.array([2.0, 0.5, 1.0, 4.0 / np.sqrt(3.0), 3.0]),
-        ranks=np.array(RANKS),
+        scaling=np.resize([2.0, 0.5, 1.0, 4.0 / np.sqrt(3.0), 3.0], n),
+        ranks=np.array(ranks),
         paths=tuple(f"/x/t{i}" for i in range(n)),
     )
 

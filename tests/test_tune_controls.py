@@ -100,10 +100,13 @@ def test_one_tuned_scale_per_cluster_weights_every_member_alike(inputs):
     assert res.weights.shape == (2, 5)
     assert np.all(res.weights == res.weights[:, :1]) and np.all(res.tuned == res.tuned[:, :1])
     held = _held(inputs["td"])
-    # The merge tuning evaluates and writes: the unit merge with its B scaled by c. (Merging at
-    # weights c is the same update in exact arithmetic, but core_ta here truncates at rank R, where
-    # rounding moves the kept directions by eps ||M|| / gap: not a loss-level comparison.)
-    loras = tune.scaled(tune.merged_clusters(prepared, PARTITION, 2), jnp.asarray(res.tuned[:, 0]))
+    # The merge tuning evaluates: the unit merge of each cluster's mask over all N slots with its B
+    # scaled by c. (Merging at weights c, or over the gathered members as merged/ is written,
+    # tests/test_final_merge.py, is the same update in exact arithmetic, but core_ta here truncates
+    # at rank R, where rounding moves the kept directions by eps ||M|| / gap: not a loss-level
+    # comparison.)
+    masks_kn = PARTITION[None, :] == np.arange(2)[:, None]
+    loras = tune.scaled(jax.jit(merge.merge_masks)(prepared, masks_kn), jnp.asarray(res.tuned[:, 0]))
     np.testing.assert_allclose(res.tuned_heldout_k,
                                _per_cluster(inputs, prepared, lambda c: jax.tree.map(lambda x: x[c], loras), held),
                                rtol=LOSS_RTOL)
