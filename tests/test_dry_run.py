@@ -117,7 +117,7 @@ def test_a_run_that_does_not_fit_names_the_executable_and_exits_1(header_only, t
     assert not (tmp_path / "wd").exists()
 
 
-@pytest.mark.parametrize("granularity", ["adapter", "factors"])
+@pytest.mark.parametrize("granularity", ["adapter", "factors", "scale"])
 def test_a_tuning_run_compiles_its_tuning_step(header_only, tmp_path, capsys, granularity):
     status = dry_run.dry_run(_config(header_only, tmp_path / "wd", tune_weights=True, tune_granularity=granularity),
                              "cpu")
