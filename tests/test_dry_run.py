@@ -124,7 +124,11 @@ def test_a_tuning_run_compiles_its_tuning_step(header_only, tmp_path, capsys, gr
     lines = capsys.readouterr().out.strip().splitlines()
     assert status == 0 and VERDICT.match(lines[-1]), lines[-1]
     rows = [line for line in lines if line.startswith(f"tune step k2 ({granularity})")]
-    assert len(rows) == 1 and float(rows[0].split(")")[1].split()[3]) > 0, lines  # its total bytes
+    assert len(rows) == 1, lines
+    cols = rows[0].split(")")[1].split()
+    assert float(cols[-1]) > 0, lines  # compiled (seconds)
+    # Its total bytes; the scale search's loss call is a forward pass of the tiny fixture (< 0.005 GiB).
+    assert float(cols[3]) > 0 or granularity == "scale", lines
     assert not any("not compiled" in line for line in lines)
     assert not (tmp_path / "wd").exists()
 
