@@ -217,9 +217,10 @@ class Bench:
         self._evaluators: dict[tuple[str, int], evaluation.Evaluator] = {}
         # Results that depend only on what is merged, remembered: seeds and sections that reach the
         # same partition (e.g. D²C ours, SVD K-means and the family oracle) score it once.
-        self.partition_scores: dict[tuple, Any] = {}  # (merge, rank, K, partition) -> TaskScores
-        self.search_losses: dict[tuple, float] = {}  # (merge, batch, rank, K, partition) -> mean loss
-        self.tuned: dict[tuple, Any] = {}  # merging._tuned_runs: (op, rank, settings, K, partition) -> results
+        # Keyed by the grouping (`grouping`), so a relabelled partition is one too.
+        self.partition_scores: dict[tuple, Any] = {}  # (merge, rank, K, grouping) -> TaskScores
+        self.search_losses: dict[tuple, float] = {}  # (merge, batch, rank, K, grouping) -> mean loss
+        self.tuned: dict[tuple, Any] = {}  # merging._tuned_runs: (op, rank, settings, K, grouping) -> results
 
     @property
     def num_tasks(self) -> int:
@@ -312,7 +313,7 @@ def evaluate_run(bench: Bench, key: str, partition_n: np.ndarray | None, k: int,
     if partition_n is None:
         res = ev.single() if single else ev.zero_shot()
     else:
-        key_m = (merge, rank, k, tuple(int(x) for x in partition_n))
+        key_m = (merge, rank, k, grouping(partition_n))
         if key_m not in bench.partition_scores:
             bench.partition_scores[key_m] = ev.partition(partition_n, k)
         res = bench.partition_scores[key_m]
@@ -376,7 +377,8 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
         runs.append(run)
         if not run.variant and not run.rank:  # the unit-weight, rank-R run of (key, K, seed, merge)
             done[(run.key, run.num_clusters, run.seed, run.merge)] = run
-        log(f"{run.key:>10} K={run.num_clusters:<2} seed={run.seed} merge={run.merge}: score "
+        log(f"{run.key:>10} K={run.num_clusters:<2} seed={run.seed} merge={run.merge}"
+            + (f" {run.variant}" if run.variant else "") + (f" rank={run.rank}" if run.rank else "") + ": score "
             f"{run.score:6.2f}  eval loss {run.loss:.4f}"
             + (f"  search loss {run.search_loss:.4f}" if run.search_loss is not None else "")
             + f"  ({run.seconds:.1f}s, {run.evaluations} evaluations)")
@@ -469,10 +471,17 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
     return result
 
 
+def grouping(partition_n: Any) -> tuple[int, ...]:
+    """The partition's clusters numbered by first appearance: equal for two labellings of the same
+    grouping, whose per-task merges, losses and scores are the same (the report's caches' key)."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(int(x), len(first)) for x in partition_n)
+
+
 def _search_loss(bench: Bench, partition_n: np.ndarray, k: int, merge: str,
                  batch_size: int | None = None, rank: int = 0) -> float:
     """Mean loss per task on the search split (what D²C minimises) of a partition."""
-    key = (merge, batch_size, rank, k, tuple(int(x) for x in partition_n))
+    key = (merge, batch_size, rank, k, grouping(partition_n))
     if key not in bench.search_losses:
         scorer = bench.scorer(merge, batch_size, rank)
         bench.search_losses[key] = evaluate_partition(scorer, partition_n, k, LossCache(bench.num_tasks))[0] / \
