@@ -50,7 +50,8 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
                 log: Log, rank: int = 0, variant: str = "tuned", settings: Any = None,
                 tune_k: int | None = None) -> list[Any]:
     """Tunes every cluster of every distinct partition (one compiled loop, partitions in turn; a
-    grouping tuned before with the same operator and settings is not tuned again: bench.tuned),
+    grouping tuned before with the same operator and settings is not tuned again: bench.tuned; with a
+    fresh start, the same labelled partition),
     then scores each; the merge weights, or the merged factors when `variant` ends in "factors" (`settings`:
     other TuneSettings than the report's, e.g. a fresh start or one scale per cluster). `tune_k` >=
     k: tune in the compiled steps of that many clusters (the extra ones empty: no loss, no
@@ -65,7 +66,10 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
     kk = tune_k or k
 
     def cache_key(part):
-        return (op, rank, settings, kk, k, report.grouping(part))  # per-cluster results enter only as sums
+        # Per-cluster results enter the runs only as sums, so a relabelled partition is the same
+        # tuning; not for a fresh start, whose cluster k starts from the k-th random A.
+        return (op, rank, settings, kk, k,
+                tuple(int(x) for x in part) if settings.start == "fresh" else report.grouping(part))
 
     todo = list({cache_key(p): p for _, _, p in parts if cache_key(p) not in bench.tuned}.values())
     if todo:  # each partition's tuning is its own (tune.tune_partitions): one per distinct partition
