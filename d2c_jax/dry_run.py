@@ -402,10 +402,11 @@ def final_merge_executable(prepared: Any, n: int, k: int, device: Any, weights: 
 
 
 def tune_step_executable(scorer: Any, prepared: Any, task_data: Any, settings: Any, k: int, mesh: Any) -> Any:
-    """One optimiser step of --tune_weights (tune.py's train_step) as the pipeline calls it: the
-    base weights placed as the scorer places them, the prepared inputs (built in host memory)
-    replicated, the examples split over "cand" (tune.place_examples), at the pipeline's example
-    chunk, rematerialised where tune.needs_remat says so."""
+    """One optimiser step of --tune_weights (tune.py's train_step; granularity scale: one loss call of
+    its search, on the unit merges) as the pipeline calls it: the base weights placed as the scorer
+    places them, the prepared inputs (built in host memory) replicated, the examples split over
+    "cand" (tune.place_examples), at the pipeline's example chunk, rematerialised where
+    tune.needs_remat says so."""
     import jax
     import jax.numpy as jnp
 
@@ -427,6 +428,11 @@ def tune_step_executable(scorer: Any, prepared: Any, task_data: Any, settings: A
     remat = tune.needs_remat(scorer.cfg, fit)
     fns = tune.step_functions(scorer.cfg, settings, k, scorer.example_chunk(n, task_data.tokens_tns.shape[-1]), remat)
     part_n = jax.ShapeDtypeStruct((n,), jnp.int32)
+    if settings.granularity == "scale":  # a search, not steps: the loss of c [K, 1] times the unit merges
+        unit_k = jax.eval_shape(fns.merged, prepared, jax.ShapeDtypeStruct((k, 1), jnp.float32), part_n)
+        args = (scorer.placed_params, placed(unit_k), placed(jax.ShapeDtypeStruct((k, 1), jnp.float32)),
+                examples(fit), placed(part_n))
+        return Executable(f"tune step k{k} (scale{', remat' if remat else ''})", fns.losses, args, {}, 0, 0)
     if settings.granularity == "factors":
         theta = jax.eval_shape(fns.merged, prepared, jax.ShapeDtypeStruct((k, n), jnp.float32), part_n)
     else:

@@ -23,6 +23,7 @@ Library code: no flags are read here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -436,17 +437,7 @@ class Evaluator:
         """jit: (params, tokens [b, P], mask [b, P], table [A, ...] or None, index) → ids
         [b, max_new]; every row decoded with adapter table[index] (None: the base model)."""
         if self._gen is None:
-
-
-            cfg, max_new, eos, pad = self.model_cfg, self.max_new_tokens, self.eos_ids, self.pad_id
-
-            @jax.jit
-            def fn(params, tokens_bp, mask_bp, table, index):
-                lora = None if table is None else jax.tree.map(lambda x: x[index], table)
-                return greedy_generate(params, cfg, tokens_bp, mask_bp, max_new, eos, lora,
-                                       pad_token_id=pad)
-
-            self._gen = fn
+            self._gen = _generation_fn(self.model_cfg, self.max_new_tokens, self.eos_ids, self.pad_id)
         return self._gen
 
     def generate(self, table: Any, idx_t: np.ndarray | None) -> list[list[str]]:
@@ -480,6 +471,19 @@ class Evaluator:
         scores = [metrics_lib.score(m, p, list(refs))
                   for m, p, refs in zip(self.metrics, preds, self.task_data.responses)]
         return np.asarray(scores, np.float64), tuple(tuple(p) for p in preds)
+
+
+@functools.lru_cache(maxsize=16)
+def _generation_fn(cfg: ModelConfig, max_new: int, eos: tuple[int, ...], pad: int) -> Any:
+    """Evaluator._gen_fn's jitted decoder, one per (model, length, EOS, pad): Evaluators of other
+    merge methods decode their tables (same shapes) with the executables already compiled."""
+
+    @jax.jit
+    def fn(params, tokens_bp, mask_bp, table, index):
+        lora = None if table is None else jax.tree.map(lambda x: x[index], table)
+        return greedy_generate(params, cfg, tokens_bp, mask_bp, max_new, eos, lora, pad_token_id=pad)
+
+    return fn
 
 
 def longest_response_tokens(task_data: TaskData, tokenizer: Any) -> int:

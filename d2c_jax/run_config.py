@@ -147,7 +147,7 @@ class RunConfig:
     tune_weights: bool = setting(False, "After the search, tune each cluster's merge weights on its tasks' search "
                                  "examples (part held out; kept only where they beat unit weights).")
     tune_granularity: str = setting("adapter", "One weight per adapter, per adapter and layer, per cluster "
-                                    "(scale), or the merged adapter's factors themselves (a few-shot fine-tune "
+                                    "(scale: searched over a log grid, not trained), or the merged adapter's factors themselves (a few-shot fine-tune "
                                     "from the merge).", choices=("adapter", "layer", "scale", "factors"))
     tune_start: str = setting("merge", "With --tune_granularity=factors: start from the unit-weight merge, or "
                               "from a fresh LoRA (PEFT's initialisation, B = 0): the fine-tune-only control.",

@@ -18,13 +18,15 @@ kept factors (`TuneResult.lora`), which are what gets written. With start `fresh
 start instead from PEFT's initialisation of a new LoRA of the same rank (A uniform in
 ±1/sqrt(d_in), kaiming_uniform with a = sqrt(5); B = 0: the base model): a LoRA trained from
 scratch on the cluster's pooled examples under the same optimiser, steps and held-out guard, the
-control that tells the merge's part from the fine-tune's. Granularity `scale` tunes one weight c per
+control that tells the merge's part from the fine-tune's. Granularity `scale` picks one weight c per
 cluster, shared by all its members (task arithmetic with a tuned scale, with --merge=core_ta). A
 weight shared by every member scales the merge: every operator here is positively homogeneous in
 it (sums, means of agreeing entries and SVDs pass a common factor c > 0 through; sign elections and
 trims read the unweighted members), so the merge at weights c is c times the unit-weight merge.
-The loop therefore merges once, at unit weights, and trains c on the merged B (b -> c b): no
-merge, SVD included, is differentiated.
+It therefore merges once, at unit weights, and scales the merged B (b -> c b). As the published
+practice for task arithmetic does, c is searched, not trained: a log grid per cluster from 1 / (2 n)
+(n members; the best c is near 1 / n, the members' mean) to 2, refined around the best value, on
+the fit examples (`_scale_search`), with the same held-out guard.
 
 Guard against fitting 10 examples per task: the last `holdout` fraction of each task's search
 examples is held out. Training minimises the summed loss of every cluster's tasks on the other
@@ -275,19 +277,15 @@ def _step_functions(cfg: Any, granularity: str, lr: float, min_weight: float, ma
     factors, scale = granularity == "factors", granularity == "scale"
 
     def merged(prepared, w_k, part_n):
-        masks_kn = part_n[None, :] == jnp.arange(k, dtype=part_n.dtype)[:, None]
-        w_k = jnp.broadcast_to(w_k, masks_kn.shape + w_k.shape[2:])  # scale: [K, 1] -> [K, N]
-        return jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_k, masks_kn)
+        return _weighted_merges(prepared, w_k, part_n[None, :] == jnp.arange(k, dtype=part_n.dtype)[:, None])
 
     def cluster_losses(params, source, theta_k, arrays, part_n):
         """theta_k: weights [K, N(, L)] of the merge `source` (a Prepared); (factors) the clusters'
         lora leaves [K, ...]; (scale) c [K, 1] scaling the unit-weight merges `source` [K, ...]."""
         if factors:
             lora_k = theta_k
-        elif scale:  # source: the unit-weight merges (a Prepared, e.g. from the dry run: merged here)
-            unit_k = (jax.lax.stop_gradient(merged(source, jnp.ones((k, part_n.shape[0]), jnp.float32), part_n))
-                      if isinstance(source, merge_lib.Prepared) else source)
-            lora_k = scaled(unit_k, theta_k[:, 0])
+        elif scale:
+            lora_k = scaled(source, theta_k[:, 0])
         else:
             lora_k = merged(source, theta_k, part_n)
         lora_t = jax.tree.map(lambda x: jnp.take(x, part_n, axis=0), lora_k)  # task t's cluster's merge
@@ -333,10 +331,9 @@ def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part
         return jax.tree.map(lambda a, b: np.where(mask_k.reshape((-1,) + (1,) * (np.ndim(a) - 1)), a, b),
                             jax.tree.map(np.asarray, new), old)
 
-    source = prepared  # what the weights act on: the Prepared, or (scale) the unit-weight merges
     if settings.granularity == "scale":
-        shape = (k, 1)
-        source = fns.merged(prepared, jnp.ones((k, n), jnp.float32), part_n)
+        return _scale_search(fns, params, prepared, fit, held, part_n, settings, log)
+    source = prepared  # what the weights act on
     ones = jnp.ones(shape, jnp.float32)
     if factors and settings.start == "fresh":
         theta = fresh_lora(jax.eval_shape(fns.merged, prepared, ones, part_n), settings.seed)
@@ -367,13 +364,83 @@ def _tune_one(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part
     tuned_fit = losses(jax.tree.map(jnp.asarray, best), fit)
     kept = best_step > 0  # strictly better than the unit merge on the held-out part
     kept_theta = select(kept, best, unit)
-    if settings.granularity == "scale":  # one weight per cluster, as the [K, N] weights of its merge
-        kept_theta, best, shape = np.broadcast_to(kept_theta, (k, n)), np.broadcast_to(best, (k, n)), (k, n)
     return {"weights": np.ones(shape, np.float32) if factors else kept_theta.astype(np.float32),
             "tuned": np.ones(shape, np.float32) if factors else best, "kept_k": kept,
             "unit_fit_k": unit_fit, "tuned_fit_k": tuned_fit, "unit_heldout_k": unit_held,
             "tuned_heldout_k": best_held, "best_step_k": best_step, "steps": steps,
             "lora": kept_theta if factors else None}
+
+
+SCALE_GRID = 17  # scale: log-spaced values of c per cluster, from 1 / (2 n) (n its members) to SCALE_MAX
+SCALE_MAX = 2.0
+SCALE_REFINE = (6, 6)  # then, per round, this many values strictly between the best one's evaluated neighbours
+
+
+def scale_bounds(sizes_k: np.ndarray, settings: TuneSettings) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [K] (lowest, highest) c of the scale search: 1 / (2 n_k) .. SCALE_MAX, within
+    [min_weight, max_weight] (the best c of task arithmetic is near 1 / n: the mean update)."""
+    lo = np.clip(1.0 / (2.0 * np.maximum(sizes_k, 1)), settings.min_weight, settings.max_weight)
+    return lo, np.clip(np.full(len(sizes_k), SCALE_MAX), lo, settings.max_weight)
+
+
+def scale_candidates(lo_k: np.ndarray, hi_k: np.ndarray) -> list[np.ndarray]:
+    """The coarse grid: SCALE_GRID values of c [K] per cluster, log-spaced from lo_k to hi_k."""
+    return [lo_k * (hi_k / lo_k) ** (i / (SCALE_GRID - 1)) for i in range(SCALE_GRID)]
+
+
+def refine_candidates(tried_kg: np.ndarray, loss_kg: np.ndarray, count: int) -> list[np.ndarray]:
+    """`count` values of c [K] per cluster, log-spaced strictly between the evaluated neighbours
+    of its best value so far (the best itself where it is the lowest or highest tried)."""
+    best = np.argmin(loss_kg, axis=1)
+    log_c = np.log(tried_kg)
+    b = log_c[np.arange(len(best)), best]
+    below = np.where(log_c < b[:, None], log_c, -np.inf).max(axis=1)
+    above = np.where(log_c > b[:, None], log_c, np.inf).min(axis=1)
+    lo, hi = np.where(np.isfinite(below), below, b), np.where(np.isfinite(above), above, b)
+    return [np.exp(lo + (hi - lo) * (i + 1) / (count + 1)) for i in range(count)]
+
+
+def _scale_search(fns: _Steps, params: Any, prepared: Any, fit: Any, held: Any, part_n: jax.Array,
+                  settings: TuneSettings, log: Any) -> dict[str, Any]:
+    """Granularity "scale": each cluster's c chosen by a search on the fit examples (the practice
+    for task arithmetic's scale, which gradient steps from 1 approach slowly), the held-out guard as
+    for the trained weights. The clusters' losses are separable (cluster k's loss reads c_k only),
+    so one batched loss call per candidate vector c [K] evaluates every cluster's candidate: a
+    coarse log grid (scale_candidates), then SCALE_REFINE rounds around each cluster's best
+    (refine_candidates); c = 1 (the unit merge) is a candidate too. The cluster keeps its best c
+    only where it also beats c = 1 on the held-out part (best_step 1; else c = 1, best_step 0);
+    `steps` counts the loss calls on the fit examples."""
+    k, n = fns.k, int(part_n.shape[0])
+    unit_k = fns.merged(prepared, jnp.ones((k, 1), jnp.float32), part_n)
+
+    def losses(c_k, arrays):
+        return np.asarray(fns.losses(params, unit_k, jnp.asarray(c_k, jnp.float32)[:, None], arrays, part_n),
+                          np.float64)
+
+    ones = np.ones(k)
+    tried, fit_losses = [ones], [losses(ones, fit)]
+    lo, hi = scale_bounds(np.bincount(np.asarray(part_n), minlength=k), settings)
+    rounds = [scale_candidates(lo, hi)] + [None] * len(SCALE_REFINE)
+    for r, batch in enumerate(rounds):
+        if batch is None:
+            batch = refine_candidates(np.stack(tried, 1), np.stack(fit_losses, 1), SCALE_REFINE[r - 1])
+        for c_k in batch:
+            tried.append(c_k)
+            fit_losses.append(losses(c_k, fit))
+        if log is not None:
+            log(f"tune scale round {r}: fit {np.stack(fit_losses, 1).min(axis=1).sum():.4f} "
+                f"(unit {fit_losses[0].sum():.4f})")
+    tried_kg, loss_kg = np.stack(tried, 1), np.stack(fit_losses, 1)
+    best_g = np.argmin(loss_kg, axis=1)
+    best_c = tried_kg[np.arange(k), best_g].astype(np.float32)
+    unit_held, best_held = losses(ones, held), losses(best_c, held)
+    kept = best_held < unit_held  # strictly better than the unit merge on the held-out part
+    kept_c = np.where(kept, best_c, np.float32(1.0))
+    return {"weights": np.broadcast_to(kept_c[:, None], (k, n)).astype(np.float32),
+            "tuned": np.broadcast_to(best_c[:, None], (k, n)).astype(np.float32), "kept_k": kept,
+            "unit_fit_k": fit_losses[0], "tuned_fit_k": loss_kg[np.arange(k), best_g], "unit_heldout_k": unit_held,
+            "tuned_heldout_k": best_held, "best_step_k": kept.astype(np.int32), "steps": len(tried) - 1,
+            "lora": None}
 
 
 def fresh_lora(shapes: Any, seed: int) -> Any:
@@ -417,4 +484,10 @@ def final_member_bucket(largest_cluster: int, num_adapters: int) -> int:
 
 
 _merge_members = jax.jit(scoring.merge_members)  # module-level: one compiled merge per shapes, reused
-_merge_weighted = jax.jit(jax.vmap(lambda p, w, m: merge_lib.merge_mask(with_weights(p, w), m), in_axes=(None, 0, 0)))
+
+
+def _weighted_merges(prepared: Any, w_k: Any, masks_kn: Any) -> Any:
+    """The K merges of masks [K, N] with weights [K, N] / [K, N, L] (or [K, 1]: one shared by a
+    cluster's members), lora leaves with a leading K axis (tuning's merge, inside its steps)."""
+    w_k = jnp.broadcast_to(w_k, masks_kn.shape + w_k.shape[2:])
+    return jax.vmap(lambda w, m: merge_lib.merge_mask(with_weights(prepared, w), m))(w_k, masks_kn)

@@ -62,7 +62,7 @@ def run_controls(bench: Any, cfg: Any, done: dict, record: Callable[[Any], Any],
     tuned([p for p in paired if not (p[0] == "d2c_ours" and mean_score(op, "factors") > -np.inf)]
           + table1("random"), "factors")
     tuned(table1("all_in_one", 1), "factors", kk=1)
-    scale = tune.TuneSettings(granularity="scale", steps=cfg.tune_steps)
+    scale = tune.TuneSettings(granularity="scale")  # a search over c (tune._scale_search), no steps
     tuned(paired, "scale_tuned", scale)
     if sop == "core_ta":  # task arithmetic's exact sum: an output rank that truncates nothing
         tuned(paired, "scale_tuned_exact", scale, rank=exact_rank(bench.prepared(sop)))
@@ -127,7 +127,8 @@ def render_controls(res: Any, seeds: list[int], lo: float, hi: float) -> list[st
            "model), trained on the cluster's pooled search examples with the tuned factors' optimiser, learning "
            "rate and held-out guard (7 of 10 examples per task fitted, early stop and keep-if-better on the other 3). "
            f"One tuned scale = {sop} with a single merge weight per cluster shared by its members (tune.py "
-           f"granularity scale: c trained on the unit merge's B, ≤ {cfg.tune_steps} steps, same guard)"
+           "granularity scale: c searched on the fit examples, a log grid per cluster from 1/(2n) to 2, n its "
+           "members, refined around the best value; same guard)"
            + (f"; at rank {rank} it is the sum of the members' updates truncated to rank {rank}" if ta else "")
            + ". Random and all-in-one partitions are "
            "Table 1's.",

@@ -49,8 +49,10 @@ def _search_loss_of(bench: Any, op: str, lora_k: Any, partition_n: np.ndarray, r
 def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None, np.ndarray]], k: int,
                 log: Log, rank: int = 0, variant: str = "tuned", settings: Any = None,
                 tune_k: int | None = None) -> list[Any]:
-    """Tunes every cluster of every partition (one compiled loop, partitions in turn), then scores
-    each; the merge weights, or the merged factors when `variant` ends in "factors" (`settings`:
+    """Tunes every cluster of every distinct partition (one compiled loop, partitions in turn; a
+    grouping tuned before with the same operator and settings is not tuned again: bench.tuned; with a
+    fresh start, the same labelled partition),
+    then scores each; the merge weights, or the merged factors when `variant` ends in "factors" (`settings`:
     other TuneSettings than the report's, e.g. a fresh start or one scale per cluster). `tune_k` >=
     k: tune in the compiled steps of that many clusters (the extra ones empty: no loss, no
     gradient, never kept), e.g. K = 1 in the steps of the report's K."""
@@ -61,24 +63,38 @@ def _tuned_runs(bench: Any, cfg: Any, op: str, parts: list[tuple[str, int | None
         settings = (tune.TuneSettings(granularity="factors", steps=cfg.factor_steps) if factors
                     else tune.TuneSettings(granularity=cfg.tune_granularity, steps=cfg.tune_steps))
     prepared = bench.prepared(op, rank)
-    t0 = time.perf_counter()
-    res = tune.tune_partitions(bench.params, bench.model_cfg, prepared, bench.search_data,
-                               np.stack([p for _, _, p in parts]), tune_k or k, settings,
-                               example_chunk=bench.scorer(op, rank=rank).example_chunk(
-                                   len(bench.search_data.names), bench.search_data.tokens_tns.shape[-1]))
-    secs = time.perf_counter() - t0
-    log(f"tuned {op} {'factors' if factors else 'weights'} on {len(parts)} partitions: {res.steps} steps, {secs:.0f}s, held-out "
-        f"{res.unit_heldout_k.sum():.4f} -> {np.where(res.kept_k, res.tuned_heldout_k, res.unit_heldout_k).sum():.4f}")
+    kk = tune_k or k
+
+    def cache_key(part):
+        # Per-cluster results enter the runs only as sums, so a relabelled partition is the same
+        # tuning; not for a fresh start, whose cluster k starts from the k-th random A.
+        return (op, rank, settings, kk, k,
+                tuple(int(x) for x in part) if settings.start == "fresh" else report.grouping(part))
+
+    todo = list({cache_key(p): p for _, _, p in parts if cache_key(p) not in bench.tuned}.values())
+    if todo:  # each partition's tuning is its own (tune.tune_partitions): one per distinct partition
+        t0 = time.perf_counter()
+        res = tune.tune_partitions(bench.params, bench.model_cfg, prepared, bench.search_data, np.stack(todo), kk,
+                                   settings, example_chunk=bench.scorer(op, rank=rank).example_chunk(
+                                       len(bench.search_data.names), bench.search_data.tokens_tns.shape[-1]))
+        secs = time.perf_counter() - t0
+        log(f"tuned {op} {'factors' if factors else settings.granularity} on {len(todo)} partitions: {res.steps} "
+            f"steps, {secs:.0f}s, held-out {res.unit_heldout_k.sum():.4f} -> "
+            f"{np.where(res.kept_k, res.tuned_heldout_k, res.unit_heldout_k).sum():.4f}")
+        for i, part in enumerate(todo):
+            c = res.chain(i)
+            lora_k = c.lora if factors else tune.merged_clusters(prepared, part, kk, c.weights)
+            bench.tuned[cache_key(part)] = (c, bench.evaluator(op, rank).clusters(lora_k, part),
+                                            _search_loss_of(bench, op, lora_k, part, rank), secs / len(todo),
+                                            int(res.steps))
     runs = []
-    for i, (key, seed, part) in enumerate(parts):
-        c = res.chain(i)
-        lora_k = c.lora if factors else tune.merged_clusters(prepared, part, tune_k or k, c.weights)
-        ts = bench.evaluator(op, rank).clusters(lora_k, part)
+    for key, seed, part in parts:
+        c, ts, search_loss, secs, steps = bench.tuned[cache_key(part)]
         runs.append(report.Run(
             key, k, seed, op, tuple(int(x) for x in part), float(ts.mean_score), float(ts.mean_loss),
-            _search_loss_of(bench, op, lora_k, part, rank), secs / len(parts), 0,
+            search_loss, secs, 0,
             tuple(float(x) for x in ts.scores_t), tuple(float(x) for x in ts.losses_t), variant=variant,
-            rank=rank, extra={"kept": int(c.kept_k.sum()), "best_step": int(c.best_step_k.max()), "steps": int(res.steps),
+            rank=rank, extra={"kept": int(c.kept_k.sum()), "best_step": int(c.best_step_k.max()), "steps": steps,
                               "start": settings.start, "granularity": settings.granularity,
                               "heldout_unit": float(c.unit_heldout_k.sum()),
                               "heldout_kept": float(np.where(c.kept_k, c.tuned_heldout_k,

@@ -107,6 +107,9 @@ class ReportConfig:
     operator_search: bool = setting(True, "Also run D²C (paper setting) with the best operator.")
     budget: bool = setting(True, "Budget mode at the storage of K rank-R adapters (operator section).")
     budget_ranks: tuple[int, ...] = setting((), "The budget mode's candidate ranks (default: R/2 and R).")
+    compilation_cache: str = setting("", "Persistent XLA compilation cache directory, so that a second report "
+                                     "compiles nothing ('': $XDG_CACHE_HOME/d2c_jax/xla or ~/.cache/d2c_jax/xla; "
+                                     "'none': off).")
 
     def __post_init__(self):
         def bad(flag: str, msg: str):
@@ -212,6 +215,12 @@ class Bench:
             evaluation.longest_response_tokens(self.eval_data, self.tokenizer) + 4)
         self._scorers: dict[tuple[str, int], Scorer] = {}
         self._evaluators: dict[tuple[str, int], evaluation.Evaluator] = {}
+        # Results that depend only on what is merged, remembered: seeds and sections that reach the
+        # same partition (e.g. D²C ours, SVD K-means and the family oracle) score it once.
+        # Keyed by the grouping (`grouping`), so a relabelled partition is one too.
+        self.partition_scores: dict[tuple, Any] = {}  # (merge, rank, K, grouping) -> TaskScores
+        self.search_losses: dict[tuple, float] = {}  # (merge, batch, rank, K, grouping) -> mean loss
+        self.tuned: dict[tuple, Any] = {}  # merging._tuned_runs: (op, rank, settings, K, grouping) -> results
 
     @property
     def num_tasks(self) -> int:
@@ -304,7 +313,10 @@ def evaluate_run(bench: Bench, key: str, partition_n: np.ndarray | None, k: int,
     if partition_n is None:
         res = ev.single() if single else ev.zero_shot()
     else:
-        res = ev.partition(partition_n, k)
+        key_m = (merge, rank, k, grouping(partition_n))
+        if key_m not in bench.partition_scores:
+            bench.partition_scores[key_m] = ev.partition(partition_n, k)
+        res = bench.partition_scores[key_m]
     return Run(key, k, seed, merge, None if partition_n is None else tuple(int(x) for x in partition_n),
                float(res.mean_score), float(res.mean_loss), search_loss, seconds, evaluations,
                tuple(float(x) for x in res.scores_t), tuple(float(x) for x in res.losses_t), rank=rank)
@@ -339,6 +351,9 @@ class ReportResult:
 def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
     """Runs every experiment of the report (see the module docstring)."""
     log = log or (lambda msg: None)
+    from d2c_jax import compilation_cache
+
+    compilation_cache.enable(cfg.compilation_cache)  # before the first compilation
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     stage: dict[str, float] = {}
@@ -362,7 +377,8 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
         runs.append(run)
         if not run.variant and not run.rank:  # the unit-weight, rank-R run of (key, K, seed, merge)
             done[(run.key, run.num_clusters, run.seed, run.merge)] = run
-        log(f"{run.key:>10} K={run.num_clusters:<2} seed={run.seed} merge={run.merge}: score "
+        log(f"{run.key:>10} K={run.num_clusters:<2} seed={run.seed} merge={run.merge}"
+            + (f" {run.variant}" if run.variant else "") + (f" rank={run.rank}" if run.rank else "") + ": score "
             f"{run.score:6.2f}  eval loss {run.loss:.4f}"
             + (f"  search loss {run.search_loss:.4f}" if run.search_loss is not None else "")
             + f"  ({run.seconds:.1f}s, {run.evaluations} evaluations)")
@@ -455,8 +471,19 @@ def run_report(cfg: ReportConfig, log: Log | None = None) -> ReportResult:
     return result
 
 
+def grouping(partition_n: Any) -> tuple[int, ...]:
+    """The partition's clusters numbered by first appearance: equal for two labellings of the same
+    grouping, whose per-task merges, losses and scores are the same (the report's caches' key)."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(int(x), len(first)) for x in partition_n)
+
+
 def _search_loss(bench: Bench, partition_n: np.ndarray, k: int, merge: str,
                  batch_size: int | None = None, rank: int = 0) -> float:
     """Mean loss per task on the search split (what D²C minimises) of a partition."""
-    scorer = bench.scorer(merge, batch_size, rank)
-    return evaluate_partition(scorer, partition_n, k, LossCache(bench.num_tasks))[0] / bench.num_tasks
+    key = (merge, batch_size, rank, k, grouping(partition_n))
+    if key not in bench.search_losses:
+        scorer = bench.scorer(merge, batch_size, rank)
+        bench.search_losses[key] = evaluate_partition(scorer, partition_n, k, LossCache(bench.num_tasks))[0] / \
+            bench.num_tasks
+    return bench.search_losses[key]
