@@ -9,6 +9,7 @@ the same shapes compiles nothing."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -40,10 +41,10 @@ def _held(td):
                                num_examples=np.ones(td.num_tasks, np.int32))
 
 
-def _per_cluster(inputs, prepared, lora_of_cluster, td, partition=PARTITION):
+def _per_cluster(inputs, prepared, lora_of_cluster, td, partition=PARTITION, scorer=None):
     """Reference: each task's Scorer loss under lora_of_cluster(c) (None: the base model), summed
-    per cluster."""
-    scorer = Scorer(inputs["params"], inputs["cfg"], prepared, td, batch_size=2)
+    per cluster (`scorer`: one built for these inputs, reused across calls)."""
+    scorer = scorer or Scorer(inputs["params"], inputs["cfg"], prepared, td, batch_size=2)
     out = np.zeros(int(partition.max()) + 1)
     for t, c in enumerate(partition):
         out[c] += scorer.loss_of_lora(lora_of_cluster(c), t)
@@ -134,11 +135,19 @@ def test_the_scale_search_finds_the_minimiser_of_a_dense_grid_and_keeps_it_only_
                               dataclasses.replace(SETTINGS, granularity="scale"))
     unit = tune.merged_clusters(prepared, part, 3)
 
-    def loss(c, k, td):  # the reference: cluster k's summed task losses with c times its unit merge
-        lora = tune.scaled(unit, jnp.full((3,), c, jnp.float32))
-        return _per_cluster(inputs, prepared, lambda cl: jax.tree.map(lambda x: x[cl], lora), td, part)[k]
+    splits = {"fit": _fit(inputs["td"]), "held": _held(inputs["td"])}
+    scorers = {k: Scorer(inputs["params"], inputs["cfg"], prepared, td, batch_size=2) for k, td in splits.items()}
 
-    fit, held = _fit(inputs["td"]), _held(inputs["td"])
+    @functools.lru_cache(maxsize=None)
+    def losses(c, split):  # every cluster's at once: clusters of the same size share their grid points
+        lora = tune.scaled(unit, jnp.full((3,), c, jnp.float32))
+        return _per_cluster(inputs, prepared, lambda cl: jax.tree.map(lambda x: x[cl], lora), splits[split], part,
+                            scorers[split])
+
+    def loss(c, k, split):  # the reference: cluster k's summed task losses with c times its unit merge
+        return losses(float(c), split)[k]
+
+    fit, held = "fit", "held"
     H_REF = 0.05
     interior, decided = 0, set()
     for k in range(3):
