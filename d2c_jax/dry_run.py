@@ -323,12 +323,11 @@ def dry_run(cfg: Any, topology: str, out: Any = None) -> int:
     from d2c_jax import data, hf_io, scoring
     from d2c_jax import sharding as sharding_lib
     from d2c_jax.models.config import load_config
+    from d2c_jax.pipeline import model_shards, resolve_suite
     from d2c_jax.search import check_num_clusters
 
     devices, device_bytes, peak, bandwidth = topology_devices(topology)
     if cfg.suite:
-        from d2c_jax.pipeline import resolve_suite
-
         cfg = resolve_suite(cfg)
     for flag in ("base_model", "adapters_dir", "data_dir"):
         if not getattr(cfg, flag):
@@ -351,17 +350,22 @@ def dry_run(cfg: Any, topology: str, out: Any = None) -> int:
     params = hf_io.param_shape_tree(model_cfg, cfg.dtype)
     mesh = None
     if topology != CPU:
-        if len(devices) % cfg.model_shards:
-            raise UserError(None, f"--model_shards={cfg.model_shards} must divide the {len(devices)} devices")
-        mesh = sharding_lib.make_mesh(num_candidate_shards=len(devices) // cfg.model_shards, devices=devices)
+        shards = model_shards(cfg, model_cfg, len(names), modules, rank, len(devices), device_bytes)
+        if cfg.model_shards == "auto":
+            log(f"dry run {topology}: --model_shards=auto chose {shards} device(s) per model replica")
+        mesh = sharding_lib.make_mesh(num_candidate_shards=len(devices) // shards, devices=devices)
     batch_size = "auto" if cfg.scorer_batch_size == "auto" else int(cfg.scorer_batch_size)
     scorer = scoring.Scorer(params, model_cfg, prepared, task_data, batch_size=batch_size, mesh=mesh,
                             device_bytes=int(device_bytes), batched=None if mesh is not None else False)
     largest = len(names) if cfg.all_in_one_reference else len(names) - settings.num_clusters + 1
     exes = scorer.executables(scorer.member_buckets(largest))
     weights = final_merge_weights(cfg, len(names), settings.num_clusters, prepared.num_layers)
-    if scorer.batched or weights is not None:  # else merged/ is written with the scorer's merges (above)
-        exes.append(final_merge_executable(prepared, len(names), settings.num_clusters, devices[0], weights))
+    tuned_factors = (cfg.tune_weights or cfg.tune_during_search) and cfg.tune.granularity == "factors"
+    # merged/ is written with the scorer's merges (unbatched, unit weights: above) or, for tuned
+    # factors, as they are: no final merge
+    if (scorer.batched or weights is not None) and not tuned_factors:
+        exes.append(final_merge_executable(prepared, len(names), settings.num_clusters, devices[0], weights,
+                                           scorer if scorer.batched else None))
     if cfg.tune_weights or cfg.tune_during_search:
         exes.append(tune_step_executable(scorer, prepared, task_data, cfg.tune, settings.num_clusters, mesh))
     rows = compile_rows(scorer, exes, modules, rank, peak, bandwidth, len(devices), log)
@@ -381,24 +385,35 @@ def final_merge_weights(cfg: Any, n: int, k: int, num_layers: int) -> tuple[int,
     return (k, n, num_layers) if cfg.tune.granularity == "layer" else (k, n)
 
 
-def final_merge_executable(prepared: Any, n: int, k: int, device: Any, weights: tuple[int, ...] | None = None) -> Any:
-    """The final merge of the K clusters as the pipeline runs it (tune.merged_clusters: every
-    prepared input on one device, each cluster over its members gathered into one member bucket),
-    at the bucket of the largest cluster a partition of N into K can have (N - K + 1 members:
-    smaller buckets hold less). `weights`: the shape of the tuned merge weights ([K, N] or
-    [K, N, L]; None: unit weights)."""
+def final_merge_executable(prepared: Any, n: int, k: int, device: Any, weights: tuple[int, ...] | None = None,
+                           scorer: Any = None) -> Any:
+    """The final merge of the K clusters as the pipeline runs it (tune.merged_clusters, each
+    cluster over its members gathered into one member bucket), at the bucket of the largest
+    cluster a partition of N into K can have (N - K + 1 members: smaller buckets hold less).
+    With a `scorer` on a mesh: on the mesh, the prepared inputs as that scorer placed them (split
+    over "model"); else every prepared input on `device`. `weights`: the shape of the tuned merge
+    weights ([K, N] or [K, N, L]; None: unit weights)."""
     import jax
 
+    from d2c_jax import sharding as sharding_lib
     from d2c_jax import tune
     from d2c_jax.scoring import Executable
 
-    one = jax.sharding.SingleDeviceSharding(device)
+    mesh = None if scorer is None else scorer.mesh
     g = tune.final_member_bucket(n - k + 1, n)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=one)  # noqa: E731
-    args = (jax.tree.map(lambda x: spec(x.shape, x.dtype), prepared), spec((k, g), np.int32), spec((k, g), np.bool_),
-            spec((k,), np.bool_), None if weights is None else spec(weights, np.float32))
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(device)
+        placed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), prepared)
+        jitted, where = tune._merge_members, one
+    else:
+        placed, jitted, where = scorer.placed_prepared, tune.merge_members_on(mesh), sharding_lib.replicated(mesh)
+        if weights is not None:  # padded to the scorer's adapter slots (tune.merged_clusters)
+            weights = (weights[0], placed.num_adapters) + tuple(weights[2:])
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=where)  # noqa: E731
+    args = (placed, spec((k, g), np.int32), spec((k, g), np.bool_), spec((k,), np.bool_),
+            None if weights is None else spec(weights, np.float32))
     name = f"final merge k{k} g{g}" + ("" if weights is None else f" weighted {'x'.join(map(str, weights))}")
-    return Executable(name, tune._merge_members, args, {}, 0, 0)
+    return Executable(name, jitted, args, {}, 0, 0)
 
 
 def tune_step_executable(scorer: Any, prepared: Any, task_data: Any, settings: Any, k: int, mesh: Any) -> Any:

@@ -47,7 +47,7 @@ import jax
 import numpy as np
 
 from d2c_jax import budget as budget_lib
-from d2c_jax import compilation_cache, data, hub, lora, merge, output_guard, plots, push, signals, storage, tune
+from d2c_jax import compilation_cache, data, hf_io, hub, lora, merge, output_guard, plots, push, signals, storage, tune
 from d2c_jax.atomic_io import is_leftover, write_bytes_atomic, write_dir_atomic, write_text_atomic
 from d2c_jax.atomic_io import remove_path as _remove
 from d2c_jax.checkpoint import Checkpointer
@@ -57,13 +57,14 @@ from d2c_jax.fingerprint import run_fingerprint
 from d2c_jax.gcs_workdir import GcsWorkdir
 from d2c_jax.inputs import Inputs, load_inputs, resolve_sources
 from d2c_jax.merge import Prepared
-from d2c_jax.models.config import load_config
+from d2c_jax.models.config import ModelConfig, load_config, module_shapes
 from d2c_jax.run_config import SEARCH_STRATEGIES, RunConfig, default_cache_size
 from d2c_jax.search import (LossCache, Scorer, SearchState, check_num_clusters, evaluate_partition,
                             find_partition)
 from d2c_jax.strategies.baselines import random_baseline
-from d2c_jax.sharding import (any_process, barrier, check_same_on_all_processes, from_main, initialize_distributed,
-                              make_mesh)
+from d2c_jax.scoring import device_memory_bytes, tree_bytes
+from d2c_jax.sharding import (any_process, auto_model_shards, barrier, check_same_on_all_processes, from_main,
+                              initialize_distributed, make_mesh)
 from d2c_jax.signals import PreemptionFlag
 from d2c_jax.suite import ensure_preset
 from d2c_jax.types import Lora
@@ -380,12 +381,45 @@ def _need_bytes(adapters: lora.AdapterSet, num_clusters: int, cfg: RunConfig) ->
     return 4 * merged * num_clusters + (cfg.keep_checkpoints + 1) * cache + (16 << 20)
 
 
-def _mesh(cfg: RunConfig):
-    if jax.device_count() % cfg.model_shards:  # one device included: the flag is refused, not ignored
-        raise UserError(None, f"--model_shards={cfg.model_shards} must divide the {jax.device_count()} devices")
+def given_model_shards(cfg: RunConfig, num_devices: int) -> int | None:
+    """A given --model_shards, checked against the devices before anything is read (None: auto)."""
+    if cfg.model_shards == "auto":
+        return None
+    shards = int(cfg.model_shards)
+    if num_devices % shards:  # one device included: the flag is refused, not ignored
+        raise UserError(None, f"--model_shards={shards} must divide the {num_devices} devices")
+    return shards
+
+
+def model_shards(cfg: RunConfig, model_cfg: ModelConfig, num_adapters: int, modules: Sequence[str], rank: int,
+                 num_devices: int, device_bytes: float) -> int:
+    """--model_shards as given, or for `auto` the fewest devices per model replica whose share of
+    the base weights (in --dtype) and the --merge's prepared adapters (N rank-R adapters on
+    `modules`) fits a device (`sharding.auto_model_shards`; from shapes alone)."""
+    if cfg.model_shards != "auto":
+        return given_model_shards(cfg, num_devices)
+    if num_devices == 1:
+        return 1
+    dims = module_shapes(model_cfg)
+    prepared = merge.prepared_shapes({m: dims[m] for m in modules}, num_adapters, model_cfg.num_layers, rank,
+                                     cfg.merge, out_rank=cfg.output_rank or None, density=cfg.density)
+    return auto_model_shards(num_devices, device_bytes, tree_bytes(hf_io.param_shape_tree(model_cfg, cfg.dtype)),
+                             tree_bytes(prepared))
+
+
+def _mesh(cfg: RunConfig, inputs: Inputs):
+    """The run's mesh (None on one device), from the loaded adapters' shapes."""
+    if inputs.adapters is None:
+        modules, rank, n = (), 0, 0
+    else:
+        modules, rank, n = tuple(inputs.adapters.a), inputs.adapters.rank, inputs.adapters.num_adapters
+    shards = model_shards(cfg, inputs.model_cfg, n, modules, rank, jax.device_count(), device_memory_bytes())
     if jax.device_count() == 1:
         return None
-    return make_mesh(num_candidate_shards=jax.device_count() // cfg.model_shards)
+    if cfg.model_shards == "auto" and _is_main():
+        print(f"model shards (auto): {shards} device(s) per model replica, {jax.device_count() // shards} "
+              "scoring candidates in parallel", flush=True)
+    return make_mesh(num_candidate_shards=jax.device_count() // shards)
 
 
 def resolve_suite(cfg: RunConfig) -> RunConfig:
@@ -466,10 +500,12 @@ def _run_in(cfg: RunConfig, workdir: str, remote: GcsWorkdir | None) -> int:
     # Before anything touches a device: a multi-process job (when asked or auto-detected).
     initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     compilation_cache.enable(cfg.compilation_cache)  # before the first compilation (user cache dir)
+    given_model_shards(cfg, jax.device_count())
     inputs = load_inputs(cfg.base_model, cfg.adapters_dir, cfg.data_dir, split="search",
                          examples_per_task=cfg.examples_per_task, max_seq_len=cfg.max_seq_len,
-                         chat_template=cfg.chat_template, dtype=cfg.dtype, mesh=_mesh(cfg), model_cfg=model_cfg,
+                         chat_template=cfg.chat_template, dtype=cfg.dtype, model_cfg=model_cfg,
                          sources=sources, template_date=cfg.chat_template_date or None)
+    inputs.mesh = _mesh(cfg, inputs)  # before anything is placed (the base weights load into it)
     if inputs.names != tuple(names):
         raise UserError(cfg.adapters_dir, "the adapter directories changed while loading")
     # The budget mode has one checkpoint directory (and fingerprint) per way of filling the budget.
@@ -669,9 +705,11 @@ def _run(cfg: RunConfig, workdir: str, inputs: Inputs, ckpt: Checkpointer | None
     if tuning is not None:
         doc["tuning"] = tuning
     def write() -> None:
-        write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics, prepared,
-                      inputs.sources.base_model.model_id, weights_k, merge_fn=None if scorer.batched else scorer.merge,
-                      loras_k=loras_k)
+        on_mesh = scorer.mesh is not None  # merged where the scorer placed the prepared inputs
+        write_outputs(workdir, doc, partition_n, names, inputs.tags, metrics,
+                      scorer.placed_prepared if on_mesh else prepared, inputs.sources.base_model.model_id, weights_k,
+                      merge_fn=None if scorer.batched else scorer.merge, loras_k=loras_k,
+                      mesh=scorer.mesh if on_mesh else None)
         if remote is not None:
             remote.push()  # partition.json last
 
@@ -712,10 +750,11 @@ def write_outputs(
     weights_k: Any = None,
     merge_fn: Callable[[np.ndarray], Lora] | None = None,
     loras_k: Lora | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> None:
     """merged/, plots, metrics.jsonl, then partition.json (last: it marks the run finished)."""
     write_merged(os.path.join(workdir, MERGED), partition_n, int(doc["num_clusters"]), prepared, base_model,
-                 weights_k, merge_fn, loras_k)
+                 weights_k, merge_fn, loras_k, mesh)
     write_bytes_atomic(os.path.join(workdir, OBJECTIVE_PNG), plots.objective_png(
         metrics, f"{doc['strategy']} search", random_start=doc.get("random_start_objective"),
         all_in_one=doc.get("all_in_one_objective")))
@@ -729,7 +768,8 @@ def write_outputs(
 
 def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepared: Prepared,
                  base_model: str, weights_k: Any = None,
-                 merge_fn: Callable[[np.ndarray], Lora] | None = None, loras_k: Lora | None = None) -> None:
+                 merge_fn: Callable[[np.ndarray], Lora] | None = None, loras_k: Lora | None = None,
+                 mesh: jax.sharding.Mesh | None = None) -> None:
     """merged/cluster_<k>/ = the merge of cluster k as a PEFT adapter (with weights_k[k] when
     given: tuned merge weights); the whole directory is built beside out_dir and renamed into
     place, so no half-written merged/ is ever left. `merge_fn` (mask -> lora, e.g. the search's
@@ -740,7 +780,7 @@ def write_merged(out_dir: str, partition_n: np.ndarray, num_clusters: int, prepa
         per_k = [merge_fn(partition_n == k) for k in range(num_clusters)]
         loras = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_k)
     else:
-        loras = jax.tree.map(np.asarray, tune.merged_clusters(prepared, partition_n, num_clusters, weights_k))
+        loras = jax.tree.map(np.asarray, tune.merged_clusters(prepared, partition_n, num_clusters, weights_k, mesh))
 
     def write(tmp: str) -> None:
         for k in range(num_clusters):

@@ -114,7 +114,9 @@ class RunConfig:
     compilation_cache: str = setting("", "Persistent XLA compilation cache directory, so that a second run "
                                      "compiles nothing ('': $XDG_CACHE_HOME/d2c_jax/xla or ~/.cache/d2c_jax/xla; "
                                      "'none': off).")
-    model_shards: int = setting(1, "Devices per model replica (tensor parallel); the rest score candidates.")
+    model_shards: str = setting("auto", "Devices per model replica (tensor parallel, a divisor of the device "
+                                "count); the rest score candidates (auto: the fewest whose share of the base "
+                                "weights and prepared adapters fits a device).")
     checkpoint_every: int = setting(10, "Save a checkpoint every k iterations.")
     keep_checkpoints: int = setting(2, "Checkpoints kept.")
     overwrite: bool = setting(False, "Replace a finished run, or a checkpoint of other inputs, in --workdir.")
@@ -163,8 +165,10 @@ class RunConfig:
                                        "the lowest tuned loss (instead of the lowest unit-weight objective).")
 
     def __post_init__(self):
-        if isinstance(self.batch_size, str) and self.batch_size.strip().isdigit():
-            object.__setattr__(self, "batch_size", int(self.batch_size))
+        for name in ("batch_size", "model_shards"):  # "8" from a flag or config.json: the number
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().isdigit():
+                object.__setattr__(self, name, int(value))
         _check(bool(self.workdir), "workdir", self.workdir, "must be set")
         if not self.suite:
             for name in ("base_model", "data_dir"):
@@ -183,7 +187,8 @@ class RunConfig:
         _check(self.max_seq_len >= 2, "max_seq_len", self.max_seq_len, "must be >= 2")
         _check(self.batch_size == "auto" or (str(self.batch_size).isdigit() and int(self.batch_size) >= 1),
                "batch_size", self.batch_size, "must be auto or an integer >= 1")
-        _check(self.model_shards >= 1, "model_shards", self.model_shards, "must be >= 1")
+        _check(self.model_shards == "auto" or (str(self.model_shards).isdigit() and int(self.model_shards) >= 1),
+               "model_shards", self.model_shards, "must be auto or an integer >= 1")
         _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         if self.coordinator_address is not None:

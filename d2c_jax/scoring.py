@@ -228,7 +228,7 @@ class Executable:
     seq: int  # its sequence bucket (0: a merge)
 
 
-def _tree_bytes(tree: Any) -> int:
+def tree_bytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
@@ -309,13 +309,13 @@ class Scorer:
             self.local_task[tasks] = np.arange(len(tasks))
             by_bucket[sb] = tasks
 
-        lora_bytes = 0 if prepared_merge is None else _tree_bytes(
+        lora_bytes = 0 if prepared_merge is None else tree_bytes(
             jax.eval_shape(merge_lib.merge_mask, prepared_merge,
                            jax.ShapeDtypeStruct((self.adapter_slots,), jnp.bool_)))
         self._lora_bytes = lora_bytes
         self._host_data, self._tasks_by_seq = data, by_bucket
         model = 1 if mesh is None else mesh.shape[sharding_lib.MODEL]
-        self._prepared_bytes = 0 if prepared_merge is None else _tree_bytes(prepared_merge) // model
+        self._prepared_bytes = 0 if prepared_merge is None else tree_bytes(prepared_merge) // model
         padded_data = pad_axis0(data, slots(self.num_tasks))  # task axis to `slots`: zero examples
         if batch_size == "auto":
             batch_size = self.auto_batch_size(params, prepared_merge, padded_data, int(seq))
@@ -359,10 +359,15 @@ class Scorer:
         self._warm_seq: set[int] = set()
         self.threads = min(SCORING_THREADS, os.cpu_count() or 1)
 
+    @property
+    def placed_prepared(self) -> Prepared | None:
+        """The prepared merge inputs as this Scorer placed them (on a mesh: split over "model")."""
+        return self._prepared
+
     def auto_batch_size(self, params: Params, prepared: Prepared | None, data: TokenBatch, seq: int) -> int:
         """The largest power-of-two request batch whose estimated memory fits one device next to
         the resident weights, prepared merge inputs and examples (at most MAX_AUTO_BATCH)."""
-        resident = _tree_bytes(params) + _tree_bytes(data) + (0 if prepared is None else _tree_bytes(prepared))
+        resident = tree_bytes(params) + tree_bytes(data) + (0 if prepared is None else tree_bytes(prepared))
         if self.mesh is not None:  # sharded over "model"
             resident = resident // self.mesh.shape[sharding_lib.MODEL]
         free = self.device_bytes - resident

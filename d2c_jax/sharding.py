@@ -43,6 +43,27 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
+# `--model_shards=auto`: the share of one model replica a device must hold is the base weights and
+# the prepared adapters plus the copies XLA makes of replicated prepared inputs in a batched score
+# call (compiled for v5e-8 at Llama-3.2-3B shapes with one device per replica: 19.6 GiB of
+# temporaries against 5.5 GiB of prepared adapters, about 3.6 copies; docs/performance.md), counted
+# as PREPARED_COPIES copies in all; it may fill REPLICA_SHARE of a device, the rest left to the
+# requests' activations and a 20 % headroom.
+PREPARED_COPIES = 5
+REPLICA_SHARE = 0.6
+
+
+def auto_model_shards(num_devices: int, device_bytes: float, params_bytes: int, prepared_bytes: int) -> int:
+    """The fewest devices per model replica (a divisor of `num_devices`) whose share of the base
+    weights and prepared adapters fits one device (above); all of them when none does. Fewer
+    shards leave more devices to score candidates in parallel and need fewer collectives."""
+    need = params_bytes + PREPARED_COPIES * prepared_bytes
+    for m in range(1, num_devices + 1):
+        if num_devices % m == 0 and need / m <= REPLICA_SHARE * device_bytes:
+            return m
+    return num_devices
+
+
 def make_mesh(num_candidate_shards: int | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """A ("cand", "model") mesh over all devices; `num_candidate_shards` (default: all devices)
     sets the "cand" size, the rest of the devices go to "model"."""

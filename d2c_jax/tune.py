@@ -54,6 +54,7 @@ import numpy as np
 from d2c_jax import loss as loss_lib
 from d2c_jax import merge as merge_lib
 from d2c_jax import scoring
+from d2c_jax import sharding as sharding_lib
 from d2c_jax.errors import UserError
 from d2c_jax.merge import check_weights, with_weights  # noqa: F401  (how weights enter a merge; re-exported)
 
@@ -246,7 +247,6 @@ class _Steps:
 def place_examples(batch: Any, mesh: Any) -> Any:
     """A TokenBatch [T, n, S] with its task axis split over the mesh's "cand" axis (replicated
     where T does not divide), so each device group runs the forward and backward of its tasks."""
-    from d2c_jax import sharding as sharding_lib
 
     host = jax.tree.map(np.asarray, batch)
     return sharding_lib.put_global(host, jax.tree.map(lambda x: example_sharding(mesh, x.shape), host))
@@ -254,8 +254,6 @@ def place_examples(batch: Any, mesh: Any) -> Any:
 
 def example_sharding(mesh: Any, shape: tuple[int, ...]) -> Any:
     """place_examples' sharding of an example array of this shape."""
-    from d2c_jax import sharding as sharding_lib
-
     if shape[0] % mesh.shape[sharding_lib.CAND]:
         return sharding_lib.replicated(mesh)
     return sharding_lib.batch_sharding(mesh, len(shape))
@@ -463,18 +461,31 @@ def tune_partition(params: Any, cfg: Any, prepared: Any, task_data: Any, partiti
                            settings, **kwargs)
 
 
-def merged_clusters(prepared: Any, partition_n: Any, num_clusters: int, weights: Any | None = None) -> Any:
+def merged_clusters(prepared: Any, partition_n: Any, num_clusters: int, weights: Any | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> Any:
     """The K merges of a partition (lora leaves with a leading K axis), with per-cluster weights
     [K, N] / [K, N, L] (None: unit weights). Each cluster is merged over its own members only,
     gathered into the member bucket of the largest cluster (`final_member_bucket`), one cluster
     after the other (scoring.merge_members, the scorer's merge): O(K G) work and one merge's
-    temporaries, not K merges over all N slots at once. An empty cluster gives zeros."""
+    temporaries, not K merges over all N slots at once. An empty cluster gives zeros.
+
+    With `mesh`: `prepared` as the Scorer placed it (split over "model", `Scorer.placed_prepared`);
+    the merge runs on the mesh, each device holding its share, and the results are replicated so
+    that every host reads them. Without: on the default device."""
     partition_n = np.asarray(partition_n, np.int32)
     masks_kn = partition_n[None, :] == np.arange(num_clusters)[:, None]
     g = final_member_bucket(int(masks_kn.sum(axis=1).max()), masks_kn.shape[1])
     members_kg, valid_kg = scoring.member_lists(masks_kn, num_clusters, g)
-    w = None if weights is None else jnp.asarray(weights, jnp.float32)
-    return _merge_members(prepared, members_kg, valid_kg, masks_kn.any(axis=1), w)
+    live_k = masks_kn.any(axis=1)
+    if mesh is None:
+        w = None if weights is None else jnp.asarray(weights, jnp.float32)
+        return _merge_members(prepared, members_kg, valid_kg, live_k, w)
+    w = None if weights is None else np.asarray(weights, np.float32)
+    if w is not None and prepared.num_adapters > w.shape[1]:  # the Scorer's adapter slots: zero weights
+        w = np.pad(w, [(0, 0), (0, prepared.num_adapters - w.shape[1])] + [(0, 0)] * (w.ndim - 2))
+    host = (members_kg, valid_kg, live_k) + (() if w is None else (w,))
+    placed = sharding_lib.put_global(host, sharding_lib.replicated(mesh))
+    return merge_members_on(mesh)(prepared, *placed[:3], None if weights is None else placed[3])
 
 
 def final_member_bucket(largest_cluster: int, num_adapters: int) -> int:
@@ -484,6 +495,12 @@ def final_member_bucket(largest_cluster: int, num_adapters: int) -> int:
 
 
 _merge_members = jax.jit(scoring.merge_members)  # module-level: one compiled merge per shapes, reused
+
+
+@functools.lru_cache(maxsize=None)
+def merge_members_on(mesh: jax.sharding.Mesh) -> Any:
+    """scoring.merge_members jitted for `mesh`, results replicated (merged_clusters with a mesh)."""
+    return jax.jit(scoring.merge_members, out_shardings=sharding_lib.replicated(mesh))
 
 
 def _weighted_merges(prepared: Any, w_k: Any, masks_kn: Any) -> Any:

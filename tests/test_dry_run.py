@@ -234,7 +234,7 @@ def test_auto_batch_size_never_picks_a_bucket_the_compiled_analysis_says_does_no
     probe = scoring.Scorer(params, cfg, prepared, td, batch_size=4, mesh=mesh, device_bytes=1 << 40)
     # What the Scorer holds: the examples and the prepared inputs padded to scoring.slots rows.
     held = [scoring.pad_axis0(x, scoring.slots(len(names))) for x in (td.batch, prepared)]
-    resident = (scoring._tree_bytes(params) + sum(scoring._tree_bytes(x) for x in held)) // 2
+    resident = (scoring.tree_bytes(params) + sum(scoring.tree_bytes(x) for x in held)) // 2
     budget = resident + probe.call_bytes(16)
     scorer = scoring.Scorer(params, cfg, prepared, td, batch_size="auto", mesh=mesh, device_bytes=budget)
     assert scorer.batch_size == 16
@@ -242,3 +242,32 @@ def test_auto_batch_size_never_picks_a_bucket_the_compiled_analysis_says_does_no
     for exe in exes:
         total = dry_run._memory(exe.jitted.lower(*exe.args, **exe.static).compile())[2]
         assert total <= budget, (exe.name, total, budget)
+
+
+def test_auto_model_shards_takes_a_layout_whose_compiled_score_calls_fit(header_only, tmp_path):
+    """8 CPU devices, each just too small (by the auto rule) to hold a whole replica of the tiny
+    model: `--model_shards=auto` takes 2 devices per replica, and XLA's memory analysis of every
+    score call on that mesh fits one device. A given count is kept, and refused if it does not
+    divide the devices."""
+    from d2c_jax import data, pipeline, scoring, sharding
+
+    cfg = load_config(header_only["base_model"])
+    names, modules, rank = dry_run.adapter_layout(header_only["adapters_dir"], cfg)
+    params = hf_io.param_shape_tree(cfg, "float32")
+    prepared = dry_run.prepared_shapes(cfg, len(names), modules, rank, "ties", 0.5, 0, None)
+    need = scoring.tree_bytes(params) + sharding.PREPARED_COPIES * scoring.tree_bytes(prepared)
+    device = 0.99 * need / sharding.REPLICA_SHARE
+    run = _config(header_only, tmp_path / "wd", merge="ties", dtype="float32")
+    assert run.model_shards == "auto"
+    layout = (len(names), modules, rank)
+    assert pipeline.model_shards(run, cfg, *layout, 8, device) == 2
+    assert pipeline.model_shards(_config(header_only, tmp_path / "wd", model_shards="4"), cfg, *layout, 8, device) == 4
+    with pytest.raises(UserError, match=r"--model_shards=3 must divide the 8 devices"):
+        pipeline.model_shards(_config(header_only, tmp_path / "wd", model_shards="3"), cfg, *layout, 8, device)
+    td = data.load_task_data(header_only["data_dir"], names, hf_io.load_tokenizer(header_only["base_model"]),
+                             examples_per_task=3, max_seq_len=64)
+    mesh = sharding.make_mesh(num_candidate_shards=4, devices=jax.devices()[:8])
+    scorer = scoring.Scorer(params, cfg, prepared, td, batch_size="auto", mesh=mesh, device_bytes=int(device))
+    for exe in scorer.executables(scorer.member_buckets(len(names))):
+        total = dry_run._memory(exe.jitted.lower(*exe.args, **exe.static).compile())[2]
+        assert total <= device, (exe.name, total, device)

@@ -109,3 +109,50 @@ def test_the_dry_run_compiles_the_final_merge_at_the_shapes_a_run_calls_it_with(
         spec = lambda x: (tuple(x.shape), np.dtype(x.dtype))  # noqa: E731
         assert jax.tree.map(spec, calls[-1]) == jax.tree.map(spec, exe.args)
     assert calls[-1][1].shape == (K, tune.final_member_bucket(N - K + 1, N))
+
+
+@pytest.mark.parametrize("method,weighted", [("ties", None), ("ties", "adapter"), ("ties_delta", "layer")])
+def test_on_a_mesh_the_final_merge_uses_the_scorers_split_inputs_and_equals_the_one_device_merge(method, weighted,
+                                                                                                 monkeypatch):
+    """A run on a mesh merges where its Scorer placed the prepared inputs (padded to the adapter
+    slots, split over "model": no device holds them whole) and every host reads replicated
+    results; they equal the one-device merge (checked against the definition above) within the
+    same per-entry bound, twice (each side within it of the exact sum); update-space operators
+    within the SVD bound above. The dry run compiles the call the run makes."""
+    from types import SimpleNamespace
+
+    from d2c_jax import scoring, sharding
+
+    prepared = merge.prepare_merge(_adapters(), method, 0.5, seed=1)
+    mesh = sharding.make_mesh(num_candidate_shards=2, devices=jax.devices()[:8])
+    placed = sharding.shard_prepared(scoring.pad_axis0(prepared, scoring.slots(N)), mesh)
+    assert placed.num_adapters == scoring.slots(N) > N
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(placed.task))
+    rng = np.random.default_rng(7)
+    weights_k = None if weighted is None else rng.uniform(0.3, 2.0, (K, N) if weighted == "adapter" else (K, N, L)
+                                                          ).astype(np.float32)
+    got = tune.merged_clusters(placed, PARTITION, K, weights_k, mesh)
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(got))
+    got = jax.tree.map(np.asarray, got)
+    want = jax.tree.map(np.asarray, tune.merged_clusters(prepared, PARTITION, K, weights_k))
+    for k in range(K - 1):
+        got_k, want_k = (jax.tree.map(lambda v: v[k], t) for t in (got, want))
+        if method in merge.DELTA_METHODS:
+            for mod, x in lora_lib.lora_delta(want_k).items():
+                assert np.abs(lora_lib.lora_delta(got_k)[mod] - x).max() <= 2e-5 * np.abs(x).max(), (k, mod)
+            continue
+        sums = _member_sums(prepared, weights_k, k)
+        for mod in want_k:
+            for name in "ab":
+                bound = 2 * (N + G + 4) * U * sums[mod][name]
+                assert np.all(np.abs(got_k[mod][name].astype(np.float64) - want_k[mod][name]) <= bound), (k, mod)
+
+    calls = []
+    monkeypatch.setattr(tune, "merge_members_on", lambda m: lambda *args: calls.append(args))
+    largest = np.array([0] * (N - K + 1) + list(range(1, K)), np.int32)
+    tune.merged_clusters(placed, largest, K, weights_k, mesh)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), placed)
+    exe = dry_run.final_merge_executable(prepared, N, K, None, None if weights_k is None else weights_k.shape,
+                                         SimpleNamespace(mesh=mesh, placed_prepared=shapes))
+    spec = lambda x: (tuple(x.shape), np.dtype(x.dtype), x.sharding)  # noqa: E731
+    assert jax.tree.map(spec, calls[-1]) == jax.tree.map(spec, exe.args)

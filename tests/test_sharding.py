@@ -123,3 +123,28 @@ def test_memory_report_llama_3b_shapes():
     assert one["prepared_gib"] == (2 * 40 * 28 * 32 * dims * 4 + 2 * 40 * 4) / 2**30
     assert 5.5 < one["params_gib"] < 6.5
     assert eight["total_gib"] < one["total_gib"] / 7
+
+
+def test_auto_model_shards_takes_the_fewest_devices_per_replica_whose_share_fits():
+    """The rule: base + PREPARED_COPIES x prepared, split over m devices, within REPLICA_SHARE of one."""
+    params, prepared = 1000, 100
+    need = params + sharding.PREPARED_COPIES * prepared
+    fits = lambda m: need / m / sharding.REPLICA_SHARE  # noqa: E731 - the device size at which m just fits
+    assert sharding.auto_model_shards(8, fits(1) * 1.01, params, prepared) == 1
+    assert sharding.auto_model_shards(8, fits(1) * 0.99, params, prepared) == 2
+    assert sharding.auto_model_shards(6, fits(2) * 0.99, params, prepared) == 3  # 4 does not divide 6
+    assert sharding.auto_model_shards(8, 1.0, params, prepared) == 8  # nothing fits: every device
+    assert sharding.auto_model_shards(1, 1.0, params, prepared) == 1
+
+
+def test_auto_model_shards_at_llama_3b_shapes_avoids_the_layout_the_tpu_compiler_measured_too_big():
+    """40 rank-32 q/k/v/o adapters prepared for ties, bfloat16 base, v5e's 15.75 GiB: libtpu's
+    compiled score call needs 31.03 GiB per device with one device per replica, 5.06 GiB with 4
+    (docs/performance.md, `--dry_run=v5e-8`); auto must not take 1. One 80 GB GPU: 1."""
+    from experiments import memory_report
+
+    cfg = memory_report.llama_3b_config()
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(memory_report.param_shapes(cfg)))
+    prepared = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(memory_report.prepared_shapes(cfg, 40, 32)))
+    assert 1 < sharding.auto_model_shards(8, 15.75 * 2**30, params, prepared) <= 4
+    assert sharding.auto_model_shards(8, 79.6 * 2**30, params, prepared) == 1
