@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax import hub, output_guard
-from d2c_jax import merge as merge_lib
 from d2c_jax import metrics as metrics_lib
+from d2c_jax import tune
 from d2c_jax.config_flags import setting
 from d2c_jax.data import METRICS, TaskData, response_token_ids
 from d2c_jax.errors import UserError
@@ -43,13 +43,13 @@ from d2c_jax.generate import greedy_generate, pad_prompts, resolve_eos_pad, stri
 from d2c_jax.inputs import load_inputs
 from d2c_jax.merge import Prepared
 from d2c_jax.models.config import ModelConfig
-from d2c_jax.scoring import Scorer, pad_rows
+from d2c_jax.scoring import Scorer
 from d2c_jax.types import DTYPES, Lora, Params
 
 METRIC_KINDS = ("loss", "generation")
 DEFAULT_METRIC = "rouge_l"
 _PROMPT_MULTIPLE = 16  # prompt slots rounded up to this (fewer distinct shapes)
-MERGE_BLOCK = 8  # masks merged per call when building a generation adapter table
+MERGE_BLOCK = 8  # the generation adapter table has N rows rounded up to a multiple of this
 
 
 REFERENCES = ("zero_shot", "single_task", "all_in_one", "random_start")
@@ -335,7 +335,6 @@ class Evaluator:
         self.generation_batch_size = int(generation_batch_size)
         self.scorer = Scorer(params, model_cfg, prepared, task_data, batch_size=batch_size,
                              example_chunk=example_chunk)
-        self._merge_fn = None
         self._gen = None
         n_adapters = None if prepared is None else int(prepared.num_adapters)
         self.table_size = 0 if n_adapters is None else -(-n_adapters // MERGE_BLOCK) * MERGE_BLOCK
@@ -354,24 +353,14 @@ class Evaluator:
 
     # -- adapters per task --------------------------------------------------------------------
 
-    def _table(self, masks_an: np.ndarray) -> Lora:
-        """The merges of A masks stacked into a table of fixed size (lora with leading axis
-        `table_size`; rows past A are zeros): merged MERGE_BLOCK masks per call of one jitted
-        function, so neither merging nor decoding recompiles when A changes."""
-
-
+    def _table(self, partition_n: np.ndarray, num_clusters: int) -> Lora:
+        """The K merges of a partition as merged/ holds them (tune.merged_clusters: each cluster
+        over its own members, O(G) not O(N)), padded to a table of fixed size (lora with leading
+        axis `table_size`; rows past K are zeros), so decoding does not recompile when K changes."""
         if self.prepared is None:
             raise ValueError("this Evaluator was built without a prepared merge")
-        if self._merge_fn is None:
-            self._merge_fn = jax.jit(merge_lib.merge_masks)
-        masks_an = np.asarray(masks_an, bool)
-        a = len(masks_an)
-        block = MERGE_BLOCK
-        parts = []
-        for m0 in range(0, a, block):
-            parts.append(self._merge_fn(self.prepared, pad_rows(masks_an[m0:m0 + block], block)))
-        table = jax.tree.map(lambda *xs: jnp.concatenate(xs)[:a], *parts)
-        return jax.tree.map(lambda x: jnp.pad(x, [(0, self.table_size - a)] + [(0, 0)] * (x.ndim - 1)),
+        table = tune.merged_clusters(self.prepared, partition_n, num_clusters)
+        return jax.tree.map(lambda x: jnp.pad(x, [(0, self.table_size - num_clusters)] + [(0, 0)] * (x.ndim - 1)),
                             table)
 
     # -- public ---------------------------------------------------------------------------------
@@ -389,7 +378,7 @@ class Evaluator:
         losses = self.scorer.losses(masks_tn, np.arange(self.num_tasks, dtype=np.int32))
         scores = preds = None
         if generation:
-            table = self._table(np.stack([partition_n == c for c in range(k)]))
+            table = self._table(partition_n, k)
             scores, preds = self._generation(table, partition_n)
         return self._result(losses, scores, preds)
 
