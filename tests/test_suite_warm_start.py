@@ -1,16 +1,14 @@
 """The second suite (preset `warm_start`): every adapter is fine-tuned from its language's warm-start
 LoRA, so same-language adapters are alike in weights though they learn different skills. Proven from
-the PEFT files a tiny build writes (read with safetensors, not with our loader); the presets built
+the PEFT files a tiny build writes (read with safetensors in float64, not with our loader); the presets built
 before keep their settings hash."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 
-import numpy as np
 import pytest
 
 from d2c_jax.suite import PRESETS, ensure_suite, make_settings, read_manifest
@@ -31,44 +29,14 @@ def built(tmp_path_factory):
     return ensure_suite(tmp_path_factory.mktemp("warm") / "warm", log=lambda m: None, **TINY, **WARM)
 
 
-def _weights(adapters_dir: str, name: str, what: str) -> np.ndarray:
-    """The adapter's flattened PEFT factors (every lora_A / lora_B tensor, sorted by key), or its
-    flattened updates B A of every module (what SVD K-means embeds), float64."""
-    from safetensors.numpy import load_file
+def test_same_language_adapters_are_closer_in_weights_than_same_family_ones(built):
+    from experiments.weight_similarity import relation_cosines  # reads the safetensors files
 
-    w = {k: v.astype(np.float64) for k, v in
-         load_file(os.path.join(adapters_dir, name, "adapter_model.safetensors")).items()}
-    if what == "factors":
-        return np.concatenate([w[k].ravel() for k in sorted(w)])
-    return np.concatenate([(w[k.replace("lora_A", "lora_B")] @ w[k]).ravel() for k in sorted(w) if "lora_A" in k])
-
-
-def _mean_cosine(paths, same, what: str) -> float:
-    """Mean cosine similarity of the adapters' weights over the pairs (i, j) with same(i, j)."""
-    names = read_manifest(paths.root)["tasks"]
-    x = {n: _weights(paths.adapters_dir, n, what) for n in names}
-    sims = [x[a] @ x[b] / np.linalg.norm(x[a]) / np.linalg.norm(x[b])
-            for a, b in itertools.combinations(names, 2) if same(a, b)]
-    return float(np.mean(sims))
-
-
-def _family(name: str) -> str:
-    return name.rsplit("_", 1)[0]
-
-
-def _language(name: str) -> str:
-    return name.rsplit("_", 1)[1]
-
-
-@pytest.mark.parametrize("what", ["factors", "updates"])
-def test_same_language_adapters_are_closer_in_weights_than_same_family_ones(built, what):
-    warm = built
-    same_lang = lambda a, b: _language(a) == _language(b)  # noqa: E731 (different families then)
-    same_fam = lambda a, b: _family(a) == _family(b)  # noqa: E731 (different languages then)
     # Without a warm start the built-in suite's updates are closer within a family (full preset:
     # 0.38 vs 0.11, docs/second_suite.md); a tiny build is too short to learn the families, so
     # that contrast is measured on the presets, not here.
-    assert _mean_cosine(warm, same_lang, what) > _mean_cosine(warm, same_fam, what)
+    for what, sims in relation_cosines(built.root).items():
+        assert sims["same language"] > sims["same family"], (what, sims)
 
 
 def test_the_tasks_are_the_named_families_and_the_manifest_records_the_warm_start(built):

@@ -155,9 +155,9 @@ def explanations(res: ReportResult) -> list[str]:
                 lang = tag_labels(res.tags, res.names, "language")
                 by_lang = ([ari(lang, r.partition) for r in svd] if lang is not None else [])
                 out.append(
-                    f"What the weights reveal: SVD K-means, which never looks at data, does not find the "
-                    f"families (ARI vs family {np.mean(a):.3f}"
-                    + (f", vs language {np.mean(by_lang):.3f}" if by_lang and None not in by_lang else "")
+                    f"What the weights reveal: SVD K-means, which never looks at data, does not group the tasks "
+                    f"by family (with ARI {np.mean(a):.3f}"
+                    + (f"; against the languages: {np.mean(by_lang):.3f}" if by_lang and None not in by_lang else "")
                     + f"){loss}. On this suite weight similarity and mergeability disagree, so only a "
                       "search that scores merges on data can find the partition that merges well.")
     for other in cfg.compare_merges:
