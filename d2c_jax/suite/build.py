@@ -214,7 +214,7 @@ def ensure_suite(output_dir: str | os.PathLike, families: int = 5, languages: in
 
 def ensure_preset(name: str, root: str | os.PathLike = os.path.join("runs", "suites"), *,
                   log: Log | None = None) -> SuitePaths:
-    """ensure_suite for a named preset ("demo", "full") in `root/<name>`."""
+    """ensure_suite for a named preset ("demo", "full", "warm_start") in `root/<name>`."""
     if name not in PRESETS:
         raise UserError(None, f"unknown suite preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return ensure_suite(os.path.join(str(root), name), log=log, **PRESETS[name])
