@@ -134,7 +134,7 @@ class RunConfig:
                                      "(default: auto-detected); process 0 writes the outputs.")
     # A built-in synthetic suite (d2c_jax.suite preset, built on first use) supplies whichever of
     # base_model / adapters_dir / data_dir are not given.
-    suite: str | None = setting(None, "A built-in synthetic suite (demo | full), built on first use into "
+    suite: str | None = setting(None, "A built-in synthetic suite (demo | full | warm_start), built on first use into "
                                 "--suite_root/<name>; it supplies --base_model/--adapters_dir/--data_dir when "
                                 "they are unset.")
     suite_root: str = setting("runs/suites", "Where built-in suites are built and cached.")

@@ -1,6 +1,7 @@
 """Where does the paper's Algorithm 1 end, under both readings of its proposals and both starts?
 
   python experiments/search_variants.py [--suite=runs/suites/full] [--seeds=8] [--subsets=A,B]
+  python experiments/search_variants.py --suite=runs/suites/warm_start --subsets=all  # every task
 
 Algorithm 1's text reads "sample clusters c and c'; sample adapter t from c" (`--proposal=paper`:
 c uniform among the clusters with >= 2 members, t uniform in c); the engine's earlier reading
@@ -8,7 +9,8 @@ draws t uniformly among the movable tasks (`--proposal=task_uniform`: c in propo
 size). The random start assigns the adapters after the first K independently (`--start=random`);
 a transformers + PEFT implementation dealt the shuffled adapters round-robin
 (`--start=round_robin`: equal sizes). This runs the four combinations through the engine on two
-16-task subsets of the built-in suite (4 families x 4 languages), K = 4, T = 200, ties at
+16-task subsets of the built-in suite (4 families x 4 languages), or on every task of a
+suite (`--subsets=all`, e.g. the 16 tasks of the warm_start preset), K = 4, T = 200, ties at
 density 0.5, the paper's local objective, seeds 0..S-1, and prints per variant the mean per-task
 loss of the final partition on the search examples and on the held-out (.eval.jsonl) examples,
 mean ± standard error over the seeds, and per start the paired difference paper - task_uniform
@@ -29,7 +31,8 @@ from absl import app, flags
 
 flags.DEFINE_string("suite", "runs/suites/full", "A built suite (launch/make_suite.py).")
 flags.DEFINE_integer("seeds", 8, "Seeds 0..S-1 per variant.")
-flags.DEFINE_list("subsets", ["A", "B"], "Which of the task subsets to run (A, B).")
+flags.DEFINE_list("subsets", ["A", "B"], "Which of the task subsets of the full suite to run (A, B), or "
+                  "all: every task of --suite.")
 FLAGS = flags.FLAGS
 
 SUBSETS = {
@@ -38,6 +41,7 @@ SUBSETS = {
     "B": ("dedup, reverse, shift, sort x l4-l7", [f"{f}_l{i}" for f in ("dedup", "reverse", "shift", "sort")
                                                   for i in range(4, 8)]),
 }
+ALL = "all"  # every task of the suite, as it is
 NUM_CLUSTERS, ITERATIONS = 4, 200
 
 
@@ -95,14 +99,15 @@ def main(argv) -> int:
     if not os.path.isdir(os.path.join(suite, "adapters")):
         print(f"{suite}: not a built suite (python launch/make_suite.py)", file=sys.stderr)
         return 2
-    unknown = [s for s in FLAGS.subsets if s not in SUBSETS]
+    unknown = [s for s in FLAGS.subsets if s not in (*SUBSETS, ALL)]
     if unknown:
-        print(f"--subsets: unknown {', '.join(unknown)} (one of {', '.join(SUBSETS)})", file=sys.stderr)
+        print(f"--subsets: unknown {', '.join(unknown)} (one of {', '.join((*SUBSETS, ALL))})", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     lines, per_seed, diffs, starts = [], [], [], []
     for key in FLAGS.subsets:
-        label, tasks = SUBSETS[key]
+        label, tasks = SUBSETS[key] if key != ALL else (
+            f"every task of {suite}", sorted(os.listdir(os.path.join(suite, "adapters"))))
         results = run_subset(suite, tasks, FLAGS.seeds)
         for (start, proposal), r in results.items():
             lines.append(f"| {key} ({label}) | {start} | {proposal} | {mean_se(r['search'])} | {mean_se(r['held'])} |")

@@ -32,7 +32,9 @@ if __name__ == "__main__":
 from d2c_jax.errors import UserError, run_cli  # noqa: E402
 
 flags.DEFINE_string("output_dir", None, "Suite directory (default with --preset: runs/suites/<preset>).")
-flags.DEFINE_enum("preset", None, ["demo", "full"], "Named settings: demo = 3 x 4 tasks, full = 5 x 8.")
+flags.DEFINE_enum("preset", None, ["demo", "full", "warm_start"],
+                  "Named settings: demo = 3 x 4 tasks, full = 5 x 8, warm_start = the second suite "
+                  "(4 x 4, adapters fine-tuned from one warm-start LoRA per language).")
 flags.DEFINE_integer("families", None, "Task families (skills), at most 8. Default 5 (or the preset's).")
 flags.DEFINE_integer("languages", None, "Made-up languages, at most 16. Default 8 (or the preset's).")
 flags.DEFINE_integer("seed", 0, "Seed of everything (world, data, model init, training).")
@@ -67,7 +69,7 @@ def main(argv: Sequence[str]) -> None:
                 settings[name] = getattr(f, name)
         output_dir = f.output_dir or (os.path.join("runs", "suites", f.preset) if f.preset else None)
         if not output_dir:
-            raise UserError(None, "--output_dir is required (or give --preset=demo|full)")
+            raise UserError(None, "--output_dir is required (or give --preset=demo|full|warm_start)")
         start = time.time()
         paths = ensure_suite(output_dir, seed=f.seed, force=f.force,
                              log=lambda m: print(f"[{time.time() - start:6.1f}s] {m}", flush=True),

@@ -2,7 +2,7 @@
 
   python launch/report.py --suite=full --seeds=3 [--iterations=T] [--output_dir=docs]
 
---suite is a suite directory built by launch/make_suite.py, or a preset name (demo, full) that is
+--suite is a suite directory built by launch/make_suite.py, or a preset name (demo, full, warm_start) that is
 built on first use under --suite_root. Runs random, kmeans, svd_kmeans, D²C as in the paper
 (P=1, M=1, local) and D²C with --population/--proposals/--objective, plus zero-shot, single-task
 and all-in-one, at K=--num_clusters; then score vs K over --cluster_counts, the adjusted Rand

@@ -180,7 +180,10 @@ def test_the_outcome_is_explained_from_the_numbers(tiny_report):
     assert f"is {best.search_loss:.4f} ({best.key}" in why
     family = np.array([FAMILIES.index(n.split("_")[0]) for n in res.names])
     svd = res.select("svd_kmeans", 2)
-    assert f"with ARI {np.mean([adjusted_rand_score(family, r.partition) for r in svd]):.3f}" in why
+    svd_ari = np.mean([adjusted_rand_score(family, r.partition) for r in svd])
+    assert f"with ARI {svd_ari:.3f}" in why
+    # Whether the weights alone found the families decides the sentence (threshold ARI 0.5).
+    assert ("groups the tasks by family" if svd_ari >= 0.5 else "does not group the tasks by family") in why
     # The compared merge: the same partitions re-merged with linear, score change quoted.
     pairs = [(r.score, o.score) for r in res.runs if r.merge == "ties" and r.partition is not None
              and r.seed in (None, 0)

@@ -3,7 +3,7 @@
 `ensure_suite(output_dir, families=5, languages=8, seed=0, **settings) -> SuitePaths(base_model,
 adapters_dir, data_dir, root)` builds it once, deterministically from the seed, on CPU with optax,
 and returns at once when output_dir already holds a complete suite of the same settings.
-`ensure_preset("demo" | "full", root="runs/suites")` does the same for the named presets.
+`ensure_preset("demo" | "full" | "warm_start", root="runs/suites")` does the same for the named presets.
 
 Modules: tasks (made-up languages over shared concepts, task families, example splits),
 tokenizer (word-level HF tokenizer), train (pre-training and vmapped adapter training),

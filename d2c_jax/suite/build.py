@@ -73,6 +73,20 @@ class SuiteSettings:
     adapter_steps: int = 300
     adapter_batch: int = 8
     adapter_lr: float = 7e-4
+    # Fields below were added after version 3; each enters the settings hash only when it differs
+    # from its default (settings_dict), so the suites built before keep their hash.
+    # The suite's families by name (empty: the first `families` of tasks.FAMILIES).
+    family_list: tuple[str, ...] = ()
+    # Warm start: first one LoRA per language is trained for `warm_start_steps` on that language's
+    # pooled examples of `warm_start_families`; then every task's adapter is fine-tuned from its
+    # language's warm start (as users fine-tune from a shared language adapter). Same-language
+    # adapters then share a large weight component without sharing their skill.
+    warm_start_families: tuple[str, ...] = ()
+    warm_start_steps: int = 0
+
+    def __post_init__(self):  # JSON gives lists: keep the fields hashable tuples
+        for name in ("family_list", "warm_start_families"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def seq_len(self) -> int:
@@ -80,7 +94,7 @@ class SuiteSettings:
         return 2 * self.max_words + 5
 
     def family_names(self) -> tuple[str, ...]:
-        return tasks.FAMILIES[: self.families]
+        return self.family_list or tasks.FAMILIES[: self.families]
 
     def task_list(self) -> list[tuple[str, str, int]]:
         """(task name, family, language index), sorted by task name (the adapter order)."""
@@ -109,14 +123,30 @@ class SuiteSettings:
             bad("hidden_size must be a multiple of num_heads, num_heads of num_kv_heads")
         if (self.hidden_size // self.num_heads) % 2:
             bad("head_dim must be even (rotary)")
+        if self.family_list and len(self.family_list) != self.families:
+            bad(f"family_list has {len(self.family_list)} names but families={self.families}")
+        for name in (*self.family_list, *self.warm_start_families):
+            if name not in tasks.FAMILIES:
+                bad(f"unknown family {name!r}; known: {', '.join(tasks.FAMILIES)}")
+        if len(set(self.family_list)) != len(self.family_list):
+            bad("family_list names a family twice")
+        if self.warm_start_steps < 0:
+            bad("warm_start_steps must be >= 0")
+        if bool(self.warm_start_steps) != bool(self.warm_start_families):
+            bad("warm_start_steps and warm_start_families go together (both set or neither)")
         if not (0.0 <= self.task_mix and 0.0 <= self.repeat_mix and self.task_mix + self.repeat_mix <= 1.0):
             bad("task_mix and repeat_mix must be >= 0 with a sum <= 1")
 
 
-# Named presets: `demo` for the quick start (configs/demo.flags), `full` as in the paper (5 × 8).
+# Named presets: `demo` for the quick start (configs/demo.flags), `full` as in the paper (5 × 8),
+# `warm_start` a second suite made differently (docs/second_suite.md): 4 other families × 4
+# languages whose adapters are fine-tuned from one warm-start LoRA per language, so that
+# same-language adapters are alike in weights but not in what they do.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"families": 3, "languages": 4},
     "full": {"families": 5, "languages": 8},
+    "warm_start": {"families": 4, "languages": 4, "family_list": ("rotate", "swap", "skip", "shift"),
+                   "warm_start_families": ("reverse", "sort", "dedup", "copy"), "warm_start_steps": 300},
 }
 
 
@@ -135,8 +165,15 @@ def suite_paths(output_dir: str | os.PathLike) -> SuitePaths:
                       os.path.join(root, "data"), root)
 
 
+_LATER_FIELDS = ("family_list", "warm_start_families", "warm_start_steps")  # hashed only when set
+
+
 def settings_dict(settings: SuiteSettings) -> dict[str, Any]:
-    return {"version": SUITE_VERSION, **dataclasses.asdict(settings)}
+    d = dataclasses.asdict(settings)
+    for f in dataclasses.fields(SuiteSettings):
+        if f.name in _LATER_FIELDS and d[f.name] == f.default:
+            del d[f.name]
+    return {"version": SUITE_VERSION, **d}
 
 
 def settings_hash(settings: SuiteSettings) -> str:
@@ -177,7 +214,7 @@ def ensure_suite(output_dir: str | os.PathLike, families: int = 5, languages: in
 
 def ensure_preset(name: str, root: str | os.PathLike = os.path.join("runs", "suites"), *,
                   log: Log | None = None) -> SuitePaths:
-    """ensure_suite for a named preset ("demo", "full") in `root/<name>`."""
+    """ensure_suite for a named preset ("demo", "full", "warm_start") in `root/<name>`."""
     if name not in PRESETS:
         raise UserError(None, f"unknown suite preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return ensure_suite(os.path.join(str(root), name), log=log, **PRESETS[name])
@@ -324,7 +361,7 @@ def build_into(tmp: str, base_model: str, s: SuiteSettings, log: Log, stage: str
     if stage is not None:
         os.makedirs(stage, exist_ok=True)
         resume.remove_leftovers(stage)
-        hooks = {"pretrain": os.path.join(stage, "pretrain.npz"), "adapters": os.path.join(stage, "adapters.npz")}
+        hooks = {part: os.path.join(stage, f"{part}.npz") for part in ("pretrain", "warm_start", "adapters")}
     log(f"data ready; pre-training {s.pretrain_steps} steps, {len(w.names)} tasks, vocab {w.vocab.size}")
 
     t0 = time.time()
@@ -338,6 +375,8 @@ def build_into(tmp: str, base_model: str, s: SuiteSettings, log: Log, stage: str
     scaling = s.alpha / s.rank
     lora = train.init_lora(cfg, checkpoint.ATTENTION_MODULES, s.rank, len(w.names),
                            np.random.default_rng([s.seed, 7402]))
+    if s.warm_start_steps:
+        lora = _warm_start(cfg, params, s, w, lora, scaling, log, hooks.get("warm_start"), stop)
     kw = _resumable(hooks.get("adapters"), lora, train.adapter_state(cfg, lora, scaling, s.adapter_lr,
                                                                      s.adapter_steps), s.adapter_steps, stop, log,
                     "adapter training")
@@ -508,6 +547,37 @@ def _adapter_batches(s: SuiteSettings, w: _World) -> TokenBatch:
     idx = rng.integers(s.train_examples, size=(s.adapter_steps, len(w.names), s.adapter_batch))
     t_idx = np.arange(len(w.names))[None, :, None]
     return jax.tree.map(lambda x: x[t_idx, idx], per_task)
+
+
+def _warm_start_batches(s: SuiteSettings, w: _World) -> TokenBatch:
+    """[steps, L, B, S]: each language's pooled training examples of the warm-start families
+    (tasks that are not in the suite), response-only loss."""
+    rng = np.random.default_rng([s.seed, 7500])
+    sizes = {"eval": 0, "search": 0, "train": s.train_examples}
+    per_lang = []
+    for lang in range(s.languages):
+        rows = [e for fam in s.warm_start_families
+                for e in tasks.task_splits(w.world, fam, lang, sizes, min_words=s.min_words,
+                                           max_words=s.max_words)["train"]]
+        per_lang.append(_task_batch(w.vocab, rows, s.seq_len))
+    pooled = train.stack_batches(per_lang)  # [L, n, S]
+    n = pooled.tokens.shape[1]
+    idx = rng.integers(n, size=(s.warm_start_steps, s.languages, s.adapter_batch))
+    l_idx = np.arange(s.languages)[None, :, None]
+    return jax.tree.map(lambda x: x[l_idx, idx], pooled)
+
+
+def _warm_start(cfg, params, s: SuiteSettings, w: _World, lora: dict, scaling: float, log: Log,
+                ckpt: str | None, stop: Callable[[], bool]) -> dict:
+    """Every task's starting factors: its language's warm-start LoRA, trained from the shared
+    init (the first L rows of `lora`) with the adapters' optimiser on _warm_start_batches."""
+    init = jax.tree.map(lambda x: x[: s.languages], lora)
+    kw = _resumable(ckpt, init, train.adapter_state(cfg, init, scaling, s.adapter_lr, s.warm_start_steps),
+                    s.warm_start_steps, stop, log, "warm-start training")
+    warm, _ = train.train_adapters(cfg, params, init, _warm_start_batches(s, w), scaling=scaling,
+                                   lr=s.adapter_lr, log=log, **kw)
+    lang_t = np.array([lang for _, _, lang in w.task_list])
+    return jax.tree.map(lambda x: x[lang_t], warm)
 
 
 def quality_sentence(summary: dict[str, Any]) -> str:

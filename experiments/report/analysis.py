@@ -141,15 +141,25 @@ def explanations(res: ReportResult) -> list[str]:
         a = [ari(fam, r.partition) for r in svd]
         if all(x is not None for x in a):
             oracle = res.select("by_family")
-            out.append(
-                f"What the weights reveal: SVD K-means, which never looks at data, groups the tasks by "
-                f"family with ARI {np.mean(a):.3f} and a search loss of {np.mean([r.search_loss for r in svd]):.4f}"
-                + (f" (the family oracle: {oracle[0].search_loss:.4f})" if oracle and oracle[0].search_loss is not None
-                   else "")
-                + ". On this suite the adapters of one family are alike in weight space, so the partition "
-                  "the data-driven objective prefers is already visible in the weights and a "
-                  "data-driven search has little room to beat it; it can win only where weight "
-                  "similarity and mergeability disagree.")
+            loss = (f" and a search loss of {np.mean([r.search_loss for r in svd]):.4f}"
+                    + (f" (the family oracle: {oracle[0].search_loss:.4f})"
+                       if oracle and oracle[0].search_loss is not None else ""))
+            if np.mean(a) >= 0.5:
+                out.append(
+                    f"What the weights reveal: SVD K-means, which never looks at data, groups the tasks by "
+                    f"family with ARI {np.mean(a):.3f}{loss}. On this suite the adapters of one family are alike "
+                    "in weight space, so the partition the data-driven objective prefers is already visible "
+                    "in the weights and a data-driven search has little room to beat it; it can win only "
+                    "where weight similarity and mergeability disagree.")
+            else:
+                lang = tag_labels(res.tags, res.names, "language")
+                by_lang = ([ari(lang, r.partition) for r in svd] if lang is not None else [])
+                out.append(
+                    f"What the weights reveal: SVD K-means, which never looks at data, does not group the tasks "
+                    f"by family (with ARI {np.mean(a):.3f}"
+                    + (f"; against the languages: {np.mean(by_lang):.3f}" if by_lang and None not in by_lang else "")
+                    + f"){loss}. On this suite weight similarity and mergeability disagree, so only a "
+                      "search that scores merges on data can find the partition that merges well.")
     for other in cfg.compare_merges:
         pairs = []
         for r in res.runs:
