@@ -29,7 +29,7 @@ def _one_error(proc: subprocess.CompletedProcess) -> str:
 
 def test_make_suite_errors(tmp_path):
     line = _one_error(_run("make_suite.py", cwd=tmp_path))
-    assert line == "error: --output_dir is required (or give --preset=demo|full)"
+    assert line == "error: --output_dir is required (or give --preset=demo|full|warm_start)"
     out = tmp_path / "suite"
     line = _one_error(_run("make_suite.py", f"--output_dir={out}", "--families=99", cwd=tmp_path))
     assert line.startswith("error: suite settings: families=99; must be in [1, ")
